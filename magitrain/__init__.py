@@ -1,0 +1,1 @@
+"""magitrain: training framework for daVinci-MagiHuman."""

@@ -1,0 +1,155 @@
+"""MagiHumanDiT: the single-stream audio-video transformer of daVinci-MagiHuman.
+
+The sequence of one sample is `[video tokens | audio tokens | text tokens]` with full
+bidirectional attention (frame-local for video queries in the SR model's local layers). There
+is no timestep input: the model reads the noise level from its input. Parameter names and
+shapes equal the released checkpoints'.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import MagiHumanConfig
+from .layers import RMSNorm, TransformerLayer
+from .layout import SequenceLayout
+from .rope import RotaryEmbedding
+
+
+def patchify(video: Tensor, patch: tuple[int, int, int]) -> Tensor:
+    """[B, C, T, H, W] -> [B, (T/pT)(H/pH)(W/pW), C pT pH pW]; token channel order (C, pT, pH, pW)."""
+    B, C, T, H, W = video.shape
+    pt, ph, pw = patch
+    x = video.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, -1, C * pt * ph * pw)
+
+
+def unpatchify(tokens: Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> Tensor:
+    """[B, N, pT pH pW C] -> [B, C, T, H, W]; OUTPUT token channel order is (pT, pH, pW, C)."""
+    B = tokens.shape[0]
+    (t, h, w), (pt, ph, pw) = grid, patch
+    x = tokens.reshape(B, t, h, w, pt, ph, pw, -1)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, t * pt, h * ph, w * pw)
+
+
+class Adapter(nn.Module):
+    """Input embedders (with bias, float32) and the RoPE frequency buffer."""
+
+    def __init__(self, cfg: MagiHumanConfig):
+        super().__init__()
+        self.video_embedder = nn.Linear(cfg.video_in_channels, cfg.hidden_size)
+        self.audio_embedder = nn.Linear(cfg.audio_in_channels, cfg.hidden_size)
+        self.text_embedder = nn.Linear(cfg.text_in_channels, cfg.hidden_size)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MagiHumanConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
+
+
+class MagiHumanDiT(nn.Module):
+    def __init__(self, config: MagiHumanConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.adapter = Adapter(config)
+        self.block = Block(config)
+        self.final_norm_video = RMSNorm(d, eps=config.norm_eps)
+        self.final_norm_audio = RMSNorm(d, eps=config.norm_eps)
+        self.final_linear_video = nn.Linear(d, config.video_in_channels, bias=False)
+        self.final_linear_audio = nn.Linear(d, config.audio_in_channels, bias=False)
+        self.activation_checkpointing = config.activation_checkpointing
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Training-from-scratch init: normal weights, zero biases and zero norm offsets (= scale 1)."""
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+    def _check_inputs(self, video: Tensor, audio: Tensor, text: Tensor, text_len: Tensor | None) -> None:
+        cfg = self.config
+        pt, ph, pw = cfg.patch_size
+        if video.ndim != 5 or video.shape[1] != cfg.latent_channels:
+            raise ValueError(f"video must be [B, {cfg.latent_channels}, T, H, W], got {tuple(video.shape)}")
+        T, H, W = video.shape[2:]
+        if T % pt or H % ph or W % pw:
+            raise ValueError(f"video latent T, H, W = {T}, {H}, {W} must be multiples of the patch {cfg.patch_size}")
+        B = video.shape[0]
+        if audio.ndim != 3 or audio.shape[0] != B or audio.shape[2] != cfg.audio_in_channels:
+            raise ValueError(f"audio must be [{B}, N, {cfg.audio_in_channels}], got {tuple(audio.shape)}")
+        if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.text_in_channels:
+            raise ValueError(f"text must be [{B}, L, {cfg.text_in_channels}], got {tuple(text.shape)}")
+        if text_len is not None and tuple(text_len.shape) != (B,):
+            raise ValueError(f"text_len must be [{B}], got {tuple(text_len.shape)}")
+
+    def forward(
+        self,
+        video: Tensor,
+        audio: Tensor,
+        text: Tensor,
+        text_len: Tensor | None = None,
+        coords_style: str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """video [B, 48, T, H, W], audio [B, N, 64], text [B, L, C_text] -> (v_video, v_audio), same shapes.
+
+        `text_len` [B] gives each sample's real text tokens when prompts are padded; padding is
+        masked out of attention, so it changes no output.
+        """
+        cfg = self.config
+        self._check_inputs(video, audio, text, text_len)
+        if text_len is not None:  # drop the padding that no sample uses
+            text = text[:, : int(text_len.max())]
+            if bool((text_len == text.shape[1]).all()):
+                text_len = None
+        B, _, T, H, W = video.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (T // pt, H // ph, W // pw)
+        layout = SequenceLayout(B, *grid, audio.shape[1], text.shape[1], text_len)
+
+        with torch.autocast(video.device.type, enabled=False):  # embedders and RoPE in float32
+            x = torch.cat(
+                [
+                    self.adapter.video_embedder(patchify(video.float(), cfg.patch_size)),
+                    self.adapter.audio_embedder(audio.float()),
+                    self.adapter.text_embedder(text.float()),
+                ],
+                dim=1,
+            )  # [B, S, D]
+            rope = self.adapter.rope(layout.positions(coords_style or cfg.coords_style, x.device))
+
+        global_mask, local_mask = self._masks(layout, x.device)
+        for layer in self.block.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, layout.splits, rope, global_mask, local_mask, use_reentrant=False)
+            else:
+                x = layer(x, layout.splits, rope, global_mask, local_mask)
+
+        nv, na = layout.n_video, layout.n_audio
+        with torch.autocast(video.device.type, enabled=False):  # output heads in float32
+            v_video = self.final_linear_video(self.final_norm_video(x[:, :nv]))
+            v_audio = self.final_linear_audio(self.final_norm_audio(x[:, nv : nv + na]))
+        return unpatchify(v_video, grid, cfg.patch_size), v_audio
+
+    def _masks(self, layout: SequenceLayout, device: torch.device):
+        """(global, local) attention masks of this batch: flex block masks on CUDA, dense elsewhere."""
+        cfg = self.config
+        window = cfg.frame_window if cfg.local_attn_layers else None
+        use_flex = cfg.attn_backend == "flex" or (cfg.attn_backend == "auto" and device.type == "cuda")
+        build = layout.block_mask if use_flex else layout.dense_mask
+        global_mask = build(None, device)
+        local_mask = build(window, device) if window is not None else None
+        return global_mask, local_mask
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

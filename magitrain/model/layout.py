@@ -1,0 +1,131 @@
+"""The packed token sequence of a batch: where each modality sits, RoPE positions and attention masks.
+
+One sample is the sequence `[video | audio | text]`; a batch stacks samples that share the video
+grid and audio length, with text padded to the longest prompt. Positions and masks are functions
+of this layout alone, so a dense boolean mask (CPU, tests) and a flex-attention block mask (GPU)
+describe the same attention pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+VIDEO, AUDIO, TEXT = 0, 1, 2
+
+
+def _position_scale(size: Tensor | float, ref: float) -> Tensor | float:
+    """Released coordinate scaling `(ref - 1) / (size - 1)`, 1 where the axis has a single entry."""
+    if isinstance(size, Tensor):
+        return torch.where(size > 1, (ref - 1) / (size - 1).clamp(min=1), torch.ones_like(size))
+    return (ref - 1) / (size - 1) if size > 1 else 1.0
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    batch: int
+    frames: int  # latent frames T
+    grid_h: int  # patch rows H / 2
+    grid_w: int  # patch columns W / 2
+    n_audio: int
+    n_text: int  # text slots in the sequence (the longest prompt of the batch)
+    text_len: Tensor | None = None  # [B] real text tokens per sample; None when all n_text are real
+
+    @property
+    def n_video(self) -> int:
+        return self.frames * self.grid_h * self.grid_w
+
+    @property
+    def splits(self) -> tuple[int, int, int]:
+        return (self.n_video, self.n_audio, self.n_text)
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_video + self.n_audio + self.n_text
+
+    def _text_lengths(self, device) -> Tensor:
+        if self.text_len is None:
+            return torch.full((self.batch,), self.n_text, device=device, dtype=torch.float32)
+        return self.text_len.to(device=device, dtype=torch.float32)
+
+    def positions(self, coords_style: str, device=None) -> Tensor:
+        """(t, h, w) RoPE positions, [B, S, 3] float32, as the released data proxy computes them."""
+        f32 = dict(device=device, dtype=torch.float32)
+        t = torch.arange(self.frames, **f32)
+        h = torch.arange(self.grid_h, **f32) - (self.grid_h - 1) / 2
+        w = torch.arange(self.grid_w, **f32) - (self.grid_w - 1) / 2
+        video = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1).reshape(1, -1, 3)
+        video = video.expand(self.batch, -1, -1)
+
+        audio_ref = (self.n_audio - 1) // 4 + 1  # audio t lives on the video latent-frame axis
+        audio_t = torch.arange(self.n_audio, **f32) * _position_scale(self.n_audio, audio_ref)
+        audio = torch.zeros(self.batch, self.n_audio, 3, **f32)
+        audio[..., 0] = audio_t
+
+        lengths = self._text_lengths(device)[:, None]  # [B, 1]
+        slot = torch.arange(self.n_text, **f32)[None]  # [1, L]
+        if coords_style == "v2":  # t = -L..-1 with ref 1: all zero (for L > 1)
+            text_t = (slot - lengths) * _position_scale(lengths, 1.0)
+        elif coords_style == "v1":  # t = 0..L-1 with ref 2: spread over [0, 1]
+            text_t = slot * _position_scale(lengths, 2.0)
+        else:
+            raise ValueError(f"coords_style must be 'v1' or 'v2', got {coords_style!r}")
+        text = torch.zeros(self.batch, self.n_text, 3, **f32)
+        text[..., 0] = text_t
+        return torch.cat([video, audio, text], dim=1)
+
+    def key_is_real(self, device=None) -> Tensor | None:
+        """[B, S] True for tokens that exist (False for text padding); None when nothing is padded."""
+        if self.text_len is None:
+            return None
+        idx = torch.arange(self.seq_len, device=device)
+        limit = self.n_video + self.n_audio + self.text_len.to(device)
+        return idx[None, :] < limit[:, None]
+
+    def video_frame_of_token(self, device=None) -> Tensor:
+        """[S] latent frame index of each video token, -1 for audio and text tokens."""
+        frame = torch.full((self.seq_len,), -1, device=device, dtype=torch.long)
+        frame[: self.n_video] = torch.arange(self.frames, device=device).repeat_interleave(
+            self.grid_h * self.grid_w
+        )
+        return frame
+
+    def dense_mask(self, frame_window: int | None, device=None) -> Tensor | None:
+        """Boolean attention mask, True = may attend, [B, 1, S, S] (or None: attend to everything).
+
+        With `frame_window` set, a video query of latent frame i sees video keys of frames
+        i-w..i+w plus every audio and text key; audio and text queries see everything.
+        """
+        real = self.key_is_real(device)
+        if frame_window is None:
+            return None if real is None else real[:, None, None, :]
+        frame = self.video_frame_of_token(device)
+        q_video, k_video = frame[:, None] >= 0, frame[None, :] >= 0
+        near = (frame[:, None] - frame[None, :]).abs() <= frame_window
+        mask = (~q_video | ~k_video | near)[None, None]
+        if real is not None:
+            mask = mask & real[:, None, None, :]
+        return mask
+
+    def block_mask(self, frame_window: int | None, device=None):
+        """The same pattern as `dense_mask` as a flex-attention BlockMask (None when unmasked)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if frame_window is None and self.text_len is None:
+            return None
+        frame = self.video_frame_of_token(device)
+        limit = self.n_video + self.n_audio + self._text_lengths(device).long()
+        window = frame_window
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            allowed = kv_idx < limit[b]
+            if window is not None:
+                fq, fk = frame[q_idx], frame[kv_idx]
+                allowed = allowed & ((fq < 0) | (fk < 0) | ((fq - fk).abs() <= window))
+            return allowed
+
+        return create_block_mask(
+            mask_mod, B=self.batch, H=None, Q_LEN=self.seq_len, KV_LEN=self.seq_len, device=device
+        )

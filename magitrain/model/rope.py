@@ -1,0 +1,29 @@
+"""Partial 3-axis rotary position embedding (t, h, w) on the first 3/4 of each head's dims."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds `bands` = 1 / theta**(k / nb), k < nb = head_dim // 8 (released name `adapter.rope.bands`)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        nb = head_dim // 8
+        self.register_buffer("bands", 1.0 / theta ** (torch.arange(nb, dtype=torch.float32) / nb))
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """positions [B, S, 3] -> table [B, S, 6 nb] = cat(sin, cos) of angles laid out [t | h | w]."""
+        angles = (positions.float()[..., :, None] * self.bands.float()).flatten(-2)  # [B, S, 3 nb]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate-half RoPE in float32. x [B, S, H, d]; table [B, S, 6 nb]; dims past 6 nb pass through."""
+    half = table.shape[-1] // 2  # 3 nb angles: pairs dim j with dim j + 3 nb
+    sin, cos = table[..., None, :half], table[..., None, half:]
+    x = x.float()
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)

@@ -1,0 +1,120 @@
+"""Media helpers shared by the codecs, the data pipeline and inference.
+
+Frames are resized to *cover* the target and centre-cropped (never letterboxed or stretched),
+resampled to 25 fps by nearest frame, and written as H.264 (yuv420p) + AAC mp4 through PyAV.
+"""
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def resize_cover_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize `[F, 3, H, W]` frames to cover `size = (height, width)`, keep aspect, centre-crop.
+
+    Bilinear with antialiasing (downscaling without it aliases badly); returns the input dtype.
+    """
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"resize_cover_crop expects frames [F, 3, H, W], got {tuple(frames.shape)}")
+    out_h, out_w = size
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"resize_cover_crop: target size must be positive, got {size}")
+    in_h, in_w = frames.shape[-2:]
+    scale = max(out_h / in_h, out_w / in_w)
+    # ceil so that float error never leaves the scaled image one pixel short of the target
+    new_h, new_w = max(out_h, math.ceil(in_h * scale - 1e-6)), max(out_w, math.ceil(in_w * scale - 1e-6))
+    x = frames.float()
+    if (new_h, new_w) != (in_h, in_w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    x = x[:, :, top : top + out_h, left : left + out_w]
+    if frames.dtype == torch.uint8:
+        return x.round().clamp(0, 255).to(torch.uint8)
+    return x.to(frames.dtype)
+
+
+def frame_indices(
+    num_src_frames: int, src_fps: float, dst_fps: float = 25.0, num_dst_frames: int | None = None
+) -> list[int]:
+    """Source frame index for each output frame at `dst_fps` (nearest frame in time).
+
+    Output frame i sits at time i / dst_fps and takes source frame round(i * src_fps / dst_fps).
+    Without `num_dst_frames`, every output frame whose time lies inside the source is returned.
+    Asking for more frames than the source covers raises instead of silently repeating the end.
+    """
+    if num_src_frames <= 0 or src_fps <= 0 or dst_fps <= 0:
+        raise ValueError(f"frame_indices: need positive counts and rates, got {num_src_frames=}, "
+                         f"{src_fps=}, {dst_fps=}")
+    ratio = src_fps / dst_fps
+    if num_dst_frames is None:
+        num_dst_frames = math.floor((num_src_frames - 1) / ratio + 1e-9) + 1
+    # floor(x + 0.5): round half up, not Python's round-half-to-even
+    indices = [math.floor(i * ratio + 0.5) for i in range(num_dst_frames)]
+    if indices and indices[-1] >= num_src_frames:
+        raise ValueError(
+            f"frame_indices: {num_dst_frames} frames at {dst_fps} fps need source frame {indices[-1]}, "
+            f"but the source has only {num_src_frames} frames at {src_fps} fps"
+        )
+    return indices
+
+
+def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """`[3, F, H, W]` float in [-1, 1] (codec output) -> `[F, H, W, 3]` uint8 (what writers take)."""
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"video_to_uint8 expects [3, F, H, W], got {tuple(video.shape)}")
+    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().cpu()
+
+
+def write_mp4(
+    path: str | Path,
+    video: torch.Tensor,
+    fps: float = 25.0,
+    audio: torch.Tensor | None = None,
+    sample_rate: int = 44100,
+) -> None:
+    """Write an H.264 (yuv420p) mp4, with an AAC track when `audio` `[channels, samples]` is given.
+
+    `video` is `[F, H, W, 3]` uint8, or `[3, F, H, W]` float in [-1, 1] as the video codec returns.
+    """
+    if video.is_floating_point():
+        video = video_to_uint8(video)
+    if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"write_mp4 expects video [F, H, W, 3] uint8 or [3, F, H, W] float, "
+                         f"got {tuple(video.shape)} {video.dtype}")
+    num_frames, height, width, _ = video.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"write_mp4: yuv420p needs even height and width, got {height}x{width}")
+    if audio is not None and (audio.ndim != 2 or audio.shape[0] not in (1, 2)):
+        raise ValueError(f"write_mp4 expects audio [channels (1 or 2), samples], got {tuple(audio.shape)}")
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        vstream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
+        vstream.options = {"crf": "18", "preset": "veryfast"}
+        astream = None
+        if audio is not None:
+            astream = container.add_stream("aac", rate=sample_rate)
+            astream.layout = "stereo" if audio.shape[0] == 2 else "mono"
+        for frame in video.cpu().numpy():
+            container.mux(vstream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(vstream.encode())
+        if astream is not None:
+            _mux_audio(container, astream, audio, sample_rate)
+
+
+def _mux_audio(container, stream, audio: torch.Tensor, sample_rate: int) -> None:
+    """Feed the AAC encoder in 1024-sample planar float frames (its native frame size)."""
+    samples = np.ascontiguousarray(audio.detach().float().clamp(-1, 1).cpu().numpy())
+    layout = "stereo" if samples.shape[0] == 2 else "mono"
+    chunk = stream.codec_context.frame_size or 1024
+    for start in range(0, samples.shape[1], chunk):
+        frame = av.AudioFrame.from_ndarray(samples[:, start : start + chunk], format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = sample_rate, start
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())

@@ -127,5 +127,5 @@ class SequenceLayout:
             return allowed
 
         return create_block_mask(
-            mask_mod, B=self.batch, H=None, Q_LEN=self.seq_len, KV_LEN=self.seq_len, device=device
+            mask_mod, B=self.batch, H=None, Q_LEN=self.seq_len, KV_LEN=self.seq_len, device=frame.device
         )

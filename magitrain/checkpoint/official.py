@@ -1,0 +1,158 @@
+"""The released checkpoint layout: sharded safetensors + `model.safetensors.index.json`.
+
+`load_official` is strict: every tensor of the model must be in the checkpoint with the same
+shape and nothing else may be there. The released loader is non-strict and only prints
+mismatches, which silently trains a half-initialised model; ours fails loudly instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_SHOW = 5  # keys listed per kind of mismatch
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose tensor names or shapes differ from the model's."""
+
+
+def _shard_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise FileNotFoundError(f"{path} is not a .safetensors file or a checkpoint directory")
+        files = [path]
+    elif (path / INDEX_NAME).is_file():
+        index = json.loads((path / INDEX_NAME).read_text())
+        if "weight_map" not in index:
+            raise CheckpointMismatchError(f"{path / INDEX_NAME} has no 'weight_map'")
+        missing = sorted({f for f in index["weight_map"].values() if not (path / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{path / INDEX_NAME} names shard files that are absent: {missing}")
+        return {name: path / f for name, f in index["weight_map"].items()}
+    elif (path / SINGLE_NAME).is_file():
+        files = [path / SINGLE_NAME]
+    elif path.is_dir():
+        raise FileNotFoundError(f"{path} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
+    else:
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    names = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            names.update({k: f for k in st.keys()})
+    return names
+
+
+def _describe(kind: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW]) + (", ..." if len(keys) > _SHOW else "")
+    return f"{len(keys)} {kind}: {shown}"
+
+
+def check_layout(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise CheckpointMismatchError naming missing, unexpected and wrongly shaped keys."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(
+        f"{k} (checkpoint {list(shapes[k])}, model {list(expected[k])})"
+        for k in set(expected) & set(shapes)
+        if tuple(shapes[k]) != expected[k]
+    )
+    if missing or unexpected or wrong:
+        parts = [_describe(kind, keys) for kind, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)) if keys]
+        raise CheckpointMismatchError(f"checkpoint {source} does not match the model: " + "; ".join(parts))
+
+
+@torch.no_grad()
+def load_official(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a released-layout checkpoint (directory or one .safetensors file) into `model`, strictly.
+
+    Tensors are converted to the dtype of the model's own parameters and buffers, one shard at a
+    time, so peak memory stays one shard above the model. A model on the meta device is
+    materialised on the CPU.
+    """
+    path = Path(path)
+    where = _shard_files(path)
+    shapes = {}
+    for f in sorted(set(where.values())):
+        with safe_open(f, framework="pt") as st:
+            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys() if where.get(k) == f})
+    check_layout(model, shapes, str(path))
+
+    targets = model.state_dict(keep_vars=True)
+    on_meta = any(t.is_meta for t in targets.values())
+    loaded = {}
+    for f in sorted(set(where.values())):
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                if where.get(k) != f:
+                    continue
+                tensor = st.get_tensor(k).to(targets[k].dtype)
+                if on_meta:
+                    loaded[k] = tensor
+                else:
+                    targets[k].copy_(tensor)
+    if on_meta:
+        model.load_state_dict(loaded, strict=True, assign=True)
+    return model
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
+
+
+def save_official(
+    model: nn.Module | dict[str, torch.Tensor],
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write the released layout: `model-0000i-of-0000n.safetensors` shards + the index json.
+
+    `dtype` converts floating tensors (the RoPE frequency buffer stays float32: rounding it would
+    move every position). Returns the directory.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    limit = _parse_size(max_shard_size)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        t = tensor.detach().to("cpu")
+        if dtype is not None and t.is_floating_point() and not name.endswith("rope.bands"):
+            t = t.to(dtype)
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+    return path

@@ -13,7 +13,9 @@ from magitrain.model import MagiHumanDiT, golden_tiny, tiny
 
 
 def _same_weights(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    return all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 def test_sharded_round_trip(tmp_path):
@@ -50,7 +52,9 @@ def test_single_file_and_meta_model(golden_dir):
     ref = load_file(golden_dir / "weights_tiny.safetensors")
     assert all(not p.is_meta for p in model.parameters())
     qkv = model.block.layers[0].attention.linear_qkv.weight
-    assert qkv.dtype == torch.float32 and torch.equal(qkv, ref["block.layers.0.attention.linear_qkv.weight"].float())
+    assert qkv.dtype == torch.float32 and torch.equal(
+        qkv, ref["block.layers.0.attention.linear_qkv.weight"].float()
+    )
 
 
 def test_strict_load_names_missing_unexpected_and_misshaped_keys(tmp_path):

@@ -12,12 +12,17 @@ def released_15b_shapes() -> dict[str, tuple[int, ...]]:
     """The released checkpoint's tensor names and shapes, written out from REFERENCE.md §1."""
     d, qkv, hd = 5120, 7208, 128
     shapes = {
-        "adapter.video_embedder.weight": (d, 192), "adapter.video_embedder.bias": (d,),
-        "adapter.audio_embedder.weight": (d, 64), "adapter.audio_embedder.bias": (d,),
-        "adapter.text_embedder.weight": (d, 3584), "adapter.text_embedder.bias": (d,),
+        "adapter.video_embedder.weight": (d, 192),
+        "adapter.video_embedder.bias": (d,),
+        "adapter.audio_embedder.weight": (d, 64),
+        "adapter.audio_embedder.bias": (d,),
+        "adapter.text_embedder.weight": (d, 3584),
+        "adapter.text_embedder.bias": (d,),
         "adapter.rope.bands": (16,),
-        "final_norm_video.weight": (d,), "final_norm_audio.weight": (d,),
-        "final_linear_video.weight": (192, d), "final_linear_audio.weight": (64, d),
+        "final_norm_video.weight": (d,),
+        "final_norm_audio.weight": (d,),
+        "final_linear_video.weight": (192, d),
+        "final_linear_audio.weight": (64, d),
     }
     for i in range(40):
         c = 3 if i in (0, 1, 2, 3, 36, 37, 38, 39) else 1
@@ -48,8 +53,11 @@ def test_15b_preset_has_the_released_names_and_shapes():
 
 def _inputs(batch=2, T=3, H=4, W=6, n_audio=9, L=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 48, T, H, W, generator=g), torch.randn(batch, n_audio, 64, generator=g),
-            torch.randn(batch, L, 64, generator=g))
+    return (
+        torch.randn(batch, 48, T, H, W, generator=g),
+        torch.randn(batch, n_audio, 64, generator=g),
+        torch.randn(batch, L, 64, generator=g),
+    )
 
 
 @pytest.fixture
@@ -83,7 +91,7 @@ def test_padded_text_changes_no_output(model):
     with torch.no_grad():
         ref = model(video, audio, text)
         out = model(video, audio, padded, text_len=torch.tensor([4]))
-    for a, b in zip(ref, out):
+    for a, b in zip(ref, out, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
@@ -94,7 +102,11 @@ def test_sandwich_text_copy_reaches_video_only_through_attention(model):
     with torch.no_grad():
         before_empty, before_text = model(video, audio, no_text), model(video, audio, text)
         layer = model.block.layers[0]
-        for p in (layer.attention.linear_qkv.weight, layer.mlp.up_gate_proj.weight, layer.mlp.pre_norm.weight):
+        for p in (
+            layer.attention.linear_qkv.weight,
+            layer.mlp.up_gate_proj.weight,
+            layer.mlp.pre_norm.weight,
+        ):
             p.chunk(3)[2].add_(0.5 * torch.randn_like(p.chunk(3)[2]))
         after_empty, after_text = model(video, audio, no_text), model(video, audio, text)
     assert torch.equal(before_empty[0], after_empty[0]) and torch.equal(before_empty[1], after_empty[1])
@@ -124,7 +136,7 @@ def test_activation_checkpointing_gives_the_same_gradients(model):
         v, a = model(video, audio, text, torch.tensor([6, 2]))
         (v.square().mean() + a.square().mean()).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for g0, g1 in zip(*grads):
+    for g0, g1 in zip(*grads, strict=True):
         torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
 
 

@@ -23,8 +23,11 @@ def _run(golden_dir, name: str, native: bool):
     fx = load_file(golden_dir / f"{name}{'' if native else '_fp32'}.safetensors")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=native):
         v_video, v_audio = model(
-            fx["in.video_latent"], fx["in.audio_latent"], fx["in.text_embed_padded"],
-            text_len=fx["in.text_len"].reshape(1), coords_style=style,
+            fx["in.video_latent"],
+            fx["in.audio_latent"],
+            fx["in.text_embed_padded"],
+            text_len=fx["in.text_len"].reshape(1),
+            coords_style=style,
         )
     return (v_video, fx[f"out.video_velocity{suffix}"]), (v_audio, fx[f"out.audio_velocity{suffix}"])
 

@@ -67,8 +67,11 @@ def check_layout(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: s
         if tuple(shapes[k]) != expected[k]
     )
     if missing or unexpected or wrong:
-        parts = [_describe(kind, keys) for kind, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)) if keys]
+        parts = [
+            _describe(kind, keys)
+            for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong))
+            if keys
+        ]
         raise CheckpointMismatchError(f"checkpoint {source} does not match the model: " + "; ".join(parts))
 
 

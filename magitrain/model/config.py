@@ -76,9 +76,7 @@ class MagiHumanConfig:
         d = self.hidden_size
         total = 0
         for i in range(self.num_layers):
-            mlp = (
-                2 * d * self.gelu_hidden if i in self.gelu7_layers else 3 * d * self.swiglu_hidden
-            )
+            mlp = 2 * d * self.gelu_hidden if i in self.gelu7_layers else 3 * d * self.swiglu_hidden
             total += self.qkv_rows * d + self.num_heads_q * self.head_dim * d + mlp
         return total + d * max(self.video_in_channels, self.audio_in_channels) + d * self.video_in_channels
 

@@ -83,7 +83,9 @@ class MagiHumanDiT(nn.Module):
             raise ValueError(f"video must be [B, {cfg.latent_channels}, T, H, W], got {tuple(video.shape)}")
         T, H, W = video.shape[2:]
         if T % pt or H % ph or W % pw:
-            raise ValueError(f"video latent T, H, W = {T}, {H}, {W} must be multiples of the patch {cfg.patch_size}")
+            raise ValueError(
+                f"video latent T, H, W = {T}, {H}, {W} must be multiples of the patch {cfg.patch_size}"
+            )
         B = video.shape[0]
         if audio.ndim != 3 or audio.shape[0] != B or audio.shape[2] != cfg.audio_in_channels:
             raise ValueError(f"audio must be [{B}, N, {cfg.audio_in_channels}], got {tuple(audio.shape)}")

@@ -89,7 +89,10 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         hd = self.head_dim
         qkv = self.linear_qkv(self.pre_norm(x, splits), splits)
-        q, k, v, gate = qkv.split([self.n_q * hd, self.n_kv * hd, self.n_kv * hd, qkv.shape[-1] - (self.n_q + 2 * self.n_kv) * hd], dim=-1)
+        q, k, v, gate = qkv.split(
+            [self.n_q * hd, self.n_kv * hd, self.n_kv * hd, qkv.shape[-1] - (self.n_q + 2 * self.n_kv) * hd],
+            dim=-1,
+        )
         q = apply_rope(self.q_norm(q.view(B, S, self.n_q, hd), splits), rope)  # [B, S, Hq, d] f32
         k = apply_rope(self.k_norm(k.view(B, S, self.n_kv, hd), splits), rope)
         v = v.view(B, S, self.n_kv, hd)

@@ -1,0 +1,43 @@
+"""Flow matching for MagiHuman: inference grids, the distilled / base (UniPC + CFG) / SR samplers,
+and the training-side interpolant, noise-level sampling and velocity loss."""
+
+from .base import sample_base
+from .conditioning import condition_on_image
+from .distill import distill_step, sample_distilled
+from .guidance import Guidance, cfg
+from .noise import gaussian, initial_latents
+from .schedules import (
+    DEFAULT_SHIFT,
+    SIGMA_MAX,
+    flow_grid,
+    shift_sigmas,
+    sr_renoise_coefficient,
+    unshifted_sigmas,
+    zero_snr_alphas_sqrt,
+)
+from .sr import sample_super_resolution, upsample_latent, vp_renoise
+from .unipc import unipc_scheduler
+from .velocity import VelocityFn
+
+__all__ = [
+    "DEFAULT_SHIFT",
+    "SIGMA_MAX",
+    "Guidance",
+    "VelocityFn",
+    "cfg",
+    "condition_on_image",
+    "distill_step",
+    "flow_grid",
+    "gaussian",
+    "initial_latents",
+    "sample_base",
+    "sample_distilled",
+    "sample_super_resolution",
+    "shift_sigmas",
+    "sr_renoise_coefficient",
+    "unipc_scheduler",
+    "unshifted_sigmas",
+    "upsample_latent",
+    "vp_renoise",
+    "zero_snr_alphas_sqrt",
+]

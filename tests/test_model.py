@@ -189,3 +189,15 @@ def test_config_rejects_inconsistent_fields():
         tiny(num_heads_q=3)
     with pytest.raises(ValueError, match="sandwich_layers"):
         tiny(sandwich_layers=(0, 9))
+
+
+def test_flop_accounting_matches_the_reports_floor_arithmetic():
+    """REFERENCE §4: 8 steps x 2 x 10.9e9 x ~3.8k tokens ~ 6.6e14 FLOPs, plus ~1e14 for attention."""
+    from magitrain.model.flops import forward_flops_per_token
+
+    config = magihuman_15b()
+    seq_len = 3584 + 126 + 100
+    total = 8 * forward_flops_per_token(config, seq_len) * seq_len
+    matmul = 8 * 2 * config.active_params_per_token() * seq_len
+    assert 6.5e14 < matmul < 6.8e14
+    assert 0.8e14 < total - matmul < 1.2e14

@@ -1,0 +1,127 @@
+"""Forward and forward+backward throughput of MagiHumanDiT: tokens/s, TFLOP/s and MFU.
+
+Examples:
+  python scripts/bench_model.py --preset tiny --shape 64x64x1s
+  # the 15B-wide slice on one H100: 2 sandwich + 2 shared layers, 256p 5 s, bf16
+  python scripts/bench_model.py --preset magihuman_15b --layers 4 --sandwich 0,1 --gelu 0 \
+      --shape 448x256x5s --dtype bf16 --compile --peak-tflops 989
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from magitrain.model import MagiHumanDiT, get_config
+from magitrain.model.flops import forward_flops_per_token
+
+
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    """'WxHxSs' (pixels, seconds at 25 fps) -> latent (T, H, W) with the Wan2.2 stride 4x16x16."""
+    width, height, seconds = shape.lower().rstrip("s").split("x")
+    frames = int(float(seconds) * 25) + 1
+    return (frames - 1) // 4 + 1, int(height) // 16, int(width) // 16
+
+
+def build(args) -> MagiHumanDiT:
+    overrides = {}
+    if args.layers:
+        overrides["num_layers"] = args.layers
+        overrides["sandwich_layers"] = tuple(int(i) for i in args.sandwich.split(",") if i)
+        overrides["gelu7_layers"] = tuple(int(i) for i in args.gelu.split(",") if i)
+        overrides["local_attn_layers"] = ()
+    config = get_config(args.preset, activation_checkpointing=args.checkpointing, **overrides)
+    with torch.device(args.device):
+        model = MagiHumanDiT(config)
+    if args.compile:
+        for i, layer in enumerate(model.block.layers):
+            model.block.layers[i] = torch.compile(layer, fullgraph=True)
+    return model
+
+
+def time_steps(fn, steps: int, warmup: int, device: str) -> float:
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--layers", type=int, default=0, help="override the layer count (a slice of the model)")
+    p.add_argument("--sandwich", default="0,1", help="sandwich layers of the slice")
+    p.add_argument("--gelu", default="0", help="gelu7 layers of the slice")
+    p.add_argument("--shape", default="448x256x5s", help="video WxHxSECONDSs at 25 fps")
+    p.add_argument("--text-len", type=int, default=100)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 SXM bf16: 989)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    model = build(args)
+    cfg = model.config
+    T, H, W = parse_shape(args.shape)
+    n_audio = 4 * (T - 1) + 1
+    B, dev = args.batch, args.device
+    video = torch.randn(B, cfg.latent_channels, T, H, W, device=dev)
+    audio = torch.randn(B, n_audio, cfg.audio_in_channels, device=dev)
+    text = torch.randn(B, args.text_len, cfg.text_in_channels, device=dev)
+    seq_len = T * (H // 2) * (W // 2) + n_audio + args.text_len
+    autocast = torch.autocast(dev, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+
+    def forward():
+        with torch.no_grad(), autocast:
+            model(video, audio, text)
+
+    def forward_backward():
+        with autocast:
+            v, a = model(video, audio, text)
+        (v.float().square().mean() + a.float().square().mean()).backward()
+
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    flops_fwd = forward_flops_per_token(cfg, seq_len) * seq_len * B
+    results = {
+        "preset": args.preset,
+        "layers": cfg.num_layers,
+        "hidden": cfg.hidden_size,
+        "seq_len": seq_len,
+        "batch": B,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu x{torch.get_num_threads()}",
+    }
+    for name, fn, flops in (
+        ("forward", forward, flops_fwd),
+        ("forward_backward", forward_backward, 3 * flops_fwd),
+    ):
+        seconds = time_steps(fn, args.steps, args.warmup, dev)
+        tflops = flops / seconds / 1e12
+        results[name] = {
+            "s_per_step": round(seconds, 4),
+            "tokens_per_s": round(seq_len * B / seconds, 1),
+            "tflops": round(tflops, 3),
+            "mfu": round(tflops / args.peak_tflops, 4) if args.peak_tflops else None,
+        }
+    if dev == "cuda":
+        results["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

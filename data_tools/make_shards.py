@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Pack clips + captions into webdataset tar shards with sidecar indexes (format: docs/data.md).
+
+Input is either a folder of clips with sidecar captions
+    clips/NAME.mp4  clips/NAME.json ({"caption": ..., "language": ...}) or clips/NAME.txt,
+    optional clips/NAME.wav|flac|m4a (audio) and clips/NAME.jpg (reference image),
+or a CSV / JSONL manifest with columns path, caption, language, and optional audio, image
+(relative paths are relative to the manifest). Every clip is probed first; an unreadable one is
+reported and skipped. Shards are cut by --max-count samples and --max-bytes and written
+atomically (magitrain.data.writer), so re-running the same command skips finished shards.
+
+    python data_tools/make_shards.py clips/ shards/raw/ --max-count 1000 --workers 8
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+from rich.progress import track
+
+from magitrain.data.index import AUDIO_EXTS, probe_media
+from magitrain.data.writer import shard_path, write_shard
+
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm")
+
+
+def entries_from_folder(folder: Path) -> list[dict]:
+    entries = []
+    for video in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTS):
+        entry = {"path": str(video)}
+        meta_path, txt_path = video.with_suffix(".json"), video.with_suffix(".txt")
+        if meta_path.exists():
+            entry["meta_file"] = str(meta_path)
+        elif txt_path.exists():
+            entry["caption"] = txt_path.read_text().strip()
+        for ext in AUDIO_EXTS:
+            if video.with_suffix(f".{ext}").exists():
+                entry["audio"] = str(video.with_suffix(f".{ext}"))
+                break
+        if video.with_suffix(".jpg").exists():
+            entry["image"] = str(video.with_suffix(".jpg"))
+        entries.append(entry)
+    return entries
+
+
+def entries_from_manifest(manifest: Path) -> list[dict]:
+    if manifest.suffix == ".csv":
+        with open(manifest, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    entries = []
+    for i, row in enumerate(rows):
+        if not row.get("path"):
+            raise SystemExit(f"{manifest}: row {i + 1} has no 'path' column")
+        entry = {k: v for k, v in row.items() if v not in (None, "")}
+        for field in ("path", "audio", "image"):
+            if field in entry and not os.path.isabs(entry[field]):
+                entry[field] = str(manifest.parent / entry[field])
+        entries.append(entry)
+    return entries
+
+
+def probe_entry(entry: dict) -> dict:
+    """The entry with its metadata filled in, or with an "error" saying why it is unusable."""
+    try:
+        meta = json.loads(Path(entry["meta_file"]).read_text()) if "meta_file" in entry else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{entry['meta_file']} is not a JSON object")
+        meta.update({k: v for k, v in entry.items() if k not in ("path", "meta_file", "audio", "image")})
+        if not isinstance(meta.get("caption"), str):
+            raise ValueError("no caption (NAME.json 'caption', NAME.txt, or the manifest's caption column)")
+        meta.update(probe_media(entry["path"]))
+        if "audio" in entry:
+            meta["has_audio"] = True
+        meta["source"] = entry["path"]
+        size = sum(os.path.getsize(entry[f]) for f in ("path", "audio", "image") if f in entry)
+        return {**entry, "meta": meta, "bytes": size}
+    except Exception as exn:  # unreadable clip or caption: reported, never fatal
+        return {**entry, "error": f"{type(exn).__name__}: {exn}"}
+
+
+def plan_shards(entries: list[dict], max_count: int, max_bytes: int) -> list[list[dict]]:
+    shards, current, size = [], [], 0
+    for entry in entries:
+        if current and (len(current) >= max_count or size + entry["bytes"] > max_bytes):
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += entry["bytes"]
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_members(number: int, entries: list[dict], key_digits: int):
+    """(members, index row) per clip, keyed video2dataset-style: shard number + index in shard."""
+    for i, entry in enumerate(entries):
+        meta = entry["meta"]
+        members = {"__key__": f"{number:06d}{i:0{key_digits}d}", "mp4": Path(entry["path"]).read_bytes(),
+                   "json": json.dumps(meta, ensure_ascii=False).encode()}
+        if "audio" in entry:
+            members[Path(entry["audio"]).suffix[1:].lower()] = Path(entry["audio"]).read_bytes()
+        if "image" in entry:
+            members["jpg"] = Path(entry["image"]).read_bytes()
+        yield members, {**{k: meta[k] for k in ("duration", "width", "height", "fps", "has_audio")},
+                        "language": str(meta.get("language", ""))}
+
+
+def write_job(job: tuple[Path, int, list[dict], int]) -> str:
+    out_dir, number, entries, key_digits = job
+    return write_shard(out_dir, number, "raw", shard_members(number, entries, key_digits)).name
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", type=Path, help="folder of clips, or a .csv / .jsonl manifest")
+    parser.add_argument("out_dir", type=Path, help="where NNNNNN.tar + NNNNNN.index.json go")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard (default 1e9)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+
+    if args.input.is_dir():
+        entries = entries_from_folder(args.input)
+    elif args.input.suffix in (".csv", ".jsonl"):
+        entries = entries_from_manifest(args.input)
+    else:
+        raise SystemExit(f"input {args.input} is neither a folder nor a .csv/.jsonl manifest")
+    if not entries:
+        raise SystemExit(f"no clips ({', '.join(VIDEO_EXTS)}) found in {args.input}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    with Pool(args.workers) as pool:
+        probed = list(track(pool.imap(probe_entry, entries, chunksize=4), total=len(entries),
+                            description="probing clips"))
+        good = [e for e in probed if "error" not in e]
+        for e in probed:
+            if "error" in e:
+                print(f"skipped {e['path']}: {e['error']}", file=sys.stderr)
+        shards = plan_shards(good, args.max_count, int(args.max_bytes))
+        digits = len(str(max(len(s) for s in shards) - 1)) if shards else 1
+        jobs = [(args.out_dir, n, s, digits) for n, s in enumerate(shards)
+                if not shard_path(args.out_dir, n).exists()]
+        for _ in track(pool.imap_unordered(write_job, jobs), total=len(jobs), description="writing shards"):
+            pass
+    print(f"{len(good)} clips in {len(shards)} shards ({len(shards) - len(jobs)} already done), "
+          f"{len(probed) - len(good)} skipped -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

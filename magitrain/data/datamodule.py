@@ -1,0 +1,143 @@
+"""The LightningDataModule: shards -> bucketed, rank/worker-split, resumable batches.
+
+Lightning calls `state_dict()` when it saves a checkpoint and `load_state_dict()` when it resumes;
+the state is the data position (position.py) plus the bad-input counters (quality.py). The
+module's `on_before_batch_transfer` hook runs in the main process for every batch the training
+loop takes (not for batches merely prefetched), which is where consumption is counted.
+"""
+
+import logging
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from magitrain.data.buckets import parse_buckets
+from magitrain.data.dataset import ShardDataset
+from magitrain.data.decode import RawOptions
+from magitrain.data.position import DataPosition
+from magitrain.data.quality import BadInputTracker
+from magitrain.data.shards import parse_datasets
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that asks the DataModule for the epoch and start batch at every iter(): the
+    workers then get a copy of the dataset carrying them (hence no persistent workers)."""
+
+    def __init__(self, dataset: ShardDataset, begin_epoch, **kwargs):
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.begin_epoch = begin_epoch
+
+    def __iter__(self):
+        self.begin_epoch()
+        return super().__iter__()
+
+
+def _init_worker(_: int) -> None:
+    # the DataLoader workers are the parallelism; intra-op threads would oversubscribe the cores
+    torch.set_num_threads(1)
+
+
+class MagiDataModule(L.LightningDataModule):
+    """Training batches following the data contract (docs/data.md).
+
+    mode: "latent" (precomputed latents + text embeddings) or "raw" (pixels and waveforms; encode
+        them on the device with `magitrain.data.encode_raw_batch`).
+    shards: brace pattern / glob / list of them; or datasets: [{shards, weight, name}] to mix.
+    buckets: [{height, width, seconds | frames, batch_size}].
+    rank / world_size: taken from the Trainer when attached, else torch.distributed, else these.
+    """
+
+    def __init__(self, mode: str = "latent", shards: str | list[str] | None = None,
+                 datasets: list[Mapping] | None = None, buckets: list[Mapping] | None = None,
+                 num_workers: int = 2, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
+                 text_max_len: int = 640, sample_rate: int = 51200, audio_channels: int = 2,
+                 missing_audio: str = "silent", random_offset: bool = False,
+                 max_bad_fraction: float = 0.05, bad_check_after: int = 100, prefetch_factor: int = 2,
+                 pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if missing_audio not in ("silent", "skip"):
+            raise ValueError(f"data.missing_audio must be 'silent' or 'skip', got {missing_audio!r}")
+        self.mode, self.num_workers, self.seed = mode, num_workers, seed
+        self.dataset_specs = parse_datasets(shards, datasets)
+        self.buckets = parse_buckets(buckets or [])
+        self.plan_options = {"seed": seed, "shuffle": shuffle, "shuffle_buffer": shuffle_buffer,
+                             "text_max_len": text_max_len}
+        self.raw = RawOptions(sample_rate, audio_channels, missing_audio, random_offset)
+        self.loader_options = {"prefetch_factor": prefetch_factor if num_workers else None,
+                               "pin_memory": pin_memory}
+        self.rank, self.world_size = rank, world_size
+        self.position = DataPosition()
+        self.quality = BadInputTracker(max_bad_fraction, bad_check_after)
+        self.dataset: ShardDataset | None = None
+        self._restored: dict | None = None
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if self.rank is not None or self.world_size is not None:
+            return self.rank or 0, self.world_size or 1
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        rank, world = self._rank_and_world()
+        if not 0 <= rank < world:
+            raise ValueError(f"data.rank={rank} is outside data.world_size={world}")
+        self.dataset = ShardDataset(self.dataset_specs, self.buckets, self.mode, rank=rank, world_size=world,
+                                    num_workers=self.num_workers, raw=self.raw, **self.plan_options)
+
+    def train_dataloader(self) -> EpochLoader:
+        self.setup()
+        return EpochLoader(self.dataset, self._begin_epoch, num_workers=self.num_workers,
+                           worker_init_fn=_init_worker, **self.loader_options)
+
+    def _begin_epoch(self) -> None:
+        if self._restored is not None:
+            self.position.load_state_dict(self._restored, self._plan_identity())
+            self.quality.load_state_dict(self._restored["quality"])
+            self._restored = None
+        epoch, start = self.position.begin_epoch(self._batches_in_epoch)
+        self.dataset.epoch, self.dataset.start_batch = epoch, start
+        log.info("data epoch %d: %d batches per rank, starting at batch %d",
+                 epoch, len(self.dataset), start)
+
+    def _batches_in_epoch(self, epoch: int) -> int:
+        self.dataset.epoch = epoch
+        return len(self.dataset)
+
+    def _plan_identity(self) -> dict:
+        return {"seed": self.seed, "world_size": self.dataset.world_size, "num_workers": self.num_workers}
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Count a consumed training batch and its bad samples; strip the private `_data` entry."""
+        if isinstance(batch, dict) and "_data" in batch:
+            batch = dict(batch)
+            meta = batch.pop("_data")
+            if meta["epoch"] != self.position.epoch:
+                raise RuntimeError(f"batch of data epoch {meta['epoch']} arrived during epoch "
+                                   f"{self.position.epoch}: two iterators over the train loader?")
+            self.position.consumed += 1
+            self.quality.update(meta["bad"], meta["seen"])
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.dataset is None:
+            return {}
+        return {"version": STATE_VERSION, **self.position.state_dict(self._plan_identity()),
+                "quality": self.quality.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')} != {STATE_VERSION}")
+        self._restored = dict(state)  # applied at the next iter(), when the plan is known

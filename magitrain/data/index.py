@@ -1,0 +1,136 @@
+"""The sidecar index of a shard: what the loader and tools plan with, without opening the tar.
+
+`NAME.tar` has `NAME.index.json` beside it (format in docs/data.md):
+
+    {"format": "magitrain.shard-index", "version": 1, "kind": "raw" | "latent",
+     "num_samples": 2, "bytes": 81920,
+     "samples": [{"key": "00000000000", "bytes": 40960, "duration": 2.0, "width": 128,
+                  "height": 64, "fps": 25.0, "has_audio": true, "language": "en"}, ...]}
+
+Latent rows add `latent_shape` [T, H, W], `audio_len` and `text_len`. The rows are in tar order.
+"""
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import av
+
+from magitrain.data.shards import iter_tar, open_url
+
+log = logging.getLogger(__name__)
+
+FORMAT = "magitrain.shard-index"
+VERSION = 1
+AUDIO_EXTS = ("wav", "flac", "m4a")
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    url: str
+    kind: str
+    rows: tuple[dict, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.rows)
+
+
+def probe_media(source: str | bytes) -> dict:
+    """Duration, size, frame rate and audio presence of an mp4 (path or bytes), via PyAV.
+
+    Raises av.error.FFmpegError / ValueError on an unreadable file; callers count and skip it.
+    """
+    with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        if stream.duration is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            raise ValueError("unknown duration")
+        if fps <= 0 or duration <= 0:
+            raise ValueError(f"bad stream: fps={fps}, duration={duration}")
+        return {"duration": round(duration, 4), "width": stream.codec_context.width,
+                "height": stream.codec_context.height, "fps": round(fps, 4),
+                "has_audio": bool(container.streams.audio)}
+
+
+def write_index(path: str, kind: str, rows: list[dict], shard_bytes: int) -> None:
+    """Write atomically (tmp + rename) so a crash never leaves a half index that looks finished."""
+    doc = {"format": FORMAT, "version": VERSION, "kind": kind, "num_samples": len(rows),
+           "bytes": shard_bytes, "samples": rows}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def read_index(url: str, index: str) -> ShardIndex:
+    """Parse an index file; a malformed one is a clear error naming it (it is the plan's ground truth)."""
+    with open_url(index) as f:
+        doc = json.load(f)
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise ValueError(f"{index}: not a {FORMAT} v{VERSION} file (format={doc.get('format')!r}, "
+                         f"version={doc.get('version')!r})")
+    rows = doc["samples"]
+    if len(rows) != doc["num_samples"]:
+        raise ValueError(f"{index}: num_samples={doc['num_samples']} but {len(rows)} rows")
+    return ShardIndex(url, doc["kind"], tuple(rows))
+
+
+def sample_row(sample: dict) -> dict:
+    """Index row of one sample read from a tar (the slow path when a shard has no index)."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    row = {"key": sample["__key__"],
+           "bytes": sum(len(v) for k, v in sample.items() if not k.startswith("__")),
+           "language": str(meta.get("language", ""))}
+    if "latents.safetensors" in sample:
+        row.update(latent_row(sample["latents.safetensors"]))
+        row.update({k: meta[k] for k in ("duration", "width", "height", "fps") if k in meta})
+        return row
+    row.update(probe_media(sample["mp4"]))
+    row["has_audio"] = row["has_audio"] or any(ext in sample for ext in AUDIO_EXTS)
+    return row
+
+
+def latent_row(data: bytes) -> dict:
+    """Shapes of a latent sample, read from the safetensors header only (no tensor is loaded)."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    shape = header["video_latent"]["shape"]
+    return {"latent_shape": shape[1:], "audio_len": header["audio_latent"]["shape"][0],
+            "text_len": header["text_emb"]["shape"][0]}
+
+
+def scan_shard(url: str) -> Iterator[dict]:
+    """Index rows of a shard by reading it; unreadable samples get `{"key", "error"}` rows."""
+    for sample in iter_tar(url):
+        if "__error__" in sample:
+            yield {"key": None, "error": f"truncated_tar: {sample['__error__']}"}
+            return
+        try:
+            yield sample_row(sample)
+        except Exception as exn:  # a broken member of one sample must not hide the rest
+            yield {"key": sample["__key__"], "error": f"{type(exn).__name__}: {exn}"}
+
+
+def build_index(url: str) -> ShardIndex:
+    """Index a shard that has none (warns: it reads the whole tar). Broken samples are left out,
+    so the loader plans only what it can read; inspect_shards --validate lists them."""
+    log.warning("shard %s has no sidecar index: scanning the tar (write one with "
+                "data_tools/inspect_shards.py --write-index)", url)
+    rows, kind = [], "raw"
+    for row in scan_shard(url):
+        if "error" in row:
+            log.warning("shard %s: sample %s left out of the index: %s", url, row["key"], row["error"])
+            continue
+        kind = "latent" if "latent_shape" in row else "raw"
+        rows.append(row)
+    return ShardIndex(url, kind, tuple(rows))

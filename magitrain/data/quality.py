@@ -1,0 +1,56 @@
+"""Bad-input accounting in the main process: counts per reason, example keys, and the stop rule.
+
+Workers skip and log each bad sample (with its key and shard) and report it in the next batch's
+`_data`; this tracker sums those reports per rank and stops the run with a clear error once the
+bad fraction exceeds `data.max_bad_fraction` (after `data.bad_check_after` samples, so one bad
+clip early on is not a 100% rate).
+"""
+
+import logging
+from collections import Counter
+
+log = logging.getLogger(__name__)
+EXAMPLES_PER_REASON = 5
+
+
+class BadDataError(RuntimeError):
+    """Too much of the input is unusable: a data problem to fix, not something to train through."""
+
+
+class BadInputTracker:
+    def __init__(self, max_fraction: float, check_after: int):
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_fraction}")
+        self.max_fraction, self.check_after = max_fraction, check_after
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.seen = 0
+
+    @property
+    def bad(self) -> int:
+        return sum(self.counts.values())
+
+    def update(self, bad: list[tuple[str, str, str]], seen: int) -> None:
+        self.seen += seen
+        for key, url, reason in bad:
+            self.counts[reason] += 1
+            examples = self.examples.setdefault(reason, [])
+            if len(examples) < EXAMPLES_PER_REASON:
+                examples.append(f"{url}:{key}")
+        if self.seen >= self.check_after and self.bad > self.max_fraction * self.seen:
+            raise BadDataError(f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%}), "
+                               "over "
+                               f"data.max_bad_fraction={self.max_fraction}: {self.summary()}")
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no bad samples"
+        return "; ".join(f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})"
+                         for reason, n in self.counts.most_common())
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": self.examples, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts, self.examples = Counter(state["counts"]), dict(state["examples"])
+        self.seen = state["seen"]

@@ -1,0 +1,139 @@
+"""Short real mp4 clips (moving patterns + AAC tone or noise) with caption json, for tests and the demo.
+
+Every clip is a genuine H.264/AAC mp4 written by PyAV, so the whole data path (probe, shard,
+decode, resize, audio) runs on it exactly as on real data; only the content is synthetic.
+
+    python -m magitrain.data.synthetic OUT_DIR --num-clips 8 --seconds 2 --size 64x128
+"""
+
+import argparse
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from magitrain.codecs.media import write_mp4
+
+LANGUAGES = ("en", "zh", "ja", "ko", "de", "fr", "es", "yue")
+
+
+def moving_pattern(num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """`[F, H, W, 3]` uint8: a drifting colour gradient with a bouncing square, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    tint = rng.uniform(0.3, 1.0, size=3)
+    t = np.arange(num_frames)[:, None, None] / 25.0
+    y = np.arange(height)[None, :, None] / height
+    x = np.arange(width)[None, None, :] / width
+    base = 0.5 + 0.5 * np.sin(2 * np.pi * (x + y + 0.5 * t))
+    frames = (base[..., None] * tint * 255).astype(np.uint8)
+    side = max(4, min(height, width) // 4)
+    speed = rng.uniform(10, 30)
+    for i in range(num_frames):
+        top = int(abs((i * speed / 25 * 3) % (2 * (height - side)) - (height - side)))
+        left = int(abs((i * speed) % (2 * (width - side)) - (width - side)))
+        frames[i, top : top + side, left : left + side] = 255
+    return frames
+
+
+def synth_audio(seconds: float, sample_rate: int, kind: str, seed: int) -> np.ndarray:
+    """`[1, S]` float32 in [-1, 1]: a tone whose pitch depends on the seed, or white noise."""
+    n = round(seconds * sample_rate)
+    if kind == "tone":
+        freq = 220.0 * 2 ** ((seed % 12) / 12)
+        return (0.3 * np.sin(2 * np.pi * freq * np.arange(n) / sample_rate)).astype(np.float32)[None]
+    if kind == "noise":
+        return (0.1 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)[None]
+    raise ValueError(f"audio kind must be 'tone' or 'noise', got {kind!r}")
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """16-bit PCM wav of `[C, S]` float audio (the stdlib writer: no extra dependency)."""
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").T.copy()
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(audio.shape[0])
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm.tobytes())
+
+
+def make_clip(
+    path: str | Path,
+    seconds: float = 2.0,
+    size: tuple[int, int] = (64, 128),
+    fps: float = 25.0,
+    audio: str | None = "tone",
+    sample_rate: int = 44100,
+    wav_path: str | Path | None = None,
+    seed: int = 0,
+) -> None:
+    """Write one clip. `audio=None` writes no audio track at all; with `wav_path` the audio goes to a
+    separate wav instead of the mp4's track."""
+    num_frames = round(seconds * fps)
+    video = torch.from_numpy(moving_pattern(num_frames, size[0], size[1], seed))
+    track = None
+    if audio is not None:
+        samples = synth_audio(seconds, sample_rate, audio, seed)
+        if wav_path is not None:
+            write_wav(Path(wav_path), samples, sample_rate)
+        else:
+            track = torch.from_numpy(samples)
+    write_mp4(path, video, fps=fps, audio=track, sample_rate=sample_rate)
+
+
+def make_demo_dataset(
+    out_dir: str | Path,
+    num_clips: int = 8,
+    seconds: float | tuple[float, float] = 2.0,
+    size: tuple[int, int] = (64, 128),
+    fps: float = 25.0,
+    audio: str = "tone",
+    separate_wav: bool = False,
+    seed: int = 0,
+) -> list[Path]:
+    """A folder of `clip_NNNN.mp4` + `clip_NNNN.json` (caption, language) [+ `clip_NNNN.wav`].
+
+    `seconds` may be a (min, max) range: durations then vary per clip (seeded), which exercises
+    the duration buckets. Returns the mp4 paths; the folder is what `make_shards.py` reads.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(num_clips):
+        secs = float(rng.uniform(*seconds)) if isinstance(seconds, tuple | list) else float(seconds)
+        secs = round(secs * fps) / fps
+        stem = out / f"clip_{i:04d}"
+        kind = audio if i % 2 == 0 else ("noise" if audio == "tone" else "tone")
+        wav = stem.with_suffix(".wav") if separate_wav else None
+        make_clip(stem.with_suffix(".mp4"), secs, size, fps, kind, wav_path=wav, seed=seed * 100003 + i)
+        caption = {"caption": f"A {kind} clip number {i}: a white square bouncing over a gradient.",
+                   "language": LANGUAGES[i % len(LANGUAGES)]}
+        stem.with_suffix(".json").write_text(json.dumps(caption))
+        paths.append(stem.with_suffix(".mp4"))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="folder to write clip_NNNN.{mp4,json[,wav]} into")
+    parser.add_argument("--num-clips", type=int, default=8)
+    parser.add_argument("--seconds", type=float, nargs="+", default=[2.0],
+                        help="one duration, or MIN MAX for seeded random durations")
+    parser.add_argument("--size", default="64x128", help="HEIGHTxWIDTH in pixels (even numbers)")
+    parser.add_argument("--fps", type=float, default=25.0)
+    parser.add_argument("--audio", choices=["tone", "noise"], default="tone")
+    parser.add_argument("--separate-wav", action="store_true", help="audio in KEY.wav, not in the mp4")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    seconds = args.seconds[0] if len(args.seconds) == 1 else tuple(args.seconds[:2])
+    paths = make_demo_dataset(args.out_dir, args.num_clips, seconds, (height, width), args.fps,
+                              args.audio, args.separate_wav, args.seed)
+    print(f"wrote {len(paths)} clips to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -48,8 +48,9 @@ def frame_indices(
     Asking for more frames than the source covers raises instead of silently repeating the end.
     """
     if num_src_frames <= 0 or src_fps <= 0 or dst_fps <= 0:
-        raise ValueError(f"frame_indices: need positive counts and rates, got {num_src_frames=}, "
-                         f"{src_fps=}, {dst_fps=}")
+        raise ValueError(
+            f"frame_indices: need positive counts and rates, got {num_src_frames=}, {src_fps=}, {dst_fps=}"
+        )
     ratio = src_fps / dst_fps
     if num_dst_frames is None:
         num_dst_frames = math.floor((num_src_frames - 1) / ratio + 1e-9) + 1
@@ -85,8 +86,10 @@ def write_mp4(
     if video.is_floating_point():
         video = video_to_uint8(video)
     if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"write_mp4 expects video [F, H, W, 3] uint8 or [3, F, H, W] float, "
-                         f"got {tuple(video.shape)} {video.dtype}")
+        raise ValueError(
+            f"write_mp4 expects video [F, H, W, 3] uint8 or [3, F, H, W] float, "
+            f"got {tuple(video.shape)} {video.dtype}"
+        )
     num_frames, height, width, _ = video.shape
     if height % 2 or width % 2:
         raise ValueError(f"write_mp4: yuv420p needs even height and width, got {height}x{width}")

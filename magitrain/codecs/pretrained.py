@@ -1,0 +1,103 @@
+"""Build the real codecs from local folders in the libraries' own formats, never from the network.
+
+- `video_vae_path`: a diffusers `AutoencoderKLWan` folder (`vae/` of Wan-AI/Wan2.2-TI2V-5B-Diffusers,
+  or the released `.pth` converted with diffusers' script, see docs/codecs.md),
+- `audio_vae_path`: a diffusers `AutoencoderOobleck` folder (`vae/` of stabilityai/stable-audio-open-1.0),
+- `text_encoder_path`: a transformers T5Gemma folder with its tokenizer (google/t5gemma-9b-9b-ul2).
+A missing or wrong folder fails here, naming the config field and the path.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, AutoencoderOobleck
+from transformers import AutoTokenizer, T5GemmaEncoderModel
+
+from magitrain.codecs.audio import AudioCodec
+from magitrain.codecs.container import Codecs
+from magitrain.codecs.text import TextEncoder
+from magitrain.codecs.video import VideoCodec
+
+
+def build_codecs(
+    video_vae_path: str,
+    audio_vae_path: str,
+    text_encoder_path: str,
+    vae_dtype: str = "bfloat16",
+    audio_dtype: str = "float32",
+    text_dtype: str = "bfloat16",
+    text_output_dtype: str = "float16",
+    negative_prompt: str = "",
+    decode_tile: int | None = None,
+    audio_window_seconds: float = 29.0,
+    text_offload: bool = False,
+    device: str = "cpu",
+) -> Codecs:
+    """Load the three frozen codecs (`local_files_only`: no hub access) and move them to `device`."""
+    video_dir = checked_dir("video_vae_path", video_vae_path, "_class_name", "AutoencoderKLWan")
+    audio_dir = checked_dir("audio_vae_path", audio_vae_path, "_class_name", "AutoencoderOobleck")
+    text_dir = checked_dir("text_encoder_path", text_encoder_path, "model_type", "t5gemma")
+    video = _load("video_vae_path", AutoencoderKLWan, video_dir, dtype=_dtype(vae_dtype))
+    audio = _load("audio_vae_path", AutoencoderOobleck, audio_dir, dtype=_dtype(audio_dtype))
+    # The released checkpoint is the full encoder-decoder; load only its encoder half.
+    model = _load(
+        "text_encoder_path", T5GemmaEncoderModel, text_dir, dtype=_dtype(text_dtype), is_encoder_decoder=False
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        msg = f"codecs.text_encoder_path: no usable tokenizer in {text_dir}: {err}"
+        raise FileNotFoundError(msg) from err
+    text = TextEncoder(
+        model,
+        tokenizer,
+        negative_prompt=negative_prompt,
+        offload=text_offload,
+        output_dtype=_dtype(text_output_dtype),
+    )
+    codecs = Codecs(
+        VideoCodec(video, decode_tile=decode_tile),
+        AudioCodec(audio, window_seconds=audio_window_seconds),
+        text,
+    )
+    return codecs.to(device)
+
+
+def checked_dir(field: str, path: str | None, key: str, expected: str) -> Path:
+    """The folder of config field `codecs.<field>`, once its config.json is found to say `key: expected`."""
+    if not path:
+        raise ValueError(f"codecs.{field} is not set (a local {expected} folder is required)")
+    folder = Path(path).expanduser()
+    config = folder / "config.json"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"codecs.{field}: {folder} does not exist or is not a directory")
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"codecs.{field}: {folder} has no config.json (expected a {expected} folder "
+            f"in the library's format; see docs/codecs.md)"
+        )
+    found = json.loads(config.read_text()).get(key)
+    if found != expected:
+        raise ValueError(f"codecs.{field}: {config} has {key}={found!r}, expected {expected!r}")
+    return folder
+
+
+def _load(field: str, cls, folder: Path, **kwargs):
+    """`cls.from_pretrained` offline, failing on missing weights: both libraries would otherwise
+    initialise them at random and only log it. Unexpected keys are fine (T5Gemma's decoder half)."""
+    model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    missing, mismatched = info["missing_keys"], info["mismatched_keys"]
+    if missing or mismatched:
+        raise ValueError(
+            f"codecs.{field}: {folder} does not hold a complete {cls.__name__}: "
+            f"missing {sorted(missing)[:5]}, mismatched {list(mismatched)[:5]}"
+        )
+    return model
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"codecs: unknown dtype {name!r} (use float32, bfloat16 or float16)")
+    return dtype

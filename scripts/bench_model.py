@@ -38,8 +38,8 @@ def build(args) -> MagiHumanDiT:
     with torch.device(args.device):
         model = MagiHumanDiT(config)
     if args.compile:
-        for i, layer in enumerate(model.block.layers):
-            model.block.layers[i] = torch.compile(layer, fullgraph=True)
+        for layer in model.block.layers:
+            layer.compile(fullgraph=True)
     return model
 
 

@@ -68,6 +68,8 @@ class MagiHumanDiT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
         """Training-from-scratch init: normal weights, zero biases and zero norm offsets (= scale 1)."""
+        if not self.adapter.rope.bands.is_meta:
+            self.adapter.rope.reset_bands()
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue

@@ -11,8 +11,15 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        nb = head_dim // 8
-        self.register_buffer("bands", 1.0 / theta ** (torch.arange(nb, dtype=torch.float32) / nb))
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("bands", torch.empty(head_dim // 8))
+        self.reset_bands()
+
+    @torch.no_grad()
+    def reset_bands(self) -> None:
+        nb = self.head_dim // 8
+        bands = 1.0 / self.theta ** (torch.arange(nb, dtype=torch.float32, device=self.bands.device) / nb)
+        self.bands.copy_(bands)
 
     def forward(self, positions: Tensor) -> Tensor:
         """positions [B, S, 3] -> table [B, S, 6 nb] = cat(sin, cos) of angles laid out [t | h | w]."""

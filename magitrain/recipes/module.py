@@ -1,0 +1,154 @@
+"""The frame every recipe shares: networks by role, built lazily so strategies can shard them.
+
+A recipe subclasses `MagiHumanModule`, builds its networks in `configure_model` with
+`build_network` (strict `load_official` of an init checkpoint, then `magitrain.parallel`), and
+owns its losses and optimisers. Frozen codecs, when the data is raw media, are held outside the
+module's state dict and encode batches on the training device.
+"""
+
+from __future__ import annotations
+
+import zlib
+from contextlib import nullcontext
+
+import lightning.pytorch as L
+import torch
+
+from magitrain.checkpoint import load_official
+from magitrain.model import MagiHumanConfig, MagiHumanDiT
+from magitrain.parallel import ParallelConfig, parallelize
+
+from .optim import OptimConfig, build_optimizer_and_schedule
+
+
+class MagiHumanModule(L.LightningModule):
+    def __init__(
+        self,
+        model: MagiHumanConfig,
+        optim: OptimConfig | None = None,
+        parallel: ParallelConfig | None = None,
+        init: str | None = None,
+        codecs=None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["codecs"])
+        self.model_config = model
+        self.optim_config = optim or OptimConfig()
+        self.parallel_config = parallel or ParallelConfig()
+        self.init_path = init
+        self.seed = seed
+        object.__setattr__(self, "codecs", codecs)  # frozen helpers: not part of the state dict
+        self.model: MagiHumanDiT | None = None
+        self.ema: MagiHumanDiT | None = None
+        self._ema_requested = False
+
+    # ----- networks -------------------------------------------------------------------------
+    def request_ema(self) -> None:
+        """Called by the EMA callback before `configure_model`: keep a float32 shadow of `model`."""
+        self._ema_requested = True
+
+    def _zero3_gather(self, network: MagiHumanDiT):
+        """ZeRO-3 partitions parameters as they are created: gather them to load a checkpoint."""
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer else None
+        if getattr(strategy, "zero_stage_3", False):
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(network.parameters()), modifier_rank=0)
+        return nullcontext()
+
+    def build_network(self, init: str | None, trainable: bool) -> MagiHumanDiT:
+        """A MagiHumanDiT loaded strictly from `init` (or freshly initialised), then parallelised."""
+        mesh = self.device_mesh
+        if mesh is None:
+            network = MagiHumanDiT(self.model_config)
+            if init:
+                with self._zero3_gather(network):
+                    load_official(network, init)
+            return parallelize(network, self.parallel_config, None, trainable)
+        # FSDP2: build on the meta device, shard, then materialise only the local shards.
+        with torch.device("meta"):
+            network = MagiHumanDiT(self.model_config)
+        parallelize(network, self.parallel_config, mesh, trainable)
+        network.to_empty(device=self.device)
+        network.reset_parameters()
+        if init:
+            _load_official_sharded(network, init)
+        return network
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this more than once
+            return
+        self.model = self.build_network(self.init_path, trainable=True)
+        if self._ema_requested:
+            self.ema = self.build_network(None, trainable=False)
+            self.ema.requires_grad_(False)
+            with torch.no_grad():
+                for shadow, param in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                    shadow.copy_(param.detach())
+
+    # ----- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 0
+        return build_optimizer_and_schedule(self, self.model.parameters(), self.optim_config, total)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:  # DeepSpeed keeps gradients partitioned away from p.grad and logs its own norm
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    # ----- data -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.codecs is not None:
+            self.codecs.to(self.device)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if "video_latent" not in batch:  # raw media: encode with the frozen codecs on this device
+            from magitrain.data import encode_raw_batch
+
+            if self.codecs is None:
+                raise ValueError("the data yields raw media but no codecs were configured (set codecs=...)")
+            batch = encode_raw_batch(batch, self.codecs)
+        return batch
+
+    @staticmethod
+    def batch_shape(batch: dict) -> tuple[int, int]:
+        """(samples, tokens per sample) of a latent batch, for throughput accounting."""
+        B, _, T, H, W = batch["video_latent"].shape
+        return B, T * (H // 2) * (W // 2) + batch["audio_latent"].shape[1] + batch["text_emb"].shape[1]
+
+    def sample_generators(self, batch: dict) -> list[torch.Generator]:
+        """One generator per sample, seeded by (seed, step, sample key).
+
+        The noise a sample gets depends on neither the rank, the batch composition nor the
+        process history, so DDP equals one process on the same global batch, and a resumed run
+        draws exactly what an uninterrupted one would.
+        """
+        keys = batch.get("key") or [f"{self.global_rank}:{i}" for i in range(batch["video_latent"].shape[0])]
+        device = self.device if self.device.type == "cuda" else "cpu"
+        step = self.global_step
+        return [
+            torch.Generator(device).manual_seed(zlib.crc32(f"{self.seed}/{step}/{key}".encode()))
+            for key in keys
+        ]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                checkpoint["wandb_run_id"] = logger.experiment.id
+
+
+def _load_official_sharded(network: MagiHumanDiT, path: str) -> None:
+    """Load a released checkpoint into an FSDP2-sharded network: rank 0 reads, all ranks receive shards."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = {}
+    if dist.get_rank() == 0:
+        with torch.device("meta"):
+            reader = MagiHumanDiT(network.config)
+        full = load_official(reader, path).state_dict()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(network, full, options=options)

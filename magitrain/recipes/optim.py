@@ -1,0 +1,57 @@
+"""AdamW and learning-rate schedules (linear warmup, then cosine decay or constant)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    total_steps: int = 0  # cosine horizon; 0 = the trainer's max_steps
+    min_lr_ratio: float = 0.0
+
+
+def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    params = [p for p in params if p.requires_grad]
+    # fused AdamW needs CUDA tensors; DTensors (FSDP2) are supported by the fused kernel as well.
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps,
+        fused=device.type == "cuda",
+    )
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Multiplier of the base lr at a step: linear warmup, then constant or cosine down to min_lr_ratio."""
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+    if cfg.schedule == "cosine" and total_steps <= cfg.warmup_steps:
+        raise ValueError(
+            f"a cosine schedule needs optim.total_steps or trainer.max_steps > warmup_steps ({cfg.warmup_steps})"
+        )
+
+    def multiplier(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / (total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def build_optimizer_and_schedule(module: nn.Module, params, cfg: OptimConfig, total_steps: int) -> dict:
+    """The `configure_optimizers` answer for one optimiser stepped every optimisation step."""
+    optimizer = build_adamw(params, cfg, module.device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.total_steps or total_steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

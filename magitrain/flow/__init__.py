@@ -16,6 +16,15 @@ from .schedules import (
     zero_snr_alphas_sqrt,
 )
 from .sr import sample_super_resolution, upsample_latent, vp_renoise
+from .training import (
+    SigmaSampling,
+    first_frame_mask,
+    interpolate,
+    sample_sigmas,
+    sigma_bucket_stats,
+    velocity_mse,
+    velocity_target,
+)
 from .unipc import unipc_scheduler
 from .velocity import VelocityFn
 
@@ -23,21 +32,28 @@ __all__ = [
     "DEFAULT_SHIFT",
     "SIGMA_MAX",
     "Guidance",
+    "SigmaSampling",
     "VelocityFn",
     "cfg",
     "condition_on_image",
     "distill_step",
+    "first_frame_mask",
     "flow_grid",
     "gaussian",
     "initial_latents",
+    "interpolate",
     "sample_base",
     "sample_distilled",
+    "sample_sigmas",
     "sample_super_resolution",
     "shift_sigmas",
+    "sigma_bucket_stats",
     "sr_renoise_coefficient",
     "unipc_scheduler",
     "unshifted_sigmas",
     "upsample_latent",
+    "velocity_mse",
+    "velocity_target",
     "vp_renoise",
     "zero_snr_alphas_sqrt",
 ]

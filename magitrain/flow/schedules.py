@@ -17,8 +17,9 @@ SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))  # 0.999000012874
 DEFAULT_SHIFT = 5.0
 
 
-def shift_sigmas(s, shift: float):
-    """The flow-matching time shift `k s / (1 + (k - 1) s)`: k > 1 spends more steps at high noise."""
+def shift_sigmas(s, shift):
+    """The flow-matching time shift `k s / (1 + (k - 1) s)` (k > 1: more steps at high noise), for
+    floats, NumPy arrays or tensors."""
     return shift * s / (1 + (shift - 1) * s)
 
 

@@ -1,4 +1,5 @@
-"""Short real mp4 clips (moving patterns + AAC tone or noise) with caption json, for tests and the demo.
+"""Synthetic data for tests and the demo: real mp4 clips (moving patterns + AAC tone or noise) with
+caption json, and latent shards of random tensors in the data contract's shapes.
 
 Every clip is a genuine H.264/AAC mp4 written by PyAV, so the whole data path (probe, shard,
 decode, resize, audio) runs on it exactly as on real data; only the content is synthetic.
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from magitrain.codecs.media import write_mp4
+from magitrain.data.writer import latent_sample, write_shard
 
 LANGUAGES = ("en", "zh", "ja", "ko", "de", "fr", "es", "yue")
 
@@ -112,6 +114,37 @@ def make_demo_dataset(
                    "language": LANGUAGES[i % len(LANGUAGES)]}
         stem.with_suffix(".json").write_text(json.dumps(caption))
         paths.append(stem.with_suffix(".mp4"))
+    return paths
+
+
+def make_latent_dataset(
+    out_dir: str | Path,
+    num_samples: int = 16,
+    per_shard: int = 4,
+    latent_shapes: tuple[tuple[int, int, int], ...] = ((7, 4, 8),),
+    text_dim: int = 3584,
+    text_lengths: tuple[int, int] = (3, 12),
+    seed: int = 0,
+) -> list[Path]:
+    """Latent shards of random tensors in the contract's shapes (no codec needed): sample i gets
+    `latent_shapes[i % len]` as (T, H, W), N = 4(T-1)+1 audio steps, a seeded text length.
+
+    For the latent-mode tests, benchmark and demo; returns the shard paths.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for number, first in enumerate(range(0, num_samples, per_shard)):
+        samples = []
+        for i in range(first, min(first + per_shard, num_samples)):
+            t, h, w = latent_shapes[i % len(latent_shapes)]
+            length = int(torch.randint(text_lengths[0], text_lengths[1] + 1, (1,), generator=gen))
+            tensors = {"video_latent": torch.randn(48, t, h, w, generator=gen),
+                       "audio_latent": torch.randn(4 * (t - 1) + 1, 64, generator=gen),
+                       "text_emb": torch.randn(length, text_dim, generator=gen).to(torch.bfloat16)}
+            meta = {"caption": f"latent sample {i}", "language": LANGUAGES[i % len(LANGUAGES)],
+                    "duration": 4 * (t - 1) / 25, "width": 16 * w, "height": 16 * h}
+            samples.append(latent_sample(f"{number:06d}{i - first:04d}", meta, tensors))
+        paths.append(write_shard(out_dir, number, "latent", samples))
     return paths
 
 

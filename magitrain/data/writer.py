@@ -25,6 +25,7 @@ def write_shard(out_dir: str | Path, number: int, kind: str, samples: Iterable[t
     """`samples` yields (members, row): members `{"__key__": KEY, EXT: bytes, ...}` go into the tar,
     row is the sample's index row (docs/data.md); its "key" and "bytes" are filled in here."""
     final = shard_path(out_dir, number)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     rows = []
     with TarWriter(str(tmp), encoder=False, mtime=0) as writer:

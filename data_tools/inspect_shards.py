@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Counts and histograms of webdataset shards, and a --validate mode that decodes every sample.
+
+Statistics come from the sidecar indexes (a shard without one is scanned; --write-index saves
+what the scan found). --validate reads every tar and decodes every sample the way the loader
+does (raw: all frames at 25 fps and the audio; latent: the safetensors payload) and lists each
+bad sample with its reason; the exit status is 1 if any was found.
+
+    python data_tools/inspect_shards.py 'shards/raw/{000000..000099}.tar' --validate
+"""
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from magitrain.data.buckets import FPS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, Bucket, frames_for_seconds
+from magitrain.data.decode import BadSample, RawOptions, decode_latent, decode_raw
+from magitrain.data.index import build_index, read_index, write_index
+from magitrain.data.shards import expand_urls, index_url, iter_tar
+
+DURATION_BINS = (0, 2, 5, 10, 20, 30)
+
+
+def duration_bin(seconds: float) -> str:
+    for lo, hi in zip(DURATION_BINS, DURATION_BINS[1:], strict=False):
+        if seconds < hi:
+            return f"{lo}-{hi} s"
+    return f">= {DURATION_BINS[-1]} s"
+
+
+def load(url: str, write_missing: bool):
+    try:
+        return read_index(url, index_url(url))
+    except FileNotFoundError:
+        index = build_index(url)
+        if write_missing:
+            write_index(index_url(url), index.kind, list(index.rows), 0)
+        return index
+
+
+def summarise(indexes) -> dict:
+    rows = [row for ix in indexes for row in ix.rows]
+    return {
+        "shards": len(indexes),
+        "samples": len(rows),
+        "bytes": sum(row.get("bytes", 0) for row in rows),
+        "hours": round(sum(row.get("duration", 0) for row in rows) / 3600, 4),
+        "kind": sorted({ix.kind for ix in indexes}),
+        "duration": dict(Counter(duration_bin(row["duration"]) for row in rows if "duration" in row)),
+        "resolution": dict(Counter(f"{row['width']}x{row['height']}" for row in rows if "width" in row)),
+        "latent_shape": dict(Counter("x".join(map(str, row["latent_shape"])) for row in rows
+                                     if "latent_shape" in row)),
+        "language": dict(Counter(row.get("language") or "?" for row in rows)),
+        "has_audio": dict(Counter(str(row["has_audio"]) for row in rows if "has_audio" in row)),
+    }
+
+
+def own_bucket(row: dict) -> Bucket:
+    """A bucket at the sample's own size and full length, so validation decodes all of it."""
+    if "latent_shape" in row:
+        t, h, w = row["latent_shape"]
+        return Bucket(h * VAE_SPACE_STRIDE, w * VAE_SPACE_STRIDE, VAE_TIME_STRIDE * (t - 1) + 1, 1)
+    frames = frames_for_seconds(max(row["duration"] - 1 / FPS, VAE_TIME_STRIDE / FPS))
+    return Bucket(max(16, row["height"] // 16 * 16), max(16, row["width"] // 16 * 16), frames, 1)
+
+
+def validate(index) -> list[tuple[str, str, str]]:
+    """(url, key, reason) of every sample of the shard that the loader would skip."""
+    bad, rows = [], {row["key"]: row for row in index.rows}
+    seen = set()
+    for sample in iter_tar(index.url):
+        if "__error__" in sample:
+            bad.append((index.url, "-", f"truncated_tar: {sample['__error__']}"))
+            break
+        key = sample["__key__"]
+        seen.add(key)
+        row = rows.get(key)
+        try:
+            if row is None:
+                raise BadSample("not_in_index")
+            if index.kind == "latent":
+                decode_latent(sample, own_bucket(row), text_max_len=1 << 30)
+            else:
+                decode_raw(sample, row, own_bucket(row), RawOptions(), random.Random(0))
+        except BadSample as exn:
+            bad.append((index.url, key, str(exn)))
+    bad.extend((index.url, key, "missing_in_tar") for key in rows if key not in seen)
+    return bad
+
+
+def print_summary(console: Console, summary: dict) -> None:
+    console.print(f"{summary['shards']} shards ({', '.join(summary['kind'])}), {summary['samples']} samples, "
+                  f"{summary['bytes'] / 1e9:.3f} GB, {summary['hours']} h")
+    for field in ("duration", "resolution", "latent_shape", "language", "has_audio"):
+        if not summary[field]:
+            continue
+        table = Table(title=field, show_header=False)
+        total = sum(summary[field].values())
+        for value, n in sorted(summary[field].items(), key=lambda kv: -kv[1]):
+            table.add_row(value, str(n), "#" * max(1, round(40 * n / total)))
+        console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shards", nargs="+", help="brace patterns, globs or paths of .tar shards")
+    parser.add_argument("--validate", action="store_true", help="decode every sample, list the bad ones")
+    parser.add_argument("--write-index", action="store_true", help="save the index of shards that lack one")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = parser.parse_args(argv)
+
+    console = Console(stderr=args.json)
+    urls = expand_urls(args.shards)
+    indexes = [load(url, args.write_index) for url in track(urls, description="reading indexes",
+                                                             console=console)]
+    report = {"summary": summarise(indexes)}
+    if args.validate:
+        report["bad"] = [b for ix in track(indexes, description="validating", console=console)
+                         for b in validate(ix)]
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_summary(console, report["summary"])
+        for url, key, reason in report.get("bad", []):
+            console.print(f"BAD {url} {key}: {reason}")
+        if args.validate:
+            console.print(f"{len(report['bad'])} bad samples")
+    return 1 if report.get("bad") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

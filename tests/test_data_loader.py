@@ -1,0 +1,132 @@
+"""The DataModule over real latent shards with real DataLoader workers: splits, buckets, resume."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from magitrain.data.datamodule import MagiDataModule
+from magitrain.data.synthetic import make_latent_dataset
+
+# two latent lengths (1 s and 2 s at 64x128) and a portrait size: three buckets
+SHAPES = ((7, 4, 8), (13, 4, 8), (7, 8, 4))
+BUCKETS = [{"height": 64, "width": 128, "seconds": 1, "batch_size": 3},
+           {"height": 64, "width": 128, "seconds": 2, "batch_size": 2},
+           {"height": 128, "width": 64, "seconds": 1, "batch_size": 2}]
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("latent")
+    make_latent_dataset(out, num_samples=30, per_shard=7, latent_shapes=SHAPES, text_dim=16)
+    return str(out / "{000000..000004}.tar")
+
+
+def datamodule(shards, **kw) -> MagiDataModule:
+    options = {"mode": "latent", "buckets": BUCKETS, "num_workers": 2, "shuffle_buffer": 4} | kw
+    dm = MagiDataModule(shards=shards, **options)
+    dm.setup()
+    return dm
+
+
+def run_epoch(dm: MagiDataModule, limit: int | None = None) -> list[dict]:
+    """Batches as the training loop sees them (through the DataModule's batch hook)."""
+    batches, stream = [], iter(dm.train_dataloader())
+    while limit is None or len(batches) < limit:
+        batch = next(stream, None)
+        if batch is None:
+            break
+        batches.append(dm.on_before_batch_transfer(batch, 0))
+    return batches
+
+
+def test_two_ranks_two_workers_see_every_sample_once(latent_shards):
+    per_rank = [run_epoch(datamodule(latent_shards, rank=r, world_size=2)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(datamodule(latent_shards, rank=0, world_size=2)
+                                                       .train_dataloader())
+    keys = Counter(k for batches in per_rank for b in batches for k in b["key"])
+    assert len(keys) == 30 and set(keys.values()) == {1}
+
+
+def test_batches_follow_the_contract_and_are_homogeneous(latent_shards):
+    batches = run_epoch(datamodule(latent_shards, num_workers=0))
+    shapes = Counter()
+    for b in batches:
+        video, audio, text = b["video_latent"], b["audio_latent"], b["text_emb"]
+        size, _, t = video.shape[:3]
+        assert video.shape[1] == 48 and audio.shape == (size, 4 * (t - 1) + 1, 64)
+        assert text.shape[0] == size and text.shape[1] == int(b["text_len"].max()) and text.shape[2] == 16
+        for i, n in enumerate(b["text_len"].tolist()):
+            assert text[i, n:].abs().sum() == 0 and text[i, n - 1].abs().sum() > 0
+        assert len(b["key"]) == len(b["caption"]) == len(b["language"]) == size
+        assert "_data" not in b
+        shapes[tuple(video.shape[2:])] += size
+    assert shapes == {(7, 4, 8): 10, (13, 4, 8): 10, (7, 8, 4): 10}
+
+
+def test_fewer_shards_than_slots_still_balanced(tmp_path):
+    make_latent_dataset(tmp_path, num_samples=9, per_shard=9, latent_shapes=SHAPES[:1], text_dim=8)
+    per_rank = [run_epoch(datamodule(str(tmp_path / "000000.tar"), rank=r, world_size=2)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert sorted(k for batches in per_rank for b in batches for k in b["key"]) == \
+        [f"000000{i:04d}" for i in range(9)]
+
+
+def test_order_is_deterministic_and_changes_per_epoch(latent_shards):
+    first, second = datamodule(latent_shards), datamodule(latent_shards)
+    a0, b0 = run_epoch(first), run_epoch(second)
+    assert [b["key"] for b in a0] == [b["key"] for b in b0]
+    a1 = run_epoch(first)
+    assert [b["key"] for b in a1] != [b["key"] for b in a0]
+    assert torch.equal(a0[0]["video_latent"], b0[0]["video_latent"])
+
+
+@pytest.mark.parametrize("stop_at", [0, 3, 4, 7])
+def test_resume_mid_epoch_yields_exactly_the_rest(latent_shards, stop_at):
+    reference = datamodule(latent_shards)
+    epochs = [[b["key"] for b in run_epoch(reference)] for _ in range(2)]
+
+    interrupted = datamodule(latent_shards)
+    run_epoch(interrupted)
+    run_epoch(interrupted, limit=stop_at)
+    state = interrupted.state_dict()
+    assert state["epoch"] == 1 and state["consumed"] == stop_at
+
+    resumed = datamodule(latent_shards)
+    resumed.load_state_dict(state)
+    assert [b["key"] for b in run_epoch(resumed)] == epochs[1][stop_at:]
+    assert resumed.state_dict()["epoch"] == 1
+    assert [b["key"] for b in run_epoch(resumed)] != epochs[1]  # epoch 2 goes on to a new order
+
+
+def test_resume_after_a_complete_epoch_starts_the_next(latent_shards):
+    interrupted = datamodule(latent_shards)
+    run_epoch(interrupted)
+    reference = datamodule(latent_shards)
+    run_epoch(reference)
+    resumed = datamodule(latent_shards)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert [b["key"] for b in run_epoch(resumed)] == [b["key"] for b in run_epoch(reference)]
+
+
+def test_resume_with_other_worker_count_is_refused(latent_shards):
+    dm = datamodule(latent_shards)
+    run_epoch(dm, limit=2)
+    other = datamodule(latent_shards, num_workers=1)
+    other.load_state_dict(dm.state_dict())
+    with pytest.raises(ValueError, match="data.num_workers: 2 -> 1"):
+        run_epoch(other)
+
+
+def test_mixture_weights(tmp_path):
+    # dataset a holds 1 s latents, b 2 s latents, so the batch shape tells the source
+    make_latent_dataset(tmp_path / "a", num_samples=6, per_shard=3, latent_shapes=SHAPES[:1], text_dim=8)
+    make_latent_dataset(tmp_path / "b", num_samples=8, per_shard=4, latent_shapes=SHAPES[1:2], text_dim=8)
+    dm = datamodule(None, num_workers=0, datasets=[
+        {"name": "a", "shards": str(tmp_path / "a" / "*.tar"), "weight": 2.0},
+        {"name": "b", "shards": str(tmp_path / "b" / "*.tar"), "weight": 0.5}])
+    per_source = {7: Counter(), 13: Counter()}
+    for b in run_epoch(dm):
+        per_source[b["video_latent"].shape[2]].update(b["key"])
+    assert len(per_source[7]) == 6 and set(per_source[7].values()) == {2}  # weight 2: every sample twice
+    assert sum(per_source[13].values()) == 4 and set(per_source[13].values()) == {1}  # weight 0.5: half

@@ -46,9 +46,10 @@ def sample_super_resolution(
     base-stage audio is the final audio. Noise draws: video re-noise, then audio. `image_latent`
     is the reference image encoded at the SR resolution. No guidance.
     """
-    upsampled = upsample_latent(video, size)
-    a = sr_renoise_coefficient(noise_value).to(upsampled.device)
-    x = vp_renoise(upsampled, a, gaussian(upsampled.shape, generator, upsampled.device))
+    x = upsample_latent(video, size)
+    if noise_value:  # 0: no re-noise (and no draw), as released
+        a = sr_renoise_coefficient(noise_value).to(x.device)
+        x = vp_renoise(x, a, gaussian(x.shape, generator, x.device))
     eps_audio = gaussian(audio.shape, generator, audio.device)
     audio_in = audio_noise_scale * eps_audio + (1 - audio_noise_scale) * audio
     solver = unipc_scheduler(steps, shift)

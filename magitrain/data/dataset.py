@@ -110,7 +110,9 @@ class ShardDataset(IterableDataset):
                 seen += 1
                 try:
                     good.append(self._decode(item, sample, bucket))
-                except BadSample as exn:
+                except Exception as exn:  # nothing a sample holds may kill the worker
+                    if not isinstance(exn, BadSample):
+                        exn = BadSample("decode_error", f"{type(exn).__name__}: {exn}")
                     key = self.indexes[item[0]].rows[item[1]]["key"]
                     log.warning("bad sample %s in %s: %s", key, self.urls[item[0]], exn)
                     bad.append((key, self.urls[item[0]], exn.reason))

@@ -1,0 +1,78 @@
+"""Corrupt, truncated and incomplete input is skipped and counted per reason; good samples still arrive."""
+
+import json
+import tarfile
+from collections import Counter
+
+import pytest
+from test_data_raw import tool
+
+from magitrain.data.datamodule import MagiDataModule
+from magitrain.data.quality import BadDataError
+from magitrain.data.synthetic import make_clip
+from magitrain.data.writer import write_shard
+
+BUCKETS = [{"height": 64, "width": 128, "seconds": 1, "batch_size": 2}]
+ROW = {"duration": 1.2, "width": 128, "height": 64, "fps": 25.0, "has_audio": True, "language": "en"}
+
+
+def members(key: str, mp4: bytes, meta: bytes | None = None) -> dict:
+    return {"__key__": key, "mp4": mp4, "json": meta or json.dumps({"caption": f"clip {key}"}).encode()}
+
+
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory):
+    """Shard 0: 4 good clips, a random-bytes mp4, a truncated mp4, a clip without audio, a bad json.
+    Shard 1: 5 good clips, the tar cut inside sample 3 (samples 3 and 4 are lost)."""
+    out = tmp_path_factory.mktemp("bad")
+    clips = []
+    for i in range(10):
+        make_clip(out / "clip.mp4", seconds=1.2, size=(64, 128), audio=None if i == 9 else "tone", seed=i)
+        clips.append((out / "clip.mp4").read_bytes())
+    (out / "clip.mp4").unlink()
+    shard0 = [members(f"good{i}", clips[i]) for i in range(4)] + [
+        members("corrupt", bytes(range(256)) * 40),
+        members("truncated", clips[4][: len(clips[4]) // 2]),
+        members("noaudio", clips[9]),
+        members("badjson", clips[5], b"{not json")]
+    write_shard(out, 0, "raw", [(m, {**ROW, "has_audio": m["__key__"] != "noaudio"}) for m in shard0])
+    tar = write_shard(out, 1, "raw", [(members(f"tail{i}", clips[5 + i % 4]), ROW) for i in range(5)])
+    with tarfile.open(tar) as f:
+        cut = next(m.offset for m in f.getmembers() if m.name.startswith("tail3")) + 700
+    tar.write_bytes(tar.read_bytes()[:cut])
+    return str(out / "{000000..000001}.tar")
+
+
+def run(shards, **kw) -> tuple[Counter, MagiDataModule]:
+    dm = MagiDataModule(mode="raw", shards=shards, buckets=BUCKETS, num_workers=2, shuffle_buffer=3, **kw)
+    keys = Counter()
+    for batch in dm.train_dataloader():
+        keys.update(dm.on_before_batch_transfer(batch, 0)["key"])
+    return keys, dm
+
+
+def test_bad_samples_are_skipped_and_counted(bad_shards):
+    keys, dm = run(bad_shards, max_bad_fraction=1.0)
+    good = {f"good{i}" for i in range(4)} | {f"tail{i}" for i in range(3)} | {"noaudio"}
+    assert set(keys) == good  # missing_audio=silent keeps the clip with a zero track
+    assert dm.quality.counts == {"corrupt_video": 2, "bad_json": 1, "truncated_tar": 2}
+    assert dm.quality.seen == 13
+    assert "corrupt" in dm.quality.summary() and "tail3" in dm.quality.summary()
+
+
+def test_missing_audio_skip_policy(bad_shards):
+    keys, dm = run(bad_shards, max_bad_fraction=1.0, missing_audio="skip")
+    assert "noaudio" not in keys and dm.quality.counts["missing_audio"] == 1
+
+
+def test_too_many_bad_samples_stop_the_run(bad_shards):
+    with pytest.raises(BadDataError, match=r"data.max_bad_fraction=0.1.*corrupt_video"):
+        run(bad_shards, max_bad_fraction=0.1, bad_check_after=4)
+
+
+def test_validate_lists_every_bad_sample(bad_shards, capsys):
+    assert tool("inspect_shards.py", bad_shards, "--validate", "--json") == 1
+    bad = {(url[-10:], key): reason for url, key, reason in json.loads(capsys.readouterr().out)["bad"]}
+    assert {k for k, _ in bad} == {"000000.tar", "000001.tar"}
+    reasons = Counter(reason.split(":")[0] for reason in bad.values())
+    assert reasons == {"corrupt_video": 2, "bad_json": 1, "truncated_tar": 1, "missing_in_tar": 2}

@@ -1,0 +1,79 @@
+"""Round trip on real media: synthetic mp4s -> make_shards -> inspect_shards -> raw DataModule."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from magitrain.data.datamodule import MagiDataModule
+from magitrain.data.synthetic import make_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKETS = [{"height": 64, "width": 128, "seconds": 1, "batch_size": 2},
+           {"height": 64, "width": 128, "seconds": 2, "batch_size": 2}]
+
+
+def tool(name: str, *args: str):
+    """Run a data tool's main() in this process (a fresh interpreter costs seconds of imports); it is
+    registered in sys.modules so its multiprocessing workers can unpickle its functions."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "data_tools" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
+@pytest.fixture(scope="module")
+def raw_shards(tmp_path_factory):
+    clips = tmp_path_factory.mktemp("clips")
+    # 1.2-2.4 s clips (two duration buckets), every other one with its audio in a separate wav
+    make_demo_dataset(clips / "a", num_clips=4, seconds=(1.2, 2.4), size=(64, 128), seed=1)
+    make_demo_dataset(clips / "b", num_clips=3, seconds=(1.2, 2.4), size=(72, 120), separate_wav=True, seed=2)
+    out = tmp_path_factory.mktemp("shards")
+    tool("make_shards.py", str(clips), str(out), "--max-count", "3", "--workers", "2")
+    return out
+
+
+def test_make_shards_then_inspect(raw_shards, capsys):
+    assert sorted(p.name for p in raw_shards.iterdir()) == [
+        f"00000{i}.{ext}" for i in range(3) for ext in ("index.json", "tar")]
+    capsys.readouterr()
+    assert tool("inspect_shards.py", str(raw_shards / "*.tar"), "--validate", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["bad"] == []
+    summary = report["summary"]
+    assert summary["samples"] == 7 and summary["shards"] == 3 and summary["kind"] == ["raw"]
+    assert summary["resolution"] == {"128x64": 4, "120x72": 3} and summary["has_audio"] == {"True": 7}
+    index = json.loads((raw_shards / "000000.index.json").read_text())
+    row = index["samples"][0]
+    assert row["key"] == "0000000" and row["width"] == 128 and 1.2 <= row["duration"] <= 2.4
+
+
+def test_raw_batches_are_pixels_and_waveforms_cut_to_buckets(raw_shards):
+    dm = MagiDataModule(mode="raw", shards=str(raw_shards / "{000000..000002}.tar"), buckets=BUCKETS,
+                        num_workers=2, shuffle_buffer=2)
+    keys, frames = Counter(), Counter()
+    for batch in dm.train_dataloader():
+        batch = dm.on_before_batch_transfer(batch, 0)
+        video, audio = batch["video"], batch["audio"]
+        size, channels, f, h, w = video.shape
+        assert (channels, h, w) == (3, 64, 128) and f in (25, 49)
+        assert video.dtype == torch.float32 and -1 <= video.min() < video.max() <= 1
+        assert batch["sample_rate"] == 51200 and audio.shape == (size, 2, (f - 1) * 2048)
+        assert torch.equal(audio[:, 0], audio[:, 1]) and audio.abs().amax(dim=-1).min() > 0.05
+        assert all(isinstance(c, str) and c for c in batch["caption"])
+        keys.update(batch["key"])
+        frames[f] += size
+    assert len(keys) == 7 and set(keys.values()) == {1}
+    assert sum(frames.values()) == 7 and dm.quality.bad == 0
+
+
+def test_cli_runs_as_a_script():
+    result = subprocess.run([sys.executable, str(ROOT / "data_tools" / "inspect_shards.py"), "--help"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "--validate" in result.stdout

@@ -73,6 +73,25 @@ def test_raw_batches_are_pixels_and_waveforms_cut_to_buckets(raw_shards):
     assert sum(frames.values()) == 7 and dm.quality.bad == 0
 
 
+def test_encode_shards_to_latent_shards_with_sr_pairs(raw_shards, tmp_path, monkeypatch, capsys):
+    # rank 1 of 2 takes the second of the two input shards (000002.tar: one 72x120 clip, wav audio)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = [str(raw_shards / "{000000,000002}.tar"), str(tmp_path), "codecs=tiny", "--bucket", "32x32:0.16",
+            "--sr", "64x64", "--dtype", "float32"]
+    tool("encode_shards.py", *args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000001.index.json", "000001.tar"]
+    tool("encode_shards.py", *args)
+    assert "1 already encoded" in capsys.readouterr().out
+    dm = MagiDataModule(mode="latent", shards=str(tmp_path / "000001.tar"), num_workers=0,
+                        buckets=[{"height": 64, "width": 64, "frames": 5, "batch_size": 2}])
+    (batch,) = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert batch["video_latent"].shape == (1, 48, 2, 4, 4) and batch["audio_latent"].shape == (1, 5, 64)
+    assert batch["lr_video_latent"].shape == (1, 48, 2, 2, 2)
+    assert batch["text_emb"].shape[-1] == 64 and batch["text_len"].tolist() == [batch["text_emb"].shape[1]]
+    assert batch["key"] == ["0000020"] and batch["caption"][0].startswith("A tone clip")
+
+
 def test_cli_runs_as_a_script():
     result = subprocess.run([sys.executable, str(ROOT / "data_tools" / "inspect_shards.py"), "--help"],
                             capture_output=True, text=True, cwd=ROOT)

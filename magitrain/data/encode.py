@@ -1,0 +1,26 @@
+"""Raw batch -> latent batch with the frozen codecs: the light hook a training module calls on the
+device after the batch is transferred (raw mode), and what encode_shards.py runs offline."""
+
+import torch
+
+from magitrain.data.buckets import VAE_TIME_STRIDE
+
+
+@torch.no_grad()
+def encode_raw_batch(batch: dict, codecs) -> dict:
+    """`{video [B,3,F,H,W], audio [B,C,S], sample_rate, caption, ...}` -> the latent-mode batch dict:
+    video_latent [B,48,T,H/16,W/16] (normalised), audio_latent [B,4(T-1)+1,64], text_emb + text_len.
+
+    The audio latent length is pinned to the video's frame count, so an audio track a few ms off
+    the video never shifts the one-token-per-frame alignment.
+    """
+    video_latent = codecs.video.encode(batch["video"])
+    frames = VAE_TIME_STRIDE * (video_latent.shape[2] - 1) + 1
+    audio_latent = codecs.audio.encode(batch["audio"], batch["sample_rate"], num_frames=frames)
+    text_emb, text_len = codecs.text.encode(list(batch["caption"]))
+    out = {"video_latent": video_latent, "audio_latent": audio_latent.to(video_latent.device),
+           "text_emb": text_emb.to(video_latent.device), "text_len": text_len.to(video_latent.device),
+           "key": batch["key"], "caption": batch["caption"], "language": batch["language"]}
+    if "ref_image" in batch:
+        out["ref_latent"] = codecs.video.encode_image(batch["ref_image"])
+    return out

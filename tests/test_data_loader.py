@@ -130,3 +130,21 @@ def test_mixture_weights(tmp_path):
         per_source[b["video_latent"].shape[2]].update(b["key"])
     assert len(per_source[7]) == 6 and set(per_source[7].values()) == {2}  # weight 2: every sample twice
     assert sum(per_source[13].values()) == 4 and set(per_source[13].values()) == {1}  # weight 0.5: half
+
+
+@pytest.mark.parametrize("group", ["latent", "raw", "demo"])
+def test_hydra_data_configs_instantiate(latent_shards, group):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose(config_name="train", overrides=[
+            f"data={group}", f"data.shards='{latent_shards}'", "data.num_workers=0",
+            "data.buckets=[{height: 64, width: 128, seconds: 1, batch_size: 2}]"])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, MagiDataModule) and dm.mode == ("latent" if group == "latent" else "raw")
+    if group == "latent":
+        assert next(iter(dm.train_dataloader()))["video_latent"].shape == (2, 48, 7, 4, 8)

@@ -96,8 +96,8 @@ def check_pixels(pixels: torch.Tensor) -> None:
     frames, height, width = pixels.shape[2:]
     if (frames - 1) % STRIDE_T:
         raise ValueError(
-            f"VideoCodec.encode: frame count F={frames} is not 4k+1 (e.g. 121 or 125 are wrong, "
-            f"{4 * ((frames - 1) // 4) + 1} would be right)"
+            f"VideoCodec.encode: frame count F={frames} is not 4k+1 (the VAE compresses time by 4 after "
+            f"the first frame); the nearest shorter clip has {4 * ((frames - 1) // 4) + 1} frames"
         )
     if height % STRIDE_S or width % STRIDE_S:
         raise ValueError(f"VideoCodec.encode: height {height} and width {width} must be multiples of 16")

@@ -27,7 +27,7 @@ from rich.progress import track
 from magitrain.data.buckets import Bucket, assign_raw, frames_for_seconds
 from magitrain.data.collate import collate_raw
 from magitrain.data.decode import BadSample, RawOptions, decode_raw, read_meta
-from magitrain.data.encode import encode_raw_batch
+from magitrain.data.encode import encode_raw_batch, to_pixels
 from magitrain.data.index import read_index
 from magitrain.data.shards import expand_urls, index_url, iter_tar
 from magitrain.data.writer import latent_sample, shard_path, write_shard
@@ -75,7 +75,8 @@ def encode_sample(sample: dict, row: dict, bucket: Bucket, sr: tuple[int, int] |
     if sr is not None:
         high = decode_raw(sample, row, Bucket(sr[0], sr[1], bucket.frames, 1), opts, random.Random(0))
         tensors["lr_video_latent"] = tensors["video_latent"]
-        tensors["video_latent"] = codecs.video.encode(high["video"][None].to(device))[0].to(dtype).cpu()
+        pixels = to_pixels(high["video"][None].to(device))
+        tensors["video_latent"] = codecs.video.encode(pixels)[0].to(dtype).cpu()
     meta = {**read_meta(sample), "bucket": bucket.name, "frames": bucket.frames,
             "duration": bucket.seconds, "width": (sr or (bucket.height, bucket.width))[1],
             "height": (sr or (bucket.height, bucket.width))[0]}

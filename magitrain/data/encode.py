@@ -6,15 +6,23 @@ import torch
 from magitrain.data.buckets import VAE_TIME_STRIDE
 
 
+def to_pixels(video: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] (what the raw loader yields) -> float in [-1, 1] (what the video VAE takes)."""
+    if video.dtype == torch.uint8:
+        return video.float().div_(127.5).sub_(1.0)
+    return video
+
+
 @torch.no_grad()
 def encode_raw_batch(batch: dict, codecs) -> dict:
-    """`{video [B,3,F,H,W], audio [B,C,S], sample_rate, caption, ...}` -> the latent-mode batch dict:
+    """`{video [B,3,F,H,W] uint8 (or float in [-1, 1]), audio [B,C,S], sample_rate, caption, ...}` ->
+    the latent-mode batch dict:
     video_latent [B,48,T,H/16,W/16] (normalised), audio_latent [B,4(T-1)+1,64], text_emb + text_len.
 
     The audio latent length is pinned to the video's frame count, so an audio track a few ms off
     the video never shifts the one-token-per-frame alignment.
     """
-    video_latent = codecs.video.encode(batch["video"])
+    video_latent = codecs.video.encode(to_pixels(batch["video"]))
     frames = VAE_TIME_STRIDE * (video_latent.shape[2] - 1) + 1
     audio_latent = codecs.audio.encode(batch["audio"], batch["sample_rate"], num_frames=frames)
     text_emb, text_len = codecs.text.encode(list(batch["caption"]))
@@ -22,5 +30,5 @@ def encode_raw_batch(batch: dict, codecs) -> dict:
            "text_emb": text_emb.to(video_latent.device), "text_len": text_len.to(video_latent.device),
            "key": batch["key"], "caption": batch["caption"], "language": batch["language"]}
     if "ref_image" in batch:
-        out["ref_latent"] = codecs.video.encode_image(batch["ref_image"])
+        out["ref_latent"] = codecs.video.encode_image(to_pixels(batch["ref_image"]))
     return out

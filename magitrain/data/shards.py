@@ -6,7 +6,6 @@ extension `latents.safetensors`), the same rule video2dataset and webdataset use
 """
 
 import glob
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -66,7 +65,8 @@ def parse_datasets(shards: str | list[str] | None, datasets: list[Mapping] | Non
 def open_url(url: str, mode: str = "rb"):
     """Local paths, file://, pipe:, http(s) and the other schemes webdataset's gopen knows."""
     if "://" not in url and not url.startswith("pipe:"):
-        return open(url, mode)
+        # tarfile's stream mode reads 10 KB at a time: a 1 MB buffer turns that into few syscalls
+        return open(url, mode, buffering=1 << 20)
     return gopen(url, mode)
 
 
@@ -90,6 +90,3 @@ def index_url(url: str) -> str:
     base = url[:-4] if url.endswith(".tar") else url
     return base + ".index.json"
 
-
-def local_exists(url: str) -> bool:
-    return os.path.exists(url) if "://" not in url and not url.startswith("pipe:") else False

@@ -125,9 +125,11 @@ def make_latent_dataset(
     text_dim: int = 3584,
     text_lengths: tuple[int, int] = (3, 12),
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
     """Latent shards of random tensors in the contract's shapes (no codec needed): sample i gets
-    `latent_shapes[i % len]` as (T, H, W), N = 4(T-1)+1 audio steps, a seeded text length.
+    `latent_shapes[i % len]` as (T, H, W), N = 4(T-1)+1 audio steps, a seeded text length;
+    video/audio latents stored in `dtype` (encode_shards.py stores bfloat16), text in bfloat16.
 
     For the latent-mode tests, benchmark and demo; returns the shard paths.
     """
@@ -138,8 +140,8 @@ def make_latent_dataset(
         for i in range(first, min(first + per_shard, num_samples)):
             t, h, w = latent_shapes[i % len(latent_shapes)]
             length = int(torch.randint(text_lengths[0], text_lengths[1] + 1, (1,), generator=gen))
-            tensors = {"video_latent": torch.randn(48, t, h, w, generator=gen),
-                       "audio_latent": torch.randn(4 * (t - 1) + 1, 64, generator=gen),
+            tensors = {"video_latent": torch.randn(48, t, h, w, generator=gen).to(dtype),
+                       "audio_latent": torch.randn(4 * (t - 1) + 1, 64, generator=gen).to(dtype),
                        "text_emb": torch.randn(length, text_dim, generator=gen).to(torch.bfloat16)}
             meta = {"caption": f"latent sample {i}", "language": LANGUAGES[i % len(LANGUAGES)],
                     "duration": 4 * (t - 1) / 25, "width": 16 * w, "height": 16 * h}

@@ -24,3 +24,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_train(overrides: list[str], output_dir: Path):
+    """The resolved config `python train.py OVERRIDES` would run, writing into output_dir."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+@pytest.fixture(scope="session")
+def latent_shards(tmp_path_factory) -> Path:
+    """Latent shards for the tiny model (text width 64): 16 samples, 4 per shard, 3x4x6 latents."""
+    from magitrain.data.synthetic import make_latent_dataset
+
+    out = tmp_path_factory.mktemp("latent_shards")
+    make_latent_dataset(out, num_samples=16, per_shard=4, latent_shapes=((3, 4, 6),), text_dim=64)
+    return out

@@ -38,7 +38,9 @@ def _fsdp2(network: MagiHumanDiT, mesh, cfg: ParallelConfig) -> None:
     fully_shard(network, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)
 
 
-def parallelize(network: nn.Module, cfg: ParallelConfig, device_mesh=None, trainable: bool = True) -> nn.Module:
+def parallelize(
+    network: nn.Module, cfg: ParallelConfig, device_mesh=None, trainable: bool = True
+) -> nn.Module:
     """Apply checkpointing, compile and (when `device_mesh` is given: FSDP2) sharding in place."""
     if not isinstance(network, MagiHumanDiT):
         raise TypeError(f"parallelize expects a MagiHumanDiT, got {type(network).__name__}")
@@ -47,6 +49,10 @@ def parallelize(network: nn.Module, cfg: ParallelConfig, device_mesh=None, train
         for layer in network.block.layers:  # in place: state-dict names stay the released ones
             layer.compile(fullgraph=True)
     if device_mesh is not None:
-        mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+        mesh = (
+            device_mesh["data_parallel"]
+            if "data_parallel" in (device_mesh.mesh_dim_names or ())
+            else device_mesh
+        )
         _fsdp2(network, mesh, cfg)
     return network

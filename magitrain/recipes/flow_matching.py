@@ -8,7 +8,7 @@ frame-0 latent replaces the noisy one (image-to-video) and frame 0 leaves the lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,23 +24,26 @@ class FlowMatchingConfig:
     p_image: float = 0.3
     video_weight: float = 1.0
     audio_weight: float = 1.0
-    s_buckets: tuple[float, ...] = (0.25, 0.5, 0.75)  # loss logged per s-interval between these edges
+    s_buckets: int = 4  # loss logged per equal-width interval of s
+    sigma_sampling: fm.SigmaSampling = field(default_factory=fm.SigmaSampling)
 
 
 class FlowMatchingModule(MagiHumanModule):
     def __init__(self, *args, flow: FlowMatchingConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.flow_config = flow or FlowMatchingConfig()
+        self.hparams["flow"] = asdict(self.flow_config)
 
     def _draw(self, batch: dict) -> dict[str, Tensor]:
         """Per-sample noise, noise level and conditioning coin flips from the per-sample generators."""
         video, audio = batch["video_latent"], batch["audio_latent"]
-        samples, seq_len = self.batch_shape(batch)
+        samples = video.shape[0]
+        noised_tokens = self.batch_shape(batch)[1] - batch["text_emb"].shape[1]
         draws = {"eps_video": [], "eps_audio": [], "s": [], "drop_text": [], "image": []}
         for gen in self.sample_generators(batch):
             draws["eps_video"].append(torch.randn(video.shape[1:], generator=gen, device=gen.device))
             draws["eps_audio"].append(torch.randn(audio.shape[1:], generator=gen, device=gen.device))
-            draws["s"].append(fm.sample_sigmas(1, seq_len, generator=gen))
+            draws["s"].append(fm.sample_sigmas(1, noised_tokens, gen, self.flow_config.sigma_sampling))
             coins = torch.rand(2, generator=gen, device=gen.device)
             draws["drop_text"].append(coins[0] < self.flow_config.p_drop_text)
             draws["image"].append(coins[1] < self.flow_config.p_image)
@@ -57,10 +60,8 @@ class FlowMatchingModule(MagiHumanModule):
         x_audio = fm.interpolate(x0_audio, d["eps_audio"], s)
 
         # image-to-video: the clean frame-0 latent overwrites the noisy one and is not a target
-        image = d["image"][:, None, None, None]
-        x_video[:, :, 0] = torch.where(image, x0_video[:, :, 0], x_video[:, :, 0])
-        frame_mask = torch.ones_like(x0_video[:, :1])  # [B, 1, T, H, W]
-        frame_mask[:, :, 0] = (~image).float()[:, None]
+        frame_mask = fm.first_frame_mask(x0_video, d["image"])
+        x_video = torch.where(frame_mask == 0, x0_video, x_video)
 
         text_len = batch["text_len"].to(self.device).clone()
         text_len[d["drop_text"]] = 0  # the empty prompt: no text tokens enter the sequence
@@ -70,7 +71,13 @@ class FlowMatchingModule(MagiHumanModule):
         loss_audio = fm.velocity_mse(v_audio, fm.velocity_target(x0_audio, d["eps_audio"]))
         cfg = self.flow_config
         per_sample = cfg.video_weight * loss_video + cfg.audio_weight * loss_audio
-        return {"loss": per_sample.mean(), "video": loss_video, "audio": loss_audio, "per_sample": per_sample, "s": s}
+        return {
+            "loss": per_sample.mean(),
+            "video": loss_video,
+            "audio": loss_audio,
+            "per_sample": per_sample,
+            "s": s,
+        }
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.flow_loss(batch)
@@ -78,10 +85,30 @@ class FlowMatchingModule(MagiHumanModule):
         self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=B)
         self.log("train/loss_video", out["video"].mean(), sync_dist=True, batch_size=B)
         self.log("train/loss_audio", out["audio"].mean(), sync_dist=True, batch_size=B)
-        edges = (0.0, *self.flow_config.s_buckets, 1.0)
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-            in_bucket = (out["s"] >= lo) & (out["s"] < hi)
-            if in_bucket.any():
-                name = f"train/loss_s{lo:.2f}-{hi:.2f}"
-                self.log(name, out["per_sample"][in_bucket].mean(), batch_size=int(in_bucket.sum()))
+        self._log_s_buckets(out["s"], out["per_sample"])
         return out["loss"]
+
+    def _log_s_buckets(self, s: Tensor, per_sample: Tensor) -> None:
+        """Loss per s-interval, summed over ranks and over the logging window, then logged as means.
+
+        Written to the loggers directly: a bucket that gets no sample in a window must show no
+        value, not the stale one Lightning's step metrics would repeat.
+        """
+        n = self.flow_config.s_buckets
+        sums, counts = fm.sigma_bucket_stats(s, per_sample, n)
+        window = self._s_window = getattr(self, "_s_window", None) or [
+            torch.zeros_like(sums),
+            torch.zeros_like(counts),
+        ]
+        window[0] += self.trainer.strategy.reduce(sums, reduce_op="sum")
+        window[1] += self.trainer.strategy.reduce(counts, reduce_op="sum")
+        if (self.global_step + 1) % self.trainer.log_every_n_steps:
+            return
+        means = {
+            f"train/loss_s{i / n:.2f}-{(i + 1) / n:.2f}": (window[0][i] / window[1][i]).item()
+            for i in torch.nonzero(window[1]).flatten().tolist()
+        }
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(means, step=self.global_step)
+        self._s_window = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import lightning.pytorch as L
 import torch
@@ -32,10 +33,18 @@ class MagiHumanModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["codecs"])
         self.model_config = model
         self.optim_config = optim or OptimConfig()
         self.parallel_config = parallel or ParallelConfig()
+        self.save_hyperparameters(
+            {
+                "model": asdict(model),
+                "optim": asdict(self.optim_config),
+                "parallel": asdict(self.parallel_config),
+                "init": init,
+                "seed": seed,
+            }
+        )
         self.init_path = init
         self.seed = seed
         object.__setattr__(self, "codecs", codecs)  # frozen helpers: not part of the state dict

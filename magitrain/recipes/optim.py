@@ -25,7 +25,11 @@ def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.A
     params = [p for p in params if p.requires_grad]
     # fused AdamW needs CUDA tensors; DTensors (FSDP2) are supported by the fused kernel as well.
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps,
+        params,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+        eps=cfg.eps,
         fused=device.type == "cuda",
     )
 

@@ -1,0 +1,86 @@
+"""Export a training checkpoint to the released layout.
+
+    python -m magitrain.checkpoint.export CKPT OUT [--ema] [--dtype bf16] [--max-shard-size 5GB]
+
+CKPT is a Lightning checkpoint: one file (single device, DDP), a distributed-checkpoint directory
+(FSDP2) or a DeepSpeed directory. OUT loads with `load_official` and the released inference code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from magitrain.model import MagiHumanConfig, MagiHumanDiT
+
+from .official import check_layout, save_official
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "keep": None}
+
+
+def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(module state dict, hyper-parameters) of a Lightning checkpoint in any strategy's format."""
+    path = Path(path)
+    if path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return ckpt["state_dict"], ckpt.get("hyper_parameters", {})
+    if (path / "latest").is_file():  # DeepSpeed
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        meta = torch.load(
+            next(path.glob("*/mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False
+        )
+        return get_fp32_state_dict_from_zero_checkpoint(str(path)), meta.get("hyper_parameters", {})
+    if (path / ".metadata").is_file():  # torch.distributed.checkpoint (FSDP2)
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path, Path(tmp) / "full.pt")
+            full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        return full["state_dict"], meta.get("hyper_parameters", {})
+    raise FileNotFoundError(
+        f"{path} is not a Lightning checkpoint file, DeepSpeed or distributed checkpoint directory"
+    )
+
+
+def network_state(state: dict[str, torch.Tensor], ema: bool) -> dict[str, torch.Tensor]:
+    """The released-name weights of `model` (or its EMA shadow) from a module state dict."""
+    prefix = "ema." if ema else "model."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        roots = sorted({k.split(".")[0] for k in state})
+        what = "EMA weights (train with the EMA callback)" if ema else "model weights"
+        raise KeyError(f"the checkpoint holds no {what} under '{prefix}'; its roots are {roots}")
+    return weights
+
+
+def export(
+    ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "keep", max_shard_size: str = "5GB"
+) -> Path:
+    state, hparams = read_training_checkpoint(ckpt)
+    weights = network_state(state, ema)
+    if "model" in hparams:  # check the layout against the architecture the run trained
+        with torch.device("meta"):
+            network = MagiHumanDiT(MagiHumanConfig(**hparams["model"]))
+        check_layout(network, {k: tuple(v.shape) for k, v in weights.items()}, str(ckpt))
+    return save_official(weights, out, dtype=DTYPES[dtype], max_shard_size=max_shard_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="Lightning checkpoint file or directory")
+    p.add_argument("out", help="output directory (released layout)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
+    p.add_argument("--max-shard-size", default="5GB")
+    args = p.parse_args(argv)
+    out = export(args.ckpt, args.out, args.ema, args.dtype, args.max_shard_size)
+    print(f"exported {'EMA' if args.ema else 'model'} weights of {args.ckpt} to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -66,12 +66,14 @@ def encode_sample(sample: dict, row: dict, bucket: Bucket, sr: tuple[int, int] |
                   opts: RawOptions, dtype: torch.dtype, device: str) -> tuple[dict, dict]:
     decoded = decode_raw(sample, row, bucket, opts, random.Random(0))
     batch = collate_raw([decoded], opts.sample_rate)
-    batch["video"], batch["audio"] = batch["video"].to(device), batch["audio"].to(device)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     latents = encode_raw_batch(batch, codecs)
     n = int(latents["text_len"][0])
     tensors = {"video_latent": latents["video_latent"][0].to(dtype).cpu(),
                "audio_latent": latents["audio_latent"][0].to(dtype).cpu(),
                "text_emb": latents["text_emb"][0, :n].cpu()}
+    if "ref_latent" in latents:  # from KEY.jpg, at the bucket size
+        tensors["ref_latent"] = latents["ref_latent"][0].to(dtype).cpu()
     if sr is not None:
         high = decode_raw(sample, row, Bucket(sr[0], sr[1], bucket.frames, 1), opts, random.Random(0))
         tensors["lr_video_latent"] = tensors["video_latent"]

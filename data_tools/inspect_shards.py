@@ -11,6 +11,7 @@ bad sample with its reason; the exit status is 1 if any was found.
 
 import argparse
 import json
+import os
 import random
 import sys
 from collections import Counter
@@ -39,8 +40,8 @@ def load(url: str, write_missing: bool):
         return read_index(url, index_url(url))
     except FileNotFoundError:
         index = build_index(url)
-        if write_missing:
-            write_index(index_url(url), index.kind, list(index.rows), 0)
+        if write_missing:  # local shards only: the index goes beside the tar
+            write_index(index_url(url), index.kind, list(index.rows), os.path.getsize(url))
         return index
 
 

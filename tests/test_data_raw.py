@@ -33,7 +33,8 @@ def raw_shards(tmp_path_factory):
     clips = tmp_path_factory.mktemp("clips")
     # 1.2-2.4 s clips (two duration buckets), every other one with its audio in a separate wav
     make_demo_dataset(clips / "a", num_clips=4, seconds=(1.2, 2.4), size=(64, 128), seed=1)
-    make_demo_dataset(clips / "b", num_clips=3, seconds=(1.2, 2.4), size=(72, 120), separate_wav=True, seed=2)
+    make_demo_dataset(clips / "b", num_clips=3, seconds=(1.2, 2.4), size=(72, 120), separate_wav=True,
+                      reference_image=True, seed=2)
     out = tmp_path_factory.mktemp("shards")
     tool("make_shards.py", str(clips), str(out), "--max-count", "3", "--workers", "2")
     return out
@@ -57,7 +58,7 @@ def test_make_shards_then_inspect(raw_shards, capsys):
 def test_raw_batches_are_pixels_and_waveforms_cut_to_buckets(raw_shards):
     dm = MagiDataModule(mode="raw", shards=str(raw_shards / "{000000..000002}.tar"), buckets=BUCKETS,
                         num_workers=2, shuffle_buffer=2)
-    keys, frames = Counter(), Counter()
+    keys, frames, refs = Counter(), Counter(), 0
     for batch in dm.train_dataloader():
         batch = dm.on_before_batch_transfer(batch, 0)
         video, audio = batch["video"], batch["audio"]
@@ -69,8 +70,11 @@ def test_raw_batches_are_pixels_and_waveforms_cut_to_buckets(raw_shards):
         assert all(isinstance(c, str) and c for c in batch["caption"])
         keys.update(batch["key"])
         frames[f] += size
+        if "ref_image" in batch:  # only the "b" clips carry a KEY.jpg
+            assert batch["ref_image"].shape == (size, 3, 64, 128) and batch["ref_image"].dtype == torch.uint8
+            refs += size
     assert len(keys) == 7 and set(keys.values()) == {1}
-    assert sum(frames.values()) == 7 and dm.quality.bad == 0
+    assert sum(frames.values()) == 7 and dm.quality.bad == 0 and refs <= 3
 
 
 def test_encode_shards_to_latent_shards_with_sr_pairs(raw_shards, tmp_path, monkeypatch, capsys):
@@ -88,6 +92,7 @@ def test_encode_shards_to_latent_shards_with_sr_pairs(raw_shards, tmp_path, monk
     (batch,) = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
     assert batch["video_latent"].shape == (1, 48, 2, 4, 4) and batch["audio_latent"].shape == (1, 5, 64)
     assert batch["lr_video_latent"].shape == (1, 48, 2, 2, 2)
+    assert batch["ref_latent"].shape == (1, 48, 1, 2, 2)  # from KEY.jpg, at the base bucket size
     assert batch["text_emb"].shape[-1] == 64 and batch["text_len"].tolist() == [batch["text_emb"].shape[1]]
     assert batch["key"] == ["0000020"] and batch["caption"][0].startswith("A tone clip")
 

@@ -11,11 +11,14 @@ LIST_FIELDS = ("key", "caption", "language")
 
 
 def collate_raw(samples: list[dict], sample_rate: int) -> dict:
-    """video [B, 3, F, H, W] uint8, audio [B, C, S] float at `sample_rate`, plus the list fields."""
+    """video [B, 3, F, H, W] uint8, audio [B, C, S] float at `sample_rate`, plus the list fields;
+    ref_image [B, 3, H, W] uint8 only if every sample has a KEY.jpg."""
     batch = {name: [s[name] for s in samples] for name in LIST_FIELDS}
     batch["video"] = default_collate([s["video"] for s in samples])
     batch["audio"] = default_collate([s["audio"] for s in samples])
     batch["sample_rate"] = sample_rate
+    if all("ref_image" in s for s in samples):
+        batch["ref_image"] = default_collate([s["ref_image"] for s in samples])
     return batch
 
 

@@ -2,7 +2,8 @@
 
 Raw: decord decodes the mp4 at 25 fps (nearest frame), frames are resized to cover the bucket and
 centre-cropped, the clip is cut to the bucket's 4k+1 frames and the audio to the matching span,
-resampled by decord (FFmpeg) to `sample_rate`, mono, then copied to `channels`.
+resampled by decord (FFmpeg) to `sample_rate`, mono, then copied to `channels`; an optional
+KEY.jpg reference image is cover-cropped to the bucket too.
 Latent: the safetensors payload is cut to the bucket's T (and N = 4(T-1)+1 audio steps).
 
 Any problem with the input raises `BadSample(reason)`; the dataset counts and skips it.
@@ -14,6 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import av
 import decord
 import torch
 from safetensors.torch import load as load_safetensors
@@ -74,9 +76,21 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
     except Exception as exn:
         raise BadSample("corrupt_video", str(exn).splitlines()[0][:200]) from None
     video = cover_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3).contiguous()
-    audio = decode_audio(sample, row, bucket, opts, start / FPS)
-    return {"video": video, "audio": audio, "caption": meta["caption"],
-            "language": str(meta.get("language", "")), "key": sample["__key__"]}
+    out = {"video": video, "audio": decode_audio(sample, row, bucket, opts, start / FPS),
+           "caption": meta["caption"], "language": str(meta.get("language", "")), "key": sample["__key__"]}
+    if "jpg" in sample:
+        out["ref_image"] = decode_image(sample["jpg"], bucket)
+    return out
+
+
+def decode_image(data: bytes, bucket: Bucket) -> torch.Tensor:
+    """KEY.jpg (the image-to-video reference) -> [3, H, W] uint8, cover-resized to the bucket."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            image = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    except Exception as exn:
+        raise BadSample("corrupt_image", str(exn)[:200]) from None
+    return resize_cover_crop(torch.from_numpy(image).permute(2, 0, 1)[None], (bucket.height, bucket.width))[0]
 
 
 def cover_crop(frames: torch.Tensor, bucket: Bucket) -> torch.Tensor:

@@ -12,6 +12,7 @@ import json
 import wave
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 
@@ -48,6 +49,16 @@ def synth_audio(seconds: float, sample_rate: int, kind: str, seed: int) -> np.nd
     if kind == "noise":
         return (0.1 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)[None]
     raise ValueError(f"audio kind must be 'tone' or 'noise', got {kind!r}")
+
+
+def write_jpg(path: Path, image: np.ndarray) -> None:
+    """One [H, W, 3] uint8 frame as a JPEG, through PyAV's mjpeg encoder."""
+    with av.open(str(path), "w", format="image2") as container:
+        stream = container.add_stream("mjpeg")
+        stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], "yuvj420p"
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
@@ -92,9 +103,11 @@ def make_demo_dataset(
     fps: float = 25.0,
     audio: str = "tone",
     separate_wav: bool = False,
+    reference_image: bool = False,
     seed: int = 0,
 ) -> list[Path]:
-    """A folder of `clip_NNNN.mp4` + `clip_NNNN.json` (caption, language) [+ `clip_NNNN.wav`].
+    """A folder of `clip_NNNN.mp4` + `clip_NNNN.json` (caption, language) [+ `clip_NNNN.wav`]
+    [+ `clip_NNNN.jpg`, the clip's first frame, with `reference_image`].
 
     `seconds` may be a (min, max) range: durations then vary per clip (seeded), which exercises
     the duration buckets. Returns the mp4 paths; the folder is what `make_shards.py` reads.
@@ -113,6 +126,8 @@ def make_demo_dataset(
         caption = {"caption": f"A {kind} clip number {i}: a white square bouncing over a gradient.",
                    "language": LANGUAGES[i % len(LANGUAGES)]}
         stem.with_suffix(".json").write_text(json.dumps(caption))
+        if reference_image:
+            write_jpg(stem.with_suffix(".jpg"), moving_pattern(1, size[0], size[1], seed * 100003 + i)[0])
         paths.append(stem.with_suffix(".mp4"))
     return paths
 
@@ -161,12 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=float, default=25.0)
     parser.add_argument("--audio", choices=["tone", "noise"], default="tone")
     parser.add_argument("--separate-wav", action="store_true", help="audio in KEY.wav, not in the mp4")
+    parser.add_argument("--reference-image", action="store_true", help="also write KEY.jpg (frame 0)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
     seconds = args.seconds[0] if len(args.seconds) == 1 else tuple(args.seconds[:2])
     paths = make_demo_dataset(args.out_dir, args.num_clips, seconds, (height, width), args.fps,
-                              args.audio, args.separate_wav, args.seed)
+                              args.audio, args.separate_wav, args.reference_image, args.seed)
     print(f"wrote {len(paths)} clips to {args.out_dir}")
 
 

@@ -101,3 +101,24 @@ def test_cli_runs_as_a_script():
     result = subprocess.run([sys.executable, str(ROOT / "data_tools" / "inspect_shards.py"), "--help"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "--validate" in result.stdout
+
+
+def test_video2dataset_style_shard_without_index(raw_shards, tmp_path):
+    """KEY.mp4 + KEY.txt caption + KEY.json of other metadata, no sidecar index: the loader scans the
+    tar, and inspect_shards --write-index saves what it found."""
+    from magitrain.data.shards import iter_tar
+    from magitrain.data.writer import write_shard
+
+    samples = []
+    for i, sample in enumerate(iter_tar(str(raw_shards / "000000.tar"))):
+        members = {"__key__": f"{i:09d}", "mp4": sample["mp4"], "txt": b"a caption from KEY.txt",
+                   "json": json.dumps({"url": "http://x", "status": "success"}).encode()}
+        samples.append((members, {}))
+    tar = write_shard(tmp_path, 0, "raw", samples)
+    tar.with_suffix(".index.json").unlink()
+    dm = MagiDataModule(mode="raw", shards=str(tar), buckets=BUCKETS, num_workers=0)
+    batches = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert sorted(k for b in batches for k in b["key"]) == [f"{i:09d}" for i in range(3)]
+    assert {c for b in batches for c in b["caption"]} == {"a caption from KEY.txt"}
+    assert tool("inspect_shards.py", str(tar), "--write-index", "--json") == 0
+    assert json.loads(tar.with_suffix(".index.json").read_text())["num_samples"] == 3

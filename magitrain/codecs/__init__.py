@@ -1,13 +1,24 @@
-"""Frozen codecs: Wan2.2 video VAE, Stable Audio Open VAE, T5Gemma text encoder, media helpers."""
+"""Frozen codecs: Wan2.2 video VAE, Stable Audio Open VAE, T5Gemma text encoder, media helpers.
 
-from magitrain.codecs.audio import AudioCodec, num_latent_frames
-from magitrain.codecs.container import Codecs
-from magitrain.codecs.pretrained import build_codecs
-from magitrain.codecs.text import TextEncoder
-from magitrain.codecs.tiny import build_tiny_codecs
-from magitrain.codecs.video import VideoCodec
+Exports resolve lazily so that `magitrain.codecs.media` (imported by data-loader workers) does not
+pull in diffusers and transformers.
+"""
 
-__all__ = [
-    "AudioCodec", "Codecs", "TextEncoder", "VideoCodec", "build_codecs", "build_tiny_codecs",
-    "num_latent_frames",
-]  # fmt: skip
+import importlib
+
+_EXPORTS = {
+    "AudioCodec": "audio",
+    "num_latent_frames": "audio",
+    "Codecs": "container",
+    "build_codecs": "pretrained",
+    "TextEncoder": "text",
+    "build_tiny_codecs": "tiny",
+    "VideoCodec": "video",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -52,6 +52,7 @@ class ShardDataset(IterableDataset):
         self.raw = raw or RawOptions()
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.start_batch = 0, 0
+        self._lengths: dict[int, int] = {}
         self.urls = [url for d in datasets for url in d.urls]
         self.indexes = load_indexes(self.urls)
         for index in self.indexes:
@@ -75,8 +76,11 @@ class ShardDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch (the same on every rank)."""
-        stream = self.planner.stream(self.epoch)
-        return self.workers * self.planner.batches_per_slot(stream, self.world_size * self.workers)
+        if self.epoch not in self._lengths:  # Lightning asks often; the plan is O(samples)
+            stream = self.planner.stream(self.epoch)
+            per_slot = self.planner.batches_per_slot(stream, self.world_size * self.workers)
+            self._lengths = {self.epoch: self.workers * per_slot}
+        return self._lengths[self.epoch]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -75,4 +75,7 @@ def train(cfg: DictConfig) -> L.Trainer:
         plugins=plugins,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    for logger in trainer.loggers:  # flush W&B (its offline runs write their summary on finish)
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            logger.experiment.finish()
     return trainer

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,32 +116,45 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_resume_equals_an_uninterrupted_run(latent_shards, tmp_path):
-    common = ["trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2"]
-    straight = tmp_path / "straight"
-    train(compose_train(tiny_run(latent_shards, *common, "trainer.max_steps=4"), straight))
-
-    split = tmp_path / "split"
-    train(compose_train(tiny_run(latent_shards, *common, "trainer.max_steps=2"), split))
-    train(
-        compose_train(
-            tiny_run(
-                latent_shards, *common, "trainer.max_steps=4", "ckpt_path=last", "logger.csv.name=csv_resumed"
-            ),
-            split,
-        )
+def test_a_killed_run_resumes_exactly(latent_shards, tmp_path):
+    """6 steps straight == a `train.py` process SIGKILLed after its step-2 checkpoint + a resume."""
+    overrides = tiny_run(
+        latent_shards,
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
     )
+    straight = tmp_path / "straight"
+    train(compose_train(overrides, straight))
+
+    killed = tmp_path / "killed"
+    step2 = killed / "checkpoints" / "step00000002.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={killed}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not step2.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert step2.exists(), "the run died before writing its step-2 checkpoint"
+    train(compose_train([*overrides, f"ckpt_path={step2}", "logger.csv.name=csv_resumed"], killed))
 
     want, got = (
         _weights(straight / "checkpoints" / "last.ckpt"),
-        _weights(split / "checkpoints" / "last.ckpt"),
+        _weights(killed / "checkpoints" / "last.ckpt"),
     )
     assert want.keys() == got.keys() and any(k.startswith("ema.") for k in want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
     straight_losses = step_losses(straight / "csv" / "metrics.csv")
-    resumed = step_losses(split / "csv_resumed" / "metrics.csv")
-    assert sorted(resumed) == [2, 3]
+    resumed = step_losses(killed / "csv_resumed" / "metrics.csv")
+    assert sorted(resumed) == [2, 3, 4, 5]
     assert all(resumed[s] == straight_losses[s] for s in resumed)
 
 
@@ -170,9 +189,18 @@ def test_wandb_offline_run_holds_the_logged_keys(latent_shards, tmp_path, monkey
     train(compose_train(tiny_run(latent_shards, "logger=wandb", "trainer.log_every_n_steps=1"), tmp_path))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    for key in ("train/loss", "train/loss_video", "train/loss_audio", "perf/tokens_per_s", "perf/mfu"):
-        assert key in summary
+    # the offline run file holds its history as uncompressed protobuf records: the keys are there verbatim
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (
+        "train/loss",
+        "train/loss_video",
+        "train/loss_audio",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/mfu",
+        "lr-AdamW",
+    ):
+        assert key.encode() in records, key
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert runs[0].name.endswith(ckpt["wandb_run_id"])
 
@@ -181,7 +209,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, path)
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError)):
         io.save_checkpoint({"step": 2, "bad": lambda: None}, path)  # lambdas do not pickle
     assert torch.load(path, weights_only=False) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]

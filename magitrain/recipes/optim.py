@@ -20,6 +20,9 @@ class OptimConfig:
     total_steps: int = 0  # cosine horizon; 0 = the trainer's max_steps
     min_lr_ratio: float = 0.0
 
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)  # plain values: checkpoints load weights-only
+
 
 def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in params if p.requires_grad]
@@ -40,7 +43,8 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     if cfg.schedule == "cosine" and total_steps <= cfg.warmup_steps:
         raise ValueError(
-            f"a cosine schedule needs optim.total_steps or trainer.max_steps > warmup_steps ({cfg.warmup_steps})"
+            "a cosine schedule needs optim.total_steps or trainer.max_steps > "
+            f"optim.warmup_steps ({cfg.warmup_steps})"
         )
 
     def multiplier(step: int) -> float:

@@ -4,7 +4,6 @@ W&B offline, export -> load_official, atomic checkpoints."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import pickle
 import signal

@@ -99,6 +99,20 @@ def test_resume_mid_epoch_yields_exactly_the_rest(latent_shards, stop_at):
     assert [b["key"] for b in run_epoch(resumed)] != epochs[1]  # epoch 2 goes on to a new order
 
 
+def test_resume_at_every_position_of_a_small_epoch(tmp_path):
+    make_latent_dataset(tmp_path, num_samples=11, per_shard=4, latent_shapes=SHAPES, text_dim=8)
+    shards = str(tmp_path / "*.tar")
+    reference = [b["key"] for b in run_epoch(datamodule(shards, num_workers=3))]
+    for stop_at in range(len(reference) + 1):
+        interrupted = datamodule(shards, num_workers=3)
+        run_epoch(interrupted, limit=stop_at)
+        resumed = datamodule(shards, num_workers=3)
+        resumed.load_state_dict(interrupted.state_dict())
+        rest = [b["key"] for b in run_epoch(resumed)]
+        expected = reference[stop_at:] if stop_at < len(reference) else rest  # a full epoch: the next one
+        assert rest == expected and len(rest) > 0, stop_at
+
+
 def test_resume_after_a_complete_epoch_starts_the_next(latent_shards):
     interrupted = datamodule(latent_shards)
     run_epoch(interrupted)

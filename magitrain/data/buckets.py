@@ -42,8 +42,11 @@ class Bucket:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(T, H, W) of the video latent."""
-        return ((self.frames - 1) // VAE_TIME_STRIDE + 1, self.height // VAE_SPACE_STRIDE,
-                self.width // VAE_SPACE_STRIDE)
+        return (
+            (self.frames - 1) // VAE_TIME_STRIDE + 1,
+            self.height // VAE_SPACE_STRIDE,
+            self.width // VAE_SPACE_STRIDE,
+        )
 
     def audio_samples(self, sample_rate: int) -> int:
         """Waveform length matching the clip: (F - 1)/25 s, so that the 25 Hz audio latent has F steps."""
@@ -59,11 +62,14 @@ def parse_buckets(spec: Iterable[Mapping]) -> list[Bucket]:
             height, width, batch_size = int(row["height"]), int(row["width"]), int(row["batch_size"])
             frames = int(row["frames"]) if "frames" in row else frames_for_seconds(float(row["seconds"]))
         except KeyError as exn:
-            raise ValueError(f"data.buckets[{i}] = {row}: missing field {exn}; need height, width, "
-                             "batch_size and seconds or frames") from None
+            raise ValueError(
+                f"data.buckets[{i}] = {row}: missing field {exn}; need height, width, "
+                "batch_size and seconds or frames"
+            ) from None
         if height % VAE_SPACE_STRIDE or width % VAE_SPACE_STRIDE:
-            raise ValueError(f"data.buckets[{i}]: height and width must be multiples of 16, "
-                             f"got {height}x{width}")
+            raise ValueError(
+                f"data.buckets[{i}]: height and width must be multiples of 16, got {height}x{width}"
+            )
         if (frames - 1) % VAE_TIME_STRIDE or frames < 1:
             raise ValueError(f"data.buckets[{i}]: frames must be 4k+1, got {frames}")
         if batch_size < 1:
@@ -87,16 +93,16 @@ def assign_raw(buckets: list[Bucket], width: int, height: int, duration: float) 
     if width <= 0 or height <= 0:
         return -1
     aspect = math.log(width / height)
-    best = min({(b.height, b.width) for b in buckets},
-               key=lambda hw: (abs(math.log(hw[1] / hw[0]) - aspect), hw))
+    best = min(
+        {(b.height, b.width) for b in buckets}, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - aspect), hw)
+    )
     return _longest(buckets, lambda b: (b.height, b.width) == best, duration * FPS)
 
 
 def assign_latent(buckets: list[Bucket], latent_shape: tuple[int, int, int]) -> int:
     """Bucket index for a precomputed latent [48, T, H, W]: same H, W; longest bucket T <= T."""
     t, h, w = latent_shape
-    return _longest(buckets, lambda b: b.latent_shape[1:] == (h, w),
-                    (t - 1) * VAE_TIME_STRIDE + 1)
+    return _longest(buckets, lambda b: b.latent_shape[1:] == (h, w), (t - 1) * VAE_TIME_STRIDE + 1)
 
 
 def _longest(buckets: list[Bucket], fits, available_frames: float) -> int:

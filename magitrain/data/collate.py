@@ -30,8 +30,12 @@ def collate_latent(samples: list[dict]) -> dict:
     batch["audio_latent"] = default_collate([s["audio_latent"] for s in samples])
     lengths = [s["text_emb"].shape[0] for s in samples]
     longest = max(lengths)
-    batch["text_emb"] = default_collate([torch.nn.functional.pad(s["text_emb"], (0, 0, 0, longest - n))
-                                         for s, n in zip(samples, lengths, strict=True)])
+    batch["text_emb"] = default_collate(
+        [
+            torch.nn.functional.pad(s["text_emb"], (0, 0, 0, longest - n))
+            for s, n in zip(samples, lengths, strict=True)
+        ]
+    )
     batch["text_len"] = torch.tensor(lengths, dtype=torch.long)
     for name in ("ref_latent", "lr_video_latent"):
         if all(name in s for s in samples):

@@ -53,24 +53,45 @@ class MagiDataModule(L.LightningDataModule):
     rank / world_size: taken from the Trainer when attached, else torch.distributed, else these.
     """
 
-    def __init__(self, mode: str = "latent", shards: str | list[str] | None = None,
-                 datasets: list[Mapping] | None = None, buckets: list[Mapping] | None = None,
-                 num_workers: int = 2, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256,
-                 text_max_len: int = 640, sample_rate: int = 51200, audio_channels: int = 2,
-                 missing_audio: str = "silent", random_offset: bool = False,
-                 max_bad_fraction: float = 0.05, bad_check_after: int = 100, prefetch_factor: int = 2,
-                 pin_memory: bool = False, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        mode: str = "latent",
+        shards: str | list[str] | None = None,
+        datasets: list[Mapping] | None = None,
+        buckets: list[Mapping] | None = None,
+        num_workers: int = 2,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 256,
+        text_max_len: int = 640,
+        sample_rate: int = 51200,
+        audio_channels: int = 2,
+        missing_audio: str = "silent",
+        random_offset: bool = False,
+        max_bad_fraction: float = 0.05,
+        bad_check_after: int = 100,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         super().__init__()
         if missing_audio not in ("silent", "skip"):
             raise ValueError(f"data.missing_audio must be 'silent' or 'skip', got {missing_audio!r}")
         self.mode, self.num_workers, self.seed = mode, num_workers, seed
         self.dataset_specs = parse_datasets(shards, datasets)
         self.buckets = parse_buckets(buckets or [])
-        self.plan_options = {"seed": seed, "shuffle": shuffle, "shuffle_buffer": shuffle_buffer,
-                             "text_max_len": text_max_len}
+        self.plan_options = {
+            "seed": seed,
+            "shuffle": shuffle,
+            "shuffle_buffer": shuffle_buffer,
+            "text_max_len": text_max_len,
+        }
         self.raw = RawOptions(sample_rate, audio_channels, missing_audio, random_offset)
-        self.loader_options = {"prefetch_factor": prefetch_factor if num_workers else None,
-                               "pin_memory": pin_memory}
+        self.loader_options = {
+            "prefetch_factor": prefetch_factor if num_workers else None,
+            "pin_memory": pin_memory,
+        }
         self.rank, self.world_size = rank, world_size
         self.position = DataPosition()
         self.quality = BadInputTracker(max_bad_fraction, bad_check_after)
@@ -92,13 +113,26 @@ class MagiDataModule(L.LightningDataModule):
         rank, world = self._rank_and_world()
         if not 0 <= rank < world:
             raise ValueError(f"data.rank={rank} is outside data.world_size={world}")
-        self.dataset = ShardDataset(self.dataset_specs, self.buckets, self.mode, rank=rank, world_size=world,
-                                    num_workers=self.num_workers, raw=self.raw, **self.plan_options)
+        self.dataset = ShardDataset(
+            self.dataset_specs,
+            self.buckets,
+            self.mode,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+            raw=self.raw,
+            **self.plan_options,
+        )
 
     def train_dataloader(self) -> EpochLoader:
         self.setup()
-        return EpochLoader(self.dataset, self._begin_epoch, num_workers=self.num_workers,
-                           worker_init_fn=_init_worker, **self.loader_options)
+        return EpochLoader(
+            self.dataset,
+            self._begin_epoch,
+            num_workers=self.num_workers,
+            worker_init_fn=_init_worker,
+            **self.loader_options,
+        )
 
     def _begin_epoch(self) -> None:
         if self._restored is not None:
@@ -107,8 +141,7 @@ class MagiDataModule(L.LightningDataModule):
             self._restored = None
         epoch, start = self.position.begin_epoch(self._batches_in_epoch)
         self.dataset.epoch, self.dataset.start_batch = epoch, start
-        log.info("data epoch %d: %d batches per rank, starting at batch %d",
-                 epoch, len(self.dataset), start)
+        log.info("data epoch %d: %d batches per rank, starting at batch %d", epoch, len(self.dataset), start)
 
     def _batches_in_epoch(self, epoch: int) -> int:
         self.dataset.epoch = epoch
@@ -123,8 +156,10 @@ class MagiDataModule(L.LightningDataModule):
             batch = dict(batch)
             meta = batch.pop("_data")
             if meta["epoch"] != self.position.epoch:
-                raise RuntimeError(f"batch of data epoch {meta['epoch']} arrived during epoch "
-                                   f"{self.position.epoch}: two iterators over the train loader?")
+                raise RuntimeError(
+                    f"batch of data epoch {meta['epoch']} arrived during epoch "
+                    f"{self.position.epoch}: two iterators over the train loader?"
+                )
             self.position.consumed += 1
             self.quality.update(meta["bad"], meta["seen"])
         return batch
@@ -132,8 +167,11 @@ class MagiDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         if self.dataset is None:
             return {}
-        return {"version": STATE_VERSION, **self.position.state_dict(self._plan_identity()),
-                "quality": self.quality.state_dict()}
+        return {
+            "version": STATE_VERSION,
+            **self.position.state_dict(self._plan_identity()),
+            "quality": self.quality.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if not state:

@@ -15,7 +15,7 @@ from magitrain.data.buckets import Bucket, assign_latent, assign_raw
 from magitrain.data.collate import collate_latent, collate_raw
 from magitrain.data.decode import BadSample, RawOptions, decode_latent, decode_raw
 from magitrain.data.index import ShardIndex, build_index, read_index
-from magitrain.data.plan import Batch, EpochPlanner, Item, _rng
+from magitrain.data.plan import Batch, EpochPlanner, Item, seeded_rng
 from magitrain.data.shards import DatasetSpec, index_url, iter_tar
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,21 @@ class ShardDataset(IterableDataset):
     """Bucketed batches of one rank; `epoch` and `start_batch` are set by the DataModule before
     each `iter()` (the workers receive a fresh copy of this object every epoch)."""
 
-    def __init__(self, datasets: list[DatasetSpec], buckets: list[Bucket], mode: str = "latent", *,
-                 seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 256, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, raw: RawOptions | None = None,
-                 text_max_len: int = 640):
+    def __init__(
+        self,
+        datasets: list[DatasetSpec],
+        buckets: list[Bucket],
+        mode: str = "latent",
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        raw: RawOptions | None = None,
+        text_max_len: int = 640,
+    ):
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.buckets, self.text_max_len = mode, list(buckets), text_max_len
@@ -58,17 +69,24 @@ class ShardDataset(IterableDataset):
         for index in self.indexes:
             if index.kind != mode:
                 raise ValueError(f"shard {index.url} holds {index.kind} samples but data.mode={mode!r}")
-        shard_buckets = tuple(tuple(row_bucket(self.buckets, mode, row) for row in ix.rows)
-                              for ix in self.indexes)
+        shard_buckets = tuple(
+            tuple(row_bucket(self.buckets, mode, row) for row in ix.rows) for ix in self.indexes
+        )
         self.unbucketed = sum(b < 0 for bs in shard_buckets for b in bs)
         if self.unbucketed:
-            log.info("%d samples fit no bucket (too short or another latent size) and are not planned",
-                     self.unbucketed)
+            log.info(
+                "%d samples fit no bucket (too short or another latent size) and are not planned",
+                self.unbucketed,
+            )
         self.planner = EpochPlanner(
             shard_buckets=shard_buckets,
             shard_dataset=tuple(d for d, spec in enumerate(datasets) for _ in spec.urls),
-            weights=tuple(spec.weight for spec in datasets), buckets=tuple(self.buckets),
-            seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
+            weights=tuple(spec.weight for spec in datasets),
+            buckets=tuple(self.buckets),
+            seed=seed,
+            shuffle=shuffle,
+            shuffle_buffer=shuffle_buffer,
+        )
 
     @property
     def workers(self) -> int:
@@ -86,8 +104,10 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if workers != self.workers:
-            raise RuntimeError(f"ShardDataset planned for {self.workers} workers but runs in {workers}: "
-                               "pass the DataLoader's num_workers to the dataset")
+            raise RuntimeError(
+                f"ShardDataset planned for {self.workers} workers but runs in {workers}: "
+                "pass the DataLoader's num_workers to the dataset"
+            )
         # rotate roles so that, after a resume at batch k, the DataLoader's round robin (which
         # restarts at worker 0) continues with the slot that batch k belongs to
         local = (worker + self.start_batch) % workers
@@ -99,27 +119,19 @@ class ShardDataset(IterableDataset):
 
     def _run(self, slot: int, items: list[Item], batches: list[Batch], first: int) -> Iterator[dict]:
         remaining = batches[first:]
+        if not remaining:  # resumed right after this worker's last batch of the epoch
+            return
         needed = Counter(item for _, batch_items in remaining for item in batch_items)
-        arrivals = self._read(items, needed)
-        held: dict[Item, dict | BadSample] = {}
+        fetch = _Fetcher(self._read(items, needed), needed)
         bad, seen, last, owed = [], 0, None, 0
         for i, (bucket, batch_items) in enumerate(remaining, start=first):
             good = []
             for item in batch_items:
-                while item not in held:
-                    got, sample = next(arrivals)
-                    held[got] = sample
-                sample = held[item] if needed[item] > 1 else held.pop(item)
-                needed[item] -= 1
                 seen += 1
                 try:
-                    good.append(self._decode(item, sample, bucket))
+                    good.append(self._decode(item, fetch(item), bucket))
                 except Exception as exn:  # nothing a sample holds may kill the worker
-                    if not isinstance(exn, BadSample):
-                        exn = BadSample("decode_error", f"{type(exn).__name__}: {exn}")
-                    key = self.indexes[item[0]].rows[item[1]]["key"]
-                    log.warning("bad sample %s in %s: %s", key, self.urls[item[0]], exn)
-                    bad.append((key, self.urls[item[0]], exn.reason))
+                    bad.append(self._report(item, exn))
             if good:
                 last, repeats, owed = self._collate(good), 1 + owed, 0
             elif last is None:
@@ -128,12 +140,23 @@ class ShardDataset(IterableDataset):
             else:
                 repeats = 1  # keep the batch count (every rank must step equally): reuse the last batch
             for _ in range(repeats):
-                yield {**last, "_data": {"epoch": self.epoch, "slot": slot, "index": i,
-                                         "bad": bad, "seen": seen}}
+                yield {
+                    **last,
+                    "_data": {"epoch": self.epoch, "slot": slot, "index": i, "bad": bad, "seen": seen},
+                }
                 bad, seen = [], 0
         if last is None:
-            raise RuntimeError(f"epoch {self.epoch}, slot {slot}: every sample was bad ({len(bad)} of them, "
-                               f"first: {bad[:3]}); see the warnings above")
+            raise RuntimeError(
+                f"epoch {self.epoch}, slot {slot}: every sample was bad ({len(bad)} of them, "
+                f"first: {bad[:3]}); see the warnings above"
+            )
+
+    def _report(self, item: Item, exn: Exception) -> tuple[str, str, str]:
+        if not isinstance(exn, BadSample):
+            exn = BadSample("decode_error", f"{type(exn).__name__}: {exn}")
+        key, url = self.indexes[item[0]].rows[item[1]]["key"], self.urls[item[0]]
+        log.warning("bad sample %s in %s: %s", key, url, exn)
+        return key, url, exn.reason
 
     def _read(self, items: list[Item], needed: Counter) -> Iterator[tuple[Item, dict | BadSample]]:
         """The needed items in read order, each as its sample dict or a BadSample saying why it is
@@ -160,13 +183,29 @@ class ShardDataset(IterableDataset):
         shard, row = item
         if self.mode == "latent":
             return decode_latent(sample, self.buckets[bucket], self.text_max_len)
-        rng = _rng(self.planner.seed, self.epoch, "offset", sample["__key__"])
+        rng = seeded_rng(self.planner.seed, self.epoch, "offset", sample["__key__"])
         return decode_raw(sample, self.indexes[shard].rows[row], self.buckets[bucket], self.raw, rng)
 
     def _collate(self, samples: list[dict]) -> dict:
         if self.mode == "latent":
             return collate_latent(samples)
         return collate_raw(samples, self.raw.sample_rate)
+
+
+class _Fetcher:
+    """Hands out samples in batch order from a stream in read order, holding the ones that arrive
+    early (the shuffle buffer's reach) until their batch comes; a sample needed twice (repeated
+    batches in tiny datasets) is held until its last use."""
+
+    def __init__(self, arrivals: Iterator[tuple[Item, dict | BadSample]], needed: Counter):
+        self.arrivals, self.needed, self.held = arrivals, needed, {}
+
+    def __call__(self, item: Item) -> dict | BadSample:
+        while item not in self.held:
+            got, sample = next(self.arrivals)
+            self.held[got] = sample
+        self.needed[item] -= 1
+        return self.held[item] if self.needed[item] else self.held.pop(item)
 
 
 def _runs(items: list[Item]) -> Iterator[tuple[int, list[int]]]:
@@ -180,4 +219,3 @@ def _runs(items: list[Item]) -> Iterator[tuple[int, list[int]]]:
         rows.append(r)
     if rows:
         yield shard, rows
-

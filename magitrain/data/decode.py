@@ -76,8 +76,13 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
     except Exception as exn:
         raise BadSample("corrupt_video", str(exn).splitlines()[0][:200]) from None
     video = cover_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3).contiguous()
-    out = {"video": video, "audio": decode_audio(sample, row, bucket, opts, start / FPS),
-           "caption": meta["caption"], "language": str(meta.get("language", "")), "key": sample["__key__"]}
+    out = {
+        "video": video,
+        "audio": decode_audio(sample, row, bucket, opts, start / FPS),
+        "caption": meta["caption"],
+        "language": str(meta.get("language", "")),
+        "key": sample["__key__"],
+    }
     if "jpg" in sample:
         out["ref_image"] = decode_image(sample["jpg"], bucket)
     return out
@@ -160,11 +165,19 @@ def decode_latent(sample: dict, bucket: Bucket, text_max_len: int) -> dict:
     n = VAE_TIME_STRIDE * (t - 1) + 1
     video, audio = tensors["video_latent"], tensors["audio_latent"]
     if video.ndim != 4 or video.shape[1] < t or audio.ndim != 2 or audio.shape[0] < n:
-        raise BadSample("bad_latents", f"video {tuple(video.shape)} / audio {tuple(audio.shape)} "
-                        f"do not cover bucket {bucket.name} (T={t}, N={n})")
-    out = {"video_latent": video[:, :t], "audio_latent": audio[:n],
-           "text_emb": tensors["text_emb"][:text_max_len], "caption": meta["caption"],
-           "language": str(meta.get("language", "")), "key": sample["__key__"]}
+        raise BadSample(
+            "bad_latents",
+            f"video {tuple(video.shape)} / audio {tuple(audio.shape)} "
+            f"do not cover bucket {bucket.name} (T={t}, N={n})",
+        )
+    out = {
+        "video_latent": video[:, :t],
+        "audio_latent": audio[:n],
+        "text_emb": tensors["text_emb"][:text_max_len],
+        "caption": meta["caption"],
+        "language": str(meta.get("language", "")),
+        "key": sample["__key__"],
+    }
     if "ref_latent" in tensors:
         out["ref_latent"] = tensors["ref_latent"]
     if "lr_video_latent" in tensors:

@@ -26,9 +26,15 @@ def encode_raw_batch(batch: dict, codecs) -> dict:
     frames = VAE_TIME_STRIDE * (video_latent.shape[2] - 1) + 1
     audio_latent = codecs.audio.encode(batch["audio"], batch["sample_rate"], num_frames=frames)
     text_emb, text_len = codecs.text.encode(list(batch["caption"]))
-    out = {"video_latent": video_latent, "audio_latent": audio_latent.to(video_latent.device),
-           "text_emb": text_emb.to(video_latent.device), "text_len": text_len.to(video_latent.device),
-           "key": batch["key"], "caption": batch["caption"], "language": batch["language"]}
+    out = {
+        "video_latent": video_latent,
+        "audio_latent": audio_latent.to(video_latent.device),
+        "text_emb": text_emb.to(video_latent.device),
+        "text_len": text_len.to(video_latent.device),
+        "key": batch["key"],
+        "caption": batch["caption"],
+        "language": batch["language"],
+    }
     if "ref_image" in batch:
         out["ref_latent"] = codecs.video.encode_image(to_pixels(batch["ref_image"]))
     return out

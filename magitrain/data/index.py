@@ -57,15 +57,25 @@ def probe_media(source: str | bytes) -> dict:
             raise ValueError("unknown duration")
         if fps <= 0 or duration <= 0:
             raise ValueError(f"bad stream: fps={fps}, duration={duration}")
-        return {"duration": round(duration, 4), "width": stream.codec_context.width,
-                "height": stream.codec_context.height, "fps": round(fps, 4),
-                "has_audio": bool(container.streams.audio)}
+        return {
+            "duration": round(duration, 4),
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "fps": round(fps, 4),
+            "has_audio": bool(container.streams.audio),
+        }
 
 
 def write_index(path: str, kind: str, rows: list[dict], shard_bytes: int) -> None:
     """Write atomically (tmp + rename) so a crash never leaves a half index that looks finished."""
-    doc = {"format": FORMAT, "version": VERSION, "kind": kind, "num_samples": len(rows),
-           "bytes": shard_bytes, "samples": rows}
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "num_samples": len(rows),
+        "bytes": shard_bytes,
+        "samples": rows,
+    }
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(doc, f, separators=(",", ":"))
@@ -77,8 +87,10 @@ def read_index(url: str, index: str) -> ShardIndex:
     with open_url(index) as f:
         doc = json.load(f)
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise ValueError(f"{index}: not a {FORMAT} v{VERSION} file (format={doc.get('format')!r}, "
-                         f"version={doc.get('version')!r})")
+        raise ValueError(
+            f"{index}: not a {FORMAT} v{VERSION} file (format={doc.get('format')!r}, "
+            f"version={doc.get('version')!r})"
+        )
     rows = doc["samples"]
     if len(rows) != doc["num_samples"]:
         raise ValueError(f"{index}: num_samples={doc['num_samples']} but {len(rows)} rows")
@@ -88,9 +100,11 @@ def read_index(url: str, index: str) -> ShardIndex:
 def sample_row(sample: dict) -> dict:
     """Index row of one sample read from a tar (the slow path when a shard has no index)."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    row = {"key": sample["__key__"],
-           "bytes": sum(len(v) for k, v in sample.items() if not k.startswith("__")),
-           "language": str(meta.get("language", ""))}
+    row = {
+        "key": sample["__key__"],
+        "bytes": sum(len(v) for k, v in sample.items() if not k.startswith("__")),
+        "language": str(meta.get("language", "")),
+    }
     if "latents.safetensors" in sample:
         row.update(latent_row(sample["latents.safetensors"]))
         row.update({k: meta[k] for k in ("duration", "width", "height", "fps") if k in meta})
@@ -105,8 +119,11 @@ def latent_row(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     shape = header["video_latent"]["shape"]
-    return {"latent_shape": shape[1:], "audio_len": header["audio_latent"]["shape"][0],
-            "text_len": header["text_emb"]["shape"][0]}
+    return {
+        "latent_shape": shape[1:],
+        "audio_len": header["audio_latent"]["shape"][0],
+        "text_len": header["text_emb"]["shape"][0],
+    }
 
 
 def scan_shard(url: str) -> Iterator[dict]:
@@ -124,8 +141,11 @@ def scan_shard(url: str) -> Iterator[dict]:
 def build_index(url: str) -> ShardIndex:
     """Index a shard that has none (warns: it reads the whole tar). Broken samples are left out,
     so the loader plans only what it can read; inspect_shards --validate lists them."""
-    log.warning("shard %s has no sidecar index: scanning the tar (write one with "
-                "data_tools/inspect_shards.py --write-index)", url)
+    log.warning(
+        "shard %s has no sidecar index: scanning the tar (write one with "
+        "data_tools/inspect_shards.py --write-index)",
+        url,
+    )
     rows, kind = [], "raw"
     for row in scan_shard(url):
         if "error" in row:

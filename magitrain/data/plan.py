@@ -34,8 +34,9 @@ Item = tuple[int, int]  # (shard number, row in that shard's index)
 Batch = tuple[int, list[Item]]  # (bucket number, items)
 
 
-def _rng(*parts) -> random.Random:
-    # a str seed is hashed with SHA-512: the same on every machine and Python run
+def seeded_rng(*parts) -> random.Random:
+    """A generator seeded by a string (hashed with SHA-512): the same on every machine and run,
+    unlike hash() of a tuple holding strings."""
     return random.Random("/".join(str(p) for p in parts))
 
 
@@ -57,7 +58,7 @@ class EpochPlanner:
             for p in range(math.ceil(weight)):
                 order = list(shards)
                 if self.shuffle:
-                    _rng(self.seed, epoch, "shards", d, p).shuffle(order)
+                    seeded_rng(self.seed, epoch, "shards", d, p).shuffle(order)
                 budget = round(min(1.0, weight - p) * eligible)
                 for s in order:
                     rows = [r for r, b in enumerate(self.shard_buckets[s]) if b >= 0][:budget]
@@ -65,14 +66,16 @@ class EpochPlanner:
                     if rows:
                         segments.append([(s, r) for r in rows])
         if self.shuffle:
-            _rng(self.seed, epoch, "segments").shuffle(segments)
+            seeded_rng(self.seed, epoch, "segments").shuffle(segments)
         return [item for seg in segments for item in seg]
 
     def slot_items(self, stream: Sequence[Item], slot: int, num_slots: int) -> list[Item]:
         n = len(stream)
         if n == 0:
-            raise ValueError("the epoch plan is empty: no sample of the configured shards fits a bucket "
-                             "(check data.buckets against the clips' durations and sizes)")
+            raise ValueError(
+                "the epoch plan is empty: no sample of the configured shards fits a bucket "
+                "(check data.buckets against the clips' durations and sizes)"
+            )
         if n < num_slots:
             return [stream[slot % n]]
         return list(stream[slot * n // num_slots : (slot + 1) * n // num_slots])
@@ -86,7 +89,7 @@ class EpochPlanner:
         stream = self.stream(epoch)
         target = self.batches_per_slot(stream, num_slots)
         items = self.slot_items(stream, slot, num_slots)
-        batches = self._batch(self._shuffled(items, _rng(self.seed, epoch, "buffer", slot)))
+        batches = self._batch(self._shuffled(items, seeded_rng(self.seed, epoch, "buffer", slot)))
         return items, equalise(batches, target)
 
     def batches_per_slot(self, stream: Sequence[Item], num_slots: int) -> int:

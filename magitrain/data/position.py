@@ -36,7 +36,9 @@ class DataPosition:
     def load_state_dict(self, state: dict, plan: dict) -> None:
         changed = [f"data.{k}: {state[k]} -> {plan[k]}" for k in PLAN_FIELDS if state.get(k) != plan[k]]
         if changed:
-            raise ValueError("cannot resume the data stream exactly: the checkpoint's data plan used a "
-                             f"different {', '.join(changed)}; keep them equal, or drop the datamodule "
-                             "state from the checkpoint to restart the epoch")
+            raise ValueError(
+                "cannot resume the data stream exactly: the checkpoint's data plan used a "
+                f"different {', '.join(changed)}; keep them equal, or drop the datamodule "
+                "state from the checkpoint to restart the epoch"
+            )
         self.epoch, self.consumed, self.restored = state["epoch"], state["consumed"], True

@@ -38,15 +38,19 @@ class BadInputTracker:
             if len(examples) < EXAMPLES_PER_REASON:
                 examples.append(f"{url}:{key}")
         if self.seen >= self.check_after and self.bad > self.max_fraction * self.seen:
-            raise BadDataError(f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%}), "
-                               "over "
-                               f"data.max_bad_fraction={self.max_fraction}: {self.summary()}")
+            raise BadDataError(
+                f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%}), "
+                "over "
+                f"data.max_bad_fraction={self.max_fraction}: {self.summary()}"
+            )
 
     def summary(self) -> str:
         if not self.counts:
             return "no bad samples"
-        return "; ".join(f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})"
-                         for reason, n in self.counts.most_common())
+        return "; ".join(
+            f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})"
+            for reason, n in self.counts.most_common()
+        )
 
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "examples": self.examples, "seen": self.seen}

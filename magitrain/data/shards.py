@@ -20,6 +20,7 @@ class DatasetSpec:
 
     weight 1.0 = every sample once per epoch, 0.5 = a seeded half of it, 2.0 = twice.
     """
+
     name: str
     urls: tuple[str, ...]
     weight: float = 1.0
@@ -46,8 +47,10 @@ def expand_urls(pattern: str | list[str]) -> list[str]:
 def parse_datasets(shards: str | list[str] | None, datasets: list[Mapping] | None) -> list[DatasetSpec]:
     """`data.shards` (one dataset) or `data.datasets` (rows `{shards, weight, name}`), not both."""
     if (shards is None) == (not datasets):
-        raise ValueError("configure exactly one of data.shards (a pattern or list) and data.datasets "
-                         "(a list of {shards, weight})")
+        raise ValueError(
+            "configure exactly one of data.shards (a pattern or list) and data.datasets "
+            "(a list of {shards, weight})"
+        )
     if shards is not None:
         return [DatasetSpec("default", tuple(expand_urls(shards)))]
     specs = []
@@ -89,4 +92,3 @@ def index_url(url: str) -> str:
     """Where the sidecar index of a shard lives: `NAME.tar` -> `NAME.index.json` beside it."""
     base = url[:-4] if url.endswith(".tar") else url
     return base + ".index.json"
-

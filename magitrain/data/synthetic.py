@@ -123,8 +123,10 @@ def make_demo_dataset(
         kind = audio if i % 2 == 0 else ("noise" if audio == "tone" else "tone")
         wav = stem.with_suffix(".wav") if separate_wav else None
         make_clip(stem.with_suffix(".mp4"), secs, size, fps, kind, wav_path=wav, seed=seed * 100003 + i)
-        caption = {"caption": f"A {kind} clip number {i}: a white square bouncing over a gradient.",
-                   "language": LANGUAGES[i % len(LANGUAGES)]}
+        caption = {
+            "caption": f"A {kind} clip number {i}: a white square bouncing over a gradient.",
+            "language": LANGUAGES[i % len(LANGUAGES)],
+        }
         stem.with_suffix(".json").write_text(json.dumps(caption))
         if reference_image:
             write_jpg(stem.with_suffix(".jpg"), moving_pattern(1, size[0], size[1], seed * 100003 + i)[0])
@@ -155,23 +157,36 @@ def make_latent_dataset(
         for i in range(first, min(first + per_shard, num_samples)):
             t, h, w = latent_shapes[i % len(latent_shapes)]
             length = int(torch.randint(text_lengths[0], text_lengths[1] + 1, (1,), generator=gen))
-            tensors = {"video_latent": torch.randn(48, t, h, w, generator=gen).to(dtype),
-                       "audio_latent": torch.randn(4 * (t - 1) + 1, 64, generator=gen).to(dtype),
-                       "text_emb": torch.randn(length, text_dim, generator=gen).to(torch.bfloat16)}
-            meta = {"caption": f"latent sample {i}", "language": LANGUAGES[i % len(LANGUAGES)],
-                    "duration": 4 * (t - 1) / 25, "width": 16 * w, "height": 16 * h}
+            tensors = {
+                "video_latent": torch.randn(48, t, h, w, generator=gen).to(dtype),
+                "audio_latent": torch.randn(4 * (t - 1) + 1, 64, generator=gen).to(dtype),
+                "text_emb": torch.randn(length, text_dim, generator=gen).to(torch.bfloat16),
+            }
+            meta = {
+                "caption": f"latent sample {i}",
+                "language": LANGUAGES[i % len(LANGUAGES)],
+                "duration": 4 * (t - 1) / 25,
+                "width": 16 * w,
+                "height": 16 * h,
+            }
             samples.append(latent_sample(f"{number:06d}{i - first:04d}", meta, tensors))
         paths.append(write_shard(out_dir, number, "latent", samples))
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", help="folder to write clip_NNNN.{mp4,json[,wav]} into")
     parser.add_argument("--num-clips", type=int, default=8)
-    parser.add_argument("--seconds", type=float, nargs="+", default=[2.0],
-                        help="one duration, or MIN MAX for seeded random durations")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        nargs="+",
+        default=[2.0],
+        help="one duration, or MIN MAX for seeded random durations",
+    )
     parser.add_argument("--size", default="64x128", help="HEIGHTxWIDTH in pixels (even numbers)")
     parser.add_argument("--fps", type=float, default=25.0)
     parser.add_argument("--audio", choices=["tone", "noise"], default="tone")
@@ -181,8 +196,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
     seconds = args.seconds[0] if len(args.seconds) == 1 else tuple(args.seconds[:2])
-    paths = make_demo_dataset(args.out_dir, args.num_clips, seconds, (height, width), args.fps,
-                              args.audio, args.separate_wav, args.reference_image, args.seed)
+    paths = make_demo_dataset(
+        args.out_dir,
+        args.num_clips,
+        seconds,
+        (height, width),
+        args.fps,
+        args.audio,
+        args.separate_wav,
+        args.reference_image,
+        args.seed,
+    )
     print(f"wrote {len(paths)} clips to {args.out_dir}")
 
 

@@ -45,8 +45,14 @@ def latent_sample(key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> tup
     optional ref_latent [48, 1, H, W] and lr_video_latent [48, T, h, w].
     """
     payload = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-    members = {"__key__": key, "latents.safetensors": payload,
-               "json": json.dumps(meta, ensure_ascii=False).encode()}
-    row = {**latent_row(payload), "language": str(meta.get("language", "")),
-           **{k: meta[k] for k in ("duration", "width", "height") if k in meta}}
+    members = {
+        "__key__": key,
+        "latents.safetensors": payload,
+        "json": json.dumps(meta, ensure_ascii=False).encode(),
+    }
+    row = {
+        **latent_row(payload),
+        "language": str(meta.get("language", "")),
+        **{k: meta[k] for k in ("duration", "width", "height") if k in meta},
+    }
     return members, row

@@ -33,6 +33,12 @@ class BadSample(Exception):
         self.reason = reason
 
 
+def first_line(exn: Exception) -> str:
+    """FFmpeg/decord errors carry pages of backtrace: keep the line that says what happened."""
+    text = str(exn).strip()
+    return f"{type(exn).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 @dataclass(frozen=True)
 class RawOptions:
     sample_rate: int = 51200  # the audio VAE's rate: 2048 samples per 25 Hz latent step
@@ -67,14 +73,14 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
         reader = open_video(sample["mp4"], row, bucket, opts.decode_threads)
         indices = frame_indices(len(reader), reader.get_avg_fps(), FPS)
     except Exception as exn:  # decord raises DECORDError/RuntimeError on any damage
-        raise BadSample("corrupt_video", str(exn).splitlines()[0][:200]) from None
+        raise BadSample("corrupt_video", first_line(exn)) from None
     if len(indices) < bucket.frames:
         raise BadSample("too_short", f"{len(indices)} frames at 25 fps < {bucket.frames}")
     start = rng.randrange(len(indices) - bucket.frames + 1) if opts.random_offset else 0
     try:
         frames = reader.get_batch(indices[start : start + bucket.frames]).asnumpy()
     except Exception as exn:
-        raise BadSample("corrupt_video", str(exn).splitlines()[0][:200]) from None
+        raise BadSample("corrupt_video", first_line(exn)) from None
     video = cover_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3).contiguous()
     out = {
         "video": video,
@@ -94,7 +100,7 @@ def decode_image(data: bytes, bucket: Bucket) -> torch.Tensor:
         with av.open(io.BytesIO(data)) as container:
             image = next(container.decode(video=0)).to_ndarray(format="rgb24")
     except Exception as exn:
-        raise BadSample("corrupt_image", str(exn)[:200]) from None
+        raise BadSample("corrupt_image", first_line(exn)) from None
     return resize_cover_crop(torch.from_numpy(image).permute(2, 0, 1)[None], (bucket.height, bucket.width))[0]
 
 
@@ -137,7 +143,7 @@ def decode_audio(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, star
         offset = round(start_s * opts.sample_rate)
         wave = torch.from_numpy(reader[offset : offset + length].asnumpy()).float()
     except Exception as exn:
-        raise BadSample("corrupt_audio", str(exn).splitlines()[0][:200]) from None
+        raise BadSample("corrupt_audio", first_line(exn)) from None
     if wave.shape[-1] < length - opts.sample_rate // FPS:
         raise BadSample("too_short", f"audio has {wave.shape[-1]} samples, the bucket needs {length}")
     # encoders' frame padding can leave the track a few ms short of the video: pad with silence
@@ -157,7 +163,7 @@ def decode_latent(sample: dict, bucket: Bucket, text_max_len: int) -> dict:
     try:
         tensors = load_safetensors(sample["latents.safetensors"])
     except Exception as exn:
-        raise BadSample("bad_latents", str(exn)[:200]) from None
+        raise BadSample("bad_latents", first_line(exn)) from None
     missing = [k for k in LATENT_KEYS if k not in tensors]
     if missing:
         raise BadSample("bad_latents", f"missing tensors {missing}")

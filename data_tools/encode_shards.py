@@ -62,16 +62,26 @@ def parse_bucket(text: str) -> Bucket:
     return Bucket(height, width, frames_for_seconds(float(seconds)), 1)
 
 
-def encode_sample(sample: dict, row: dict, bucket: Bucket, sr: tuple[int, int] | None, codecs,
-                  opts: RawOptions, dtype: torch.dtype, device: str) -> tuple[dict, dict]:
+def encode_sample(
+    sample: dict,
+    row: dict,
+    bucket: Bucket,
+    sr: tuple[int, int] | None,
+    codecs,
+    opts: RawOptions,
+    dtype: torch.dtype,
+    device: str,
+) -> tuple[dict, dict]:
     decoded = decode_raw(sample, row, bucket, opts, random.Random(0))
     batch = collate_raw([decoded], opts.sample_rate)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     latents = encode_raw_batch(batch, codecs)
     n = int(latents["text_len"][0])
-    tensors = {"video_latent": latents["video_latent"][0].to(dtype).cpu(),
-               "audio_latent": latents["audio_latent"][0].to(dtype).cpu(),
-               "text_emb": latents["text_emb"][0, :n].cpu()}
+    tensors = {
+        "video_latent": latents["video_latent"][0].to(dtype).cpu(),
+        "audio_latent": latents["audio_latent"][0].to(dtype).cpu(),
+        "text_emb": latents["text_emb"][0, :n].cpu(),
+    }
     if "ref_latent" in latents:  # from KEY.jpg, at the bucket size
         tensors["ref_latent"] = latents["ref_latent"][0].to(dtype).cpu()
     if sr is not None:
@@ -79,14 +89,20 @@ def encode_sample(sample: dict, row: dict, bucket: Bucket, sr: tuple[int, int] |
         tensors["lr_video_latent"] = tensors["video_latent"]
         pixels = to_pixels(high["video"][None].to(device))
         tensors["video_latent"] = codecs.video.encode(pixels)[0].to(dtype).cpu()
-    meta = {**read_meta(sample), "bucket": bucket.name, "frames": bucket.frames,
-            "duration": bucket.seconds, "width": (sr or (bucket.height, bucket.width))[1],
-            "height": (sr or (bucket.height, bucket.width))[0]}
+    meta = {
+        **read_meta(sample),
+        "bucket": bucket.name,
+        "frames": bucket.frames,
+        "duration": bucket.seconds,
+        "width": (sr or (bucket.height, bucket.width))[1],
+        "height": (sr or (bucket.height, bucket.width))[0],
+    }
     return latent_sample(sample["__key__"], meta, tensors)
 
 
-def encode_shard(url: str, number: int, out_dir: Path, buckets: list[Bucket], args, codecs,
-                 problems: Counter) -> None:
+def encode_shard(
+    url: str, number: int, out_dir: Path, buckets: list[Bucket], args, codecs, problems: Counter
+) -> None:
     index = read_index(url, index_url(url))
     rows = {row["key"]: row for row in index.rows}
     opts = RawOptions(missing_audio=args.missing_audio)
@@ -104,8 +120,9 @@ def encode_shard(url: str, number: int, out_dir: Path, buckets: list[Bucket], ar
                 problems["no_bucket" if row else "not_in_index"] += 1
                 continue
             try:
-                yield encode_sample(sample, row, buckets[choice], sr, codecs, opts, DTYPES[args.dtype],
-                                    args.device)
+                yield encode_sample(
+                    sample, row, buckets[choice], sr, codecs, opts, DTYPES[args.dtype], args.device
+                )
             except BadSample as exn:
                 problems[exn.reason] += 1
                 print(f"{url}:{sample['__key__']} skipped: {exn}")
@@ -114,16 +131,25 @@ def encode_shard(url: str, number: int, out_dir: Path, buckets: list[Bucket], ar
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input", help="raw shards: brace pattern, glob, or folder (all *.tar in it)")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="codecs=NAME and codecs.FIELD=VALUE")
-    parser.add_argument("--bucket", action="append", default=[],
-                        help="HxW:SECONDS, repeatable (default 256x448:5 and 256x448:2)")
+    parser.add_argument(
+        "--bucket",
+        action="append",
+        default=[],
+        help="HxW:SECONDS, repeatable (default 256x448:5 and 256x448:2)",
+    )
     parser.add_argument("--sr", help="HxW: also encode at this size (SR pairs, e.g. 512x896)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                        help="storage dtype of video/audio latents (text keeps the encoder's)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bfloat16",
+        help="storage dtype of video/audio latents (text keeps the encoder's)",
+    )
     parser.add_argument("--missing-audio", choices=["silent", "skip"], default="silent")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     args = parser.parse_args(argv)

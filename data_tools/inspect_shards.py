@@ -55,8 +55,9 @@ def summarise(indexes) -> dict:
         "kind": sorted({ix.kind for ix in indexes}),
         "duration": dict(Counter(duration_bin(row["duration"]) for row in rows if "duration" in row)),
         "resolution": dict(Counter(f"{row['width']}x{row['height']}" for row in rows if "width" in row)),
-        "latent_shape": dict(Counter("x".join(map(str, row["latent_shape"])) for row in rows
-                                     if "latent_shape" in row)),
+        "latent_shape": dict(
+            Counter("x".join(map(str, row["latent_shape"])) for row in rows if "latent_shape" in row)
+        ),
         "language": dict(Counter(row.get("language") or "?" for row in rows)),
         "has_audio": dict(Counter(str(row["has_audio"]) for row in rows if "has_audio" in row)),
     }
@@ -96,8 +97,10 @@ def validate(index) -> list[tuple[str, str, str]]:
 
 
 def print_summary(console: Console, summary: dict) -> None:
-    console.print(f"{summary['shards']} shards ({', '.join(summary['kind'])}), {summary['samples']} samples, "
-                  f"{summary['bytes'] / 1e9:.3f} GB, {summary['hours']} h")
+    console.print(
+        f"{summary['shards']} shards ({', '.join(summary['kind'])}), {summary['samples']} samples, "
+        f"{summary['bytes'] / 1e9:.3f} GB, {summary['hours']} h"
+    )
     for field in ("duration", "resolution", "latent_shape", "language", "has_audio"):
         if not summary[field]:
             continue
@@ -109,8 +112,9 @@ def print_summary(console: Console, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("shards", nargs="+", help="brace patterns, globs or paths of .tar shards")
     parser.add_argument("--validate", action="store_true", help="decode every sample, list the bad ones")
     parser.add_argument("--write-index", action="store_true", help="save the index of shards that lack one")
@@ -119,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(stderr=args.json)
     urls = expand_urls(args.shards)
-    indexes = [load(url, args.write_index) for url in track(urls, description="reading indexes",
-                                                             console=console)]
+    indexes = [
+        load(url, args.write_index) for url in track(urls, description="reading indexes", console=console)
+    ]
     report = {"summary": summarise(indexes)}
     if args.validate:
-        report["bad"] = [b for ix in track(indexes, description="validating", console=console)
-                         for b in validate(ix)]
+        report["bad"] = [
+            b for ix in track(indexes, description="validating", console=console) for b in validate(ix)
+        ]
     if args.json:
         print(json.dumps(report))
     else:

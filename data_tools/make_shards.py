@@ -101,14 +101,22 @@ def shard_members(number: int, entries: list[dict], key_digits: int):
     """(members, index row) per clip, keyed video2dataset-style: shard number + index in shard."""
     for i, entry in enumerate(entries):
         meta = entry["meta"]
-        members = {"__key__": f"{number:06d}{i:0{key_digits}d}", "mp4": Path(entry["path"]).read_bytes(),
-                   "json": json.dumps(meta, ensure_ascii=False).encode()}
+        members = {
+            "__key__": f"{number:06d}{i:0{key_digits}d}",
+            "mp4": Path(entry["path"]).read_bytes(),
+            "json": json.dumps(meta, ensure_ascii=False).encode(),
+        }
         if "audio" in entry:
             members[Path(entry["audio"]).suffix[1:].lower()] = Path(entry["audio"]).read_bytes()
         if "image" in entry:
             members["jpg"] = Path(entry["image"]).read_bytes()
-        yield members, {**{k: meta[k] for k in ("duration", "width", "height", "fps", "has_audio")},
-                        "language": str(meta.get("language", ""))}
+        yield (
+            members,
+            {
+                **{k: meta[k] for k in ("duration", "width", "height", "fps", "has_audio")},
+                "language": str(meta.get("language", "")),
+            },
+        )
 
 
 def write_job(job: tuple[Path, int, list[dict], int]) -> str:
@@ -117,8 +125,9 @@ def write_job(job: tuple[Path, int, list[dict], int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input", type=Path, help="folder of clips, or a .csv / .jsonl manifest")
     parser.add_argument("out_dir", type=Path, help="where NNNNNN.tar + NNNNNN.index.json go")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
@@ -137,20 +146,28 @@ def main(argv: list[str] | None = None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     with Pool(args.workers) as pool:
-        probed = list(track(pool.imap(probe_entry, entries, chunksize=4), total=len(entries),
-                            description="probing clips"))
+        probed = list(
+            track(
+                pool.imap(probe_entry, entries, chunksize=4), total=len(entries), description="probing clips"
+            )
+        )
         good = [e for e in probed if "error" not in e]
         for e in probed:
             if "error" in e:
                 print(f"skipped {e['path']}: {e['error']}", file=sys.stderr)
         shards = plan_shards(good, args.max_count, int(args.max_bytes))
         digits = len(str(max(len(s) for s in shards) - 1)) if shards else 1
-        jobs = [(args.out_dir, n, s, digits) for n, s in enumerate(shards)
-                if not shard_path(args.out_dir, n).exists()]
+        jobs = [
+            (args.out_dir, n, s, digits)
+            for n, s in enumerate(shards)
+            if not shard_path(args.out_dir, n).exists()
+        ]
         for _ in track(pool.imap_unordered(write_job, jobs), total=len(jobs), description="writing shards"):
             pass
-    print(f"{len(good)} clips in {len(shards)} shards ({len(shards) - len(jobs)} already done), "
-          f"{len(probed) - len(good)} skipped -> {args.out_dir}")
+    print(
+        f"{len(good)} clips in {len(shards)} shards ({len(shards) - len(jobs)} already done), "
+        f"{len(probed) - len(good)} skipped -> {args.out_dir}"
+    )
 
 
 if __name__ == "__main__":

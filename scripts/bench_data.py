@@ -39,8 +39,11 @@ def make_raw_shard(out: Path, clips: int, source: tuple[int, int]) -> Path:
     samples = []
     for i in range(clips):
         make_clip(out / "clip.mp4", seconds=5.2, size=source, audio="tone", sample_rate=44100, seed=i)
-        members = {"__key__": f"clip{i:04d}", "mp4": (out / "clip.mp4").read_bytes(),
-                   "json": b'{"caption": "a benchmark clip", "language": "en"}'}
+        members = {
+            "__key__": f"clip{i:04d}",
+            "mp4": (out / "clip.mp4").read_bytes(),
+            "json": b'{"caption": "a benchmark clip", "language": "en"}',
+        }
         row = {"duration": 5.2, "width": source[1], "height": source[0], "fps": 25.0, "has_audio": True}
         samples.append((members, row))
     return write_shard(out, 0, "raw", samples)
@@ -69,8 +72,13 @@ def bench_raw_per_core(tar: Path) -> tuple[float, float]:
 def bench_loader(shards: str, mode: str, batch_size: int, workers: int) -> tuple[int, float, float]:
     """(samples, wall seconds, CPU seconds of all processes) for one epoch through the DataModule,
     worker start-up included."""
-    dm = MagiDataModule(mode=mode, shards=shards, buckets=[{**BUCKET, "batch_size": batch_size}],
-                        num_workers=workers, shuffle_buffer=16)
+    dm = MagiDataModule(
+        mode=mode,
+        shards=shards,
+        buckets=[{**BUCKET, "batch_size": batch_size}],
+        num_workers=workers,
+        shuffle_buffer=16,
+    )
     loader = dm.train_dataloader()
     wall, cpu, count = time.perf_counter(), cpu_seconds(), 0
     for batch in loader:
@@ -81,8 +89,9 @@ def bench_loader(shards: str, mode: str, batch_size: int, workers: int) -> tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clips", type=int, default=8, help="raw clips (5 s each)")
     parser.add_argument("--source", default="256x448", help="HxW of the generated source clips")
     parser.add_argument("--latent-samples", type=int, default=256)
@@ -96,19 +105,32 @@ def main() -> None:
         tar = make_raw_shard(tmp / "raw", args.clips, source)
         per_clip, per_clip_cpu = bench_raw_per_core(tar)
         raw = bench_loader(str(tar), "raw", 1, args.workers)
-        make_latent_dataset(tmp / "latent", args.latent_samples, per_shard=64, latent_shapes=((32, 16, 28),),
-                            text_dim=3584, text_lengths=(60, 160), dtype=torch.bfloat16)
+        make_latent_dataset(
+            tmp / "latent",
+            args.latent_samples,
+            per_shard=64,
+            latent_shapes=((32, 16, 28),),
+            text_dim=3584,
+            text_lengths=(60, 160),
+            dtype=torch.bfloat16,
+        )
         latent = bench_loader(str(tmp / "latent" / "*.tar"), "latent", 8, args.workers)
 
     machine = platform.processor() or platform.machine()
-    print(f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} during the run; {args.workers} DataLoader workers")
-    print(f"raw decode+resize+audio, 5 s {args.source} clip -> 256x448x125 + 51.2 kHz stereo, one core: "
-          f"{per_clip:.3f} s wall, {per_clip_cpu:.3f} s CPU per clip "
-          f"({1 / per_clip_cpu:.2f} clips per CPU-second)")
+    print(
+        f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} during the run; {args.workers} DataLoader workers"
+    )
+    print(
+        f"raw decode+resize+audio, 5 s {args.source} clip -> 256x448x125 + 51.2 kHz stereo, one core: "
+        f"{per_clip:.3f} s wall, {per_clip_cpu:.3f} s CPU per clip "
+        f"({1 / per_clip_cpu:.2f} clips per CPU-second)"
+    )
     for name, unit, (n, wall, cpu) in (("raw", "clips", raw), ("latent (batch 8)", "samples", latent)):
-        print(f"{name} through the DataModule: {n} {unit} in {wall:.2f} s wall = {n / wall:.1f} {unit}/s; "
-              f"{cpu:.2f} CPU-s = {n / cpu:.1f} {unit} per CPU-second ({2 * n / cpu:.0f}/s on 2 free cores)")
+        print(
+            f"{name} through the DataModule: {n} {unit} in {wall:.2f} s wall = {n / wall:.1f} {unit}/s; "
+            f"{cpu:.2f} CPU-s = {n / cpu:.1f} {unit} per CPU-second ({2 * n / cpu:.0f}/s on 2 free cores)"
+        )
 
 
 if __name__ == "__main__":

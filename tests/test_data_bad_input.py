@@ -34,7 +34,8 @@ def bad_shards(tmp_path_factory):
         members("corrupt", bytes(range(256)) * 40),
         members("truncated", clips[4][: len(clips[4]) // 2]),
         members("noaudio", clips[9]),
-        members("badjson", clips[5], b"{not json")]
+        members("badjson", clips[5], b"{not json"),
+    ]
     write_shard(out, 0, "raw", [(m, {**ROW, "has_audio": m["__key__"] != "noaudio"}) for m in shard0])
     tar = write_shard(out, 1, "raw", [(members(f"tail{i}", clips[5 + i % 4]), ROW) for i in range(5)])
     with tarfile.open(tar) as f:
@@ -56,6 +57,7 @@ def test_bad_samples_are_skipped_and_counted(bad_shards):
     good = {f"good{i}" for i in range(4)} | {f"tail{i}" for i in range(3)} | {"noaudio"}
     assert set(keys) == good  # missing_audio=silent keeps the clip with a zero track
     assert dm.quality.counts == {"corrupt_video": 2, "bad_json": 1, "truncated_tar": 2}
+    assert dm.quality.notes == {"audio_silenced": 1}
     assert dm.quality.seen == 13
     assert "corrupt" in dm.quality.summary() and "tail3" in dm.quality.summary()
 

@@ -8,8 +8,10 @@ import torch
 from magitrain.data.datamodule import MagiDataModule
 from magitrain.data.synthetic import make_latent_dataset
 
-BUCKETS = [{"height": 64, "width": 128, "seconds": 1, "batch_size": 2},
-           {"height": 64, "width": 128, "seconds": 2, "batch_size": 3}]
+BUCKETS = [
+    {"height": 64, "width": 128, "seconds": 1, "batch_size": 2},
+    {"height": 64, "width": 128, "seconds": 2, "batch_size": 3},
+]
 
 
 class KeyRecorder(L.LightningModule):
@@ -32,8 +34,15 @@ class KeyRecorder(L.LightningModule):
 def fit(shards: str, max_steps: int, ckpt_in=None, ckpt_out=None) -> list[list[str]]:
     dm = MagiDataModule(mode="latent", shards=shards, buckets=BUCKETS, num_workers=2, shuffle_buffer=4)
     model = KeyRecorder()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_in)
     if ckpt_out:
         trainer.save_checkpoint(ckpt_out)
@@ -42,8 +51,9 @@ def fit(shards: str, max_steps: int, ckpt_in=None, ckpt_out=None) -> list[list[s
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_resume_through_lightning_checkpoint(tmp_path):
-    make_latent_dataset(tmp_path, num_samples=14, per_shard=5, latent_shapes=((7, 4, 8), (13, 4, 8)),
-                        text_dim=8)
+    make_latent_dataset(
+        tmp_path, num_samples=14, per_shard=5, latent_shapes=((7, 4, 8), (13, 4, 8)), text_dim=8
+    )
     shards = str(tmp_path / "*.tar")
     full = fit(shards, max_steps=20)  # two epochs and a bit: 8 batches per epoch
     assert sorted(k for step in full[:8] for k in step) == sorted(k for step in full[8:16] for k in step)

@@ -10,9 +10,11 @@ from magitrain.data.synthetic import make_latent_dataset
 
 # two latent lengths (1 s and 2 s at 64x128) and a portrait size: three buckets
 SHAPES = ((7, 4, 8), (13, 4, 8), (7, 8, 4))
-BUCKETS = [{"height": 64, "width": 128, "seconds": 1, "batch_size": 3},
-           {"height": 64, "width": 128, "seconds": 2, "batch_size": 2},
-           {"height": 128, "width": 64, "seconds": 1, "batch_size": 2}]
+BUCKETS = [
+    {"height": 64, "width": 128, "seconds": 1, "batch_size": 3},
+    {"height": 64, "width": 128, "seconds": 2, "batch_size": 2},
+    {"height": 128, "width": 64, "seconds": 1, "batch_size": 2},
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,11 @@ def run_epoch(dm: MagiDataModule, limit: int | None = None) -> list[dict]:
 
 def test_two_ranks_two_workers_see_every_sample_once(latent_shards):
     per_rank = [run_epoch(datamodule(latent_shards, rank=r, world_size=2)) for r in range(2)]
-    assert len(per_rank[0]) == len(per_rank[1]) == len(datamodule(latent_shards, rank=0, world_size=2)
-                                                       .train_dataloader())
+    assert (
+        len(per_rank[0])
+        == len(per_rank[1])
+        == len(datamodule(latent_shards, rank=0, world_size=2).train_dataloader())
+    )
     keys = Counter(k for batches in per_rank for b in batches for k in b["key"])
     assert len(keys) == 30 and set(keys.values()) == {1}
 
@@ -68,8 +73,9 @@ def test_fewer_shards_than_slots_still_balanced(tmp_path):
     make_latent_dataset(tmp_path, num_samples=9, per_shard=9, latent_shapes=SHAPES[:1], text_dim=8)
     per_rank = [run_epoch(datamodule(str(tmp_path / "000000.tar"), rank=r, world_size=2)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1])
-    assert sorted(k for batches in per_rank for b in batches for k in b["key"]) == \
-        [f"000000{i:04d}" for i in range(9)]
+    assert sorted(k for batches in per_rank for b in batches for k in b["key"]) == [
+        f"000000{i:04d}" for i in range(9)
+    ]
 
 
 def test_order_is_deterministic_and_changes_per_epoch(latent_shards):
@@ -136,9 +142,14 @@ def test_mixture_weights(tmp_path):
     # dataset a holds 1 s latents, b 2 s latents, so the batch shape tells the source
     make_latent_dataset(tmp_path / "a", num_samples=6, per_shard=3, latent_shapes=SHAPES[:1], text_dim=8)
     make_latent_dataset(tmp_path / "b", num_samples=8, per_shard=4, latent_shapes=SHAPES[1:2], text_dim=8)
-    dm = datamodule(None, num_workers=0, datasets=[
-        {"name": "a", "shards": str(tmp_path / "a" / "*.tar"), "weight": 2.0},
-        {"name": "b", "shards": str(tmp_path / "b" / "*.tar"), "weight": 0.5}])
+    dm = datamodule(
+        None,
+        num_workers=0,
+        datasets=[
+            {"name": "a", "shards": str(tmp_path / "a" / "*.tar"), "weight": 2.0},
+            {"name": "b", "shards": str(tmp_path / "b" / "*.tar"), "weight": 0.5},
+        ],
+    )
     per_source = {7: Counter(), 13: Counter()}
     for b in run_epoch(dm):
         per_source[b["video_latent"].shape[2]].update(b["key"])
@@ -155,9 +166,15 @@ def test_hydra_data_configs_instantiate(latent_shards, group):
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
-        cfg = compose(config_name="train", overrides=[
-            f"data={group}", f"data.shards='{latent_shards}'", "data.num_workers=0",
-            "data.buckets=[{height: 64, width: 128, seconds: 1, batch_size: 2}]"])
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                f"data={group}",
+                f"data.shards='{latent_shards}'",
+                "data.num_workers=0",
+                "data.buckets=[{height: 64, width: 128, seconds: 1, batch_size: 2}]",
+            ],
+        )
     dm = instantiate(cfg.data)
     assert isinstance(dm, MagiDataModule) and dm.mode == ("latent" if group == "latent" else "raw")
     if group == "latent":

@@ -12,8 +12,7 @@ BUCKETS = (Bucket(64, 128, 25, 3), Bucket(64, 128, 49, 2), Bucket(128, 64, 25, 4
 
 def planner(shard_sizes, weights=(1.0,), shard_dataset=None, **kw) -> EpochPlanner:
     # bucket of row r in shard s cycles through the three buckets, with some -1 (unbucketed)
-    shard_buckets = tuple(tuple((s + r) % 4 - 1 for r in range(n))
-                          for s, n in enumerate(shard_sizes))
+    shard_buckets = tuple(tuple((s + r) % 4 - 1 for r in range(n)) for s, n in enumerate(shard_sizes))
     return EpochPlanner(shard_buckets, shard_dataset or (0,) * len(shard_sizes), weights, BUCKETS, **kw)
 
 
@@ -68,9 +67,13 @@ def test_bucket_arithmetic_and_assignment():
     assert frames_for_seconds(5) == 125 and frames_for_seconds(2) == 49 and frames_for_seconds(1) == 25
     b = Bucket(256, 448, 125, 1)
     assert b.latent_shape == (32, 16, 28) and b.audio_samples(51200) == 124 * 2048
-    buckets = parse_buckets([{"height": 256, "width": 448, "seconds": 2, "batch_size": 4},
-                             {"height": 256, "width": 448, "seconds": 5, "batch_size": 2},
-                             {"height": 448, "width": 256, "seconds": 2, "batch_size": 4}])
+    buckets = parse_buckets(
+        [
+            {"height": 256, "width": 448, "seconds": 2, "batch_size": 4},
+            {"height": 256, "width": 448, "seconds": 5, "batch_size": 2},
+            {"height": 448, "width": 256, "seconds": 2, "batch_size": 4},
+        ]
+    )
     assert assign_raw(buckets, 1280, 720, 7.0) == 1  # landscape, long enough for 5 s
     assert assign_raw(buckets, 1280, 720, 3.0) == 0
     assert assign_raw(buckets, 720, 1280, 9.0) == 2  # portrait

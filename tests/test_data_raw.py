@@ -14,8 +14,10 @@ from magitrain.data.datamodule import MagiDataModule
 from magitrain.data.synthetic import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKETS = [{"height": 64, "width": 128, "seconds": 1, "batch_size": 2},
-           {"height": 64, "width": 128, "seconds": 2, "batch_size": 2}]
+BUCKETS = [
+    {"height": 64, "width": 128, "seconds": 1, "batch_size": 2},
+    {"height": 64, "width": 128, "seconds": 2, "batch_size": 2},
+]
 
 
 def tool(name: str, *args: str):
@@ -33,8 +35,15 @@ def raw_shards(tmp_path_factory):
     clips = tmp_path_factory.mktemp("clips")
     # 1.2-2.4 s clips (two duration buckets), every other one with its audio in a separate wav
     make_demo_dataset(clips / "a", num_clips=4, seconds=(1.2, 2.4), size=(64, 128), seed=1)
-    make_demo_dataset(clips / "b", num_clips=3, seconds=(1.2, 2.4), size=(72, 120), separate_wav=True,
-                      reference_image=True, seed=2)
+    make_demo_dataset(
+        clips / "b",
+        num_clips=3,
+        seconds=(1.2, 2.4),
+        size=(72, 120),
+        separate_wav=True,
+        reference_image=True,
+        seed=2,
+    )
     out = tmp_path_factory.mktemp("shards")
     tool("make_shards.py", str(clips), str(out), "--max-count", "3", "--workers", "2")
     return out
@@ -42,7 +51,8 @@ def raw_shards(tmp_path_factory):
 
 def test_make_shards_then_inspect(raw_shards, capsys):
     assert sorted(p.name for p in raw_shards.iterdir()) == [
-        f"00000{i}.{ext}" for i in range(3) for ext in ("index.json", "tar")]
+        f"00000{i}.{ext}" for i in range(3) for ext in ("index.json", "tar")
+    ]
     capsys.readouterr()
     assert tool("inspect_shards.py", str(raw_shards / "*.tar"), "--validate", "--json") == 0
     report = json.loads(capsys.readouterr().out)
@@ -56,8 +66,13 @@ def test_make_shards_then_inspect(raw_shards, capsys):
 
 
 def test_raw_batches_are_pixels_and_waveforms_cut_to_buckets(raw_shards):
-    dm = MagiDataModule(mode="raw", shards=str(raw_shards / "{000000..000002}.tar"), buckets=BUCKETS,
-                        num_workers=2, shuffle_buffer=2)
+    dm = MagiDataModule(
+        mode="raw",
+        shards=str(raw_shards / "{000000..000002}.tar"),
+        buckets=BUCKETS,
+        num_workers=2,
+        shuffle_buffer=2,
+    )
     keys, frames, refs = Counter(), Counter(), 0
     for batch in dm.train_dataloader():
         batch = dm.on_before_batch_transfer(batch, 0)
@@ -81,14 +96,27 @@ def test_encode_shards_to_latent_shards_with_sr_pairs(raw_shards, tmp_path, monk
     # rank 1 of 2 takes the second of the two input shards (000002.tar: one 72x120 clip, wav audio)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = [str(raw_shards / "{000000,000002}.tar"), str(tmp_path), "codecs=tiny", "--bucket", "32x32:0.16",
-            "--sr", "64x64", "--dtype", "float32"]
+    args = [
+        str(raw_shards / "{000000,000002}.tar"),
+        str(tmp_path),
+        "codecs=tiny",
+        "--bucket",
+        "32x32:0.16",
+        "--sr",
+        "64x64",
+        "--dtype",
+        "float32",
+    ]
     tool("encode_shards.py", *args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000001.index.json", "000001.tar"]
     tool("encode_shards.py", *args)
     assert "1 already encoded" in capsys.readouterr().out
-    dm = MagiDataModule(mode="latent", shards=str(tmp_path / "000001.tar"), num_workers=0,
-                        buckets=[{"height": 64, "width": 64, "frames": 5, "batch_size": 2}])
+    dm = MagiDataModule(
+        mode="latent",
+        shards=str(tmp_path / "000001.tar"),
+        num_workers=0,
+        buckets=[{"height": 64, "width": 64, "frames": 5, "batch_size": 2}],
+    )
     (batch,) = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
     assert batch["video_latent"].shape == (1, 48, 2, 4, 4) and batch["audio_latent"].shape == (1, 5, 64)
     assert batch["lr_video_latent"].shape == (1, 48, 2, 2, 2)
@@ -98,8 +126,12 @@ def test_encode_shards_to_latent_shards_with_sr_pairs(raw_shards, tmp_path, monk
 
 
 def test_cli_runs_as_a_script():
-    result = subprocess.run([sys.executable, str(ROOT / "data_tools" / "inspect_shards.py"), "--help"],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "data_tools" / "inspect_shards.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0 and "--validate" in result.stdout
 
 
@@ -111,8 +143,12 @@ def test_video2dataset_style_shard_without_index(raw_shards, tmp_path):
 
     samples = []
     for i, sample in enumerate(iter_tar(str(raw_shards / "000000.tar"))):
-        members = {"__key__": f"{i:09d}", "mp4": sample["mp4"], "txt": b"a caption from KEY.txt",
-                   "json": json.dumps({"url": "http://x", "status": "success"}).encode()}
+        members = {
+            "__key__": f"{i:09d}",
+            "mp4": sample["mp4"],
+            "txt": b"a caption from KEY.txt",
+            "json": json.dumps({"url": "http://x", "status": "success"}).encode(),
+        }
         samples.append((members, {}))
     tar = write_shard(tmp_path, 0, "raw", samples)
     tar.with_suffix(".index.json").unlink()

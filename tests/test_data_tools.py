@@ -30,9 +30,11 @@ def test_unreadable_clips_are_reported_and_skipped_and_reruns_resume(tmp_path, c
 def test_csv_and_jsonl_manifests(tmp_path):
     media = tmp_path / "media"
     make_demo_dataset(media, num_clips=2, seconds=1.0, size=(64, 128), separate_wav=True)
-    (tmp_path / "list.csv").write_text("path,caption,language,audio,speaker\n"
-                                       "media/clip_0000.mp4,first clip,de,media/clip_0000.wav,ann\n"
-                                       "media/clip_0001.mp4,second clip,fr,,bob\n")
+    (tmp_path / "list.csv").write_text(
+        "path,caption,language,audio,speaker\n"
+        "media/clip_0000.mp4,first clip,de,media/clip_0000.wav,ann\n"
+        "media/clip_0001.mp4,second clip,fr,,bob\n"
+    )
     tool("make_shards.py", str(tmp_path / "list.csv"), str(tmp_path / "csv"), "--workers", "1")
     index = json.loads((tmp_path / "csv" / "000000.index.json").read_text())
     assert [(r["language"], r["has_audio"]) for r in index["samples"]] == [("de", True), ("fr", False)]

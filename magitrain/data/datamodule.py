@@ -161,7 +161,7 @@ class MagiDataModule(L.LightningDataModule):
                     f"{self.position.epoch}: two iterators over the train loader?"
                 )
             self.position.consumed += 1
-            self.quality.update(meta["bad"], meta["seen"])
+            self.quality.update(meta["bad"], meta["notes"], meta["seen"])
         return batch
 
     def state_dict(self) -> dict:

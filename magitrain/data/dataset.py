@@ -1,8 +1,9 @@
 """The iterable dataset: runs one slot of the epoch plan (plan.py) inside a DataLoader worker.
 
-Each yielded batch carries a private `_data` entry (epoch, slot, batch index, bad samples and
-samples attempted since the previous batch); the DataModule pops it in the main process to track
-the resume position and the bad-input fraction, so the training step never sees it.
+Each yielded batch carries a private `_data` entry (epoch, slot, batch index, and since the
+previous batch: bad samples, samples kept with a fix such as a silent track, samples attempted);
+the DataModule pops it in the main process to track the resume position and the bad-input
+fraction, so the training step never sees it.
 """
 
 import logging
@@ -123,7 +124,7 @@ class ShardDataset(IterableDataset):
             return
         needed = Counter(item for _, batch_items in remaining for item in batch_items)
         fetch = _Fetcher(self._read(items, needed), needed)
-        bad, seen, last, owed = [], 0, None, 0
+        bad, notes, seen, last, owed = [], [], 0, None, 0
         for i, (bucket, batch_items) in enumerate(remaining, start=first):
             good = []
             for item in batch_items:
@@ -132,6 +133,9 @@ class ShardDataset(IterableDataset):
                     good.append(self._decode(item, fetch(item), bucket))
                 except Exception as exn:  # nothing a sample holds may kill the worker
                     bad.append(self._report(item, exn))
+                    continue
+                if good[-1].pop("audio_silenced", False):
+                    notes.append((good[-1]["key"], self.urls[item[0]], "audio_silenced"))
             if good:
                 last, repeats, owed = self._collate(good), 1 + owed, 0
             elif last is None:
@@ -142,9 +146,16 @@ class ShardDataset(IterableDataset):
             for _ in range(repeats):
                 yield {
                     **last,
-                    "_data": {"epoch": self.epoch, "slot": slot, "index": i, "bad": bad, "seen": seen},
+                    "_data": {
+                        "epoch": self.epoch,
+                        "slot": slot,
+                        "index": i,
+                        "bad": bad,
+                        "notes": notes,
+                        "seen": seen,
+                    },
                 }
-                bad, seen = [], 0
+                bad, notes, seen = [], [], 0
         if last is None:
             raise RuntimeError(
                 f"epoch {self.epoch}, slot {slot}: every sample was bad ({len(bad)} of them, "

@@ -82,12 +82,16 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
     except Exception as exn:
         raise BadSample("corrupt_video", first_line(exn)) from None
     video = cover_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3).contiguous()
+    audio = decode_audio(sample, row, bucket, opts, start / FPS)
     out = {
         "video": video,
-        "audio": decode_audio(sample, row, bucket, opts, start / FPS),
         "caption": meta["caption"],
         "language": str(meta.get("language", "")),
         "key": sample["__key__"],
+        "audio_silenced": audio is None,
+        "audio": torch.zeros(opts.channels, bucket.audio_samples(opts.sample_rate))
+        if audio is None
+        else audio,
     }
     if "jpg" in sample:
         out["ref_image"] = decode_image(sample["jpg"], bucket)
@@ -128,8 +132,11 @@ def open_video(data: bytes, row: dict, bucket: Bucket, threads: int) -> decord.V
     return decord.VideoReader(io.BytesIO(data), num_threads=threads, width=width, height=height)
 
 
-def decode_audio(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, start_s: float) -> torch.Tensor:
-    """`[channels, S]` for the bucket span; a separate audio member wins over the mp4's track."""
+def decode_audio(
+    sample: dict, row: dict, bucket: Bucket, opts: RawOptions, start_s: float
+) -> torch.Tensor | None:
+    """`[channels, S]` for the bucket span; a separate audio member wins over the mp4's track.
+    None if the sample has no audio and data.missing_audio=silent (the caller adds the zero track)."""
     length = bucket.audio_samples(opts.sample_rate)
     source = next((sample[ext] for ext in AUDIO_EXTS if ext in sample), None)
     if source is None and row.get("has_audio", True):
@@ -137,7 +144,7 @@ def decode_audio(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, star
     if source is None:
         if opts.missing_audio == "skip":
             raise BadSample("missing_audio", "no audio track or audio member (data.missing_audio=skip)")
-        return torch.zeros(opts.channels, length)
+        return None
     try:
         reader = decord.AudioReader(io.BytesIO(source), sample_rate=opts.sample_rate, mono=True)
         offset = round(start_s * opts.sample_rate)
@@ -152,7 +159,6 @@ def decode_audio(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, star
 
 
 LATENT_KEYS = ("video_latent", "audio_latent", "text_emb")
-OPTIONAL_LATENT_KEYS = ("ref_latent", "lr_video_latent")
 
 
 def decode_latent(sample: dict, bucket: Bucket, text_max_len: int) -> dict:

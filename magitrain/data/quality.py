@@ -3,7 +3,8 @@
 Workers skip and log each bad sample (with its key and shard) and report it in the next batch's
 `_data`; this tracker sums those reports per rank and stops the run with a clear error once the
 bad fraction exceeds `data.max_bad_fraction` (after `data.bad_check_after` samples, so one bad
-clip early on is not a 100% rate).
+clip early on is not a 100% rate). Samples kept with a fix (a silent track for a clip without
+audio under data.missing_audio=silent) are counted separately as notes and are not bad.
 """
 
 import logging
@@ -11,6 +12,7 @@ from collections import Counter
 
 log = logging.getLogger(__name__)
 EXAMPLES_PER_REASON = 5
+Report = tuple[str, str, str]  # (key, shard url, reason)
 
 
 class BadDataError(RuntimeError):
@@ -23,6 +25,7 @@ class BadInputTracker:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_fraction}")
         self.max_fraction, self.check_after = max_fraction, check_after
         self.counts: Counter[str] = Counter()
+        self.notes: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
         self.seen = 0
 
@@ -30,8 +33,9 @@ class BadInputTracker:
     def bad(self) -> int:
         return sum(self.counts.values())
 
-    def update(self, bad: list[tuple[str, str, str]], seen: int) -> None:
+    def update(self, bad: list[Report], notes: list[Report], seen: int) -> None:
         self.seen += seen
+        self.notes.update(reason for _, _, reason in notes)
         for key, url, reason in bad:
             self.counts[reason] += 1
             examples = self.examples.setdefault(reason, [])
@@ -39,22 +43,26 @@ class BadInputTracker:
                 examples.append(f"{url}:{key}")
         if self.seen >= self.check_after and self.bad > self.max_fraction * self.seen:
             raise BadDataError(
-                f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%}), "
-                "over "
+                f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%}), over "
                 f"data.max_bad_fraction={self.max_fraction}: {self.summary()}"
             )
 
     def summary(self) -> str:
-        if not self.counts:
-            return "no bad samples"
-        return "; ".join(
+        bad = "; ".join(
             f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})"
             for reason, n in self.counts.most_common()
         )
+        kept = ", ".join(f"{reason}: {n}" for reason, n in self.notes.most_common())
+        return (bad or "no bad samples") + (f"; kept with a fix: {kept}" if kept else "")
 
     def state_dict(self) -> dict:
-        return {"counts": dict(self.counts), "examples": self.examples, "seen": self.seen}
+        return {
+            "counts": dict(self.counts),
+            "notes": dict(self.notes),
+            "examples": self.examples,
+            "seen": self.seen,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.counts, self.examples = Counter(state["counts"]), dict(state["examples"])
-        self.seen = state["seen"]
+        self.counts, self.notes = Counter(state["counts"]), Counter(state["notes"])
+        self.examples, self.seen = dict(state["examples"]), state["seen"]

@@ -129,13 +129,20 @@ def test_resume_after_a_complete_epoch_starts_the_next(latent_shards):
     assert [b["key"] for b in run_epoch(resumed)] == [b["key"] for b in run_epoch(reference)]
 
 
-def test_resume_with_other_worker_count_is_refused(latent_shards):
+def test_resume_with_other_worker_count_is_refused_or_restarts_the_epoch(latent_shards):
     dm = datamodule(latent_shards)
+    run_epoch(dm)
     run_epoch(dm, limit=2)
     other = datamodule(latent_shards, num_workers=1)
     other.load_state_dict(dm.state_dict())
     with pytest.raises(ValueError, match="data.num_workers: 2 -> 1"):
         run_epoch(other)
+    lenient = datamodule(latent_shards, num_workers=1, strict_resume=False)
+    lenient.load_state_dict(dm.state_dict())
+    reference = datamodule(latent_shards, num_workers=1)
+    run_epoch(reference)
+    assert [b["key"] for b in run_epoch(lenient)] == [b["key"] for b in run_epoch(reference)]
+    assert lenient.state_dict()["epoch"] == 1
 
 
 def test_mixture_weights(tmp_path):

@@ -72,6 +72,7 @@ class MagiDataModule(L.LightningDataModule):
         bad_check_after: int = 100,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        strict_resume: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -92,7 +93,7 @@ class MagiDataModule(L.LightningDataModule):
             "prefetch_factor": prefetch_factor if num_workers else None,
             "pin_memory": pin_memory,
         }
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.strict_resume = rank, world_size, strict_resume
         self.position = DataPosition()
         self.quality = BadInputTracker(max_bad_fraction, bad_check_after)
         self.dataset: ShardDataset | None = None
@@ -136,7 +137,7 @@ class MagiDataModule(L.LightningDataModule):
 
     def _begin_epoch(self) -> None:
         if self._restored is not None:
-            self.position.load_state_dict(self._restored, self._plan_identity())
+            self.position.load_state_dict(self._restored, self._plan_identity(), self.strict_resume)
             self.quality.load_state_dict(self._restored["quality"])
             self._restored = None
         epoch, start = self.position.begin_epoch(self._batches_in_epoch)

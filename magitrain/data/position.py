@@ -8,7 +8,10 @@ from the DataLoader's round robin: after k batches, worker slot w (0-based withi
 yielded ceil((k - w) / num_workers) of its batches; see ShardDataset.__iter__.
 """
 
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 PLAN_FIELDS = ("seed", "world_size", "num_workers")
 
@@ -33,12 +36,22 @@ class DataPosition:
     def state_dict(self, plan: dict) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, **plan}
 
-    def load_state_dict(self, state: dict, plan: dict) -> None:
+    def load_state_dict(self, state: dict, plan: dict, strict: bool = True) -> None:
+        """Continue exactly where `state` stopped; if the plan changed (other seed, world size or
+        workers) that is impossible: raise, or with `strict=False` restart the saved epoch."""
         changed = [f"data.{k}: {state[k]} -> {plan[k]}" for k in PLAN_FIELDS if state.get(k) != plan[k]]
-        if changed:
+        if changed and strict:
             raise ValueError(
                 "cannot resume the data stream exactly: the checkpoint's data plan used a "
-                f"different {', '.join(changed)}; keep them equal, or drop the datamodule "
-                "state from the checkpoint to restart the epoch"
+                f"different {', '.join(changed)}; keep them equal, or set data.strict_resume=false "
+                "to restart the checkpoint's data epoch from its beginning"
             )
+        if changed:
+            log.warning(
+                "data plan changed (%s): restarting data epoch %d from its start",
+                ", ".join(changed),
+                state["epoch"],
+            )
+            self.epoch, self.consumed, self.restored = state["epoch"] - 1, 0, False
+            return
         self.epoch, self.consumed, self.restored = state["epoch"], state["consumed"], True

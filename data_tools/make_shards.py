@@ -7,7 +7,8 @@ Input is either a folder of clips with sidecar captions
 or a CSV / JSONL manifest with columns path, caption, language, and optional audio, image
 (relative paths are relative to the manifest). Every clip is probed first; an unreadable one is
 reported and skipped. Shards are cut by --max-count samples and --max-bytes and written
-atomically (magitrain.data.writer), so re-running the same command skips finished shards.
+atomically (magitrain.data.writer), so re-running the same command skips finished shards; the
+clip-to-shard plan is kept in OUT_DIR/make_shards.plan.json and a re-run with other input stops.
 
     python data_tools/make_shards.py clips/ shards/raw/ --max-count 1000 --workers 8
 """
@@ -119,6 +120,19 @@ def shard_members(number: int, entries: list[dict], key_digits: int):
         )
 
 
+def check_plan(out_dir: Path, shards: list[list[dict]]) -> None:
+    """Record which clips go to which shard; a re-run must plan the same, or finished shards would
+    silently disagree with the new ones (clips lost or packed twice)."""
+    plan = [[entry["path"] for entry in shard] for shard in shards]
+    path = out_dir / "make_shards.plan.json"
+    if path.exists() and json.loads(path.read_text()) != plan:
+        raise SystemExit(
+            f"{out_dir} was started from other input or limits ({path} differs): "
+            "use a new output folder, or delete it to start over"
+        )
+    path.write_text(json.dumps(plan))
+
+
 def write_job(job: tuple[Path, int, list[dict], int]) -> str:
     out_dir, number, entries, key_digits = job
     return write_shard(out_dir, number, "raw", shard_members(number, entries, key_digits)).name
@@ -156,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             if "error" in e:
                 print(f"skipped {e['path']}: {e['error']}", file=sys.stderr)
         shards = plan_shards(good, args.max_count, int(args.max_bytes))
+        check_plan(args.out_dir, shards)
         digits = len(str(max(len(s) for s in shards) - 1)) if shards else 1
         jobs = [
             (args.out_dir, n, s, digits)

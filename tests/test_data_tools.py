@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from test_data_raw import tool
 
 from magitrain.data.shards import iter_tar
@@ -25,6 +26,10 @@ def test_unreadable_clips_are_reported_and_skipped_and_reruns_resume(tmp_path, c
     tool("make_shards.py", str(clips), str(out), "--max-count", "1", "--workers", "2")
     assert "(1 already done)" in capsys.readouterr().out
     assert (out / "000001.tar").exists() and (out / "000000.tar").stat().st_mtime_ns == first
+
+    make_demo_dataset(clips, num_clips=4, seconds=1.0, size=(64, 128))  # the input changed
+    with pytest.raises(SystemExit, match="other input"):
+        tool("make_shards.py", str(clips), str(out), "--max-count", "1", "--workers", "2")
 
 
 def test_csv_and_jsonl_manifests(tmp_path):

@@ -52,7 +52,7 @@ def raw_shards(tmp_path_factory):
 def test_make_shards_then_inspect(raw_shards, capsys):
     assert sorted(p.name for p in raw_shards.iterdir()) == [
         f"00000{i}.{ext}" for i in range(3) for ext in ("index.json", "tar")
-    ]
+    ] + ["make_shards.plan.json"]
     capsys.readouterr()
     assert tool("inspect_shards.py", str(raw_shards / "*.tar"), "--validate", "--json") == 0
     report = json.loads(capsys.readouterr().out)

@@ -20,11 +20,12 @@ from magitrain.model import MagiHumanDiT, get_config
 from magitrain.model.flops import forward_flops_per_token
 
 
-def parse_shape(shape: str) -> tuple[int, int, int]:
-    """'WxHxSs' (pixels, seconds at 25 fps) -> latent (T, H, W) with the Wan2.2 stride 4x16x16."""
+def parse_shape(shape: str) -> tuple[int, int, int, int]:
+    """'WxHxSs' (pixels, seconds at 25 fps) -> latent (T, H, W) and audio tokens N, as the released
+    pipeline sizes a clip: `seconds*25 + 1` frames and audio tokens, T = (frames - 1)//4 + 1."""
     width, height, seconds = shape.lower().rstrip("s").split("x")
     frames = int(float(seconds) * 25) + 1
-    return (frames - 1) // 4 + 1, int(height) // 16, int(width) // 16
+    return (frames - 1) // 4 + 1, int(height) // 16, int(width) // 16, frames
 
 
 def build(args) -> MagiHumanDiT:
@@ -75,8 +76,7 @@ def main() -> None:
 
     model = build(args)
     cfg = model.config
-    T, H, W = parse_shape(args.shape)
-    n_audio = 4 * (T - 1) + 1
+    T, H, W, n_audio = parse_shape(args.shape)
     B, dev = args.batch, args.device
     video = torch.randn(B, cfg.latent_channels, T, H, W, device=dev)
     audio = torch.randn(B, n_audio, cfg.audio_in_channels, device=dev)

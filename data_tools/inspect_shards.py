@@ -28,11 +28,15 @@ from magitrain.data.shards import expand_urls, index_url, iter_tar
 DURATION_BINS = (0, 2, 5, 10, 20, 30)
 
 
+DURATION_LABELS = [f"{lo}-{hi} s" for lo, hi in zip(DURATION_BINS, DURATION_BINS[1:], strict=False)]
+DURATION_LABELS.append(f">= {DURATION_BINS[-1]} s")
+
+
 def duration_bin(seconds: float) -> str:
-    for lo, hi in zip(DURATION_BINS, DURATION_BINS[1:], strict=False):
+    for label, hi in zip(DURATION_LABELS, DURATION_BINS[1:], strict=False):
         if seconds < hi:
-            return f"{lo}-{hi} s"
-    return f">= {DURATION_BINS[-1]} s"
+            return label
+    return DURATION_LABELS[-1]
 
 
 def load(url: str, write_missing: bool):
@@ -106,7 +110,9 @@ def print_summary(console: Console, summary: dict) -> None:
             continue
         table = Table(title=field, show_header=False)
         total = sum(summary[field].values())
-        for value, n in sorted(summary[field].items(), key=lambda kv: -kv[1]):
+        # duration bins in their natural order, everything else most frequent first
+        order = (lambda kv: DURATION_LABELS.index(kv[0])) if field == "duration" else (lambda kv: -kv[1])
+        for value, n in sorted(summary[field].items(), key=order):
             table.add_row(value, str(n), "#" * max(1, round(40 * n / total)))
         console.print(table)
 

@@ -1,0 +1,101 @@
+"""Validation samples during training: every N steps, generate clips for a few fixed prompts with
+the module's network (its EMA shadow when there is one) and log the mp4s, with sound, to W&B.
+
+The clips come from the same `MagiHumanPipeline` as `infer.py`, with its own seeded generator, so
+they are comparable across steps and runs and leave the training RNG untouched. Networks sharded
+over ranks (FSDP2, ZeRO-3) need every rank in each forward: then all ranks sample and rank zero
+decodes and logs; otherwise rank zero alone does the work while the others wait for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+DEFAULT_PROMPTS = (
+    "A woman with short dark hair smiles and says hello to the camera in a sunny kitchen.",
+    "An old man with a grey beard laughs, then speaks slowly in a quiet library.",
+)
+
+
+class Validation(Callback):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        prompts: list[str] | tuple[str, ...] = DEFAULT_PROMPTS,
+        seconds: float = 2.0,
+        resolution: str = "256p",
+        steps: int = 8,
+        sampler: str | None = None,
+        seed: int = 0,
+        use_ema: bool = True,
+        precision: str = "auto",
+        dirpath: str | None = None,
+        log_key: str = "val/samples",
+    ):
+        if every_n_steps <= 0:
+            raise ValueError(f"callbacks.validation.every_n_steps must be positive, got {every_n_steps}")
+        if not prompts:
+            raise ValueError("callbacks.validation.prompts is empty")
+        self.every_n_steps, self.prompts = every_n_steps, list(prompts)
+        self.options = dict(seconds=seconds, resolution=resolution, steps=steps, sampler=sampler, seed=seed)
+        self.use_ema, self.precision, self.log_key = use_ema, precision, log_key
+        self.dirpath = dirpath
+        self._last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if getattr(pl_module, "codecs", None) is None:
+            raise ValueError(
+                "the validation callback decodes with the module's codecs, and it has none: "
+                "add codecs=tiny or codecs=magihuman to the training command"
+            )
+        self.dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "validation")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # counts the optimiser step just taken
+        if step == self._last_step or step % self.every_n_steps:  # (accumulation micro-batches)
+            return
+        self._last_step = step
+        network = pl_module.ema if self.use_ema and pl_module.ema is not None else pl_module.model
+        if not (trainer.is_global_zero or _is_sharded(network)):
+            return
+        was_training = network.training
+        network.eval()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):  # belt and braces: the pipeline has its own
+                paths = self._generate(trainer, network, pl_module, step)
+        finally:
+            network.train(was_training)
+        if trainer.is_global_zero:
+            self._log(trainer, paths, step)
+
+    def _generate(self, trainer, network, pl_module, step: int) -> list[Path]:
+        from magitrain.inference import MagiHumanPipeline
+
+        pipe = MagiHumanPipeline(network, pl_module.codecs, device=pl_module.device, precision=self.precision)
+        paths = []
+        for i, prompt in enumerate(self.prompts):
+            if trainer.is_global_zero:
+                path = self.dirpath / f"step{step:08d}" / f"sample{i}.mp4"
+                paths.append(pipe.generate(prompt, **self.options).save(path))
+            else:  # a sharded network: take part in its forwards, leave decoding to rank zero
+                pipe.generate_latents(prompt, **self.options)
+        return paths
+
+    def _log(self, trainer, paths: list[Path], step: int) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                videos = [str(p) for p in paths]
+                logger.log_video(
+                    self.log_key, videos, step=step, caption=self.prompts, format=["mp4"] * len(paths)
+                )
+
+
+def _is_sharded(network: torch.nn.Module) -> bool:
+    """FSDP2 parameters are DTensors; DeepSpeed ZeRO-3 marks its partitioned parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in network.parameters())

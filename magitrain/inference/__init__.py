@@ -1,0 +1,23 @@
+"""Inference: the generation pipeline, checkpoint loading, output sizes, stage timings, benchmark."""
+
+from .networks import compile_blocks, load_network, random_network, to_inference_dtype
+from .pipeline import Generation, MagiHumanPipeline, TextInputs, load_image
+from .shapes import RESOLUTIONS, ClipShape, parse_resolution
+from .timing import StageTimer, format_table, write_json
+
+__all__ = [
+    "RESOLUTIONS",
+    "ClipShape",
+    "Generation",
+    "MagiHumanPipeline",
+    "StageTimer",
+    "TextInputs",
+    "compile_blocks",
+    "format_table",
+    "load_image",
+    "load_network",
+    "parse_resolution",
+    "random_network",
+    "to_inference_dtype",
+    "write_json",
+]

@@ -1,0 +1,235 @@
+"""The MagiHuman generation pipeline: prompt (+ image) -> latents -> an mp4 with sound.
+
+Stages, each timed with device synchronisation (Table 2 columns in `timing.py`):
+text (+ negative prompt for CFG) -> image latent (image-to-video) -> base (8-step distilled, or
+32-step UniPC with CFG) -> SR (optional: upsampled latent refined by the SR model) -> decode
+(video VAE + audio VAE). `Generation.save` muxes the mp4 (H.264 + AAC, 25 fps) and writes the
+timings as JSON next to it. `infer.py`, the validation callback and the benchmark all use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from magitrain.codecs.media import resize_cover_crop, write_mp4
+from magitrain.flow import initial_latents, sample_base, sample_distilled, sample_super_resolution
+from magitrain.model import MagiHumanDiT
+
+from .shapes import FPS, ClipShape
+from .timing import StageTimer, format_table, write_json
+
+SAMPLERS = ("distilled", "base")
+DEFAULT_SAMPLER = {8: "distilled", 32: "base"}  # the released distilled and base step counts
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TextInputs:
+    """Prompt embeddings [B, L, C] with lengths [B]; the negative prompt's only for CFG."""
+
+    emb: Tensor
+    length: Tensor
+    negative: Tensor | None = None
+    negative_length: Tensor | None = None
+
+
+@dataclass
+class Generation:
+    video: Tensor  # [3, F, H, W] float in [-1, 1], CPU
+    audio: Tensor  # [2, S] float, CPU
+    sample_rate: int
+    timings: dict  # a Table 2 row (see timing.StageTimer.row)
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `path` (mp4) and `path` with suffix .json (the timings, mux time included)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        write_mp4(path, self.video, fps=FPS, audio=self.audio, sample_rate=self.sample_rate)
+        self.timings["mux"] = time.perf_counter() - start
+        write_json(path.with_suffix(".json"), [self.timings], **self.meta)
+        return path
+
+    def table(self) -> str:
+        return format_table([self.timings])
+
+
+class MagiHumanPipeline:
+    """Generate clips with a base network and, optionally, an SR network.
+
+    The networks are used as given (device, dtype and train/eval mode are the caller's); `precision`
+    "bf16" runs them under bf16 autocast as released ("auto": bf16 on CUDA, float32 elsewhere).
+    `offload_codecs` keeps the codecs on the CPU and moves each onto the device only for its stage.
+    Noise comes from a generator on `generator_device` (CPU by default: a seed then gives the same
+    noise on any machine).
+    """
+
+    def __init__(
+        self,
+        model: MagiHumanDiT,
+        codecs,
+        sr_model: MagiHumanDiT | None = None,
+        *,
+        device: torch.device | str | None = None,
+        precision: str = "auto",
+        offload_codecs: bool = False,
+        generator_device: str = "cpu",
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.model, self.codecs, self.sr_model = model, codecs, sr_model
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.offload_codecs = offload_codecs
+        self.generator_device = generator_device
+        codecs.to("cpu" if offload_codecs else self.device)
+
+    # ----- stages ---------------------------------------------------------------------------
+    @contextmanager
+    def _codec_on_device(self, codec):
+        """Offloading: the codec visits the device for one stage and goes back to the CPU."""
+        if not self.offload_codecs:
+            yield codec
+            return
+        codec.to(self.device)
+        try:
+            yield codec
+        finally:
+            codec.to("cpu")
+
+    def _autocast(self):
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def encode_prompt(self, prompt: str, guidance: bool, negative_prompt: str | None = None) -> TextInputs:
+        with self._codec_on_device(self.codecs.text) as text:
+            emb, length = text.encode([prompt])
+            if not guidance:
+                return TextInputs(emb.to(self.device), length.to(self.device))
+            neg = text.encode([negative_prompt]) if negative_prompt is not None else text.encode_negative(1)
+        return TextInputs(emb.to(self.device), length.to(self.device), *(t.to(self.device) for t in neg))
+
+    def encode_image(self, image: str | Path | Tensor, clip: ClipShape) -> Tensor:
+        """An image file or uint8 [3, H, W] tensor -> the frame-0 latent [1, 48, 1, h, w] at `clip`'s size."""
+        pixels = load_image(image) if isinstance(image, (str, Path)) else image
+        pixels = resize_cover_crop(pixels.unsqueeze(0), (clip.height, clip.width))[0]
+        pixels = pixels.float() / 127.5 - 1 if pixels.dtype == torch.uint8 else pixels.float()
+        with self._codec_on_device(self.codecs.video) as video:
+            return video.encode_image(pixels.unsqueeze(0).to(self.device)).to(self.device)
+
+    def sample(
+        self,
+        text: TextInputs,
+        clip: ClipShape,
+        timer: StageTimer,
+        *,
+        steps: int = 8,
+        sampler: str = "distilled",
+        seed: int = 0,
+        sr_clip: ClipShape | None = None,
+        image_latents: tuple[Tensor, Tensor | None] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Base stage, then the SR stage when `sr_clip` is given: (video latent, audio latent)."""
+        generator = torch.Generator(self.generator_device).manual_seed(seed)
+        base_image, sr_image = image_latents or (None, None)
+        with timer("base"), self._autocast():
+            video, audio = initial_latents(
+                clip.video_latent_shape(), clip.audio_latent_shape(), generator, self.device
+            )
+            if sampler == "distilled":
+                video, audio = sample_distilled(
+                    self.model, video, audio, text.emb, text.length,
+                    generator=generator, steps=steps, image_latent=base_image,
+                )  # fmt: skip
+            else:
+                video, audio = sample_base(
+                    self.model, video, audio, text.emb, text.length, text.negative, text.negative_length,
+                    steps=steps, image_latent=base_image,
+                )  # fmt: skip
+        if sr_clip is None:
+            return video, audio
+        if self.sr_model is None:
+            raise ValueError("an SR stage was asked for but the pipeline has no SR model (sr_ckpt)")
+        with timer("sr"), self._autocast():
+            video = sample_super_resolution(
+                functools.partial(self.sr_model, coords_style="v1"), video, audio, text.emb, text.length,
+                size=sr_clip.latent_size, generator=generator, image_latent=sr_image,
+            )  # fmt: skip
+        return video, audio
+
+    def decode(self, video_latent: Tensor, audio_latent: Tensor, timer: StageTimer):
+        """Latents -> (video [3, F, H, W] in [-1, 1], stereo audio [2, S], sample rate), on the CPU."""
+        with timer("decode"):
+            with self._codec_on_device(self.codecs.video) as codec:
+                video = codec.decode(video_latent)[0]
+            with self._codec_on_device(self.codecs.audio) as codec:
+                audio, rate = codec.decode(audio_latent)
+        return video.cpu(), audio[0].cpu(), rate
+
+    # ----- all together -----------------------------------------------------------------------
+    def generate(self, prompt: str, **options) -> Generation:
+        """One clip for `prompt`: `generate_latents(prompt, **options)`, then the decode stage."""
+        latents, timer, meta = self.generate_latents(prompt, **options)
+        video, audio, rate = self.decode(*latents, timer)
+        return Generation(video, audio, rate, timer.row(meta["sr"] or meta["resolution"]), meta)
+
+    def generate_latents(
+        self,
+        prompt: str,
+        *,
+        seconds: float = 5.0,
+        resolution: str = "256p",
+        sr: str | None = None,
+        steps: int = 8,
+        sampler: str | None = None,
+        seed: int = 0,
+        image: str | Path | Tensor | None = None,
+        negative_prompt: str | None = None,
+    ) -> tuple[tuple[Tensor, Tensor], StageTimer, dict]:
+        """Text, image, base and SR stages: ((video latent, audio latent), their timer, the settings).
+
+        `sr` ('540p', '1080p' or WxH) adds the SR stage; `sampler` defaults to the one of `steps`.
+        """
+        sampler = sampler or DEFAULT_SAMPLER.get(steps)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"steps={steps} has no default sampler: pass sampler= one of {SAMPLERS}")
+        clip = ClipShape.of(seconds, resolution)
+        sr_clip = clip.with_resolution(sr) if sr else None
+        timer = StageTimer(self.device)
+        with timer("text"):
+            text = self.encode_prompt(prompt, guidance=sampler == "base", negative_prompt=negative_prompt)
+        image_latents = None
+        if image is not None:
+            with timer("image"):
+                image_latents = (
+                    self.encode_image(image, clip),
+                    self.encode_image(image, sr_clip) if sr_clip else None,
+                )
+        latents = self.sample(
+            text, clip, timer, steps=steps, sampler=sampler, seed=seed, sr_clip=sr_clip,
+            image_latents=image_latents,
+        )  # fmt: skip
+        meta = dict(prompt=prompt, seed=seed, seconds=seconds, steps=steps, sampler=sampler,
+                    resolution=resolution, sr=sr, frames=clip.frames, device=str(self.device),
+                    precision="bf16" if self.bf16 else "fp32")  # fmt: skip
+        return latents, timer, meta
+
+
+def load_image(path: str | Path) -> Tensor:
+    """An image file -> uint8 [3, H, W] RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image={path}: no such file")
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()

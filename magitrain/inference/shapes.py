@@ -1,0 +1,67 @@
+"""Output sizes: resolution presets and the latent shapes of a clip (REFERENCE §1, §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from magitrain.codecs.audio import num_latent_frames
+
+FPS = 25
+# name -> (width, height) in pixels. 1080p is 1088 high: the latent grid must be a whole number
+# of 2x2 patches of 16-pixel latent cells, i.e. a multiple of 32 pixels.
+RESOLUTIONS = {"256p": (448, 256), "540p": (896, 512), "1080p": (1920, 1088)}
+PIXELS_PER_PATCH = 32
+
+
+def parse_resolution(value: str) -> tuple[int, int]:
+    """'256p' | '540p' | '1080p' | 'WIDTHxHEIGHT' -> (width, height), both multiples of 32."""
+    if value in RESOLUTIONS:
+        return RESOLUTIONS[value]
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(
+            f"resolution {value!r} is neither a preset {sorted(RESOLUTIONS)} nor WIDTHxHEIGHT"
+        ) from None
+    if width <= 0 or height <= 0 or width % PIXELS_PER_PATCH or height % PIXELS_PER_PATCH:
+        raise ValueError(f"resolution {value!r}: width and height must be positive multiples of 32")
+    return width, height
+
+
+@dataclass(frozen=True)
+class ClipShape:
+    """A clip of `seconds` at `width` x `height`: `seconds*25 + 1` frames and as many audio tokens."""
+
+    width: int
+    height: int
+    frames: int
+
+    @classmethod
+    def of(cls, seconds: float, resolution: str) -> ClipShape:
+        if seconds <= 0:
+            raise ValueError(f"seconds must be positive, got {seconds}")
+        width, height = parse_resolution(resolution)
+        return cls(width, height, num_latent_frames(seconds))
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // 4 + 1
+
+    @property
+    def latent_size(self) -> tuple[int, int, int]:
+        """(T, H, W) of the 48-channel video latent (VAE stride 4 x 16 x 16)."""
+        return self.latent_frames, self.height // 16, self.width // 16
+
+    @property
+    def audio_tokens(self) -> int:
+        return self.frames
+
+    def video_latent_shape(self, batch: int = 1) -> tuple[int, ...]:
+        return (batch, 48, *self.latent_size)
+
+    def audio_latent_shape(self, batch: int = 1) -> tuple[int, ...]:
+        return (batch, self.audio_tokens, 64)
+
+    def with_resolution(self, resolution: str) -> ClipShape:
+        """The same clip length at another resolution (the SR stage's target)."""
+        return ClipShape(*parse_resolution(resolution), self.frames)

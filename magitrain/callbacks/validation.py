@@ -14,17 +14,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-DEFAULT_PROMPTS = (
-    "A woman with short dark hair smiles and says hello to the camera in a sunny kitchen.",
-    "An old man with a grey beard laughs, then speaks slowly in a quiet library.",
-)
-
 
 class Validation(Callback):
     def __init__(
         self,
+        prompts: list[str],
         every_n_steps: int = 1000,
-        prompts: list[str] | tuple[str, ...] = DEFAULT_PROMPTS,
         seconds: float = 2.0,
         resolution: str = "256p",
         steps: int = 8,

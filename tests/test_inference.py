@@ -1,0 +1,160 @@
+"""Inference on CPU at tiny size: infer.py end to end (real tiny codecs, a real mp4), the pipeline's
+samplers and SR stage, checkpoint errors, the stage-timing table and the benchmark mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from magitrain.checkpoint import CheckpointMismatchError, save_official
+from magitrain.codecs import build_tiny_codecs
+from magitrain.inference import ClipShape, MagiHumanPipeline, StageTimer, load_network
+from magitrain.model import MagiHumanDiT, get_config
+
+SIZE, SECONDS = "64x32", 0.32  # 9 frames, a 3 x 2 x 4 latent: the tiny codecs take seconds here
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_official(MagiHumanDiT(get_config("tiny")), tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt) -> MagiHumanPipeline:
+    model = load_network(tiny_ckpt, "tiny").eval()
+    torch.manual_seed(1)
+    sr_model = MagiHumanDiT(get_config("tiny")).eval()
+    return MagiHumanPipeline(model, build_tiny_codecs(seed=0), sr_model, device="cpu")
+
+
+def test_clip_shapes_follow_the_release():
+    clip = ClipShape.of(5, "256p")
+    assert (clip.width, clip.height, clip.frames) == (448, 256, 126)
+    assert clip.latent_size == (32, 16, 28) and clip.audio_tokens == 126
+    assert clip.with_resolution("540p").latent_size == (32, 32, 56)
+    assert clip.with_resolution("1080p").latent_size == (32, 68, 120)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        ClipShape.of(1, "100x64")
+    with pytest.raises(ValueError, match="neither a preset"):
+        ClipShape.of(1, "720p")
+
+
+def _infer(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "infer.py"), f"ckpt={ckpt}", "model=tiny", "codecs=tiny",
+           "prompt=A man says hello", f"seconds={SECONDS}", f"resolution={SIZE}", "seed=7", f"out={out}",
+           *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def _decoded_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_infer_py_writes_a_readable_mp4_with_sound_and_timings(tiny_ckpt, pipe, tmp_path):
+    out = tmp_path / "clip.mp4"
+    result = _infer(tiny_ckpt, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| output | Base | SR | Decode | Total |" in result.stdout
+
+    import decord
+
+    reader = decord.VideoReader(str(out))
+    assert len(reader) == 9 and reader.get_avg_fps() == 25.0
+    assert reader[0].shape == (32, 64, 3)
+    with av.open(str(out)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        assert (video.codec_context.name, audio.codec_context.name) == ("h264", "aac")
+        assert audio.sample_rate == 44100 and audio.channels == 2
+        samples = sum(f.samples for f in container.decode(audio=0))
+    # 9 audio tokens x 1764 samples at 44.1 kHz = 9 / 25 s (AAC adds its 1024-sample priming frame at most)
+    assert 9 * 1764 <= samples <= 9 * 1764 + 1024
+
+    timings = json.loads(out.with_suffix(".json").read_text())
+    assert timings["columns"] == ["output", "base", "sr", "decode", "total"]
+    row = timings["rows"][0]
+    assert row["output"] == SIZE and row["sr"] is None
+    assert row["total"] == pytest.approx(row["base"] + row["decode"])
+
+    # The same seed in this process (same codecs config, same weights) gives the same clip.
+    again = pipe.generate("A man says hello", seconds=SECONDS, resolution=SIZE, seed=7).save(
+        tmp_path / "b.mp4"
+    )
+    assert out.read_bytes() == again.read_bytes()
+    other = pipe.generate("A man says hello", seconds=SECONDS, resolution=SIZE, seed=8).save(
+        tmp_path / "c.mp4"
+    )
+    assert not np.array_equal(_decoded_frames(out), _decoded_frames(other))
+
+
+def test_distilled_and_cfg_samplers_and_the_sr_stage(pipe, tmp_path):
+    clip = ClipShape.of(SECONDS, SIZE)
+    timer = StageTimer("cpu")
+    distilled = pipe.encode_prompt("a dog barks", guidance=False)
+    video, audio = pipe.sample(distilled, clip, timer, steps=8, sampler="distilled", seed=1)
+    assert video.shape == (1, 48, 3, 2, 4) and audio.shape == (1, 9, 64)
+    guided = pipe.encode_prompt("a dog barks", guidance=True)
+    assert guided.negative is not None and guided.negative.shape[-1] == 64
+    v32, a32 = pipe.sample(guided, clip, timer, steps=32, sampler="base", seed=1)
+    assert v32.shape == video.shape and not torch.allclose(v32, video)
+    assert set(timer.seconds) == {"base"}
+
+    # Image-to-video with an SR stage: frame 0 of both stages' latents is the image's latent.
+    image = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    result = pipe.generate("a dog barks", seconds=SECONDS, resolution=SIZE, sr="128x64", seed=1, image=image)
+    assert result.video.shape == (3, 9, 64, 128) and result.audio.shape == (2, 9 * 1764)
+    assert set(result.timings) >= {"text", "image", "base", "sr", "decode", "total"}
+    assert result.timings["output"] == "128x64"
+    latents, _, _ = pipe.generate_latents(
+        "a dog barks", seconds=SECONDS, resolution=SIZE, sr="128x64", image=image
+    )
+    sr_image = pipe.encode_image(image, clip.with_resolution("128x64"))
+    torch.testing.assert_close(latents[0][:, :, :1], sr_image)
+    with pytest.raises(ValueError, match="steps=12 has no default sampler"):
+        pipe.generate("x", seconds=SECONDS, resolution=SIZE, steps=12)
+
+
+def test_checkpoint_errors_name_the_file(tiny_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"ckpt=.*nowhere: no such file"):
+        load_network(tmp_path / "nowhere", "tiny")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"ckpt: .*empty holds neither model.safetensors.index.json"):
+        load_network(tmp_path / "empty", "tiny")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"ckpt=.*junk.ckpt is neither a released-layout checkpoint"):
+        load_network(tmp_path / "junk.ckpt", "tiny")
+    torch.save({"weights": {}}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"plain.pt is a torch file without 'state_dict'"):
+        load_network(tmp_path / "plain.pt", "tiny")
+    with pytest.raises(CheckpointMismatchError, match=r"sr_ckpt: checkpoint .*tiny does not match the model"):
+        load_network(tiny_ckpt, "golden_tiny", field="sr_ckpt")
+    with pytest.raises(ValueError, match="released-layout checkpoint: it has no separate EMA"):
+        load_network(tiny_ckpt, "tiny", weights="ema")
+
+
+def test_infer_py_reports_a_missing_checkpoint(tmp_path):
+    result = _infer(tmp_path / "missing", tmp_path / "x.mp4")
+    assert result.returncode != 0
+    assert f"ckpt={tmp_path / 'missing'}: no such file or directory" in result.stderr
+
+
+def test_benchmark_rows_at_tiny_size(tmp_path):
+    from magitrain.inference.benchmark import run_benchmark
+
+    rows = run_benchmark(
+        "tiny", ("none", "128x64"), seconds=SECONDS, resolution=SIZE, codecs=build_tiny_codecs(),
+        device="cpu", repeats=1,
+    )  # fmt: skip
+    assert [r["output"] for r in rows] == [SIZE, "128x64"]
+    assert rows[0]["sr"] is None and rows[1]["sr"] > 0
+    for row in rows:
+        assert row["total"] == pytest.approx(row["base"] + (row["sr"] or 0) + row["decode"])

@@ -5,7 +5,8 @@ Each clip is decoded and cut exactly as the raw loader does (25 fps, cover-resiz
 to its bucket, 4k+1 frames, matching audio), encoded by the video VAE, the audio VAE and the text
 encoder, and written as KEY.latents.safetensors + KEY.json, keeping the raw shard's keys. Shards
 are split across ranks (RANK/WORLD_SIZE from torchrun, or SLURM_PROCID/SLURM_NTASKS): shard i
-goes to rank i % world. A finished output shard is skipped, so re-running resumes.
+goes to rank i % world. A finished output shard is skipped, so re-running resumes. Clips of one
+bucket (and the same presence of KEY.jpg) are encoded --batch-size at a time.
 --sr HxW makes SR pairs: video_latent at the SR size, lr_video_latent at the bucket size.
 
     python data_tools/encode_shards.py 'shards/raw/*.tar' shards/latent/ codecs=magihuman \\
@@ -17,6 +18,7 @@ import argparse
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,70 +64,84 @@ def parse_bucket(text: str) -> Bucket:
     return Bucket(height, width, frames_for_seconds(float(seconds)), 1)
 
 
-def encode_sample(
-    sample: dict,
-    row: dict,
-    bucket: Bucket,
-    sr: tuple[int, int] | None,
-    codecs,
-    opts: RawOptions,
-    dtype: torch.dtype,
-    device: str,
-) -> tuple[dict, dict]:
-    decoded = decode_raw(sample, row, bucket, opts, random.Random(0))
-    batch = collate_raw([decoded], opts.sample_rate)
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    latents = encode_raw_batch(batch, codecs)
-    n = int(latents["text_len"][0])
-    tensors = {
-        "video_latent": latents["video_latent"][0].to(dtype).cpu(),
-        "audio_latent": latents["audio_latent"][0].to(dtype).cpu(),
-        "text_emb": latents["text_emb"][0, :n].cpu(),
-    }
-    if "ref_latent" in latents:  # from KEY.jpg, at the bucket size
-        tensors["ref_latent"] = latents["ref_latent"][0].to(dtype).cpu()
-    if sr is not None:
-        high = decode_raw(sample, row, Bucket(sr[0], sr[1], bucket.frames, 1), opts, random.Random(0))
-        tensors["lr_video_latent"] = tensors["video_latent"]
-        pixels = to_pixels(high["video"][None].to(device))
-        tensors["video_latent"] = codecs.video.encode(pixels)[0].to(dtype).cpu()
-    meta = {
-        **read_meta(sample),
-        "bucket": bucket.name,
-        "frames": bucket.frames,
-        "duration": bucket.seconds,
-        "width": (sr or (bucket.height, bucket.width))[1],
-        "height": (sr or (bucket.height, bucket.width))[0],
-    }
-    return latent_sample(sample["__key__"], meta, tensors)
+@dataclass(frozen=True)
+class Job:
+    """What every batch of this run shares."""
+
+    codecs: object
+    opts: RawOptions
+    sr: tuple[int, int] | None
+    dtype: torch.dtype
+    device: str
+    batch_size: int
 
 
-def encode_shard(
-    url: str, number: int, out_dir: Path, buckets: list[Bucket], args, codecs, problems: Counter
-) -> None:
-    index = read_index(url, index_url(url))
-    rows = {row["key"]: row for row in index.rows}
-    opts = RawOptions(missing_audio=args.missing_audio)
-    sr = tuple(int(v) for v in args.sr.lower().split("x")) if args.sr else None
+def decode_sample(sample: dict, row: dict, bucket: Bucket, job: Job) -> dict:
+    """The clip cut to its bucket (and, for SR pairs, also at the SR size) plus its metadata."""
+    decoded = decode_raw(sample, row, bucket, job.opts, random.Random(0))
+    decoded["meta"] = read_meta(sample)
+    if job.sr is not None:
+        high = Bucket(job.sr[0], job.sr[1], bucket.frames, 1)
+        decoded["high"] = decode_raw(sample, row, high, job.opts, random.Random(0))["video"]
+    return decoded
+
+
+def encode_batch(decoded: list[dict], bucket: Bucket, job: Job) -> list[tuple[dict, dict]]:
+    """Encode clips of one bucket together; (members, index row) per clip."""
+    batch = collate_raw(decoded, job.opts.sample_rate)
+    batch = {k: v.to(job.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    latents = encode_raw_batch(batch, job.codecs)
+    video = latents["video_latent"]
+    if job.sr is not None:
+        high = to_pixels(torch.stack([d["high"] for d in decoded]).to(job.device))
+        latents["lr_video_latent"], video = video, job.codecs.video.encode(high)
+    height, width = job.sr or (bucket.height, bucket.width)
+    out = []
+    for i, d in enumerate(decoded):
+        tensors = {"video_latent": video[i], "audio_latent": latents["audio_latent"][i]}
+        tensors |= {k: latents[k][i] for k in ("ref_latent", "lr_video_latent") if k in latents}
+        tensors = {k: v.to(job.dtype).cpu() for k, v in tensors.items()}
+        tensors["text_emb"] = latents["text_emb"][i, : int(latents["text_len"][i])].cpu()
+        meta = {
+            **d["meta"],
+            "bucket": bucket.name,
+            "frames": bucket.frames,
+            "duration": bucket.seconds,
+            "width": width,
+            "height": height,
+        }
+        out.append(latent_sample(d["key"], meta, tensors))
+    return out
+
+
+def encode_shard(url: str, number: int, out_dir: Path, buckets: list[Bucket], job: Job, problems: Counter):
+    rows = {row["key"]: row for row in read_index(url, index_url(url)).rows}
 
     def samples():
+        # clips wait per (bucket, has reference image) until a batch is full: one shape per batch
+        pending: dict[tuple[int, bool], list[dict]] = {}
         for sample in track(iter_tar(url), total=len(rows), description=f"{Path(url).name}"):
             if "__error__" in sample:
                 problems["truncated_tar"] += 1
                 print(f"{url}: {sample['__error__']}")
-                return
+                break
             row = rows.get(sample["__key__"])
             choice = assign_raw(buckets, row["width"], row["height"], row["duration"]) if row else -1
             if choice < 0:
                 problems["no_bucket" if row else "not_in_index"] += 1
                 continue
             try:
-                yield encode_sample(
-                    sample, row, buckets[choice], sr, codecs, opts, DTYPES[args.dtype], args.device
-                )
+                decoded = decode_sample(sample, row, buckets[choice], job)
             except BadSample as exn:
                 problems[exn.reason] += 1
                 print(f"{url}:{sample['__key__']} skipped: {exn}")
+                continue
+            group = pending.setdefault((choice, "ref_image" in decoded), [])
+            group.append(decoded)
+            if len(group) == job.batch_size:
+                yield from encode_batch(pending.pop((choice, "ref_image" in decoded)), buckets[choice], job)
+        for (choice, _), group in pending.items():
+            yield from encode_batch(group, buckets[choice], job)
 
     write_shard(out_dir, number, "latent", samples())
 
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         help="storage dtype of video/audio latents (text keeps the encoder's)",
     )
     parser.add_argument("--missing-audio", choices=["silent", "skip"], default="silent")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips of one bucket encoded together")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     args = parser.parse_args(argv)
 
@@ -164,10 +181,20 @@ def main(argv: list[str] | None = None) -> None:
     mine = [(n, url) for n, url in enumerate(urls) if n % world == rank]
     todo = [(n, url) for n, url in mine if not shard_path(args.out_dir, n).exists()]
     print(f"rank {rank}/{world}: {len(mine)} shards, {len(mine) - len(todo)} already encoded")
-    codecs = load_codecs(args.overrides, args.device) if todo else None
+    if not todo:
+        return
+    sr = tuple(int(v) for v in args.sr.lower().split("x")) if args.sr else None
+    job = Job(
+        load_codecs(args.overrides, args.device),
+        RawOptions(missing_audio=args.missing_audio),
+        sr,
+        DTYPES[args.dtype],
+        args.device,
+        args.batch_size,
+    )
     problems: Counter = Counter()
     for number, url in todo:
-        encode_shard(url, number, args.out_dir, buckets, args, codecs, problems)
+        encode_shard(url, number, args.out_dir, buckets, job, problems)
     print(f"rank {rank}: done; skipped samples: {dict(problems) or 'none'}")
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load
 
 from magitrain.data.datamodule import MagiDataModule
+from magitrain.data.shards import iter_tar
 from magitrain.data.synthetic import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,36 +95,38 @@ def test_raw_batches_are_pixels_and_waveforms_cut_to_buckets(raw_shards):
 
 
 def test_encode_shards_to_latent_shards_with_sr_pairs(raw_shards, tmp_path, monkeypatch, capsys):
-    # rank 1 of 2 takes the second of the two input shards (000002.tar: one 72x120 clip, wav audio)
+    # rank 1 of 2 takes the second of the two input shards: 000001.tar holds one 64x128 clip with
+    # its audio in the mp4 and two 72x120 clips with a wav and a KEY.jpg (encoded as one batch)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = [
-        str(raw_shards / "{000000,000002}.tar"),
-        str(tmp_path),
-        "codecs=tiny",
-        "--bucket",
-        "32x32:0.16",
-        "--sr",
-        "64x64",
-        "--dtype",
-        "float32",
-    ]
+    args = [str(raw_shards / "{000002,000001}.tar"), str(tmp_path), "codecs=tiny", "--bucket", "32x32:0.16",
+            "--sr", "64x64", "--dtype", "float32", "--batch-size", "2"]  # fmt: skip
     tool("encode_shards.py", *args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000001.index.json", "000001.tar"]
     tool("encode_shards.py", *args)
     assert "1 already encoded" in capsys.readouterr().out
-    dm = MagiDataModule(
-        mode="latent",
-        shards=str(tmp_path / "000001.tar"),
-        num_workers=0,
-        buckets=[{"height": 64, "width": 64, "frames": 5, "batch_size": 2}],
-    )
-    (batch,) = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
-    assert batch["video_latent"].shape == (1, 48, 2, 4, 4) and batch["audio_latent"].shape == (1, 5, 64)
-    assert batch["lr_video_latent"].shape == (1, 48, 2, 2, 2)
-    assert batch["ref_latent"].shape == (1, 48, 1, 2, 2)  # from KEY.jpg, at the base bucket size
-    assert batch["text_emb"].shape[-1] == 64 and batch["text_len"].tolist() == [batch["text_emb"].shape[1]]
-    assert batch["key"] == ["0000020"] and batch["caption"][0].startswith("A tone clip")
+
+    with_reference = {s["__key__"]: "ref_latent" in load(s["latents.safetensors"])
+                      for s in iter_tar(str(tmp_path / "000001.tar"))}  # fmt: skip
+    assert with_reference == {"0000010": False, "0000011": True, "0000012": True}
+    dm = MagiDataModule(mode="latent", shards=str(tmp_path / "000001.tar"), num_workers=0, shuffle=False,
+                        buckets=[{"height": 64, "width": 64, "frames": 5, "batch_size": 2}])  # fmt: skip
+    batches = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    # the two clips with a reference image filled a batch first; the other one was flushed at the end
+    assert [b["key"] for b in batches] == [["0000011", "0000012"], ["0000010"]]
+    for batch in batches:
+        size = len(batch["key"])
+        assert batch["video_latent"].shape == (size, 48, 2, 4, 4) and batch["audio_latent"].shape == (
+            size,
+            5,
+            64,
+        )
+        assert batch["lr_video_latent"].shape == (size, 48, 2, 2, 2)
+        assert (
+            batch["text_emb"].shape[-1] == 64 and int(batch["text_len"].max()) == batch["text_emb"].shape[1]
+        )
+    assert batches[0]["ref_latent"].shape == (2, 48, 1, 2, 2)  # from KEY.jpg, at the base bucket size
+    assert "ref_latent" not in batches[1] and batches[1]["caption"][0].startswith("A ")
 
 
 def test_cli_runs_as_a_script():

@@ -2,7 +2,7 @@
 
 Every row runs the 8-step distilled base stage at the base resolution (256p), then the SR stage
 to the row's output size (none, 540p or 1080p), then decodes video and audio. The timed runs
-follow one warm-up run per row (compilation, kernel autotuning, allocator growth).
+follow warm-up runs (one by default) per row (compilation, kernel autotuning, allocator growth).
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def run_benchmark(
     compile: bool = False,
     text_tokens: int = 100,
     repeats: int = 2,
+    warmup: int = 1,
 ) -> list[dict]:
-    """Table 2 rows (seconds per stage, mean of `repeats` timed runs after a warm-up run)."""
+    """Table 2 rows: seconds per stage, the mean of `repeats` timed runs after `warmup` runs."""
     device = torch.device(device)
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     model = random_network(get_config(preset), device, torch.bfloat16 if bf16 else torch.float32)
@@ -80,11 +81,11 @@ def run_benchmark(
             model, codecs, sr_model, device=device, precision=precision, generator_device=str(device)
         )
         timings = []
-        for _ in range(1 + repeats):
+        for _ in range(warmup + repeats):
             timer = StageTimer(device)
             pipe.decode(*pipe.sample(text, clip, timer, sr_clip=sr_clip), timer)
             timings.append(timer.row(resolution if sr_clip is None else output))
-        results.append(_mean(timings[1:]))
+        results.append(_mean(timings[warmup:]))
     return results
 
 

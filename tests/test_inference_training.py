@@ -1,0 +1,84 @@
+"""Inference against training: a 2-step tiny run with the validation callback logs mp4s to W&B
+(offline), and its Lightning checkpoint loads as `ckpt` with EMA or raw weights."""
+
+from __future__ import annotations
+
+import av
+import pytest
+import torch
+from conftest import compose_train
+from test_train_base import tiny_run
+
+from magitrain.callbacks import Validation
+from magitrain.inference import ClipShape, MagiHumanPipeline, StageTimer, load_network
+from magitrain.launch import train
+
+
+@pytest.fixture(scope="module")
+def run(latent_shards, tmp_path_factory):
+    """(trainer, run dir) of 2 steps with validation samples after each step, W&B offline."""
+    out = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        overrides = tiny_run(
+            latent_shards, "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+            "logger=wandb", "codecs=tiny", "callbacks=validation", "callbacks.progress_bar=null",
+            "callbacks.validation.every_n_steps=1", "callbacks.validation.prompts=[A dog barks twice]",
+            "callbacks.validation.seconds=0.32", "callbacks.validation.resolution=64x32",
+        )  # fmt: skip
+        return train(compose_train(overrides, out)), out
+
+
+def test_validation_samples_are_saved_and_logged_to_wandb(run):
+    trainer, out = run
+    for step in (1, 2):
+        clip = out / "validation" / f"step{step:08d}" / "sample0.mp4"
+        with av.open(str(clip)) as container:
+            assert container.streams.video[0].frames == 9 and len(container.streams.audio) == 1
+    wandb_run = next((out / "wandb").glob("offline-run-*"))
+    logged = list((wandb_run / "files" / "media" / "videos").rglob("*.mp4"))
+    assert len(logged) == 2  # one per validation step
+    assert b"val/samples" in next(wandb_run.glob("run-*.wandb")).read_bytes()
+
+
+def test_validation_leaves_the_rng_and_train_mode_alone(run):
+    trainer, _ = run
+    module = trainer.lightning_module
+    callback = next(c for c in trainer.callbacks if isinstance(c, Validation))
+    trainer.loggers = []  # the run's W&B logger is finished; this extra sample only goes to disk
+    callback._last_step = -1
+    module.train()
+    rng = torch.get_rng_state()
+    callback.on_train_batch_end(trainer, module, None, None, 0)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert module.ema.training and module.model.training
+
+
+def test_a_training_checkpoint_loads_with_ema_or_raw_weights(run, tmp_path):
+    _, out = run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    name = "block.layers.1.mlp.up_gate_proj.weight"
+    assert not torch.equal(state[f"model.{name}"], state[f"ema.{name}"])  # decay 0.9999: they differ
+
+    auto, ema, raw = (load_network(ckpt, weights=w) for w in ("auto", "ema", "raw"))  # tiny from hparams
+    assert auto.config.hidden_size == 64
+    torch.testing.assert_close(auto.state_dict()[name], state[f"ema.{name}"], rtol=0, atol=0)
+    torch.testing.assert_close(ema.state_dict()[name], state[f"ema.{name}"], rtol=0, atol=0)
+    torch.testing.assert_close(raw.state_dict()[name], state[f"model.{name}"], rtol=0, atol=0)
+
+    # Without EMA weights, auto falls back to the raw ones and asking for EMA says why it can't.
+    no_ema = torch.load(ckpt, map_location="cpu", weights_only=False)
+    no_ema["state_dict"] = {k: v for k, v in no_ema["state_dict"].items() if not k.startswith("ema.")}
+    torch.save(no_ema, tmp_path / "no_ema.ckpt")
+    fallback = load_network(tmp_path / "no_ema.ckpt")
+    torch.testing.assert_close(fallback.state_dict()[name], state[f"model.{name}"], rtol=0, atol=0)
+    with pytest.raises(KeyError, match=r"ckpt=.*no_ema.ckpt: the checkpoint holds no EMA weights"):
+        load_network(tmp_path / "no_ema.ckpt", weights="ema")
+
+    # The loaded network samples through the pipeline (codecs of the run: tiny).
+    pipe = MagiHumanPipeline(raw.eval(), run[0].lightning_module.codecs, device="cpu")
+    text = pipe.encode_prompt("A dog barks twice", guidance=False)
+    video, audio = pipe.sample(text, ClipShape.of(0.32, "64x32"), StageTimer("cpu"), seed=0)
+    assert torch.isfinite(video).all() and torch.isfinite(audio).all()

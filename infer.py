@@ -78,25 +78,26 @@ def optional(value: str | None) -> str | None:
 
 
 def generate(cfg: InferConfig, device: torch.device) -> None:
-    from magitrain.inference import MagiHumanPipeline, compile_blocks, load_network, to_inference_dtype
+    from magitrain.inference import MagiHumanPipeline, compile_blocks, load_network
+    from magitrain.inference.pipeline import uses_bf16
 
     if not cfg.ckpt or not cfg.prompt:
         raise SystemExit("infer.py needs ckpt=PATH and prompt=TEXT (or benchmark=true)")
     sr = optional(cfg.sr)
     if sr and not cfg.sr_ckpt:
         raise SystemExit(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
-    model = load_network(cfg.ckpt, cfg.model, cfg.weights)
+    dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32
+    model = load_network(cfg.ckpt, cfg.model, cfg.weights, dtype=dtype)
     sr_preset = cfg.sr_model or ("magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b")
-    sr_model = load_network(cfg.sr_ckpt, sr_preset, cfg.weights, field="sr_ckpt") if sr else None
-    codecs = build_codecs(cfg.codecs, cfg.codecs_args, torch.bfloat16)
-    pipe = MagiHumanPipeline(
-        model, codecs, sr_model, device=device, precision=cfg.precision, offload_codecs=cfg.offload_codecs
-    )
+    sr_model = load_network(cfg.sr_ckpt, sr_preset, cfg.weights, "sr_ckpt", dtype) if sr else None
     for network in filter(None, (model, sr_model)):
-        to_inference_dtype(network, torch.bfloat16 if pipe.bf16 else torch.float32)
         network.eval().requires_grad_(False).to(device)
         if cfg.compile:
             compile_blocks(network)
+    codecs = build_codecs(cfg.codecs, cfg.codecs_args, dtype)
+    pipe = MagiHumanPipeline(
+        model, codecs, sr_model, device=device, precision=cfg.precision, offload_codecs=cfg.offload_codecs
+    )
     result = pipe.generate(
         cfg.prompt, seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=cfg.steps,
         sampler=cfg.sampler, seed=cfg.seed, image=cfg.image, negative_prompt=cfg.negative_prompt,
@@ -109,8 +110,9 @@ def generate(cfg: InferConfig, device: torch.device) -> None:
 def benchmark(cfg: InferConfig, device: torch.device) -> None:
     from magitrain.inference import format_table, write_json
     from magitrain.inference.benchmark import run_benchmark
+    from magitrain.inference.pipeline import uses_bf16
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(cfg.precision, device)
     codecs = build_codecs(cfg.codecs, cfg.codecs_args, torch.bfloat16 if bf16 else torch.float32)
     rows = run_benchmark(
         cfg.model, tuple(cfg.bench_rows), seconds=cfg.seconds, resolution=cfg.resolution, codecs=codecs,

@@ -37,9 +37,11 @@ def test_validation_samples_are_saved_and_logged_to_wandb(run):
         with av.open(str(clip)) as container:
             assert container.streams.video[0].frames == 9 and len(container.streams.audio) == 1
     wandb_run = next((out / "wandb").glob("offline-run-*"))
-    logged = list((wandb_run / "files" / "media" / "videos").rglob("*.mp4"))
+    # W&B stores each logged video under its key; its history file may still be flushing here
+    logged = list((wandb_run / "files" / "media" / "videos" / "val").glob("samples_*.mp4"))
     assert len(logged) == 2  # one per validation step
-    assert b"val/samples" in next(wandb_run.glob("run-*.wandb")).read_bytes()
+    with av.open(str(logged[0])) as container:
+        assert len(container.streams.audio) == 1  # the sound went along
 
 
 def test_validation_leaves_the_rng_and_train_mode_alone(run):

@@ -18,7 +18,7 @@ from magitrain.codecs.video import VideoCodec
 from magitrain.model import get_config
 
 from .networks import compile_blocks, random_network, sharing_weights
-from .pipeline import MagiHumanPipeline, TextInputs
+from .pipeline import MagiHumanPipeline, TextInputs, uses_bf16
 from .shapes import ClipShape
 from .timing import StageTimer
 
@@ -63,8 +63,8 @@ def run_benchmark(
 ) -> list[dict]:
     """Table 2 rows: seconds per stage, the mean of `repeats` timed runs after `warmup` runs."""
     device = torch.device(device)
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    model = random_network(get_config(preset), device, torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if uses_bf16(precision, device) else torch.float32
+    model = random_network(get_config(preset), device, dtype)
     if compile:
         compile_blocks(model)
     clip = ClipShape.of(seconds, resolution)

@@ -35,9 +35,17 @@ def is_training_checkpoint(path: Path) -> bool:
 
 
 def load_network(
-    ckpt: str | Path, model: str | MagiHumanConfig = "magihuman_15b", weights: str = "auto", field="ckpt"
+    ckpt: str | Path,
+    model: str | MagiHumanConfig = "magihuman_15b",
+    weights: str = "auto",
+    field: str = "ckpt",
+    dtype: torch.dtype = torch.float32,
 ) -> MagiHumanDiT:
-    """A MagiHumanDiT on the CPU (float32) with the weights of `ckpt`; errors name `field` and the file."""
+    """A MagiHumanDiT on the CPU with the weights of `ckpt`; errors name `field` and the file.
+
+    The block linears are loaded straight into `dtype` (see `to_inference_dtype`), so a 15B model
+    in bf16 never needs its 61 GB float32 copy in host memory.
+    """
     path = Path(ckpt).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{field}={ckpt}: no such file or directory")
@@ -45,18 +53,25 @@ def load_network(
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     config = get_config(model) if isinstance(model, str) else model
     if is_training_checkpoint(path):
-        return _from_training_checkpoint(path, config, weights, field)
+        return _from_training_checkpoint(path, config, weights, field, dtype)
     if weights == "ema":
         raise ValueError(f"{field}={ckpt} is a released-layout checkpoint: it has no separate EMA weights")
-    with torch.device("meta"):
-        network = MagiHumanDiT(config)
+    network = _meta_network(config, dtype)
     try:
         return load_official(network, path)
     except (FileNotFoundError, CheckpointMismatchError) as err:
         raise type(err)(f"{field}: {err}") from err
 
 
-def _from_training_checkpoint(path: Path, config: MagiHumanConfig, weights: str, field: str) -> MagiHumanDiT:
+def _meta_network(config: MagiHumanConfig, dtype: torch.dtype) -> MagiHumanDiT:
+    with torch.device("meta"):
+        network = MagiHumanDiT(config.replace(activation_checkpointing=False))
+    return to_inference_dtype(network, dtype)
+
+
+def _from_training_checkpoint(
+    path: Path, config: MagiHumanConfig, weights: str, field: str, dtype: torch.dtype
+) -> MagiHumanDiT:
     try:
         state, hparams = read_training_checkpoint(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
@@ -73,10 +88,10 @@ def _from_training_checkpoint(path: Path, config: MagiHumanConfig, weights: str,
         named = network_state(state, ema=use_ema)
     except KeyError as err:
         raise KeyError(f"{field}={path}: {err.args[0]}") from err
-    with torch.device("meta"):
-        network = MagiHumanDiT(config.replace(activation_checkpointing=False))
+    network = _meta_network(config, dtype)
     check_layout(network, {k: tuple(v.shape) for k, v in named.items()}, f"{field}={path}")
-    network.load_state_dict({k: v.float() for k, v in named.items()}, strict=True, assign=True)
+    targets = network.state_dict()
+    network.load_state_dict({k: v.to(targets[k].dtype) for k, v in named.items()}, strict=True, assign=True)
     log.info("%s=%s: loaded the %s weights", field, path, "EMA" if use_ema else "raw")
     return network
 
@@ -107,9 +122,7 @@ def compile_blocks(network: MagiHumanDiT) -> MagiHumanDiT:
 
 def random_network(config: MagiHumanConfig, device: torch.device | str, dtype: torch.dtype) -> MagiHumanDiT:
     """Randomly initialised weights, materialised directly on `device` (no 61 GB float32 detour)."""
-    with torch.device("meta"):
-        network = MagiHumanDiT(config)
-    to_inference_dtype(network, dtype)
+    network = _meta_network(config, dtype)
     network.to_empty(device=device)
     network.reset_parameters()
     return network.eval().requires_grad_(False)

@@ -85,11 +85,9 @@ class MagiHumanPipeline:
         offload_codecs: bool = False,
         generator_device: str = "cpu",
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model, self.codecs, self.sr_model = model, codecs, sr_model
         self.device = torch.device(device) if device else next(model.parameters()).device
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.bf16 = uses_bf16(precision, self.device)
         self.offload_codecs = offload_codecs
         self.generator_device = generator_device
         codecs.to("cpu" if offload_codecs else self.device)
@@ -224,6 +222,13 @@ class MagiHumanPipeline:
                     resolution=resolution, sr=sr, frames=clip.frames, device=str(self.device),
                     precision="bf16" if self.bf16 else "fp32")  # fmt: skip
         return latents, timer, meta
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether `precision` means bf16 autocast on `device` ("auto": on CUDA only)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
 
 
 def load_image(path: str | Path) -> Tensor:

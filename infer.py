@@ -66,7 +66,7 @@ def build_codecs(name: str, args: dict, dtype: torch.dtype):
     if name == "random":
         from magitrain.inference.benchmark import random_codecs
 
-        return random_codecs(dtype)
+        return random_codecs(dtype, **args)  # codecs_args.decode_tile=512 bounds 1080p decode memory
     path = Path(name) if name.endswith((".yaml", ".yml")) else REPO / "conf" / "codecs" / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"codecs={name}: no {path} (use tiny, magihuman or a YAML path)")

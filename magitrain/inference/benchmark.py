@@ -28,14 +28,17 @@ OOBLECK_WIDTHS = dict(channel_multiples=[1, 2, 4, 8, 16], decoder_channels=128)
 SR_PRESETS = {"540p": "magihuman_15b", "1080p": "magihuman_15b_sr1080"}
 
 
-def random_codecs(dtype: torch.dtype) -> Codecs:
-    """Full-size Wan2.2 video VAE (in `dtype`) and Stable Audio Open VAE with random weights, for
-    decode timings. The text encoder is the tiny one: the benchmark feeds random embeddings."""
+def random_codecs(dtype: torch.dtype, decode_tile: int | None = None) -> Codecs:
+    """Full-size Wan2.2 video VAE (in `dtype`, spatial decode tiles of `decode_tile` px if set) and
+    Stable Audio Open VAE with random weights, for decode timings. The text encoder is the tiny
+    one: the benchmark feeds random embeddings."""
     video = AutoencoderKLWan.from_config({**tiny_video_vae().config, **WAN22_WIDTHS}).to(dtype)
     audio = AutoencoderOobleck.from_config({**tiny_audio_vae().config, **OOBLECK_WIDTHS})
     tokenizer = tiny_tokenizer()
     return Codecs(
-        VideoCodec(video), AudioCodec(audio), TextEncoder(tiny_text_model(len(tokenizer)), tokenizer)
+        VideoCodec(video, decode_tile),
+        AudioCodec(audio),
+        TextEncoder(tiny_text_model(len(tokenizer)), tokenizer),
     )
 
 

@@ -9,6 +9,10 @@ import torch
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "golden"
 
+# Toy-sized tensors run fastest on one thread, and OpenMP threads spinning on an oversubscribed
+# 2-core machine slow every op several-fold. Subprocess runs get OMP_NUM_THREADS=1 likewise.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:

@@ -4,6 +4,7 @@ samplers and SR stage, checkpoint errors, the stage-timing table and the benchma
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def _infer(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "infer.py"), f"ckpt={ckpt}", "model=tiny", "codecs=tiny",
            "prompt=A man says hello", f"seconds={SECONDS}", f"resolution={SIZE}", "seed=7", f"out={out}",
            *extra]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (conftest)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
 def test_infer_py_writes_a_readable_mp4_with_sound_and_timings(tiny_ckpt, pipe, tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job on a CPU: generate toy clips with sound, pack them into webdataset shards,
 # encode them to latent shards with the tiny codecs, train the tiny model with the base recipe,
-# then export the EMA weights in the released checkpoint layout.
+# export the EMA weights in the released checkpoint layout and sample an mp4 with sound from them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +14,6 @@ python data_tools/make_shards.py "$DATA/clips" "$DATA/shards" --max-count 4 --wo
 python data_tools/encode_shards.py "$DATA/shards/*.tar" "$DATA/latent" codecs=tiny --bucket 32x64:0.32 --dtype float32
 python train.py experiment=cpu_demo trainer.max_steps="$STEPS" hydra.run.dir="$RUN"
 python -m magitrain.checkpoint.export "$RUN/checkpoints/last.ckpt" "$RUN/export" --ema
-echo "CPU demo done: losses in $RUN/csv/metrics.csv, released-layout weights in $RUN/export"
+python infer.py ckpt="$RUN/export" model=tiny codecs=tiny prompt="A white square bounces over a gradient" \
+    seconds=0.32 resolution=64x32 steps=8 seed=0 out="$RUN/sample.mp4"
+echo "CPU demo done: losses in $RUN/csv/metrics.csv, released-layout weights in $RUN/export, a sample in $RUN/sample.mp4"

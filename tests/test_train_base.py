@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, compose_train
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from magitrain.checkpoint import load_official
 from magitrain.checkpoint.atomic_io import AtomicCheckpointIO
@@ -26,6 +27,11 @@ from magitrain.model import MagiHumanDiT
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 STRATEGIES = sorted(p.stem for p in (REPO / "conf" / "strategy").glob("*.yaml"))
+OPTIONAL = [
+    f"{group}={p.stem}"
+    for group in ("experiment", "debug", "data", "codecs", "logger", "callbacks")
+    for p in sorted((REPO / "conf" / group).glob("*.yaml"))
+]
 
 
 def tiny_run(shards: Path, *extra: str) -> list[str]:
@@ -56,6 +62,18 @@ def test_every_recipe_and_model_preset_composes_and_builds(recipe, model, tmp_pa
     cfg = compose_train([f"recipe={recipe}", f"model={model}"], tmp_path)
     module = instantiate(cfg.module)  # networks are built lazily in configure_model: cheap at 15B
     assert module.model_config.num_layers == instantiate(cfg.model).num_layers
+
+
+@pytest.mark.parametrize("option", OPTIONAL)
+def test_every_config_option_composes_and_resolves(option, tmp_path):
+    # the fields a user must set (`???`) for the real codecs and any data
+    required = ["data.shards='/data/{000000..000009}.tar'"]
+    if option == "codecs=magihuman":
+        required += [
+            f"codecs.{f}=/ckpt/{f}" for f in ("video_vae_path", "audio_vae_path", "text_encoder_path")
+        ]
+    cfg = compose_train([option, *required], tmp_path)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -33,6 +33,7 @@ class FlowMatchingModule(MagiHumanModule):
         super().__init__(*args, **kwargs)
         self.flow_config = flow or FlowMatchingConfig()
         self.hparams["flow"] = asdict(self.flow_config)
+        self._s_window: tuple[Tensor, Tensor] | None = None  # s-bucket loss sums and counts
 
     def _draw(self, batch: dict) -> dict[str, Tensor]:
         """Per-sample noise, noise level and conditioning coin flips from the per-sample generators."""
@@ -59,9 +60,11 @@ class FlowMatchingModule(MagiHumanModule):
         x_video = fm.interpolate(x0_video, d["eps_video"], s)
         x_audio = fm.interpolate(x0_audio, d["eps_audio"], s)
 
-        # image-to-video: the clean frame-0 latent overwrites the noisy one and is not a target
+        # image-to-video: the clean frame-0 latent (or the batch's encoded reference image)
+        # overwrites the noisy one and is not a target
         frame_mask = fm.first_frame_mask(x0_video, d["image"])
-        x_video = torch.where(frame_mask == 0, x0_video, x_video)
+        reference = batch["ref_latent"].float() if "ref_latent" in batch else x0_video[:, :, :1]
+        x_video = torch.where(frame_mask == 0, reference, x_video)
 
         text_len = batch["text_len"].to(self.device).clone()
         text_len[d["drop_text"]] = 0  # the empty prompt: no text tokens enter the sequence
@@ -85,10 +88,10 @@ class FlowMatchingModule(MagiHumanModule):
         self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=B)
         self.log("train/loss_video", out["video"].mean(), sync_dist=True, batch_size=B)
         self.log("train/loss_audio", out["audio"].mean(), sync_dist=True, batch_size=B)
-        self._log_s_buckets(out["s"], out["per_sample"])
+        self._log_s_buckets(out["s"], out["per_sample"], batch_idx)
         return out["loss"]
 
-    def _log_s_buckets(self, s: Tensor, per_sample: Tensor) -> None:
+    def _log_s_buckets(self, s: Tensor, per_sample: Tensor, batch_idx: int) -> None:
         """Loss per s-interval, summed over ranks and over the logging window, then logged as means.
 
         Written to the loggers directly: a bucket that gets no sample in a window must show no
@@ -96,17 +99,17 @@ class FlowMatchingModule(MagiHumanModule):
         """
         n = self.flow_config.s_buckets
         sums, counts = fm.sigma_bucket_stats(s, per_sample, n)
-        window = self._s_window = getattr(self, "_s_window", None) or [
-            torch.zeros_like(sums),
-            torch.zeros_like(counts),
-        ]
-        window[0] += self.trainer.strategy.reduce(sums, reduce_op="sum")
-        window[1] += self.trainer.strategy.reduce(counts, reduce_op="sum")
-        if (self.global_step + 1) % self.trainer.log_every_n_steps:
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        if self._s_window is not None:
+            sums, counts = sums + self._s_window[0], counts + self._s_window[1]
+        self._s_window = (sums, counts)
+        window = self.trainer.log_every_n_steps * self.trainer.accumulate_grad_batches  # in micro-batches
+        if (batch_idx + 1) % window:
             return
         means = {
-            f"train/loss_s{i / n:.2f}-{(i + 1) / n:.2f}": (window[0][i] / window[1][i]).item()
-            for i in torch.nonzero(window[1]).flatten().tolist()
+            f"train/loss_s{i / n:.2f}-{(i + 1) / n:.2f}": (sums[i] / counts[i]).item()
+            for i in torch.nonzero(counts).flatten().tolist()
         }
         if self.trainer.is_global_zero:
             for logger in self.loggers:

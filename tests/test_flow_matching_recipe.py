@@ -1,0 +1,78 @@
+"""The flow-matching recipe's conditioning rules, observed at the real model's inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from magitrain.model import tiny
+from magitrain.recipes import FlowMatchingConfig, FlowMatchingModule
+
+
+def _module(**flow) -> FlowMatchingModule:
+    torch.manual_seed(0)
+    module = FlowMatchingModule(tiny(), flow=FlowMatchingConfig(**flow))
+    module.configure_model()
+    return module
+
+
+def _batch(keys=("a", "b", "c")) -> dict:
+    g = torch.Generator().manual_seed(1)
+    B = len(keys)
+    return {
+        "video_latent": torch.randn(B, 48, 3, 4, 6, generator=g),
+        "audio_latent": torch.randn(B, 9, 64, generator=g),
+        "text_emb": torch.randn(B, 5, 64, generator=g),
+        "text_len": torch.tensor([5, 3, 4][:B]),
+        "key": list(keys),
+    }
+
+
+def _inputs_seen(module, batch) -> dict:
+    seen = {}
+    hook = module.model.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(video=args[0], text_len=kwargs["text_len"]), with_kwargs=True
+    )
+    module.flow_loss(batch)
+    hook.remove()
+    return seen
+
+
+def test_image_conditioning_puts_the_clean_frame_in_and_leaves_it_out_of_the_loss():
+    module, batch = _module(p_image=1.0, p_drop_text=0.0), _batch()
+    seen = _inputs_seen(module, batch)
+    assert torch.equal(seen["video"][:, :, 0], batch["video_latent"][:, :, 0])
+    assert not torch.equal(seen["video"][:, :, 1], batch["video_latent"][:, :, 1])
+    before = module.flow_loss(batch)["video"]
+
+    def scramble_frame0(m, args, out):
+        v_video, v_audio = out
+        v_video = v_video.clone()
+        v_video[:, :, 0] += 100.0
+        return v_video, v_audio
+
+    hook = module.model.register_forward_hook(scramble_frame0)
+    after = module.flow_loss(batch)["video"]
+    hook.remove()
+    torch.testing.assert_close(after, before)
+
+
+def test_without_image_conditioning_every_frame_is_noised_and_scored():
+    module, batch = _module(p_image=0.0, p_drop_text=0.0), _batch()
+    seen = _inputs_seen(module, batch)
+    assert not torch.equal(seen["video"][:, :, 0], batch["video_latent"][:, :, 0])
+    assert torch.equal(seen["text_len"], batch["text_len"])
+
+
+def test_dropped_text_means_no_text_tokens():
+    module, batch = _module(p_image=0.0, p_drop_text=1.0), _batch()
+    assert torch.equal(_inputs_seen(module, batch)["text_len"], torch.zeros(3, dtype=torch.long))
+
+
+def test_each_sample_draws_by_its_key_not_its_place_in_the_batch():
+    module = _module(p_image=0.5, p_drop_text=0.5)
+    batch = _batch()
+    order = [2, 0, 1]
+    shuffled = {k: (v[order] if torch.is_tensor(v) else [v[i] for i in order]) for k, v in batch.items()}
+    a, b = module.flow_loss(batch), module.flow_loss(shuffled)
+    torch.testing.assert_close(b["s"], a["s"][order])
+    torch.testing.assert_close(b["per_sample"], a["per_sample"][order], atol=1e-5, rtol=1e-5)

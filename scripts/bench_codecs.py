@@ -13,20 +13,11 @@ import platform
 import time
 
 import torch
-from diffusers import AutoencoderKLWan, AutoencoderOobleck
 
 from magitrain.codecs import AudioCodec, VideoCodec
+from magitrain.inference.benchmark import random_codecs
 
 RESOLUTIONS = {"256p": (256, 448), "540p": (512, 896), "1080p": (1088, 1920)}
-
-
-def wan22_vae() -> AutoencoderKLWan:
-    """The Wan2.2 (TI2V-5B) VAE configuration of REFERENCE.md §6."""
-    return AutoencoderKLWan(
-        base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-        temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
-        out_channels=12, scale_factor_temporal=4, scale_factor_spatial=16,
-    )  # fmt: skip
 
 
 def timed(fn, *args, device: torch.device):
@@ -81,8 +72,8 @@ def main() -> None:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        video = VideoCodec(wan22_vae().to(device, dtype), decode_tile=args.decode_tile)
-        audio = AudioCodec(AutoencoderOobleck().to(device, dtype))  # defaults = Stable Audio Open 1.0
+        codecs = random_codecs(dtype, args.decode_tile).to(device)  # video VAE in dtype, audio VAE float32
+        video, audio = codecs.video, codecs.audio
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# {args.seconds:g} s clip ({frames} frames), {args.dtype}, {machine}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)  # fmt: skip

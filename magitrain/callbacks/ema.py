@@ -20,6 +20,13 @@ class EMA(Callback):
         self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            # ZeRO-3 keeps each parameter's data partitioned outside the module: a shadow copy of
+            # the module would average empty tensors. FSDP2 shards the shadow like the weights.
+            raise ValueError(
+                "the EMA callback does not support DeepSpeed ZeRO-3; use strategy=fsdp2 "
+                "or disable it with callbacks.ema=null"
+            )
         if not hasattr(pl_module, "request_ema"):
             raise TypeError(f"{type(pl_module).__name__} cannot keep an EMA (it has no request_ema())")
         pl_module.request_ema()

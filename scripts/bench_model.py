@@ -16,16 +16,15 @@ import time
 
 import torch
 
+from magitrain.inference import ClipShape
 from magitrain.model import MagiHumanDiT, get_config
 from magitrain.model.flops import forward_flops_per_token
 
 
-def parse_shape(shape: str) -> tuple[int, int, int, int]:
-    """'WxHxSs' (pixels, seconds at 25 fps) -> latent (T, H, W) and audio tokens N, as the released
-    pipeline sizes a clip: `seconds*25 + 1` frames and audio tokens, T = (frames - 1)//4 + 1."""
+def parse_shape(shape: str) -> ClipShape:
+    """'WxHxSs' (pixels, seconds) -> the clip as the released pipeline sizes it (inference.ClipShape)."""
     width, height, seconds = shape.lower().rstrip("s").split("x")
-    frames = int(float(seconds) * 25) + 1
-    return (frames - 1) // 4 + 1, int(height) // 16, int(width) // 16, frames
+    return ClipShape.of(float(seconds), f"{width}x{height}")
 
 
 def build(args) -> MagiHumanDiT:
@@ -76,7 +75,9 @@ def main() -> None:
 
     model = build(args)
     cfg = model.config
-    T, H, W, n_audio = parse_shape(args.shape)
+    clip = parse_shape(args.shape)
+    T, H, W = clip.latent_size
+    n_audio = clip.audio_tokens
     B, dev = args.batch, args.device
     video = torch.randn(B, cfg.latent_channels, T, H, W, device=dev)
     audio = torch.randn(B, n_audio, cfg.audio_in_channels, device=dev)

@@ -309,3 +309,28 @@ def test_text_encoder_loads_from_a_full_t5gemma_checkpoint(saved, tmp_path):
     expected = full.get_encoder()(**tokens).last_hidden_state
     emb, _ = text.encode(["a cat"])
     torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_magihuman_yaml_selects_turbo_vaed(codecs, saved, tmp_path):
+    from magitrain.codecs.tiny import tiny_turbo_vaed
+    from magitrain.codecs.turbo_vaed import TurboVideoDecoder
+
+    torch.manual_seed(0)
+    turbo = tiny_turbo_vaed()
+    turbo.save_pretrained(tmp_path / "turbo")
+    cfg = OmegaConf.load("conf/codecs/magihuman.yaml")
+    assert cfg.video_decoder == "wan"
+    cfg.video_vae_path, cfg.audio_vae_path, cfg.text_encoder_path = (
+        str(saved / "video"), str(saved / "audio"), str(saved / "text"))  # fmt: skip
+    cfg.vae_dtype = cfg.text_dtype = "float32"
+    cfg.video_decoder = "turbo"
+    with pytest.raises(Exception, match="codecs.turbo_vaed_path is not set"):
+        instantiate(cfg)
+    cfg.turbo_vaed_path = str(tmp_path / "turbo")
+    loaded = instantiate(cfg)
+    assert isinstance(loaded.video_decoder, TurboVideoDecoder) and loaded.video_decoder_name == "turbo"
+    z = torch.randn(1, 48, 2, 2, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.video_decoder.decode(z), turbo.decode(z).clamp(-1, 1), rtol=0, atol=0)
+    cfg.video_decoder = "turbo_vaed"
+    with pytest.raises(Exception, match=r"codecs.video_decoder must be one of \('wan', 'turbo'\)"):
+        instantiate(cfg)

@@ -1,4 +1,5 @@
-"""Frozen codecs: Wan2.2 video VAE, Stable Audio Open VAE, T5Gemma text encoder, media helpers.
+"""Frozen codecs: Wan2.2 video VAE, Turbo-VAED (decode only), Stable Audio Open VAE, T5Gemma text
+encoder, media helpers.
 
 Exports resolve lazily so that `magitrain.codecs.media` (imported by data-loader workers) does not
 pull in diffusers and transformers.
@@ -12,6 +13,8 @@ _EXPORTS = {
     "Codecs": "container",
     "build_codecs": "pretrained",
     "TextEncoder": "text",
+    "TurboVAED": "turbo_vaed",
+    "TurboVideoDecoder": "turbo_vaed",
     "build_tiny_codecs": "tiny",
     "VideoCodec": "video",
 }

@@ -1,27 +1,48 @@
 """`Codecs`: the three frozen codecs as one object, what a `conf/codecs/*.yaml` instantiates."""
 
 import torch
+from torch import nn
 
 from magitrain.codecs.audio import AudioCodec
 from magitrain.codecs.text import TextEncoder
 from magitrain.codecs.video import VideoCodec
 
+VIDEO_DECODERS = ("wan", "turbo")  # the choice `codecs.video_decoder` of conf/codecs/*.yaml
+
+
+def check_video_decoder(name: str) -> None:
+    if name not in VIDEO_DECODERS:
+        raise ValueError(f"codecs.video_decoder must be one of {VIDEO_DECODERS}, got {name!r}")
+
 
 class Codecs:
     """Holds video, audio and text codecs. A plain object, not an `nn.Module`, so that a
-    LightningModule keeping it as an attribute does not checkpoint or optimise frozen weights."""
+    LightningModule keeping it as an attribute does not checkpoint or optimise frozen weights.
 
-    def __init__(self, video: VideoCodec, audio: AudioCodec, text: TextEncoder):
+    `video` encodes (and can decode) with the Wan2.2 VAE; `video_decoder` is what generation
+    decodes with: `video` itself, or Turbo-VAED (`magitrain.codecs.turbo_vaed.TurboVideoDecoder`).
+    """
+
+    def __init__(
+        self, video: VideoCodec, audio: AudioCodec, text: TextEncoder, video_decoder: nn.Module | None = None
+    ):
         self.video, self.audio, self.text = video, audio, text
+        self.video_decoder = video if video_decoder is None else video_decoder
+
+    @property
+    def video_decoder_name(self) -> str:
+        return "wan" if self.video_decoder is self.video else "turbo"
 
     def to(self, device: torch.device | str) -> "Codecs":
         self.video.to(device)
+        self.video_decoder.to(device)
         self.audio.to(device)
         self.text.to(device)
         return self
 
     def __repr__(self) -> str:
         return (
-            f"Codecs(video={type(self.video.vae).__name__}, audio={type(self.audio.vae).__name__}, "
+            f"Codecs(video={type(self.video.vae).__name__}, video_decoder={self.video_decoder_name}, "
+            f"audio={type(self.audio.vae).__name__}, "
             f"text={type(self.text.model).__name__} width {self.text.width})"
         )

@@ -3,7 +3,10 @@
 - `video_vae_path`: a diffusers `AutoencoderKLWan` folder (`vae/` of Wan-AI/Wan2.2-TI2V-5B-Diffusers,
   or the released `.pth` converted with diffusers' script, see docs/codecs.md),
 - `audio_vae_path`: a diffusers `AutoencoderOobleck` folder (`vae/` of stabilityai/stable-audio-open-1.0),
-- `text_encoder_path`: a transformers T5Gemma folder with its tokenizer (google/t5gemma-9b-9b-ul2).
+- `text_encoder_path`: a transformers T5Gemma folder with its tokenizer (google/t5gemma-9b-9b-ul2),
+- `turbo_vaed_path` (with `video_decoder: turbo`): the release's Turbo-VAED, either its `.ckpt`
+  (with the JSON config beside it or at `turbo_vaed_config`) or a folder `TurboVAED.save_pretrained`
+  wrote.
 A missing or wrong folder fails here, naming the config field and the path.
 """
 
@@ -15,9 +18,12 @@ from diffusers import AutoencoderKLWan, AutoencoderOobleck
 from transformers import AutoTokenizer, T5GemmaEncoderModel
 
 from magitrain.codecs.audio import AudioCodec
-from magitrain.codecs.container import Codecs
+from magitrain.codecs.container import Codecs, check_video_decoder
 from magitrain.codecs.text import TextEncoder
+from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder
 from magitrain.codecs.video import VideoCodec
+
+TURBO_CLASS_NAMES = ("TurboVAED", "AutoencoderKLTurboVAED")  # ours; the name in the released JSON
 
 
 def build_codecs(
@@ -32,9 +38,20 @@ def build_codecs(
     decode_tile: int | None = None,
     audio_window_seconds: float = 29.0,
     text_offload: bool = False,
+    video_decoder: str = "wan",
+    turbo_vaed_path: str | None = None,
+    turbo_vaed_config: str | None = None,
     device: str = "cpu",
 ) -> Codecs:
-    """Load the three frozen codecs (`local_files_only`: no hub access) and move them to `device`."""
+    """Load the three frozen codecs (`local_files_only`: no hub access) and move them to `device`.
+
+    `video_decoder: turbo` decodes generated clips with Turbo-VAED from `turbo_vaed_path` (in
+    `vae_dtype`); encoding always uses the Wan2.2 VAE.
+    """
+    check_video_decoder(video_decoder)
+    turbo = None
+    if video_decoder == "turbo":
+        turbo = TurboVideoDecoder(load_turbo_vaed(turbo_vaed_path, turbo_vaed_config, _dtype(vae_dtype)))
     video_dir = checked_dir("video_vae_path", video_vae_path, "_class_name", "AutoencoderKLWan")
     audio_dir = checked_dir("audio_vae_path", audio_vae_path, "_class_name", "AutoencoderOobleck")
     text_dir = checked_dir("text_encoder_path", text_encoder_path, "model_type", "t5gemma")
@@ -60,12 +77,39 @@ def build_codecs(
         VideoCodec(video, decode_tile=decode_tile),
         AudioCodec(audio, window_seconds=audio_window_seconds),
         text,
+        video_decoder=turbo,
     )
     return codecs.to(device)
 
 
-def checked_dir(field: str, path: str | None, key: str, expected: str) -> Path:
-    """The folder of config field `codecs.<field>`, once its config.json is found to say `key: expected`."""
+def load_turbo_vaed(path: str | None, config: str | None, dtype: torch.dtype) -> TurboVAED:
+    """Turbo-VAED from the release's `.ckpt` (+ JSON) or from a `save_pretrained` folder, strictly."""
+    field = "turbo_vaed_path"
+    if not path:
+        raise ValueError(f"codecs.{field} is not set (video_decoder: turbo needs the Turbo-VAED checkpoint)")
+    path = Path(path).expanduser()
+    if path.is_file():
+        if config is None:
+            found = sorted(path.parent.glob("*.json"))
+            if len(found) != 1:
+                raise FileNotFoundError(
+                    f"codecs.{field}: {path.parent} holds {len(found)} .json files, not the one Turbo-VAED "
+                    f"config: set codecs.turbo_vaed_config"
+                )
+            config = found[0]
+        return TurboVAED.from_release(path, config, dtype=dtype, field=field)
+    folder = checked_dir(field, str(path), "_class_name", TURBO_CLASS_NAMES)
+    model, info = TurboVAED.from_pretrained(
+        folder, local_files_only=True, output_loading_info=True, torch_dtype=dtype
+    )
+    bad = {kind: sorted(info[f"{kind}_keys"])[:5] for kind in ("missing", "unexpected", "mismatched")}
+    if any(bad.values()):
+        raise ValueError(f"codecs.{field}: {folder} does not hold exactly a TurboVAED: {bad}")
+    return model.eval().requires_grad_(False)
+
+
+def checked_dir(field: str, path: str | None, key: str, expected: str | tuple[str, ...]) -> Path:
+    """The folder of config field `codecs.<field>`, once its config.json says `key: expected` (one of)."""
     if not path:
         raise ValueError(f"codecs.{field} is not set (a local {expected} folder is required)")
     folder = Path(path).expanduser()
@@ -78,7 +122,7 @@ def checked_dir(field: str, path: str | None, key: str, expected: str) -> Path:
             f"in the library's format; see docs/codecs.md)"
         )
     found = json.loads(config.read_text()).get(key)
-    if found != expected:
+    if found not in ((expected,) if isinstance(expected, str) else expected):
         raise ValueError(f"codecs.{field}: {config} has {key}={found!r}, expected {expected!r}")
     return folder
 

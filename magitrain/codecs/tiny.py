@@ -11,8 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaEncoderModel
 
 from magitrain.codecs.audio import AudioCodec
-from magitrain.codecs.container import Codecs
+from magitrain.codecs.container import Codecs, check_video_decoder
 from magitrain.codecs.text import TextEncoder
+from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder
 from magitrain.codecs.video import VideoCodec
 
 TINY_TEXT_WIDTH = 64
@@ -25,6 +26,12 @@ def tiny_video_vae() -> AutoencoderKLWan:
         temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
         out_channels=12, scale_factor_temporal=4, scale_factor_spatial=16,
     )  # fmt: skip
+
+
+def tiny_turbo_vaed() -> TurboVAED:
+    # The released config (TURBO_VAED.md) with widths 64/128/256/512 -> 8/8/16/16 and one resnet
+    # per stage; the upsamplers, unpatchify and the 7/7 window plan stay: stride 4x16x16.
+    return TurboVAED(decoder_block_out_channels=(8, 8, 16, 16), decoder_layers_per_block=(1, 1, 1, 1, 1))
 
 
 def tiny_audio_vae() -> AutoencoderOobleck:
@@ -60,16 +67,23 @@ def tiny_text_model(vocab_size: int) -> T5GemmaEncoderModel:
 
 
 def build_tiny_codecs(
-    seed: int = 0, negative_prompt: str = "blurry, distorted", audio_window_seconds: float = 29.0
+    seed: int = 0,
+    negative_prompt: str = "blurry, distorted",
+    audio_window_seconds: float = 29.0,
+    video_decoder: str = "wan",
 ) -> Codecs:
-    """Random but deterministic (`seed`) tiny codecs on the CPU, float32."""
+    """Random but deterministic (`seed`) tiny codecs on the CPU, float32. `video_decoder: turbo`
+    adds a tiny Turbo-VAED (drawn after the others: the Wan, audio and text weights do not change)."""
+    check_video_decoder(video_decoder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         video, audio = tiny_video_vae(), tiny_audio_vae()
         tokenizer = tiny_tokenizer()
         text = tiny_text_model(len(tokenizer))
+        turbo = TurboVideoDecoder(tiny_turbo_vaed()) if video_decoder == "turbo" else None
     return Codecs(
         video=VideoCodec(video),
         audio=AudioCodec(audio, window_seconds=audio_window_seconds),
         text=TextEncoder(text, tokenizer, negative_prompt=negative_prompt, output_dtype=torch.float32),
+        video_decoder=turbo,
     )

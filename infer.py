@@ -46,7 +46,7 @@ class InferConfig:
     codecs_args: dict = field(default_factory=dict)  # overrides of the codecs config's fields
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
-    offload_codecs: bool = False
+    offload: str = "none"  # none | codecs | stages (each network on the device only for its stage)
     compile: bool = False
     benchmark: bool = False
     bench_rows: list = field(default_factory=lambda: ["none", "540p", "1080p"])
@@ -91,12 +91,12 @@ def generate(cfg: InferConfig, device: torch.device) -> None:
     sr_preset = cfg.sr_model or ("magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b")
     sr_model = load_network(cfg.sr_ckpt, sr_preset, cfg.weights, "sr_ckpt", dtype) if sr else None
     for network in filter(None, (model, sr_model)):
-        network.eval().requires_grad_(False).to(device)
+        network.eval().requires_grad_(False).to(device if cfg.offload != "stages" else "cpu")
         if cfg.compile:
             compile_blocks(network)
     codecs = build_codecs(cfg.codecs, cfg.codecs_args, dtype)
     pipe = MagiHumanPipeline(
-        model, codecs, sr_model, device=device, precision=cfg.precision, offload_codecs=cfg.offload_codecs
+        model, codecs, sr_model, device=device, precision=cfg.precision, offload=cfg.offload
     )
     result = pipe.generate(
         cfg.prompt, seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=cfg.steps,

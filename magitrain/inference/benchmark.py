@@ -1,8 +1,11 @@
-"""Table 2 benchmark: random weights at any preset (nothing downloaded), one row per output size.
+"""Table 2 benchmark: random weights at any preset (nothing downloaded), rows per output size.
 
-Every row runs the 8-step distilled base stage at the base resolution (256p), then the SR stage
-to the row's output size (none, 540p or 1080p), then decodes video and audio. The timed runs
-follow warm-up runs (one by default) per row (compilation, kernel autotuning, allocator growth).
+Every output runs the 8-step distilled base stage at the base resolution (256p), then the SR stage
+to the output size (none, 540p or 1080p), then decodes video and audio from those latents with
+each video decoder the codecs hold (Turbo-VAED and the full Wan2.2 VAE), side by side: one row per
+(output, decoder), the base and SR figures shared. The timed runs follow warm-up runs (one by
+default) per output (compilation, kernel autotuning, allocator growth). Rows carry the peak
+device memory of each stage (CUDA).
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import torch
 from diffusers import AutoencoderKLWan, AutoencoderOobleck
 
 from magitrain.codecs.audio import AudioCodec
-from magitrain.codecs.container import Codecs
+from magitrain.codecs.container import Codecs, check_video_decoder
 from magitrain.codecs.text import TextEncoder
 from magitrain.codecs.tiny import tiny_audio_vae, tiny_text_model, tiny_tokenizer, tiny_video_vae
+from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder
 from magitrain.codecs.video import VideoCodec
 from magitrain.model import get_config
 
@@ -28,18 +32,29 @@ OOBLECK_WIDTHS = dict(channel_multiples=[1, 2, 4, 8, 16], decoder_channels=128)
 SR_PRESETS = {"540p": "magihuman_15b", "1080p": "magihuman_15b_sr1080"}
 
 
-def random_codecs(dtype: torch.dtype, decode_tile: int | None = None) -> Codecs:
-    """Full-size Wan2.2 video VAE (in `dtype`, spatial decode tiles of `decode_tile` px if set) and
-    Stable Audio Open VAE with random weights, for decode timings. The text encoder is the tiny
-    one: the benchmark feeds random embeddings."""
+def random_codecs(dtype: torch.dtype, decode_tile: int | None = None, video_decoder: str = "turbo") -> Codecs:
+    """Full-size Wan2.2 video VAE (in `dtype`, spatial decode tiles of `decode_tile` px if set),
+    Turbo-VAED of the released config (in `dtype`; `video_decoder=wan` leaves it out) and Stable
+    Audio Open VAE with random weights, for decode timings. The text encoder is the tiny one: the
+    benchmark feeds random embeddings."""
+    check_video_decoder(video_decoder)
     video = AutoencoderKLWan.from_config({**tiny_video_vae().config, **WAN22_WIDTHS}).to(dtype)
     audio = AutoencoderOobleck.from_config({**tiny_audio_vae().config, **OOBLECK_WIDTHS})
+    turbo = TurboVideoDecoder(TurboVAED().to(dtype)) if video_decoder == "turbo" else None
     tokenizer = tiny_tokenizer()
     return Codecs(
         VideoCodec(video, decode_tile),
         AudioCodec(audio),
         TextEncoder(tiny_text_model(len(tokenizer)), tokenizer),
+        video_decoder=turbo,
     )
+
+
+def video_decoders(codecs: Codecs) -> dict:
+    """The decoders to time: the selected one first, then the full Wan2.2 VAE if that is another."""
+    decoders = {codecs.video_decoder_name: codecs.video_decoder}
+    decoders.setdefault("wan", codecs.video)
+    return decoders
 
 
 def sr_config(preset: str, output: str):
@@ -64,7 +79,8 @@ def run_benchmark(
     repeats: int = 2,
     warmup: int = 1,
 ) -> list[dict]:
-    """Table 2 rows: seconds per stage, the mean of `repeats` timed runs after `warmup` runs."""
+    """Table 2 rows, one per (output, video decoder): seconds per stage, the mean of `repeats`
+    timed runs after `warmup` runs; `peak_gib` per stage on CUDA (the maximum over the runs)."""
     device = torch.device(device)
     dtype = torch.bfloat16 if uses_bf16(precision, device) else torch.float32
     model = random_network(get_config(preset), device, dtype)
@@ -74,6 +90,7 @@ def run_benchmark(
     generator = torch.Generator("cpu").manual_seed(0)
     emb = torch.randn(1, text_tokens, model.config.text_in_channels, generator=generator).to(device)
     text = TextInputs(emb, torch.tensor([text_tokens], device=device))
+    decoders = video_decoders(codecs)
     results = []
     for output in rows:
         sr_clip = None if output == "none" else clip.with_resolution(output)
@@ -83,18 +100,26 @@ def run_benchmark(
         pipe = MagiHumanPipeline(
             model, codecs, sr_model, device=device, precision=precision, generator_device=str(device)
         )
-        timings = []
+        timings = {name: [] for name in decoders}
         for _ in range(warmup + repeats):
-            timer = StageTimer(device)
-            pipe.decode(*pipe.sample(text, clip, timer, sr_clip=sr_clip), timer)
-            timings.append(timer.row(resolution if sr_clip is None else output))
-        results.append(_mean(timings[warmup:]))
+            sampled = StageTimer(device)
+            latents = pipe.sample(text, clip, sampled, sr_clip=sr_clip)
+            for name, decoder in decoders.items():
+                timer = StageTimer(device)
+                timer.seconds, timer.peak_gib = dict(sampled.seconds), dict(sampled.peak_gib)
+                pipe.decode(*latents, timer, video_decoder=decoder)
+                row = timer.row(resolution if sr_clip is None else output)
+                timings[name].append({**row, "decoder": name})
+        results += [_mean(runs[warmup:]) for runs in timings.values()]
     return results
 
 
 def _mean(rows: list[dict]) -> dict:
+    """Seconds averaged over the runs; peak memory is the maximum."""
     out = dict(rows[0])
     for key, value in out.items():
         if isinstance(value, float):
             out[key] = sum(r[key] for r in rows) / len(rows)
+    if "peak_gib" in out:
+        out["peak_gib"] = {stage: max(r["peak_gib"][stage] for r in rows) for stage in out["peak_gib"]}
     return out

@@ -3,8 +3,10 @@
 Stages, each timed with device synchronisation (Table 2 columns in `timing.py`):
 text (+ negative prompt for CFG) -> image latent (image-to-video) -> base (8-step distilled, or
 32-step UniPC with CFG) -> SR (optional: upsampled latent refined by the SR model) -> decode
-(video VAE + audio VAE). `Generation.save` muxes the mp4 (H.264 + AAC, 25 fps) and writes the
-timings as JSON next to it. `infer.py`, the validation callback and the benchmark all use it.
+(the codecs' video decoder, Wan2.2 or Turbo-VAED, + audio VAE). `offload` chooses which weights
+stay on the device between their stages (`residency.py`). `Generation.save` muxes the mp4
+(H.264 + AAC, 25 fps) and writes the timings as JSON next to it. `infer.py`, the validation
+callback and the benchmark all use it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from magitrain.codecs.media import resize_cover_crop, write_mp4
 from magitrain.flow import initial_latents, sample_base, sample_distilled, sample_super_resolution
 from magitrain.model import MagiHumanDiT
 
+from .residency import StageResidency
 from .shapes import FPS, ClipShape
 from .timing import StageTimer, format_table, write_json
 
 SAMPLERS = ("distilled", "base")
 DEFAULT_SAMPLER = {8: "distilled", 32: "base"}  # the released distilled and base step counts
 PRECISIONS = ("auto", "bf16", "fp32")
+OFFLOADS = ("none", "codecs", "stages")
 
 
 @dataclass
@@ -69,7 +73,9 @@ class MagiHumanPipeline:
 
     The networks are used as given (device, dtype and train/eval mode are the caller's); `precision`
     "bf16" runs them under bf16 autocast as released ("auto": bf16 on CUDA, float32 elsewhere).
-    `offload_codecs` keeps the codecs on the CPU and moves each onto the device only for its stage.
+    `offload`: "none" keeps everything on the device; "codecs" keeps the codecs in pinned host memory
+    and gives each a device copy only for its stage; "stages" does so for the networks too (text
+    encoder, base DiT, SR DiT, decoder), prefetching the next stage's weights while one runs.
     Noise comes from a generator on `generator_device` (CPU by default: a seed then gives the same
     noise on any machine).
     """
@@ -82,28 +88,47 @@ class MagiHumanPipeline:
         *,
         device: torch.device | str | None = None,
         precision: str = "auto",
-        offload_codecs: bool = False,
+        offload: str = "none",
         generator_device: str = "cpu",
     ):
+        if offload not in OFFLOADS:
+            raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
         self.model, self.codecs, self.sr_model = model, codecs, sr_model
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.bf16 = uses_bf16(precision, self.device)
-        self.offload_codecs = offload_codecs
         self.generator_device = generator_device
-        codecs.to("cpu" if offload_codecs else self.device)
+        self.residency = None
+        self._plan: list[str] = []  # the stages still to come in this generation (for prefetching)
+        if offload == "none":
+            codecs.to(self.device)
+            return
+        codecs.text.offload, codecs.text.device = False, self.device  # its weights move with the stage
+        stages = {
+            "text": [codecs.text.model],
+            "image": [codecs.video],
+            "decode": [codecs.video_decoder, codecs.audio],
+        }
+        if offload == "stages":
+            stages.update(base=[model], sr=[sr_model] if sr_model is not None else [])
+        self.residency = StageResidency(self.device, stages)
+
+    @property
+    def offload(self) -> str:
+        if self.residency is None:
+            return "none"
+        return "stages" if "base" in self.residency.stages else "codecs"
 
     # ----- stages ---------------------------------------------------------------------------
     @contextmanager
-    def _codec_on_device(self, codec):
-        """Offloading: the codec visits the device for one stage and goes back to the CPU."""
-        if not self.offload_codecs:
-            yield codec
+    def _stage(self, name: str):
+        """Offloading: the stage's weights are on the device inside, the next planned stage's arrive."""
+        if self._plan and self._plan[0] == name:
+            self._plan.pop(0)
+        if self.residency is None:
+            yield
             return
-        codec.to(self.device)
-        try:
-            yield codec
-        finally:
-            codec.to("cpu")
+        with self.residency.stage(name, prefetch=self._plan[0] if self._plan else None):
+            yield
 
     def _autocast(self):
         if not self.bf16:
@@ -111,7 +136,8 @@ class MagiHumanPipeline:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def encode_prompt(self, prompt: str, guidance: bool, negative_prompt: str | None = None) -> TextInputs:
-        with self._codec_on_device(self.codecs.text) as text:
+        text = self.codecs.text
+        with self._stage("text"):
             emb, length = text.encode([prompt])
             if not guidance:
                 return TextInputs(emb.to(self.device), length.to(self.device))
@@ -123,8 +149,8 @@ class MagiHumanPipeline:
         pixels = load_image(image) if isinstance(image, (str, Path)) else image
         pixels = resize_cover_crop(pixels.unsqueeze(0), (clip.height, clip.width))[0]
         pixels = pixels.float() / 127.5 - 1 if pixels.dtype == torch.uint8 else pixels.float()
-        with self._codec_on_device(self.codecs.video) as video:
-            return video.encode_image(pixels.unsqueeze(0).to(self.device)).to(self.device)
+        with self._stage("image"):
+            return self.codecs.video.encode_image(pixels.unsqueeze(0).to(self.device)).to(self.device)
 
     def sample(
         self,
@@ -141,7 +167,7 @@ class MagiHumanPipeline:
         """Base stage, then the SR stage when `sr_clip` is given: (video latent, audio latent)."""
         generator = torch.Generator(self.generator_device).manual_seed(seed)
         base_image, sr_image = image_latents or (None, None)
-        with timer("base"), self._autocast():
+        with timer("base"), self._stage("base"), self._autocast():
             video, audio = initial_latents(
                 clip.video_latent_shape(), clip.audio_latent_shape(), generator, self.device
             )
@@ -159,20 +185,25 @@ class MagiHumanPipeline:
             return video, audio
         if self.sr_model is None:
             raise ValueError("an SR stage was asked for but the pipeline has no SR model (sr_ckpt)")
-        with timer("sr"), self._autocast():
+        with timer("sr"), self._stage("sr"), self._autocast():
             video = sample_super_resolution(
                 functools.partial(self.sr_model, coords_style="v1"), video, audio, text.emb, text.length,
                 size=sr_clip.latent_size, generator=generator, image_latent=sr_image,
             )  # fmt: skip
         return video, audio
 
-    def decode(self, video_latent: Tensor, audio_latent: Tensor, timer: StageTimer):
-        """Latents -> (video [3, F, H, W] in [-1, 1], stereo audio [2, S], sample rate), on the CPU."""
-        with timer("decode"):
-            with self._codec_on_device(self.codecs.video) as codec:
-                video = codec.decode(video_latent)[0]
-            with self._codec_on_device(self.codecs.audio) as codec:
-                audio, rate = codec.decode(audio_latent)
+    def decode(self, video_latent: Tensor, audio_latent: Tensor, timer: StageTimer, video_decoder=None):
+        """Latents -> (video [3, F, H, W] in [-1, 1], stereo audio [2, S], sample rate), on the CPU.
+
+        The video decoder is the codecs' `video_decoder` (Wan2.2 or Turbo-VAED); the benchmark
+        passes another one (`codecs.video`) to time both on the same latents."""
+        decoder = self.codecs.video_decoder if video_decoder is None else video_decoder
+        with timer("decode"), self._stage("decode"):
+            with timer("decode_video"):
+                video = decoder.decode(video_latent)[0]
+            with timer("decode_audio"):
+                audio, rate = self.codecs.audio.decode(audio_latent)
+        self._plan = []
         return video.cpu(), audio[0].cpu(), rate
 
     # ----- all together -----------------------------------------------------------------------
@@ -204,6 +235,13 @@ class MagiHumanPipeline:
             raise ValueError(f"steps={steps} has no default sampler: pass sampler= one of {SAMPLERS}")
         clip = ClipShape.of(seconds, resolution)
         sr_clip = clip.with_resolution(sr) if sr else None
+        self._plan = [
+            "text",
+            *(["image"] if image is not None else []),
+            "base",
+            *(["sr"] if sr else []),
+            "decode",
+        ]
         timer = StageTimer(self.device)
         with timer("text"):
             text = self.encode_prompt(prompt, guidance=sampler == "base", negative_prompt=negative_prompt)
@@ -220,7 +258,8 @@ class MagiHumanPipeline:
         )  # fmt: skip
         meta = dict(prompt=prompt, seed=seed, seconds=seconds, steps=steps, sampler=sampler,
                     resolution=resolution, sr=sr, frames=clip.frames, device=str(self.device),
-                    precision="bf16" if self.bf16 else "fp32")  # fmt: skip
+                    precision="bf16" if self.bf16 else "fp32", video_decoder=self.codecs.video_decoder_name,
+                    offload=self.offload)  # fmt: skip
         return latents, timer, meta
 
 

@@ -49,3 +49,56 @@ def test_compiled_flex_attention_matches_the_dense_mask_on_gpu():
         dense = attention(q, k, v, layout.dense_mask(window, "cuda"), backend="sdpa")
         flex = attention(q, k, v, layout.block_mask(window, "cuda"), backend="flex")
         torch.testing.assert_close(flex.float(), dense.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["flash3", "flash2"])
+def test_flash_attention_matches_sdpa_on_gpu(backend):
+    from magitrain.model.attention import FLASH_INSTALLED, FLASH_MODULES
+
+    if not FLASH_INSTALLED[backend]:
+        pytest.skip(f"{FLASH_MODULES[backend]} is not installed")
+    if backend == "flash3" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FA3 runs on Hopper GPUs only")
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(2, 8, 1000, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 1000, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    flash = attention(q, k, v, backend=backend)
+    sdpa = attention(q, k, v, backend="sdpa")
+    torch.testing.assert_close(flash.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
+    expected = (
+        "flash3" if FLASH_INSTALLED["flash3"] and torch.cuda.get_device_capability()[0] == 9 else "flash2"
+    )
+    torch.testing.assert_close(attention(q, k, v), attention(q, k, v, backend=expected), atol=0, rtol=0)
+
+
+def test_offload_stages_on_gpu_same_output_and_peak_memory():
+    from magitrain.codecs import build_tiny_codecs
+    from magitrain.inference import MagiHumanPipeline
+    from magitrain.model import get_config
+
+    torch.manual_seed(0)
+    base, sr = MagiHumanDiT(get_config("tiny")).eval(), MagiHumanDiT(get_config("tiny")).eval()
+    codecs = build_tiny_codecs(video_decoder="turbo")
+    options = dict(seconds=0.32, resolution="64x32", sr="128x64", seed=3)
+    outputs = []
+    for offload in ("none", "stages"):
+        nets = [n.cuda() if offload == "none" else n for n in (base, sr)]
+        pipe = MagiHumanPipeline(*nets[:1], codecs, nets[1], device="cuda", precision="fp32", offload=offload)
+        result = pipe.generate("a dog barks", **options)
+        assert set(result.timings["peak_gib"]) >= {"text", "base", "sr", "decode"}
+        outputs.append(result.video)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
+    assert next(base.parameters()).device.type == "cpu" and next(base.parameters()).is_pinned()
+
+
+def test_turbo_vaed_bf16_on_gpu_matches_fp32_cpu():
+    from magitrain.codecs.tiny import tiny_turbo_vaed
+
+    torch.manual_seed(0)
+    model = tiny_turbo_vaed().eval()
+    z = torch.randn(1, 48, 9, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model.decode(z)
+        gpu = model.cuda().to(torch.bfloat16).decode(z.cuda().bfloat16())
+    assert gpu.shape == reference.shape == (1, 3, 33, 64, 96)
+    torch.testing.assert_close(gpu.float().cpu(), reference, atol=5e-2, rtol=5e-2)

@@ -99,7 +99,6 @@ class Upsampler(nn.Module):
 
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
-        self.temporal = temporal
         self.resample = nn.Sequential(NearestUpsample2d(), nn.Conv2d(channels, channels, 3, padding=1))
         self.time_conv = ReplicatePadConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
 

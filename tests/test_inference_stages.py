@@ -158,3 +158,19 @@ def test_infer_py_benchmark_writes_every_row_and_column(tmp_path, monkeypatch, c
     assert [(r["output"], r["decoder"]) for r in report["rows"]] == [
         (SIZE, "turbo"), (SIZE, "wan"), ("128x64", "turbo"), ("128x64", "wan")]  # fmt: skip
     assert "| output | Base | SR | Decode | Total | Decoder |" in capsys.readouterr().out
+
+
+def test_offload_codecs_with_an_image_and_the_wan_decoder_in_two_stages(networks):
+    # codecs.video serves the image stage and (as the Wan2.2 decoder) the decode stage
+    codecs = build_tiny_codecs(seed=0)
+    image = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    options = dict(seconds=SECONDS, resolution=SIZE, image=image)
+    expected = MagiHumanPipeline(networks[0], codecs, device="cpu").generate("a cat", **options)
+    pipe = MagiHumanPipeline(networks[0], codecs, device="cpu", offload="codecs")
+    got = pipe.generate("a cat", **options)
+    assert torch.equal(got.video, expected.video) and torch.equal(got.audio, expected.audio)
+    loads = [entry for entry in pipe.residency.log if entry[0] != "release"]
+    # the base DiT stays on the device; while it runs, the decoders are copied in
+    assert loads == [("load", "text"), ("prefetch", "image"), ("load", "image"), ("prefetch", "decode"),
+                     ("load", "decode")]  # fmt: skip
+    assert pipe.residency.resident() == set()

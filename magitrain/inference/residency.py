@@ -103,17 +103,21 @@ class StageResidency:
 
     @contextmanager
     def stage(self, name: str, prefetch: str | None = None):
-        self._load(name, stream=None)
-        self.log.append(("load", name))
-        self._wait(name)
-        if prefetch is not None and prefetch in self.stages:
+        """A stage without modules here (e.g. the base DiT under `offload=codecs`) only prefetches."""
+        known = name in self.stages
+        if known:
+            self._load(name, stream=None)
+            self.log.append(("load", name))
+            self._wait(name)
+        if prefetch in self.stages:
             self._load(prefetch, stream=self._stream)
             self.log.append(("prefetch", prefetch))
         try:
             yield
         finally:
-            self._release(name, keep=prefetch)
-            self.log.append(("release", name))
+            if known:
+                self._release(name, keep=prefetch)
+                self.log.append(("release", name))
 
     def resident(self) -> set[str]:
         """Stages whose modules are all on the device now."""

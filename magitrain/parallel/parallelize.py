@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from magitrain.model import MagiHumanDiT
+from magitrain.model.compile import compile_layers
 
 
 @dataclass
 class ParallelConfig:
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | None = None  # None: the model config's (on for the 15B presets)
     compile: bool = False
     # FSDP2 mixed precision: block parameters gathered in this dtype, gradients reduced in float32
     param_dtype: str = "bfloat16"
@@ -60,10 +61,12 @@ def parallelize(
     """Apply checkpointing, compile and (when `device_mesh` is given: FSDP2) sharding in place."""
     if not isinstance(network, MagiHumanDiT):
         raise TypeError(f"parallelize expects a MagiHumanDiT, got {type(network).__name__}")
-    network.activation_checkpointing = cfg.activation_checkpointing and trainable
+    checkpointing = cfg.activation_checkpointing
+    if checkpointing is None:
+        checkpointing = network.config.activation_checkpointing
+    network.activation_checkpointing = checkpointing and trainable
     if cfg.compile:
-        for layer in network.block.layers:  # in place: state-dict names stay the released ones
-            layer.compile(fullgraph=True)
+        compile_layers(network)
     if device_mesh is not None:
         mesh = (
             device_mesh["data_parallel"]

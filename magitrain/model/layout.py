@@ -46,7 +46,7 @@ class SequenceLayout:
     def seq_len(self) -> int:
         return self.n_video + self.n_audio + self.n_text
 
-    def _text_lengths(self, device) -> Tensor:
+    def text_lengths(self, device) -> Tensor:
         if self.text_len is None:
             return torch.full((self.batch,), self.n_text, device=device, dtype=torch.float32)
         return self.text_len.to(device=device, dtype=torch.float32)
@@ -65,7 +65,7 @@ class SequenceLayout:
         audio = torch.zeros(self.batch, self.n_audio, 3, **f32)
         audio[..., 0] = audio_t
 
-        lengths = self._text_lengths(device)[:, None]  # [B, 1]
+        lengths = self.text_lengths(device)[:, None]  # [B, 1]
         slot = torch.arange(self.n_text, **f32)[None]  # [1, L]
         if coords_style == "v2":  # t = -L..-1 with ref 1: all zero (for L > 1)
             text_t = (slot - lengths) * _position_scale(lengths, 1.0)
@@ -124,7 +124,7 @@ class SequenceLayout:
             return None
         device = torch.device(device) if device is not None else torch.device("cpu")
         stats = _block_stats(self.frames, self.grid_h * self.grid_w, self.n_audio, self.n_text, device)
-        limit = self.n_video + self.n_audio + self._text_lengths(device).long()  # [B] keys that exist
+        limit = self.n_video + self.n_audio + self.text_lengths(device).long()  # [B] keys that exist
         q, k = stats, stats
         # kv blocks with any / only existing keys, and ones overlapping the existing audio + text
         k_any_real = k["start"][None] < limit[:, None]  # [B, n]

@@ -39,8 +39,8 @@ class InferConfig:
     seed: int = 0
     negative_prompt: str | None = None  # default: the codecs config's negative prompt
     out: str = "outputs/infer/sample.mp4"  # benchmark: the JSON path
-    model: str = "magihuman_15b"  # preset of released-layout checkpoints (Lightning ones carry theirs)
-    sr_model: str | None = None  # default: magihuman_15b for 540p, magihuman_15b_sr1080 for 1080p
+    model: str | None = None  # preset; default: the folder's config.json (exports), else magihuman_15b
+    sr_model: str | None = None  # default: config.json, else magihuman_15b_sr540 / magihuman_15b_sr1080
     weights: str = "auto"  # Lightning checkpoints: auto (EMA if saved) | ema | raw
     codecs: str = "magihuman"  # conf/codecs/NAME.yaml or a YAML path; benchmark: random (full size) too
     codecs_args: dict = field(default_factory=dict)  # overrides of the codecs config's fields
@@ -88,8 +88,10 @@ def generate(cfg: InferConfig, device: torch.device) -> None:
         raise SystemExit(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
     dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32
     model = load_network(cfg.ckpt, cfg.model, cfg.weights, dtype=dtype)
-    sr_preset = cfg.sr_model or ("magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b")
-    sr_model = load_network(cfg.sr_ckpt, sr_preset, cfg.weights, "sr_ckpt", dtype) if sr else None
+    sr_preset = "magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b_sr540"
+    sr_model = (
+        load_network(cfg.sr_ckpt, cfg.sr_model, cfg.weights, "sr_ckpt", dtype, sr_preset) if sr else None
+    )
     for network in filter(None, (model, sr_model)):
         network.eval().requires_grad_(False).to(device if cfg.offload != "stages" else "cpu")
         if cfg.compile:
@@ -114,8 +116,9 @@ def benchmark(cfg: InferConfig, device: torch.device) -> None:
 
     bf16 = uses_bf16(cfg.precision, device)
     codecs = build_codecs(cfg.codecs, cfg.codecs_args, torch.bfloat16 if bf16 else torch.float32)
+    preset = cfg.model or "magihuman_15b"
     rows = run_benchmark(
-        cfg.model, tuple(cfg.bench_rows), seconds=cfg.seconds, resolution=cfg.resolution, codecs=codecs,
+        preset, tuple(cfg.bench_rows), seconds=cfg.seconds, resolution=cfg.resolution, codecs=codecs,
         device=device, precision=cfg.precision, compile=cfg.compile, text_tokens=cfg.text_tokens,
         repeats=cfg.bench_repeats,
     )  # fmt: skip
@@ -125,7 +128,7 @@ def benchmark(cfg: InferConfig, device: torch.device) -> None:
     )
     out = Path(cfg.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, rows, model=cfg.model, seconds=cfg.seconds, compile=cfg.compile, machine=machine)
+    write_json(out, rows, model=preset, seconds=cfg.seconds, compile=cfg.compile, machine=machine)
     print(f"wrote {out}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -88,3 +89,65 @@ def test_missing_paths_are_named(tmp_path):
     next(out.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="model-00002"):
         load_official(MagiHumanDiT(tiny()), out)
+
+
+def test_bf16_export_uses_the_release_dtype_of_every_tensor(golden_dir, tmp_path):
+    """Block linears in bf16, norms / embedders / heads / RoPE in float32: the released tiny table."""
+    from safetensors import safe_open
+
+    with safe_open(golden_dir / "weights_tiny.safetensors", framework="pt") as f:
+        released = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {"BF16", "F32"} <= set(released.values())
+    model = load_official(MagiHumanDiT(golden_tiny()), golden_dir / "weights_tiny.safetensors")
+    out = save_official(model, tmp_path / "bf16", dtype=torch.bfloat16, max_shard_size="100KB")
+    ours = {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as f:
+            ours |= {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert ours == released
+
+
+def test_export_writes_the_architecture_and_infer_needs_no_model(tmp_path):
+    """A tiny training checkpoint exported, then `infer.py ckpt=EXPORT` without `model=`."""
+    import dataclasses
+    import stat
+
+    import infer
+    from magitrain.checkpoint.export import export
+    from magitrain.checkpoint.official import read_config
+
+    torch.manual_seed(0)
+    config = tiny(coords_style="v1")
+    state = {f"model.{k}": v for k, v in MagiHumanDiT(config).state_dict().items()}
+    torch.save(
+        {"state_dict": state, "hyper_parameters": {"model": dataclasses.asdict(config)}},
+        tmp_path / "run.ckpt",
+    )
+    previous = os.umask(0o027)  # a known umask for this process
+    try:
+        out = export(tmp_path / "run.ckpt", tmp_path / "export", dtype="bf16")
+    finally:
+        os.umask(previous)
+    assert read_config(out) == config.replace(activation_checkpointing=False)
+    for shard in out.glob("*.safetensors"):
+        assert stat.S_IMODE(shard.stat().st_mode) == 0o640  # the user's umask, not safetensors' 0600
+    clip = tmp_path / "clip.mp4"
+    infer.main(
+        [f"ckpt={out}", "codecs=tiny", "prompt=hello", "seconds=0.32", "resolution=64x32", f"out={clip}"]
+    )
+    assert clip.stat().st_size > 0
+    (out / "config.json").unlink()  # a folder without it: the preset decides (magihuman_15b here)
+    with pytest.raises(CheckpointMismatchError, match="missing"):
+        infer.main([f"ckpt={out}", "codecs=tiny", "prompt=hello", f"out={clip}"])
+
+
+def test_config_json_with_an_unknown_field_is_named(tmp_path):
+    from magitrain.checkpoint.official import read_config
+
+    out = save_official(MagiHumanDiT(tiny()), tmp_path / "ckpt")
+    text = (out / "config.json").read_text().replace('"head_dim"', '"head_size"')
+    (out / "config.json").write_text(text)
+    with pytest.raises(
+        ValueError, match=r"config.json has fields MagiHumanConfig does not know: \['head_size'\]"
+    ):
+        read_config(out)

@@ -276,7 +276,22 @@ def test_sr_sampler_replayed(base32):
         assert _max_abs(v_in, base32[f"sr.step{i}.latent_video_in"]) <= 1e-6
         assert _max_abs(a_in, base32["sr.audio_latent_input_all_steps"]) <= 1e-6
     assert _max_abs(video, base32["sr.final.video_latent"]) <= 1e-6
-    assert torch.equal(base32["final.audio_latent"], base32["base.final.audio_latent"])  # base audio kept
+
+
+def test_pipeline_keeps_the_base_audio_through_sr(base32, base_model, sr_model):
+    """As released, the SR model's audio output is discarded: the final audio is the base stage's."""
+    from magitrain.codecs import build_tiny_codecs
+    from magitrain.inference import ClipShape, MagiHumanPipeline
+    from magitrain.inference.pipeline import TextInputs
+    from magitrain.inference.timing import StageTimer
+
+    pipe = MagiHumanPipeline(base_model, build_tiny_codecs(), sr_model, device="cpu", precision="fp32")
+    text = TextInputs(*_text(base32))
+    clip = ClipShape.of(0.4, "64x64")
+    base = pipe.sample(text, clip, StageTimer("cpu"), seed=3)
+    with_sr = pipe.sample(text, clip, StageTimer("cpu"), seed=3, sr_clip=clip.with_resolution("128x128"))
+    assert with_sr[0].shape[-2:] == (8, 8) and base[0].shape[-2:] == (4, 4)
+    assert torch.equal(with_sr[1], base[1])
 
 
 # From the fixture's base latents: fp32 model 0.5e-2, bf16 autocast 0.7e-2 rms_rel from the native

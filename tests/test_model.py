@@ -193,11 +193,37 @@ def test_config_rejects_inconsistent_fields():
 
 def test_flop_accounting_matches_the_reports_floor_arithmetic():
     """REFERENCE §4: 8 steps x 2 x 10.9e9 x ~3.8k tokens ~ 6.6e14 FLOPs, plus ~1e14 for attention."""
-    from magitrain.model.flops import forward_flops_per_token
+    from magitrain.model import SequenceLayout
+    from magitrain.model.flops import forward_flops, real_tokens
 
     config = magihuman_15b()
-    seq_len = 3584 + 126 + 100
-    total = 8 * forward_flops_per_token(config, seq_len) * seq_len
-    matmul = 8 * 2 * config.active_params_per_token() * seq_len
+    layout = SequenceLayout(1, 32, 8, 14, 126, 100)  # 256p 5 s: 3584 video tokens
+    assert float(real_tokens(layout)) == 3584 + 126 + 100
+    total = 8 * float(forward_flops(config, layout))
+    matmul = 8 * 2 * config.active_params_per_token() * (3584 + 126 + 100)
     assert 6.5e14 < matmul < 6.8e14
     assert 0.8e14 < total - matmul < 1.2e14
+
+
+@pytest.mark.parametrize("window", [None, 1])
+def test_flops_count_real_tokens_and_the_pairs_the_mask_allows(window):
+    """A known shape: padded text is no work, local layers count the pairs the dense mask allows."""
+    from magitrain.model import SequenceLayout
+    from magitrain.model.flops import forward_flops, training_flops
+
+    local = () if window is None else (1, 2)
+    config = tiny(local_attn_layers=local, frame_window=window or 11)
+    layout = SequenceLayout(2, 5, 2, 3, 9, 7, torch.tensor([7, 3]))
+    real = torch.tensor([30 + 9 + 7, 30 + 9 + 3], dtype=torch.float64)
+    real_queries = layout.key_is_real()[:, None, :, None]  # padded queries do no useful work either
+
+    def pairs(w):
+        return (layout.dense_mask(w) & real_queries).sum((1, 2, 3)).double()
+
+    global_pairs, local_pairs = pairs(None), pairs(window) if local else 0
+    attention = 4 * 4 * 16 * ((4 - len(local)) * global_pairs + len(local) * local_pairs)
+    expected = (2 * config.active_params_per_token() * real + attention).sum()
+    assert float(forward_flops(config, layout)) == pytest.approx(float(expected), rel=1e-12)
+    assert float(training_flops(config, layout)) == pytest.approx(3 * float(expected), rel=1e-12)
+    # MFU at a known speed: this batch 10 times a second on a 1 TFLOP/s device
+    assert 10 * float(training_flops(config, layout)) / 1e12 == pytest.approx(30 * float(expected) / 1e12)

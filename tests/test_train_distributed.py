@@ -16,9 +16,10 @@ import pytest
 import torch
 from conftest import REPO
 from test_train_base import step_losses
+from torch.distributed.checkpoint import FileSystemReader
 
 from magitrain.checkpoint import save_official
-from magitrain.checkpoint.export import network_state, read_training_checkpoint
+from magitrain.checkpoint.export import network_state, read_dcp_networks, read_training_checkpoint
 from magitrain.model import MagiHumanDiT, tiny
 
 pytestmark = pytest.mark.slow
@@ -63,15 +64,29 @@ def run_train(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-def model_weights(ckpt) -> dict[str, torch.Tensor]:
+# EMA with decay 0.5 updated at step 2 only: the shadow must be (init + weights after step 2) / 2
+EMA_EVERY_2 = ("callbacks.ema.decay=0.5", "callbacks.ema.every_n_steps=2")
+
+
+def model_weights(ckpt, ema: bool = False) -> dict[str, torch.Tensor]:
     state, _ = read_training_checkpoint(ckpt)
-    return network_state(state, ema=False)
+    return network_state(state, ema=ema)
+
+
+def assert_ema_is_the_mean_of_init_and_step_2(ckpt, init_dir) -> None:
+    from magitrain.checkpoint import load_official
+
+    init = load_official(MagiHumanDiT(tiny()), init_dir).state_dict()
+    weights, shadow = model_weights(ckpt), model_weights(ckpt, ema=True)
+    assert all(v.dtype == torch.float32 for v in shadow.values())
+    for k in weights:
+        torch.testing.assert_close(shadow[k], (init[k] + weights[k]) / 2, atol=1e-6, rtol=1e-5, msg=k)
 
 
 @pytest.fixture(scope="module")
 def single(four_samples, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    run_train(out, four_samples, devices=1, strategy="auto", batch_size=4)
+    run_train(out, four_samples, devices=1, strategy="auto", batch_size=4, extra=EMA_EVERY_2)
     return out
 
 
@@ -97,7 +112,7 @@ def test_fsdp2_two_processes_match_one_process(single, four_samples, tmp_path):
         devices=2,
         strategy="fsdp2",
         batch_size=2,
-        extra=("module.parallel.param_dtype=float32",),
+        extra=("module.parallel.param_dtype=float32", *EMA_EVERY_2),
     )
     want, got = step_losses(single / "csv" / "metrics.csv"), step_losses(tmp_path / "csv" / "metrics.csv")
     for step in want:
@@ -108,3 +123,11 @@ def test_fsdp2_two_processes_match_one_process(single, four_samples, tmp_path):
     assert w_single.keys() == w_fsdp.keys()
     for k in w_single:
         torch.testing.assert_close(w_fsdp[k], w_single[k], atol=1e-5, rtol=1e-4, msg=k)
+    # the sharded float32 EMA: the same arithmetic as one process
+    assert_ema_is_the_mean_of_init_and_step_2(last, four_samples / "init")
+    assert_ema_is_the_mean_of_init_and_step_2(single / "checkpoints" / "last.ckpt", four_samples / "init")
+    # export reads the networks only, not the optimiser state beside them (3x the weights at 15B)
+    stored = FileSystemReader(last).read_metadata().state_dict_metadata
+    assert any(not k.startswith("state_dict.") for k in stored)
+    assert all(k.startswith(("model.", "ema.")) for k in read_dcp_networks(last))
+

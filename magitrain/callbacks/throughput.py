@@ -1,4 +1,10 @@
-"""Throughput, MFU and memory: samples/s, tokens/s, `mfu = flops_per_token * tokens_per_s / peak`."""
+"""Throughput, MFU and memory over each logging window: samples/s, tokens/s, TFLOP/s and MFU.
+
+Nothing in a training step waits for the device: each rank adds its batch's real tokens and useful
+FLOPs (magitrain.model.flops: text padding excluded, local attention counted by its window) as
+device tensors. On logging steps only, the callback synchronises once, sums the window over ranks
+in one collective and logs `mfu = useful FLOPs / (seconds x world x peak)`.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +13,62 @@ import time
 import torch
 from lightning.pytorch import Callback
 
-from magitrain.model.flops import training_flops_per_token
+from magitrain.model import SequenceLayout
+from magitrain.model.flops import real_tokens, training_flops
+
+
+def batch_layout(batch: dict, patch: tuple[int, int, int]) -> SequenceLayout:
+    """The token layout of a latent batch (text lengths as they come, on their device)."""
+    B, _, T, H, W = batch["video_latent"].shape
+    pt, ph, pw = patch
+    text_len = batch.get("text_len")
+    return SequenceLayout(
+        B, T // pt, H // ph, W // pw, batch["audio_latent"].shape[1], batch["text_emb"].shape[1], text_len
+    )
 
 
 class Throughput(Callback):
-    def __init__(self, peak_tflops: float = 989.0, log_every_n_steps: int = 1):
-        """peak_tflops: the device's dense bf16 peak (H100 SXM: 989), used for MFU."""
+    def __init__(self, peak_tflops: float = 989.0, log_every_n_steps: int | None = None):
+        """peak_tflops: the device's dense bf16 peak (H100 SXM: 989), used for MFU.
+        log_every_n_steps: the window; default the trainer's `log_every_n_steps`."""
         self.peak_flops = peak_tflops * 1e12
         self.log_every_n_steps = log_every_n_steps
-        self._start = None
+        self._window: torch.Tensor | None = None  # [samples, real tokens, useful FLOPs] on this rank
+        self._start: float | None = None
+        self._last_step = -1
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def _sync(self, pl_module) -> None:
         if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        self._start, self._last_step = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._start is None or trainer.global_step % self.log_every_n_steps:
+        layout = batch_layout(batch, pl_module.model_config.patch_size)
+        flops = training_flops(pl_module.model_config, layout)
+        counts = torch.stack([torch.full_like(flops, layout.batch), real_tokens(layout), flops])
+        self._window = counts if self._window is None else self._window + counts.to(self._window.device)
+        step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if step == self._last_step or step % every:  # accumulation micro-batch or not a logging step
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
+        self._sync(pl_module)
         seconds = time.perf_counter() - self._start
-        samples, seq_len = pl_module.batch_shape(batch)
-        world = trainer.world_size
-        tokens_per_s = samples * seq_len * world / seconds
-        flops_per_token = training_flops_per_token(pl_module.model_config, seq_len)
+        window = trainer.strategy.reduce(self._window.to(pl_module.device), reduce_op="sum")
+        samples, tokens, flops = window.tolist()
+        steps = step - self._last_step
+        self._window, self._start, self._last_step = None, time.perf_counter(), step
         metrics = {
-            "perf/samples_per_s": samples * world / seconds,
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/mfu": flops_per_token * tokens_per_s / (self.peak_flops * world),
+            "perf/samples_per_s": samples / seconds,
+            "perf/tokens_per_s": tokens / seconds,
+            "perf/tflops_per_device": flops / seconds / trainer.world_size / 1e12,
+            "perf/mfu": flops / seconds / (self.peak_flops * trainer.world_size),
+            "perf/s_per_step": seconds / steps,
         }
         if pl_module.device.type == "cuda":
-            metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+            metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)

@@ -1,6 +1,8 @@
 """Validation samples during training: every N steps, generate clips for a few fixed prompts with
 the module's network (its EMA shadow when there is one) and log the mp4s, with sound, to W&B.
 
+The sampler follows the recipe (the module's `validation_sampling`): a base model samples with
+32-step UniPC and CFG, a distilled one with the 8-step sampler; `steps` / `sampler` override it.
 The clips come from the same `MagiHumanPipeline` as `infer.py`, with its own seeded generator, so
 they are comparable across steps and runs and leave the training RNG untouched. Networks sharded
 over ranks (FSDP2, ZeRO-3) need every rank in each forward: then all ranks sample and rank zero
@@ -22,7 +24,7 @@ class Validation(Callback):
         every_n_steps: int = 1000,
         seconds: float = 2.0,
         resolution: str = "256p",
-        steps: int = 8,
+        steps: int | None = None,
         sampler: str | None = None,
         seed: int = 0,
         use_ema: bool = True,
@@ -35,7 +37,8 @@ class Validation(Callback):
         if not prompts:
             raise ValueError("callbacks.validation.prompts is empty")
         self.every_n_steps, self.prompts = every_n_steps, list(prompts)
-        self.options = dict(seconds=seconds, resolution=resolution, steps=steps, sampler=sampler, seed=seed)
+        self.options = dict(seconds=seconds, resolution=resolution, seed=seed)
+        self.sampling = {k: v for k, v in dict(steps=steps, sampler=sampler).items() if v is not None}
         self.use_ema, self.precision, self.log_key = use_ema, precision, log_key
         self.dirpath = dirpath
         self._last_step = -1
@@ -47,6 +50,18 @@ class Validation(Callback):
                 "add codecs=tiny or codecs=magihuman to the training command"
             )
         self.dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "validation")
+        self.options.update(self.sampling_for(pl_module))
+
+    def sampling_for(self, pl_module) -> dict:
+        """{steps, sampler}: the recipe's (module.validation_sampling), then this callback's overrides."""
+        recipe = dict(getattr(pl_module, "validation_sampling", None) or {})
+        sampling = {**recipe, **self.sampling}
+        if "steps" not in sampling:
+            raise ValueError(
+                f"{type(pl_module).__name__} names no validation sampler (validation_sampling): "
+                "set callbacks.validation.steps (8: distilled, 32: base with CFG)"
+            )
+        return sampling
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # counts the optimiser step just taken

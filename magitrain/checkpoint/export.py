@@ -9,7 +9,7 @@ CKPT is a Lightning checkpoint: one file (single device, DDP), a distributed-che
 from __future__ import annotations
 
 import argparse
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,16 +35,38 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
         )
         return get_fp32_state_dict_from_zero_checkpoint(str(path)), meta.get("hyper_parameters", {})
     if (path / ".metadata").is_file():  # torch.distributed.checkpoint (FSDP2)
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path, Path(tmp) / "full.pt")
-            full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
-        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-        return full["state_dict"], meta.get("hyper_parameters", {})
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        return read_dcp_networks(path), meta.get("hyper_parameters", {})
     raise FileNotFoundError(
         f"{path} is not a Lightning checkpoint file, DeepSpeed or distributed checkpoint directory"
     )
+
+
+def read_dcp_networks(path: Path, roots: tuple[str, ...] = ("model.", "ema.")) -> dict[str, torch.Tensor]:
+    """The network tensors (`state_dict.model.*`, `state_dict.ema.*`) of a distributed checkpoint,
+    read without a process group and without touching the optimiser state (3x the weights at 15B)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    prefixes = tuple(f"state_dict.{r}" for r in roots)
+    keys = {k for k in FileSystemReader(path).read_metadata().state_dict_metadata if k.startswith(prefixes)}
+    if not keys:
+        raise KeyError(f"the distributed checkpoint {path} holds no network weights under {list(prefixes)}")
+    with warnings.catch_warnings():  # one process reading on purpose, not a missing process group
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        loaded = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
+    state = loaded["state_dict"] if "state_dict" in loaded else loaded
+    return {k: v for k, v in _flatten(state).items()}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def network_state(state: dict[str, torch.Tensor], ema: bool) -> dict[str, torch.Tensor]:
@@ -63,11 +85,13 @@ def export(
 ) -> Path:
     state, hparams = read_training_checkpoint(ckpt)
     weights = network_state(state, ema)
+    config = None
     if "model" in hparams:  # check the layout against the architecture the run trained
+        config = MagiHumanConfig(**hparams["model"])
         with torch.device("meta"):
-            network = MagiHumanDiT(MagiHumanConfig(**hparams["model"]))
+            network = MagiHumanDiT(config)
         check_layout(network, {k: tuple(v.shape) for k, v in weights.items()}, str(ckpt))
-    return save_official(weights, out, dtype=DTYPES[dtype], max_shard_size=max_shard_size)
+    return save_official(weights, out, dtype=DTYPES[dtype], max_shard_size=max_shard_size, config=config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ckpt", help="Lightning checkpoint file or directory")
     p.add_argument("out", help="output directory (released layout)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="keep")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="keep", help="of the block linears; the rest stays float32"
+    )
     p.add_argument("--max-shard-size", default="5GB")
     args = p.parse_args(argv)
     out = export(args.ckpt, args.out, args.ema, args.dtype, args.max_shard_size)

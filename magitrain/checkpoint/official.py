@@ -3,11 +3,18 @@
 `load_official` is strict: every tensor of the model must be in the checkpoint with the same
 shape and nothing else may be there. The released loader is non-strict and only prints
 mismatches, which silently trains a half-initialised model; ours fails loudly instead.
+
+`save_official` writes the release's per-tensor dtypes (block linears in the export dtype, norms,
+embedders, heads and the RoPE buffer in float32) and, as diffusers and the release's folders do, a
+`config.json` with the architecture (`MagiHumanConfig` fields) that `read_config` reads back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +24,14 @@ from torch import nn
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CONFIG_CLASS = "MagiHumanDiT"  # `_class_name` of our config.json, as diffusers marks its configs
+# The tensors the release stores in its low precision: the block linears. Everything else (norms,
+# embedders, output heads, the RoPE frequencies) is float32 in every released folder.
+BLOCK_LINEAR = re.compile(
+    r"block\.layers\.\d+\.(attention\.linear_(qkv|proj)|mlp\.(up_gate|down)_proj)\.weight"
+)
+TRAINING_ONLY = ("activation_checkpointing", "attn_backend")  # run settings, not architecture
 _SHOW = 5  # keys listed per kind of mismatch
 
 
@@ -120,18 +135,64 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
+def release_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the release stores tensor `name` in when exporting the block linears in `dtype`."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor.dtype
+    return dtype if BLOCK_LINEAR.fullmatch(name) else torch.float32
+
+
+def write_config(config, path: str | Path) -> Path:
+    """`config.json`: the MagiHumanConfig fields that define the architecture."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in TRAINING_ONLY}
+    out = Path(path) / CONFIG_NAME
+    out.write_text(json.dumps({"_class_name": CONFIG_CLASS, **fields}, indent=2, sort_keys=True))
+    return out
+
+
+def read_config(path: str | Path):
+    """The MagiHumanConfig of a checkpoint directory's `config.json`, or None when it has none."""
+    from magitrain.model import MagiHumanConfig
+
+    path = Path(path)
+    file = path / CONFIG_NAME if path.is_dir() else path.parent / CONFIG_NAME
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
+    if data.pop("_class_name", None) != CONFIG_CLASS:
+        return None  # some other tool's config (not a MagiHumanDiT architecture)
+    known = {f.name for f in dataclasses.fields(MagiHumanConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{file} has fields MagiHumanConfig does not know: {unknown}")
+    return MagiHumanConfig(**data)
+
+
+def _user_mode(path: Path) -> None:
+    """safetensors creates files 0600; give them the permissions the user's umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def save_official(
     model: nn.Module | dict[str, torch.Tensor],
     path: str | Path,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
+    config=None,
 ) -> Path:
-    """Write the released layout: `model-0000i-of-0000n.safetensors` shards + the index json.
+    """Write the released layout: `model-0000i-of-0000n.safetensors` shards, the index json and,
+    with the architecture known (`config`, or the model's own), `config.json`.
 
-    `dtype` converts floating tensors (the RoPE frequency buffer stays float32: rounding it would
-    move every position). Returns the directory.
+    `dtype` is the storage dtype of the block linears; the other floating tensors are written in
+    float32, as released (None keeps every tensor's dtype). Returns the directory.
     """
     state = model.state_dict() if isinstance(model, nn.Module) else model
+    config = config if config is not None else getattr(model, "config", None)
     limit = _parse_size(max_shard_size)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -140,8 +201,7 @@ def save_official(
     size = 0
     for name, tensor in state.items():
         t = tensor.detach().to("cpu")
-        if dtype is not None and t.is_floating_point() and not name.endswith("rope.bands"):
-            t = t.to(dtype)
+        t = t.to(release_dtype(name, t, dtype))
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append({})
@@ -153,9 +213,12 @@ def save_official(
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(path / fname), metadata={"format": "pt"})
+        _user_mode(path / fname)
         for name, t in shard.items():
             weight_map[name] = fname
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+    if config is not None:
+        write_config(config, path)
     return path

@@ -29,7 +29,7 @@ from .timing import StageTimer
 # Real codec sizes: the tiny codecs are the same classes with the widths shrunk (see codecs/tiny.py).
 WAN22_WIDTHS = dict(base_dim=160, decoder_base_dim=256, num_res_blocks=2)
 OOBLECK_WIDTHS = dict(channel_multiples=[1, 2, 4, 8, 16], decoder_channels=128)
-SR_PRESETS = {"540p": "magihuman_15b", "1080p": "magihuman_15b_sr1080"}
+SR_PRESETS = {"540p": "magihuman_15b_sr540", "1080p": "magihuman_15b_sr1080"}
 
 
 def random_codecs(dtype: torch.dtype, decode_tile: int | None = None, video_decoder: str = "turbo") -> Codecs:

@@ -3,7 +3,8 @@
 `ckpt` may be
 - a released-layout directory (sharded safetensors + index, or `model.safetensors`), which is also
   what `python -m magitrain.checkpoint.export` writes, or a single `.safetensors` file: the
-  architecture comes from the `model` preset;
+  architecture comes from the `config.json` beside the weights (exports write one), else from the
+  `model` preset;
 - a Lightning training checkpoint (a `.ckpt` file, an FSDP2 distributed-checkpoint directory or a
   DeepSpeed directory): the architecture comes from its hyper-parameters, and `weights` picks the
   EMA shadow or the raw trained network.
@@ -19,7 +20,9 @@ import torch
 
 from magitrain.checkpoint import CheckpointMismatchError, check_layout, load_official
 from magitrain.checkpoint.export import network_state, read_training_checkpoint
+from magitrain.checkpoint.official import read_config
 from magitrain.model import MagiHumanConfig, MagiHumanDiT, get_config
+from magitrain.model.compile import compile_layers
 from magitrain.model.layers import ModalityLinear
 
 log = logging.getLogger("magitrain")
@@ -36,15 +39,18 @@ def is_training_checkpoint(path: Path) -> bool:
 
 def load_network(
     ckpt: str | Path,
-    model: str | MagiHumanConfig = "magihuman_15b",
+    model: str | MagiHumanConfig | None = None,
     weights: str = "auto",
     field: str = "ckpt",
     dtype: torch.dtype = torch.float32,
+    fallback: str = "magihuman_15b",
 ) -> MagiHumanDiT:
     """A MagiHumanDiT on the CPU with the weights of `ckpt`; errors name `field` and the file.
 
-    The block linears are loaded straight into `dtype` (see `to_inference_dtype`), so a 15B model
-    in bf16 never needs its 61 GB float32 copy in host memory.
+    The architecture of a released-layout folder is `model` when given, else its `config.json`,
+    else the `fallback` preset (released folders carry no config.json of ours). The block linears
+    are loaded straight into `dtype` (see `to_inference_dtype`), so a 15B model in bf16 never
+    needs its 61 GB float32 copy in host memory.
     """
     path = Path(ckpt).expanduser()
     if not path.exists():
@@ -53,9 +59,15 @@ def load_network(
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     config = get_config(model) if isinstance(model, str) else model
     if is_training_checkpoint(path):
+        config = config or get_config(fallback)
         return _from_training_checkpoint(path, config, weights, field, dtype)
     if weights == "ema":
         raise ValueError(f"{field}={ckpt} is a released-layout checkpoint: it has no separate EMA weights")
+    if config is None:
+        try:
+            config = read_config(path) or get_config(fallback)
+        except ValueError as err:
+            raise ValueError(f"{field}: {err}") from err
     network = _meta_network(config, dtype)
     try:
         return load_official(network, path)
@@ -109,15 +121,9 @@ def to_inference_dtype(network: MagiHumanDiT, dtype: torch.dtype) -> MagiHumanDi
 
 
 def compile_blocks(network: MagiHumanDiT) -> MagiHumanDiT:
-    """torch.compile each transformer layer (as the release compiles its block, about 1.2x on H100).
-
-    Layers of different kinds (sandwich / shared, gelu7 / swiglu7, local / global attention) and
-    each clip shape compile separately, so the recompile limit is raised above their count.
-    """
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for layer in network.block.layers:
-        layer.compile(fullgraph=True)
-    return network
+    """torch.compile each transformer layer (as the release compiles its block, about 1.2x on H100),
+    through the same path and recompile bounds as training (magitrain.model.compile)."""
+    return compile_layers(network)
 
 
 def random_network(config: MagiHumanConfig, device: torch.device | str, dtype: torch.dtype) -> MagiHumanDiT:

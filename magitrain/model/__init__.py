@@ -1,7 +1,15 @@
 """The MagiHuman single-stream transformer and its configuration presets."""
 
 from .attention import attention
-from .config import MagiHumanConfig, get_config, golden_tiny, magihuman_15b, magihuman_15b_sr1080, tiny
+from .config import (
+    MagiHumanConfig,
+    get_config,
+    golden_tiny,
+    magihuman_15b,
+    magihuman_15b_sr540,
+    magihuman_15b_sr1080,
+    tiny,
+)
 from .dit import MagiHumanDiT, count_parameters, patchify, unpatchify
 from .layout import SequenceLayout
 
@@ -14,6 +22,7 @@ __all__ = [
     "get_config",
     "golden_tiny",
     "magihuman_15b",
+    "magihuman_15b_sr540",
     "magihuman_15b_sr1080",
     "patchify",
     "tiny",

@@ -102,7 +102,9 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
 
     if q.device.type == "cuda":  # flex attention is only fast compiled
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            from .compile import compile_fn  # the shared compile path: bounded recompiles
+
+            _compiled_flex = compile_fn(flex_attention)
         return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 

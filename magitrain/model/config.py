@@ -81,15 +81,26 @@ class MagiHumanConfig:
         return total + d * max(self.video_in_channels, self.audio_in_channels) + d * self.video_in_channels
 
 
+# The 15B presets train with activation checkpointing: one 5 s 256p sample holds ~90 GB of
+# activations without it (docs/benchmarks.md, "What fits").
+_15B_TRAINING = dict(activation_checkpointing=True)
+
+
 def magihuman_15b(**overrides) -> MagiHumanConfig:
-    """The released daVinci-MagiHuman architecture (base, distill and 540p SR checkpoints)."""
-    return MagiHumanConfig(**overrides)
+    """The released daVinci-MagiHuman architecture of the base and distilled checkpoints (text "v2")."""
+    return MagiHumanConfig(**{**_15B_TRAINING, **overrides})
+
+
+def magihuman_15b_sr540(**overrides) -> MagiHumanConfig:
+    """The released 540p SR model: the base architecture with the SR text coordinates ("v1")."""
+    return MagiHumanConfig(**{**_15B_TRAINING, "coords_style": "v1", **overrides})
 
 
 def magihuman_15b_sr1080(**overrides) -> MagiHumanConfig:
     """The released 1080p SR model: local attention everywhere but layers 3, 7, ..., 31, window 11."""
     local = tuple(i for i in range(40) if not (i % 4 == 3 and i < 32))
-    return MagiHumanConfig(local_attn_layers=local, frame_window=11, coords_style="v1", **overrides)
+    base = dict(_15B_TRAINING, local_attn_layers=local, frame_window=11, coords_style="v1")
+    return MagiHumanConfig(**{**base, **overrides})
 
 
 def golden_tiny(**overrides) -> MagiHumanConfig:
@@ -130,6 +141,7 @@ def tiny(**overrides) -> MagiHumanConfig:
 
 PRESETS = {
     "magihuman_15b": magihuman_15b,
+    "magihuman_15b_sr540": magihuman_15b_sr540,
     "magihuman_15b_sr1080": magihuman_15b_sr1080,
     "golden_tiny": golden_tiny,
     "tiny": tiny,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MagiHumanConfig
-from .layers import RMSNorm, TransformerLayer
+from .layers import Float32Linear, RMSNorm, TransformerLayer
 from .layout import SequenceLayout
 from .rope import RotaryEmbedding
 
@@ -39,9 +39,9 @@ class Adapter(nn.Module):
 
     def __init__(self, cfg: MagiHumanConfig):
         super().__init__()
-        self.video_embedder = nn.Linear(cfg.video_in_channels, cfg.hidden_size)
-        self.audio_embedder = nn.Linear(cfg.audio_in_channels, cfg.hidden_size)
-        self.text_embedder = nn.Linear(cfg.text_in_channels, cfg.hidden_size)
+        self.video_embedder = Float32Linear(cfg.video_in_channels, cfg.hidden_size)
+        self.audio_embedder = Float32Linear(cfg.audio_in_channels, cfg.hidden_size)
+        self.text_embedder = Float32Linear(cfg.text_in_channels, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
 
@@ -60,8 +60,8 @@ class MagiHumanDiT(nn.Module):
         self.block = Block(config)
         self.final_norm_video = RMSNorm(d, eps=config.norm_eps)
         self.final_norm_audio = RMSNorm(d, eps=config.norm_eps)
-        self.final_linear_video = nn.Linear(d, config.video_in_channels, bias=False)
-        self.final_linear_audio = nn.Linear(d, config.audio_in_channels, bias=False)
+        self.final_linear_video = Float32Linear(d, config.video_in_channels, bias=False)
+        self.final_linear_audio = Float32Linear(d, config.audio_in_channels, bias=False)
         self.activation_checkpointing = config.activation_checkpointing
         self.reset_parameters()
 
@@ -107,11 +107,14 @@ class MagiHumanDiT(nn.Module):
         """video [B, 48, T, H, W], audio [B, N, 64], text [B, L, C_text] -> (v_video, v_audio), same shapes.
 
         `text_len` [B] gives each sample's real text tokens when prompts are padded; padding is
-        masked out of attention, so it changes no output.
+        masked out of attention, so it changes no output. Padding no sample uses is dropped (and
+        the mask too when nothing is left padded) where that costs no wait for the device: for a
+        CPU `text_len`, or outside autograd (sampling, where one sync per forward of the network is
+        nothing). A training step on a GPU keeps the batch's padding and masks it.
         """
         cfg = self.config
         self._check_inputs(video, audio, text, text_len)
-        if text_len is not None:  # drop the padding that no sample uses
+        if text_len is not None and (text_len.device.type == "cpu" or not torch.is_grad_enabled()):
             text = text[:, : int(text_len.max())]
             if bool((text_len == text.shape[1]).all()):
                 text_len = None

@@ -4,8 +4,11 @@ A "sandwich" layer stores three copies of every weight stacked along dim 0 (vide
 The sequence is sorted by modality, so each copy is one dense matmul over a contiguous slice of
 the sequence (`splits` = token counts of video, audio, text). A shared layer has one copy.
 
-Precision follows the released model under bf16 autocast: linears and attention in bf16; the
-residual stream, norms, RoPE, gates and activations in float32.
+Precision follows the released model: linears and attention in bf16; the residual stream, norms,
+RoPE, gates and activations in float32. The block linears reach bf16 either through autocast or
+through bf16 weights (released storage, FSDP2's gathered parameters, DeepSpeed's bf16 module):
+without autocast a linear casts its float32 input to its weight's dtype, and everything after it
+that the release keeps in float32 upcasts again.
 """
 
 from __future__ import annotations
@@ -36,8 +39,20 @@ class ModalityLinear(nn.Linear):
         self.copies = copies
 
     def forward(self, x: Tensor, splits: Splits) -> Tensor:
+        if not torch.is_autocast_enabled(x.device.type):  # bf16 weights: a bf16 matmul, as released
+            x = x.to(self.weight.dtype)
         weights = self.weight.chunk(self.copies)
         return per_modality(x, splits, self.copies, lambda part, i: F.linear(part, weights[i]))
+
+
+class Float32Linear(nn.Linear):
+    """The release's float32 linears (input embedders, output heads): float32 whatever the weights'
+    storage dtype (DeepSpeed's bf16 mode casts them) and whether autocast is on."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
 
 
 class RMSNorm(nn.Module):

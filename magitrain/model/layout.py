@@ -8,6 +8,7 @@ describe the same attention pattern.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ class SequenceLayout:
     def seq_len(self) -> int:
         return self.n_video + self.n_audio + self.n_text
 
-    def _text_lengths(self, device) -> Tensor:
+    def text_lengths(self, device) -> Tensor:
         if self.text_len is None:
             return torch.full((self.batch,), self.n_text, device=device, dtype=torch.float32)
         return self.text_len.to(device=device, dtype=torch.float32)
@@ -64,7 +65,7 @@ class SequenceLayout:
         audio = torch.zeros(self.batch, self.n_audio, 3, **f32)
         audio[..., 0] = audio_t
 
-        lengths = self._text_lengths(device)[:, None]  # [B, 1]
+        lengths = self.text_lengths(device)[:, None]  # [B, 1]
         slot = torch.arange(self.n_text, **f32)[None]  # [1, L]
         if coords_style == "v2":  # t = -L..-1 with ref 1: all zero (for L > 1)
             text_t = (slot - lengths) * _position_scale(lengths, 1.0)
@@ -110,14 +111,48 @@ class SequenceLayout:
         return mask
 
     def block_mask(self, frame_window: int | None, device=None):
-        """The same pattern as `dense_mask` as a flex-attention BlockMask (None when unmasked)."""
-        from torch.nn.attention.flex_attention import create_block_mask
+        """The same pattern as `dense_mask` as a flex-attention BlockMask (None when unmasked).
+
+        Built from per-block token ranges, never from an S x S tensor: at the 1080p sequence (~66k
+        tokens, 4.4e9 pairs) `create_block_mask` would first materialise ~80 GB. Shape-only block
+        statistics are cached per layout shape; the per-batch text lengths enter as tensor ops, so
+        building the mask of a training step never waits for the device.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
 
         if frame_window is None and self.text_len is None:
             return None
-        frame = self.video_frame_of_token(device)
-        limit = self.n_video + self.n_audio + self._text_lengths(device).long()
-        window = frame_window
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        stats = _block_stats(self.frames, self.grid_h * self.grid_w, self.n_audio, self.n_text, device)
+        limit = self.n_video + self.n_audio + self.text_lengths(device).long()  # [B] keys that exist
+        q, k = stats, stats
+        # kv blocks with any / only existing keys, and ones overlapping the existing audio + text
+        k_any_real = k["start"][None] < limit[:, None]  # [B, n]
+        k_all_real = k["end_padded"][None] <= limit[:, None]
+        k_real_nonvideo = torch.maximum(k["start"], k["video_end"])[None] < torch.minimum(
+            k["end"][None], limit[:, None]
+        )
+        any_ = k_any_real[:, None, :].expand(-1, stats["n"], -1)  # [B, nq, nk]
+        all_ = (k_all_real[:, None, :] & q["in_range"][None, :, None]).expand(-1, stats["n"], -1)
+        if frame_window is not None:
+            w = frame_window
+            both_video = q["has_video"][:, None] & k["has_video"][None, :]
+            near_any = both_video & (q["frame_lo"][:, None] - w <= k["frame_hi"][None, :])
+            near_any &= k["frame_lo"][None, :] <= q["frame_hi"][:, None] + w
+            reach = torch.maximum(
+                q["frame_hi"][:, None] - k["frame_lo"][None, :],
+                k["frame_hi"][None, :] - q["frame_lo"][:, None],
+            )
+            near_all = reach <= w
+            any_ = (
+                k_real_nonvideo[:, None, :]
+                | (q["has_nonvideo"][None, :, None] & k_any_real[:, None, :])
+                | near_any[None]
+            )
+            all_ = all_ & (~both_video | near_all)[None]
+        partial = (any_ & ~all_)[:, None]  # [B, 1, nq, nk]: one pattern for every head
+        full = all_[:, None]
+        frame, window = stats["frame"], frame_window
 
         def mask_mod(b, h, q_idx, kv_idx):
             allowed = kv_idx < limit[b]
@@ -126,6 +161,48 @@ class SequenceLayout:
                 allowed = allowed & ((fq < 0) | (fk < 0) | ((fq - fk).abs() <= window))
             return allowed
 
-        return create_block_mask(
-            mask_mod, B=self.batch, H=None, Q_LEN=self.seq_len, KV_LEN=self.seq_len, device=frame.device
+        return BlockMask.from_kv_blocks(
+            *_indices(partial),
+            *_indices(full),
+            BLOCK_SIZE=BLOCK_SIZE,
+            mask_mod=mask_mod,
+            seq_lengths=(self.seq_len, self.seq_len),
         )
+
+
+BLOCK_SIZE = 128  # flex attention's tile: masks are described per 128 x 128 block
+
+
+def _indices(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(number, indices) of the marked kv blocks of each q block, marked ones first, as BlockMask wants."""
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return blocks.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_stats(frames: int, per_frame: int, n_audio: int, n_text: int, device: torch.device) -> dict:
+    """Per 128-token block: token range, whether it holds video / other tokens, its video frames."""
+    n_video = frames * per_frame
+    seq = n_video + n_audio + n_text
+    n = -(-seq // BLOCK_SIZE)
+    start = torch.arange(n, device=device) * BLOCK_SIZE
+    end_padded = start + BLOCK_SIZE
+    end = end_padded.clamp(max=seq)
+    video_end = torch.full_like(start, n_video)
+    has_video = start < n_video
+    last_video = torch.minimum(end, video_end) - 1
+    frame = torch.full((n * BLOCK_SIZE,), -1, device=device, dtype=torch.long)  # -1: not video
+    frame[:n_video] = torch.arange(frames, device=device).repeat_interleave(per_frame)
+    return {
+        "n": n,
+        "start": start,
+        "end": end,
+        "end_padded": end_padded,
+        "video_end": video_end,
+        "in_range": end_padded <= seq,  # blocks past the sequence end are never "full"
+        "has_video": has_video,
+        "has_nonvideo": end > n_video,
+        "frame_lo": torch.where(has_video, start // max(per_frame, 1), -1),
+        "frame_hi": torch.where(has_video, last_video // max(per_frame, 1), -1),
+        "frame": frame,
+    }

@@ -15,15 +15,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("bands", torch.empty(head_dim // 8))
         self.reset_bands()
 
+    def _formula(self, device) -> Tensor:
+        nb = self.head_dim // 8
+        return 1.0 / self.theta ** (torch.arange(nb, dtype=torch.float32, device=device) / nb)
+
     @torch.no_grad()
     def reset_bands(self) -> None:
-        nb = self.head_dim // 8
-        bands = 1.0 / self.theta ** (torch.arange(nb, dtype=torch.float32, device=self.bands.device) / nb)
-        self.bands.copy_(bands)
+        self.bands.copy_(self._formula(self.bands.device))
 
     def forward(self, positions: Tensor) -> Tensor:
-        """positions [B, S, 3] -> table [B, S, 6 nb] = cat(sin, cos) of angles laid out [t | h | w]."""
-        angles = (positions.float()[..., :, None] * self.bands.float()).flatten(-2)  # [B, S, 3 nb]
+        """positions [B, S, 3] -> table [B, S, 6 nb] = cat(sin, cos) of angles laid out [t | h | w].
+
+        A buffer cast to a low precision (DeepSpeed's bf16 mode casts the whole module) would move
+        every position; the float32 frequencies are recomputed then, as the release keeps them.
+        """
+        bands = self.bands if self.bands.dtype == torch.float32 else self._formula(positions.device)
+        angles = (positions.float()[..., :, None] * bands).flatten(-2)  # [B, S, 3 nb]
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 

@@ -3,6 +3,10 @@
 Order matters (as in torchtitan): checkpointing wraps each block, compile wraps the checkpointed
 block, then `fully_shard` shards each block and finally the root, so parameters outside the
 blocks (embedders, output heads) form the root's own unit.
+
+FSDP2 precision follows the release: each layer's linears are gathered in `param_dtype` (bf16),
+its four norms form their own float32 unit, and no unit casts its forward inputs (FSDP2's default
+`cast_forward_inputs=True` would turn the float32 residual stream and RoPE table into bf16).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import torch
 from torch import nn
 
 from magitrain.model import MagiHumanDiT
+from magitrain.model.compile import compile_layers
 
 
 @dataclass
 class ParallelConfig:
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | None = None  # None: the model config's (on for the 15B presets)
     compile: bool = False
     # FSDP2 mixed precision: block parameters gathered in this dtype, gradients reduced in float32
     param_dtype: str = "bfloat16"
@@ -25,17 +30,29 @@ class ParallelConfig:
     reshard_after_forward: bool = True
 
 
-def _fsdp2(network: MagiHumanDiT, mesh, cfg: ParallelConfig) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def mixed_precision_policies(cfg: ParallelConfig):
+    """(block linears, float32 parts) FSDP2 policies; neither casts forward inputs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    blocks_mp = MixedPrecisionPolicy(
-        param_dtype=getattr(torch, cfg.param_dtype), reduce_dtype=getattr(torch, cfg.reduce_dtype)
+    reduce = getattr(torch, cfg.reduce_dtype)
+    linears = MixedPrecisionPolicy(
+        param_dtype=getattr(torch, cfg.param_dtype), reduce_dtype=reduce, cast_forward_inputs=False
     )
+    float32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=reduce, cast_forward_inputs=False)
+    return linears, float32
+
+
+def _fsdp2(network: MagiHumanDiT, mesh, cfg: ParallelConfig) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    linears_mp, float32_mp = mixed_precision_policies(cfg)
+    reshard = cfg.reshard_after_forward
     for layer in network.block.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=blocks_mp, reshard_after_forward=cfg.reshard_after_forward)
+        norms = [layer.attention.pre_norm, layer.attention.q_norm, layer.attention.k_norm, layer.mlp.pre_norm]
+        fully_shard(norms, mesh=mesh, mp_policy=float32_mp, reshard_after_forward=reshard)
+        fully_shard(layer, mesh=mesh, mp_policy=linears_mp, reshard_after_forward=reshard)
     # Embedders, RoPE and output heads stay float32, as in the released model.
-    root_mp = MixedPrecisionPolicy(reduce_dtype=getattr(torch, cfg.reduce_dtype))
-    fully_shard(network, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)
+    fully_shard(network, mesh=mesh, mp_policy=float32_mp, reshard_after_forward=False)
 
 
 def parallelize(
@@ -44,10 +61,12 @@ def parallelize(
     """Apply checkpointing, compile and (when `device_mesh` is given: FSDP2) sharding in place."""
     if not isinstance(network, MagiHumanDiT):
         raise TypeError(f"parallelize expects a MagiHumanDiT, got {type(network).__name__}")
-    network.activation_checkpointing = cfg.activation_checkpointing and trainable
+    checkpointing = cfg.activation_checkpointing
+    if checkpointing is None:
+        checkpointing = network.config.activation_checkpointing
+    network.activation_checkpointing = checkpointing and trainable
     if cfg.compile:
-        for layer in network.block.layers:  # in place: state-dict names stay the released ones
-            layer.compile(fullgraph=True)
+        compile_layers(network)
     if device_mesh is not None:
         mesh = (
             device_mesh["data_parallel"]

@@ -29,11 +29,14 @@ class FlowMatchingConfig:
 
 
 class FlowMatchingModule(MagiHumanModule):
+    # a base model: validation samples with the released base sampler (32-step UniPC with CFG)
+    validation_sampling = {"steps": 32, "sampler": "base"}
+
     def __init__(self, *args, flow: FlowMatchingConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.flow_config = flow or FlowMatchingConfig()
         self.hparams["flow"] = asdict(self.flow_config)
-        self._s_window: tuple[Tensor, Tensor] | None = None  # s-bucket loss sums and counts
+        self._s_window: Tensor | None = None  # loss sums and counts of the logging window
 
     def _draw(self, batch: dict) -> dict[str, Tensor]:
         """Per-sample noise, noise level and conditioning coin flips from the per-sample generators."""
@@ -66,8 +69,8 @@ class FlowMatchingModule(MagiHumanModule):
         reference = batch["ref_latent"].float() if "ref_latent" in batch else x0_video[:, :, :1]
         x_video = torch.where(frame_mask == 0, reference, x_video)
 
-        text_len = batch["text_len"].to(self.device).clone()
-        text_len[d["drop_text"]] = 0  # the empty prompt: no text tokens enter the sequence
+        text_len = batch["text_len"].to(self.device)  # the empty prompt: no text tokens enter
+        text_len = torch.where(d["drop_text"], torch.zeros_like(text_len), text_len)  # (no host sync)
 
         v_video, v_audio = self.model(x_video, x_audio, batch["text_emb"], text_len=text_len)
         loss_video = fm.velocity_mse(v_video, fm.velocity_target(x0_video, d["eps_video"]), frame_mask)
@@ -84,34 +87,37 @@ class FlowMatchingModule(MagiHumanModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.flow_loss(batch)
-        B = out["s"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=B)
-        self.log("train/loss_video", out["video"].mean(), sync_dist=True, batch_size=B)
-        self.log("train/loss_audio", out["audio"].mean(), sync_dist=True, batch_size=B)
-        self._log_s_buckets(out["s"], out["per_sample"], batch_idx)
+        self.log("train/loss", out["loss"], prog_bar=True, logger=False)  # this rank's, for the bar
+        self._log_window(out, batch_idx)
         return out["loss"]
 
-    def _log_s_buckets(self, s: Tensor, per_sample: Tensor, batch_idx: int) -> None:
-        """Loss per s-interval, summed over ranks and over the logging window, then logged as means.
+    def _log_window(self, out: dict[str, Tensor], batch_idx: int) -> None:
+        """Losses (overall, per modality, per s-interval) summed over the logging window on each
+        rank, then reduced across ranks in ONE collective on logging steps and logged as means.
 
         Written to the loggers directly: a bucket that gets no sample in a window must show no
         value, not the stale one Lightning's step metrics would repeat.
         """
         n = self.flow_config.s_buckets
-        sums, counts = fm.sigma_bucket_stats(s, per_sample, n)
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        if self._s_window is not None:
-            sums, counts = sums + self._s_window[0], counts + self._s_window[1]
-        self._s_window = (sums, counts)
-        window = self.trainer.log_every_n_steps * self.trainer.accumulate_grad_batches  # in micro-batches
-        if (batch_idx + 1) % window:
+        sums, counts = fm.sigma_bucket_stats(out["s"], out["per_sample"], n)
+        totals = torch.stack([out["per_sample"].sum(), out["video"].sum(), out["audio"].sum()]).detach()
+        samples = torch.full((1,), float(out["s"].shape[0]), device=totals.device)
+        window = torch.cat([totals.float(), samples, sums, counts])
+        self._s_window = window if self._s_window is None else self._s_window + window
+        every = self.trainer.log_every_n_steps * self.trainer.accumulate_grad_batches  # in micro-batches
+        if (batch_idx + 1) % every:
             return
+        window = self.trainer.strategy.reduce(self._s_window, reduce_op="sum").tolist()
+        self._s_window = None
+        (loss, video, audio, count), sums, counts = window[:4], window[4 : 4 + n], window[4 + n :]
         means = {
-            f"train/loss_s{i / n:.2f}-{(i + 1) / n:.2f}": (sums[i] / counts[i]).item()
-            for i in torch.nonzero(counts).flatten().tolist()
+            "train/loss": loss / count,
+            "train/loss_video": video / count,
+            "train/loss_audio": audio / count,
+        }
+        means |= {
+            f"train/loss_s{i / n:.2f}-{(i + 1) / n:.2f}": sums[i] / c for i, c in enumerate(counts) if c
         }
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(means, step=self.global_step)
-        self._s_window = None

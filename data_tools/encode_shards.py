@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Raw shards -> latent shards with the frozen codecs (format: docs/data.md).
 
-Each clip is decoded and cut exactly as the raw loader does (25 fps, cover-resize + centre crop
-to its bucket, 4k+1 frames, matching audio), encoded by the video VAE, the audio VAE and the text
-encoder, and written as KEY.latents.safetensors + KEY.json, keeping the raw shard's keys. Shards
+Each clip is planned and cut exactly as the raw loader does (the span both tracks cover under
+--av-mismatch, 25 fps, cover-resize + centre crop to its bucket, 4k+1 frames, the F/25 s of audio
+they cover), encoded by the video VAE, the audio VAE and the text encoder, and written as
+KEY.latents.safetensors + KEY.json, keeping the raw shard's keys. A clip without audio is kept
+(audio latent of silence, `has_audio: false` in KEY.json and the index, so that training's
+data.missing_audio decides) unless --missing-audio drop. Shards
 are split across ranks (RANK/WORLD_SIZE from torchrun, or SLURM_PROCID/SLURM_NTASKS): shard i
 goes to rank i % world. A finished output shard is skipped, so re-running resumes. Clips of one
 bucket (and the same presence of KEY.jpg) are encoded --batch-size at a time.
@@ -32,6 +35,7 @@ from magitrain.data.decode import BadSample, RawOptions, decode_raw, read_meta
 from magitrain.data.encode import encode_raw_batch, to_pixels
 from magitrain.data.index import read_index
 from magitrain.data.shards import expand_urls, index_url, iter_tar
+from magitrain.data.span import AV_MISMATCH, AVPolicy, Unplanned, clip_span
 from magitrain.data.writer import latent_sample, shard_path, write_shard
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "codecs"
@@ -79,7 +83,7 @@ class Job:
 def decode_sample(sample: dict, row: dict, bucket: Bucket, job: Job) -> dict:
     """The clip cut to its bucket (and, for SR pairs, also at the SR size) plus its metadata."""
     decoded = decode_raw(sample, row, bucket, job.opts, random.Random(0))
-    decoded["meta"] = read_meta(sample)
+    decoded["meta"] = {**read_meta(sample), "has_audio": bool(decoded["audio_mask"])}
     if job.sr is not None:
         high = Bucket(job.sr[0], job.sr[1], bucket.frames, 1)
         decoded["high"] = decode_raw(sample, row, high, job.opts, random.Random(0))["video"]
@@ -126,9 +130,16 @@ def encode_shard(url: str, number: int, out_dir: Path, buckets: list[Bucket], jo
                 print(f"{url}: {sample['__error__']}")
                 break
             row = rows.get(sample["__key__"])
-            choice = assign_raw(buckets, row["width"], row["height"], row["duration"]) if row else -1
-            if choice < 0:
-                problems["no_bucket" if row else "not_in_index"] += 1
+            try:
+                if row is None:
+                    raise Unplanned("not_in_index", "the shard's index has no row for it")
+                span = clip_span(row, job.opts.policy)
+                choice = assign_raw(buckets, row["width"], row["height"], span.frames)
+                if choice < 0:
+                    raise Unplanned("too_short", f"{span.frames} usable frames fill no --bucket")
+            except Unplanned as exn:
+                problems[exn.reason] += 1
+                print(f"{url}:{sample['__key__']} skipped: {exn}")
                 continue
             try:
                 decoded = decode_sample(sample, row, buckets[choice], job)
@@ -166,7 +177,16 @@ def main(argv: list[str] | None = None) -> None:
         default="bfloat16",
         help="storage dtype of video/audio latents (text keeps the encoder's)",
     )
-    parser.add_argument("--missing-audio", choices=["silent", "skip"], default="silent")
+    parser.add_argument(
+        "--missing-audio",
+        choices=["keep", "drop"],
+        default="keep",
+        help="clips without audio: keep (has_audio=false; training's data.missing_audio decides) or drop",
+    )
+    parser.add_argument(
+        "--av-mismatch", choices=AV_MISMATCH, default="crop", help="as data.av_mismatch (docs/data.md)"
+    )
+    parser.add_argument("--av-tolerance", type=float, default=0.5, help="seconds, as data.av_tolerance")
     parser.add_argument("--batch-size", type=int, default=8, help="clips of one bucket encoded together")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     args = parser.parse_args(argv)
@@ -186,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     sr = tuple(int(v) for v in args.sr.lower().split("x")) if args.sr else None
     job = Job(
         load_codecs(args.overrides, args.device),
-        RawOptions(missing_audio=args.missing_audio),
+        RawOptions(
+            policy=AVPolicy(
+                args.av_mismatch, args.av_tolerance, "mask" if args.missing_audio == "keep" else "drop"
+            )
+        ),
         sr,
         DTYPES[args.dtype],
         args.device,

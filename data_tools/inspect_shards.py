@@ -3,8 +3,9 @@
 
 Statistics come from the sidecar indexes (a shard without one is scanned; --write-index saves
 what the scan found). --validate reads every tar and decodes every sample the way the loader
-does (raw: all frames at 25 fps and the audio; latent: the safetensors payload) and lists each
-bad sample with its reason; the exit status is 1 if any was found.
+does under the given audio policies (raw: every frame of the span both tracks cover, at 25 fps,
+and its audio; latent: the safetensors payload, checked against the data contract) and lists
+each bad sample with its reason; the exit status is 1 if any was found.
 
     python data_tools/inspect_shards.py 'shards/raw/{000000..000099}.tar' --validate
 """
@@ -20,10 +21,11 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from magitrain.data.buckets import FPS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, Bucket, frames_for_seconds
+from magitrain.data.buckets import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, Bucket
 from magitrain.data.decode import BadSample, RawOptions, decode_latent, decode_raw
 from magitrain.data.index import build_index, read_index, write_index
 from magitrain.data.shards import expand_urls, index_url, iter_tar
+from magitrain.data.span import AV_MISMATCH, MISSING_AUDIO, AVPolicy, Unplanned, clip_span
 
 DURATION_BINS = (0, 2, 5, 10, 20, 30)
 
@@ -67,16 +69,20 @@ def summarise(indexes) -> dict:
     }
 
 
-def own_bucket(row: dict) -> Bucket:
-    """A bucket at the sample's own size and full length, so validation decodes all of it."""
+def own_bucket(row: dict, policy: AVPolicy) -> Bucket:
+    """A bucket at the sample's own size and the full span it trains on (span.py), so validation
+    decodes all of it; raises Unplanned if the policies leave the clip out."""
     if "latent_shape" in row:
         t, h, w = row["latent_shape"]
         return Bucket(h * VAE_SPACE_STRIDE, w * VAE_SPACE_STRIDE, VAE_TIME_STRIDE * (t - 1) + 1, 1)
-    frames = frames_for_seconds(max(row["duration"] - 1 / FPS, VAE_TIME_STRIDE / FPS))
+    span = clip_span(row, policy)
+    if span.frames < VAE_TIME_STRIDE + 1:
+        raise Unplanned("too_short", f"the usable span has {span.frames} frames at 25 fps")
+    frames = (span.frames - 1) // VAE_TIME_STRIDE * VAE_TIME_STRIDE + 1
     return Bucket(max(16, row["height"] // 16 * 16), max(16, row["width"] // 16 * 16), frames, 1)
 
 
-def validate(index) -> list[tuple[str, str, str]]:
+def validate(index, policy: AVPolicy) -> list[tuple[str, str, str]]:
     """(url, key, reason) of every sample of the shard that the loader would skip."""
     bad, rows = [], {row["key"]: row for row in index.rows}
     seen = set()
@@ -90,11 +96,12 @@ def validate(index) -> list[tuple[str, str, str]]:
         try:
             if row is None:
                 raise BadSample("not_in_index")
+            bucket = own_bucket(row, policy)
             if index.kind == "latent":
-                decode_latent(sample, own_bucket(row), text_max_len=1 << 30)
+                decode_latent(sample, bucket, text_max_len=1 << 30, policy=policy)
             else:
-                decode_raw(sample, row, own_bucket(row), RawOptions(), random.Random(0))
-        except BadSample as exn:
+                decode_raw(sample, row, bucket, RawOptions(policy=policy), random.Random(0))
+        except (BadSample, Unplanned) as exn:
             bad.append((index.url, key, str(exn)))
     bad.extend((index.url, key, "missing_in_tar") for key in rows if key not in seen)
     return bad
@@ -125,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validate", action="store_true", help="decode every sample, list the bad ones")
     parser.add_argument("--write-index", action="store_true", help="save the index of shards that lack one")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--av-mismatch", choices=AV_MISMATCH, default="crop", help="as data.av_mismatch")
+    parser.add_argument("--av-tolerance", type=float, default=0.5, help="seconds, as data.av_tolerance")
+    parser.add_argument(
+        "--missing-audio", choices=MISSING_AUDIO, default="mask", help="as data.missing_audio"
+    )
     args = parser.parse_args(argv)
+    policy = AVPolicy(args.av_mismatch, args.av_tolerance, args.missing_audio)
 
     console = Console(stderr=args.json)
     urls = expand_urls(args.shards)
@@ -135,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"summary": summarise(indexes)}
     if args.validate:
         report["bad"] = [
-            b for ix in track(indexes, description="validating", console=console) for b in validate(ix)
+            b
+            for ix in track(indexes, description="validating", console=console)
+            for b in validate(ix, policy)
         ]
     if args.json:
         print(json.dumps(report))

@@ -5,10 +5,13 @@ Input is either a folder of clips with sidecar captions
     clips/NAME.mp4  clips/NAME.json ({"caption": ..., "language": ...}) or clips/NAME.txt,
     optional clips/NAME.wav|flac|m4a (audio) and clips/NAME.jpg (reference image),
 or a CSV / JSONL manifest with columns path, caption, language, and optional audio, image
-(relative paths are relative to the manifest). Every clip is probed first; an unreadable one is
-reported and skipped. Shards are cut by --max-count samples and --max-bytes and written
-atomically (magitrain.data.writer), so re-running the same command skips finished shards; the
-clip-to-shard plan is kept in OUT_DIR/make_shards.plan.json and a re-run with other input stops.
+(relative paths are relative to the manifest; video_path, text, audio_path, image_path are
+accepted for them, and any other column is reported and kept in KEY.json as metadata). Every
+clip (and its separate audio) is probed first; an unreadable one is reported and skipped, and if
+no clip is left the command fails. Shards are cut by --max-count samples and --max-bytes and
+written atomically (magitrain.data.writer), so re-running the same command skips finished
+shards; the clip-to-shard plan is kept in OUT_DIR/make_shards.plan.json and a re-run with other
+input stops.
 
     python data_tools/make_shards.py clips/ shards/raw/ --max-count 1000 --workers 8
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from rich.progress import track
 
-from magitrain.data.index import AUDIO_EXTS, probe_media
+from magitrain.data.index import AUDIO_EXTS, probe_audio, probe_media
 from magitrain.data.writer import shard_path, write_shard
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm")
@@ -48,17 +51,46 @@ def entries_from_folder(folder: Path) -> list[dict]:
     return entries
 
 
+COLUMNS = ("path", "caption", "language", "audio", "image")
+ALIASES = {
+    "video_path": "path", "video": "path", "file": "path", "text": "caption", "prompt": "caption",
+    "audio_path": "audio", "wav": "audio", "image_path": "image", "lang": "language",
+}  # fmt: skip
+
+
+def manifest_columns(manifest: Path, columns: list[str]) -> dict[str, str]:
+    """Column -> field; aliases map to their field, two columns for one field are an error, and
+    columns we do not know are reported: they go into KEY.json as plain metadata."""
+    fields, seen = {}, {}
+    for column in columns:
+        field = ALIASES.get(column.strip().lower(), column)
+        if field in seen:
+            raise SystemExit(
+                f"{manifest}: columns {seen[field]!r} and {column!r} both give {field!r}: keep one"
+            )
+        fields[column], seen[field] = field, column
+    extra = [c for c, f in fields.items() if f not in COLUMNS]
+    if extra:
+        print(
+            f"{manifest}: columns {extra} are not among {list(COLUMNS)} (or the aliases "
+            f"{sorted(ALIASES)}): stored in KEY.json as metadata, not used as media",
+            file=sys.stderr,
+        )
+    return fields
+
+
 def entries_from_manifest(manifest: Path) -> list[dict]:
     if manifest.suffix == ".csv":
         with open(manifest, newline="") as f:
             rows = list(csv.DictReader(f))
     else:
         rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    fields = manifest_columns(manifest, list(dict.fromkeys(c for row in rows for c in row)))
     entries = []
     for i, row in enumerate(rows):
-        if not row.get("path"):
-            raise SystemExit(f"{manifest}: row {i + 1} has no 'path' column")
-        entry = {k: v for k, v in row.items() if v not in (None, "")}
+        entry = {fields[k]: v for k, v in row.items() if v not in (None, "")}
+        if not entry.get("path"):
+            raise SystemExit(f"{manifest}: row {i + 1} has no 'path' (or 'video_path') column")
         for field in ("path", "audio", "image"):
             if field in entry and not os.path.isabs(entry[field]):
                 entry[field] = str(manifest.parent / entry[field])
@@ -76,8 +108,8 @@ def probe_entry(entry: dict) -> dict:
         if not isinstance(meta.get("caption"), str):
             raise ValueError("no caption (NAME.json 'caption', NAME.txt, or the manifest's caption column)")
         meta.update(probe_media(entry["path"]))
-        if "audio" in entry:
-            meta["has_audio"] = True
+        if "audio" in entry:  # a separate audio file wins over the mp4's track
+            meta.update(probe_audio(entry["audio"]), has_audio=True)
         meta["source"] = entry["path"]
         size = sum(os.path.getsize(entry[f]) for f in ("path", "audio", "image") if f in entry)
         return {**entry, "meta": meta, "bytes": size}
@@ -115,6 +147,7 @@ def shard_members(number: int, entries: list[dict], key_digits: int):
             members,
             {
                 **{k: meta[k] for k in ("duration", "width", "height", "fps", "has_audio")},
+                **{k: meta[k] for k in ("audio_start", "audio_duration") if k in meta},
                 "language": str(meta.get("language", "")),
             },
         )
@@ -169,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         for e in probed:
             if "error" in e:
                 print(f"skipped {e['path']}: {e['error']}", file=sys.stderr)
+        if not good:
+            raise SystemExit(
+                f"nothing to write: all {len(probed)} clips of {args.input} were skipped (see above)"
+            )
         shards = plan_shards(good, args.max_count, int(args.max_bytes))
         check_plan(args.out_dir, shards)
         digits = len(str(max(len(s) for s in shards) - 1)) if shards else 1

@@ -55,16 +55,18 @@ def run(shards, **kw) -> tuple[Counter, MagiDataModule]:
 def test_bad_samples_are_skipped_and_counted(bad_shards):
     keys, dm = run(bad_shards, max_bad_fraction=1.0)
     good = {f"good{i}" for i in range(4)} | {f"tail{i}" for i in range(3)} | {"noaudio"}
-    assert set(keys) == good  # missing_audio=silent keeps the clip with a zero track
+    assert set(keys) == good  # missing_audio=mask keeps the clip, its audio loss masked
     assert dm.quality.counts == {"corrupt_video": 2, "bad_json": 1, "truncated_tar": 2}
-    assert dm.quality.notes == {"audio_silenced": 1}
+    assert dm.quality.notes == {"audio_masked": 1}
     assert dm.quality.seen == 13
     assert "corrupt" in dm.quality.summary() and "tail3" in dm.quality.summary()
 
 
-def test_missing_audio_skip_policy(bad_shards):
-    keys, dm = run(bad_shards, max_bad_fraction=1.0, missing_audio="skip")
-    assert "noaudio" not in keys and dm.quality.counts["missing_audio"] == 1
+def test_missing_audio_drop_policy(bad_shards):
+    keys, dm = run(bad_shards, max_bad_fraction=1.0, missing_audio="drop")
+    assert "noaudio" not in keys and "missing_audio" not in dm.quality.counts
+    assert dm.dataset.unplanned == {"missing_audio": 1}  # left out of the plan, counted with its reason
+    assert "missing_audio: 1" in dm.quality.summary() and "noaudio" in dm.quality.summary()
 
 
 def test_too_many_bad_samples_stop_the_run(bad_shards):

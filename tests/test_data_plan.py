@@ -66,7 +66,9 @@ def test_equalise_splits_before_it_repeats():
 def test_bucket_arithmetic_and_assignment():
     assert frames_for_seconds(5) == 125 and frames_for_seconds(2) == 49 and frames_for_seconds(1) == 25
     b = Bucket(256, 448, 125, 1)
-    assert b.latent_shape == (32, 16, 28) and b.audio_samples(51200) == 124 * 2048
+    assert (
+        b.latent_shape == (32, 16, 28) and b.audio_samples(51200) == 125 * 2048
+    )  # F/25 s: one audio step per frame
     buckets = parse_buckets(
         [
             {"height": 256, "width": 448, "seconds": 2, "batch_size": 4},
@@ -74,10 +76,11 @@ def test_bucket_arithmetic_and_assignment():
             {"height": 448, "width": 256, "seconds": 2, "batch_size": 4},
         ]
     )
-    assert assign_raw(buckets, 1280, 720, 7.0) == 1  # landscape, long enough for 5 s
-    assert assign_raw(buckets, 1280, 720, 3.0) == 0
-    assert assign_raw(buckets, 720, 1280, 9.0) == 2  # portrait
-    assert assign_raw(buckets, 1280, 720, 1.0) == -1  # too short for any bucket
+    # the last argument is the usable span in 25 fps frames
+    assert assign_raw(buckets, 1280, 720, 175) == 1  # landscape, long enough for 5 s
+    assert assign_raw(buckets, 1280, 720, 125) == 1 and assign_raw(buckets, 1280, 720, 124) == 0
+    assert assign_raw(buckets, 720, 1280, 225) == 2  # portrait
+    assert assign_raw(buckets, 1280, 720, 25) == -1  # too short for any bucket
     assert assign_latent(buckets, (40, 16, 28)) == 1 and assign_latent(buckets, (10, 9, 9)) == -1
     with pytest.raises(ValueError, match=r"data.buckets\[0\].*multiples of 16"):
         parse_buckets([{"height": 250, "width": 448, "seconds": 2, "batch_size": 1}])

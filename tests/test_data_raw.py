@@ -82,7 +82,8 @@ def test_raw_batches_are_pixels_and_waveforms_cut_to_buckets(raw_shards):
         size, channels, f, h, w = video.shape
         assert (channels, h, w) == (3, 64, 128) and f in (25, 49)
         assert video.dtype == torch.uint8 and video.min() < 64 and video.max() > 192
-        assert batch["sample_rate"] == 51200 and audio.shape == (size, 2, (f - 1) * 2048)
+        assert batch["sample_rate"] == 51200 and audio.shape == (size, 2, f * 2048)  # F/25 s
+        assert batch["audio_mask"].tolist() == [True] * size
         assert torch.equal(audio[:, 0], audio[:, 1]) and audio.abs().amax(dim=-1).min() > 0.05
         assert all(isinstance(c, str) and c for c in batch["caption"])
         keys.update(batch["key"])

@@ -49,8 +49,9 @@ class Bucket:
         )
 
     def audio_samples(self, sample_rate: int) -> int:
-        """Waveform length matching the clip: (F - 1)/25 s, so that the 25 Hz audio latent has F steps."""
-        return round(self.seconds * sample_rate)
+        """Waveform length of the clip: the F/25 s its F frames cover, one 25 Hz audio latent step
+        per frame (F x 2048 samples at 51.2 kHz), as at inference; no step encodes padding."""
+        return round(self.frames / FPS * sample_rate)
 
 
 def parse_buckets(spec: Iterable[Mapping]) -> list[Bucket]:
@@ -83,12 +84,13 @@ def parse_buckets(spec: Iterable[Mapping]) -> list[Bucket]:
     return buckets
 
 
-def assign_raw(buckets: list[Bucket], width: int, height: int, duration: float) -> int:
-    """Bucket index for a clip, or -1 if it is shorter than every bucket of its resolution.
+def assign_raw(buckets: list[Bucket], width: int, height: int, frames: int) -> int:
+    """Bucket index for a clip whose usable span (span.py) has `frames` frames at 25 fps, or -1 if
+    it is shorter than every bucket of its resolution.
 
     Resolution: the bucket aspect ratio nearest the clip's (log scale, so 2:1 and 1:2 are equally
     far from 1:1); the clip is then resized to cover it and centre-cropped. Duration: the longest
-    bucket the clip fills, so a clip is cut, never padded.
+    bucket the span fills, so a clip is cut, never padded.
     """
     if width <= 0 or height <= 0:
         return -1
@@ -96,7 +98,7 @@ def assign_raw(buckets: list[Bucket], width: int, height: int, duration: float) 
     best = min(
         {(b.height, b.width) for b in buckets}, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - aspect), hw)
     )
-    return _longest(buckets, lambda b: (b.height, b.width) == best, duration * FPS)
+    return _longest(buckets, lambda b: (b.height, b.width) == best, frames)
 
 
 def assign_latent(buckets: list[Bucket], latent_shape: tuple[int, int, int]) -> int:
@@ -105,9 +107,9 @@ def assign_latent(buckets: list[Bucket], latent_shape: tuple[int, int, int]) -> 
     return _longest(buckets, lambda b: b.latent_shape[1:] == (h, w), (t - 1) * VAE_TIME_STRIDE + 1)
 
 
-def _longest(buckets: list[Bucket], fits, available_frames: float) -> int:
+def _longest(buckets: list[Bucket], fits, available_frames: int) -> int:
     best = -1
     for i, b in enumerate(buckets):
-        if fits(b) and b.frames <= available_frames + 1e-6 and (best < 0 or b.frames > buckets[best].frames):
+        if fits(b) and b.frames <= available_frames and (best < 0 or b.frames > buckets[best].frames):
             best = i
     return best

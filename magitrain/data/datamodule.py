@@ -20,17 +20,20 @@ from magitrain.data.decode import RawOptions
 from magitrain.data.position import DataPosition
 from magitrain.data.quality import BadInputTracker
 from magitrain.data.shards import parse_datasets
+from magitrain.data.span import AVPolicy
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that asks the DataModule for the epoch and start batch at every iter(): the
-    workers then get a copy of the dataset carrying them (hence no persistent workers)."""
+    """A DataLoader that asks the DataModule for the epoch and start batch at every iter(), before
+    its (persistent) workers restart: the dataset then hands each worker its part of that epoch."""
 
-    def __init__(self, dataset: ShardDataset, begin_epoch, **kwargs):
-        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+    def __init__(self, dataset: ShardDataset, begin_epoch, num_workers: int, **kwargs):
+        super().__init__(
+            dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs
+        )
         self.begin_epoch = begin_epoch
 
     def __iter__(self):
@@ -50,7 +53,10 @@ class MagiDataModule(L.LightningDataModule):
         them on the device with `magitrain.data.encode_raw_batch`).
     shards: brace pattern / glob / list of them; or datasets: [{shards, weight, name}] to mix.
     buckets: [{height, width, seconds | frames, batch_size}].
+    missing_audio, av_mismatch, av_tolerance: the audio policies (magitrain.data.span.AVPolicy).
+    pin_memory: None pins batches when CUDA is available.
     rank / world_size: taken from the Trainer when attached, else torch.distributed, else these.
+    The defaults are conf/data/latent.yaml's (a test keeps them equal).
     """
 
     def __init__(
@@ -59,26 +65,26 @@ class MagiDataModule(L.LightningDataModule):
         shards: str | list[str] | None = None,
         datasets: list[Mapping] | None = None,
         buckets: list[Mapping] | None = None,
-        num_workers: int = 2,
+        num_workers: int = 4,
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer: int = 256,
         text_max_len: int = 640,
         sample_rate: int = 51200,
         audio_channels: int = 2,
-        missing_audio: str = "silent",
+        missing_audio: str = "mask",
+        av_mismatch: str = "crop",
+        av_tolerance: float = 0.5,
         random_offset: bool = False,
         max_bad_fraction: float = 0.05,
         bad_check_after: int = 100,
         prefetch_factor: int = 2,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         strict_resume: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ):
         super().__init__()
-        if missing_audio not in ("silent", "skip"):
-            raise ValueError(f"data.missing_audio must be 'silent' or 'skip', got {missing_audio!r}")
         self.mode, self.num_workers, self.seed = mode, num_workers, seed
         self.dataset_specs = parse_datasets(shards, datasets)
         self.buckets = parse_buckets(buckets or [])
@@ -88,10 +94,11 @@ class MagiDataModule(L.LightningDataModule):
             "shuffle_buffer": shuffle_buffer,
             "text_max_len": text_max_len,
         }
-        self.raw = RawOptions(sample_rate, audio_channels, missing_audio, random_offset)
+        policy = AVPolicy(av_mismatch, av_tolerance, missing_audio)
+        self.raw = RawOptions(sample_rate, audio_channels, policy, random_offset)
         self.loader_options = {
             "prefetch_factor": prefetch_factor if num_workers else None,
-            "pin_memory": pin_memory,
+            "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
         }
         self.rank, self.world_size, self.strict_resume = rank, world_size, strict_resume
         self.position = DataPosition()
@@ -124,6 +131,7 @@ class MagiDataModule(L.LightningDataModule):
             raw=self.raw,
             **self.plan_options,
         )
+        self.quality.unplanned = self.dataset.unplanned_summary()
 
     def train_dataloader(self) -> EpochLoader:
         self.setup()
@@ -141,7 +149,7 @@ class MagiDataModule(L.LightningDataModule):
             self.quality.load_state_dict(self._restored["quality"])
             self._restored = None
         epoch, start = self.position.begin_epoch(self._batches_in_epoch)
-        self.dataset.epoch, self.dataset.start_batch = epoch, start
+        self.dataset.prepare_epoch(epoch, start)
         log.info("data epoch %d: %d batches per rank, starting at batch %d", epoch, len(self.dataset), start)
 
     def _batches_in_epoch(self, epoch: int) -> int:

@@ -1,15 +1,27 @@
-"""The iterable dataset: runs one slot of the epoch plan (plan.py) inside a DataLoader worker.
+"""The iterable dataset: runs one slot of the epoch plan (plan.py) in the main process or a worker.
+
+The main process holds the indexes and plans. At the start of every epoch it hands each
+DataLoader worker only its part of the plan (its batches and the index rows of their samples,
+`WorkerPart`), through a small file the worker reads when its iterator restarts; the workers
+are persistent, so they are started once per run, not once per epoch.
 
 Each yielded batch carries a private `_data` entry (epoch, slot, batch index, and since the
-previous batch: bad samples, samples kept with a fix such as a silent track, samples attempted);
-the DataModule pops it in the main process to track the resume position and the bad-input
-fraction, so the training step never sees it.
+previous batch: bad samples, samples kept with a fix such as a masked audio track, samples
+attempted); the DataModule pops it in the main process to track the resume position and the
+bad-input fraction, so the training step never sees it.
 """
 
 import logging
+import os
+import pickle
+import shutil
+import tempfile
+import weakref
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from magitrain.data.buckets import Bucket, assign_latent, assign_raw
@@ -18,14 +30,24 @@ from magitrain.data.decode import BadSample, RawOptions, decode_latent, decode_r
 from magitrain.data.index import ShardIndex, build_index, read_index
 from magitrain.data.plan import Batch, EpochPlanner, Item, seeded_rng
 from magitrain.data.shards import DatasetSpec, index_url, iter_tar
+from magitrain.data.span import Unplanned, clip_span
+from magitrain.errors import UserError
 
 log = logging.getLogger(__name__)
 MODES = ("raw", "latent")
+EXAMPLES = 5
 
 
 def load_indexes(urls: list[str]) -> list[ShardIndex]:
     indexes = []
     for url in urls:
+        local = "://" not in url and not url.startswith("pipe:")
+        if local and not os.path.exists(url):
+            raise UserError(
+                f"shard {url} does not exist"
+                + (" (its index does)" if os.path.exists(index_url(url)) else "")
+                + ": check data.shards / data.datasets"
+            )
         try:
             indexes.append(read_index(url, index_url(url)))
         except FileNotFoundError:
@@ -33,15 +55,23 @@ def load_indexes(urls: list[str]) -> list[ShardIndex]:
     return indexes
 
 
-def row_bucket(buckets: list[Bucket], mode: str, row: dict) -> int:
-    if mode == "latent":
-        return assign_latent(buckets, tuple(row["latent_shape"]))
-    return assign_raw(buckets, row["width"], row["height"], row["duration"])
+@dataclass(frozen=True)
+class WorkerPart:
+    """What one worker runs in one epoch: its slot's batches from batch `first` on, and the index
+    rows (with their shard urls) of the samples in them, nothing else."""
+
+    epoch: int
+    slot: int
+    first: int
+    items: list[Item]  # the slot's samples in read order
+    batches: list[Batch]
+    rows: dict[Item, dict]
+    urls: dict[int, str]
 
 
 class ShardDataset(IterableDataset):
-    """Bucketed batches of one rank; `epoch` and `start_batch` are set by the DataModule before
-    each `iter()` (the workers receive a fresh copy of this object every epoch)."""
+    """Bucketed batches of one rank; `prepare_epoch(epoch, start_batch)` is called by the
+    DataModule before each `iter()`."""
 
     def __init__(
         self,
@@ -62,7 +92,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.buckets, self.text_max_len = mode, list(buckets), text_max_len
         self.raw = raw or RawOptions()
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
         self.epoch, self.start_batch = 0, 0
         self._lengths: dict[int, int] = {}
         self.urls = [url for d in datasets for url in d.urls]
@@ -70,14 +100,13 @@ class ShardDataset(IterableDataset):
         for index in self.indexes:
             if index.kind != mode:
                 raise ValueError(f"shard {index.url} holds {index.kind} samples but data.mode={mode!r}")
-        shard_buckets = tuple(
-            tuple(row_bucket(self.buckets, mode, row) for row in ix.rows) for ix in self.indexes
-        )
-        self.unbucketed = sum(b < 0 for bs in shard_buckets for b in bs)
-        if self.unbucketed:
-            log.info(
-                "%d samples fit no bucket (too short or another latent size) and are not planned",
-                self.unbucketed,
+        self.text_dim = self._common_text_dim()
+        self.unplanned: Counter[str] = Counter()
+        self.unplanned_examples: dict[str, list[str]] = {}
+        shard_buckets = tuple(tuple(self._plan_row(ix.url, row) for row in ix.rows) for ix in self.indexes)
+        if self.unplanned:
+            log.warning(
+                "%d samples are not planned: %s", sum(self.unplanned.values()), self.unplanned_summary()
             )
         self.planner = EpochPlanner(
             shard_buckets=shard_buckets,
@@ -87,6 +116,42 @@ class ShardDataset(IterableDataset):
             seed=seed,
             shuffle=shuffle,
             shuffle_buffer=shuffle_buffer,
+        )
+        self._parts_dir: str | None = None
+
+    # ----- planning (main process) ----------------------------------------------------------
+    def _common_text_dim(self) -> int | None:
+        """The text width most latent rows have (index v2); samples of another width are bad_shape."""
+        dims = Counter(row["text_dim"] for ix in self.indexes for row in ix.rows if "text_dim" in row)
+        return dims.most_common(1)[0][0] if dims else None
+
+    def _plan_row(self, url: str, row: dict) -> int:
+        """The row's bucket, or -1 with the reason counted (too_short, av_mismatch, missing_audio,
+        no_bucket)."""
+        try:
+            if self.mode == "latent":
+                if not row.get("has_audio", True) and self.raw.policy.missing_audio == "drop":
+                    raise Unplanned("missing_audio", "data.missing_audio=drop")
+                bucket = assign_latent(self.buckets, tuple(row["latent_shape"]))
+                if bucket < 0:
+                    raise Unplanned("no_bucket", f"latent {row['latent_shape']}")
+                return bucket
+            span = clip_span(row, self.raw.policy)
+            bucket = assign_raw(self.buckets, row["width"], row["height"], span.frames)
+            if bucket < 0:
+                raise Unplanned("too_short", f"{span.frames} usable frames")
+            return bucket
+        except Unplanned as exn:
+            self.unplanned[exn.reason] += 1
+            examples = self.unplanned_examples.setdefault(exn.reason, [])
+            if len(examples) < EXAMPLES:
+                examples.append(f"{url}:{row['key']}")
+            return -1
+
+    def unplanned_summary(self) -> str:
+        return "; ".join(
+            f"{reason}: {n} (e.g. {', '.join(self.unplanned_examples[reason])})"
+            for reason, n in self.unplanned.most_common()
         )
 
     @property
@@ -101,41 +166,89 @@ class ShardDataset(IterableDataset):
             self._lengths = {self.epoch: self.workers * per_slot}
         return self._lengths[self.epoch]
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if workers != self.workers:
-            raise RuntimeError(
-                f"ShardDataset planned for {self.workers} workers but runs in {workers}: "
-                "pass the DataLoader's num_workers to the dataset"
-            )
-        # rotate roles so that, after a resume at batch k, the DataLoader's round robin (which
-        # restarts at worker 0) continues with the slot that batch k belongs to
+    def part(self, worker: int) -> WorkerPart:
+        """The part of the current epoch that worker `worker` of this rank runs.
+
+        Roles are rotated so that, after a resume at batch k, the DataLoader's round robin (which
+        restarts at worker 0) continues with the slot that batch k belongs to."""
+        workers = self.workers
         local = (worker + self.start_batch) % workers
         slot = self.rank * workers + local
         items, batches = self.planner.slot_batches(self.epoch, slot, self.world_size * workers)
         first = (self.start_batch - local + workers - 1) // workers
-        log.debug("epoch %d slot %d: %d batches, resuming at %d", self.epoch, slot, len(batches), first)
-        yield from self._run(slot, items, batches, first)
+        needed = {item for _, batch in batches[first:] for item in batch}
+        rows = {(s, r): self.indexes[s].rows[r] for s, r in needed}
+        return WorkerPart(self.epoch, slot, first, items, batches, rows, {s: self.urls[s] for s, _ in needed})
 
-    def _run(self, slot: int, items: list[Item], batches: list[Batch], first: int) -> Iterator[dict]:
-        remaining = batches[first:]
+    def prepare_epoch(self, epoch: int, start_batch: int) -> None:
+        """Set the epoch and first batch; with workers, write each worker's part for it to pick up."""
+        self.epoch, self.start_batch = epoch, start_batch
+        if self.num_workers == 0:
+            return
+        if self._parts_dir is None:
+            self._parts_dir = tempfile.mkdtemp(prefix="magitrain-plan-")
+            weakref.finalize(self, _remove_dir, self._parts_dir, os.getpid())
+        for worker in range(self.num_workers):
+            path = self._part_path(worker)
+            with open(f"{path}.tmp", "wb") as f:
+                pickle.dump(self.part(worker), f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(f"{path}.tmp", path)
+
+    def _part_path(self, worker: int) -> str:
+        return os.path.join(self._parts_dir, f"worker{worker}.pkl")
+
+    def __getstate__(self) -> dict:
+        # what a worker started with spawn receives: not the indexes, nor the planner (its part
+        # comes through prepare_epoch's file)
+        return {k: v for k, v in self.__dict__.items() if k not in ("indexes", "planner", "_lengths")}
+
+    # ----- running a part (worker or main process) ------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        if info is None:
+            if self.num_workers:
+                raise RuntimeError(
+                    "ShardDataset planned for DataLoader workers is iterated in the main process"
+                )
+            part = self.part(0)
+        else:
+            if info.num_workers != self.workers:
+                raise RuntimeError(
+                    f"ShardDataset planned for {self.workers} workers but runs in {info.num_workers}: "
+                    "pass the DataLoader's num_workers to the dataset"
+                )
+            torch.set_num_threads(1)  # the workers are the parallelism: no intra-op oversubscription
+            with open(self._part_path(info.id), "rb") as f:
+                part = pickle.load(f)
+        log.debug(
+            "epoch %d slot %d: %d batches, resuming at %d",
+            part.epoch,
+            part.slot,
+            len(part.batches),
+            part.first,
+        )
+        yield from self._run(part)
+
+    def _run(self, part: WorkerPart) -> Iterator[dict]:
+        remaining = part.batches[part.first :]
         if not remaining:  # resumed right after this worker's last batch of the epoch
             return
         needed = Counter(item for _, batch_items in remaining for item in batch_items)
-        fetch = _Fetcher(self._read(items, needed), needed)
+        fetch = _Fetcher(self._read(part, needed), needed)
         bad, notes, seen, last, owed = [], [], 0, None, 0
-        for i, (bucket, batch_items) in enumerate(remaining, start=first):
+        for i, (bucket, batch_items) in enumerate(remaining, start=part.first):
             good = []
             for item in batch_items:
                 seen += 1
                 try:
-                    good.append(self._decode(item, fetch(item), bucket))
+                    good.append((item, self._decode(part, item, fetch(item), bucket)))
                 except Exception as exn:  # nothing a sample holds may kill the worker
-                    bad.append(self._report(item, exn))
+                    bad.append(self._report(part, item, exn))
                     continue
-                if good[-1].pop("audio_silenced", False):
-                    notes.append((good[-1]["key"], self.urls[item[0]], "audio_silenced"))
+                note = good[-1][1].pop("note", None)
+                if note:
+                    notes.append((good[-1][1]["key"], part.urls[item[0]], note))
+            good = self._same_shapes(part, good, bad)
             if good:
                 last, repeats, owed = self._collate(good), 1 + owed, 0
             elif last is None:
@@ -144,38 +257,52 @@ class ShardDataset(IterableDataset):
             else:
                 repeats = 1  # keep the batch count (every rank must step equally): reuse the last batch
             for _ in range(repeats):
-                yield {
-                    **last,
-                    "_data": {
-                        "epoch": self.epoch,
-                        "slot": slot,
-                        "index": i,
-                        "bad": bad,
-                        "notes": notes,
-                        "seen": seen,
-                    },
+                meta = {
+                    "epoch": part.epoch,
+                    "slot": part.slot,
+                    "index": i,
+                    "bad": bad,
+                    "notes": notes,
+                    "seen": seen,
                 }
+                yield {**last, "_data": meta}
                 bad, notes, seen = [], [], 0
         if last is None:
             raise RuntimeError(
-                f"epoch {self.epoch}, slot {slot}: every sample was bad ({len(bad)} of them, "
+                f"epoch {part.epoch}, slot {part.slot}: every sample was bad ({len(bad)} of them, "
                 f"first: {bad[:3]}); see the warnings above"
             )
 
-    def _report(self, item: Item, exn: Exception) -> tuple[str, str, str]:
+    def _same_shapes(self, part: WorkerPart, good: list, bad: list) -> list[dict]:
+        """The last guard before torch.stack: samples whose tensor shapes (text length aside) differ
+        from the batch's first sample are bad_shape (only possible for fields the contract checks
+        leave open, e.g. the SR pair's low-resolution size or the text width of an old index)."""
+        if not good:
+            return []
+        shapes = [_shapes(sample) for _, sample in good]
+        kept = []
+        for (item, sample), shape in zip(good, shapes, strict=True):
+            if all(shape[k] == shapes[0][k] for k in shape.keys() & shapes[0].keys()):
+                kept.append(sample)
+            else:
+                detail = f"shapes {shape} differ from the batch's {shapes[0]}"
+                bad.append(self._report(part, item, BadSample("bad_shape", detail)))
+        return kept
+
+    def _report(self, part: WorkerPart, item: Item, exn: Exception) -> tuple[str, str, str]:
         if not isinstance(exn, BadSample):
             exn = BadSample("decode_error", f"{type(exn).__name__}: {exn}")
-        key, url = self.indexes[item[0]].rows[item[1]]["key"], self.urls[item[0]]
+        key, url = part.rows[item]["key"], part.urls[item[0]]
         log.warning("bad sample %s in %s: %s", key, url, exn)
         return key, url, exn.reason
 
-    def _read(self, items: list[Item], needed: Counter) -> Iterator[tuple[Item, dict | BadSample]]:
+    def _read(self, part: WorkerPart, needed: Counter) -> Iterator[tuple[Item, dict | BadSample]]:
         """The needed items in read order, each as its sample dict or a BadSample saying why it is
         missing. Shards with nothing needed (already consumed before a resume) are not opened."""
-        for shard, rows in _runs(items):
-            want = {self.indexes[shard].rows[r]["key"]: r for r in rows if needed[(shard, r)]}
+        for shard, rows in _runs(part.items):
+            want = {part.rows[(shard, r)]["key"]: r for r in rows if needed[(shard, r)]}
             error = None
-            for sample in iter_tar(self.urls[shard]) if want else ():
+            for sample in iter_tar(part.urls[shard]) if want else ():
                 if "__error__" in sample:
                     error = sample["__error__"]
                     break
@@ -188,19 +315,32 @@ class ShardDataset(IterableDataset):
             for r in sorted(want.values()):
                 yield (shard, r), reason
 
-    def _decode(self, item: Item, sample: dict | BadSample, bucket: int) -> dict:
+    def _decode(self, part: WorkerPart, item: Item, sample: dict | BadSample, bucket: int) -> dict:
         if isinstance(sample, BadSample):
             raise sample
-        shard, row = item
         if self.mode == "latent":
-            return decode_latent(sample, self.buckets[bucket], self.text_max_len)
-        rng = seeded_rng(self.planner.seed, self.epoch, "offset", sample["__key__"])
-        return decode_raw(sample, self.indexes[shard].rows[row], self.buckets[bucket], self.raw, rng)
+            return decode_latent(
+                sample, self.buckets[bucket], self.text_max_len, self.text_dim, self.raw.policy
+            )
+        rng = seeded_rng(self.seed, part.epoch, "offset", sample["__key__"])
+        return decode_raw(sample, part.rows[item], self.buckets[bucket], self.raw, rng)
 
     def _collate(self, samples: list[dict]) -> dict:
         if self.mode == "latent":
             return collate_latent(samples)
         return collate_raw(samples, self.raw.sample_rate)
+
+
+def _shapes(sample: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes that must agree within a batch (a text embedding's length may differ)."""
+    return {
+        k: tuple(v.shape[1:] if k == "text_emb" else v.shape) for k, v in sample.items() if torch.is_tensor(v)
+    }
+
+
+def _remove_dir(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked worker that inherited the finalizer
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Fetcher:

@@ -1,10 +1,12 @@
 """Turn one shard sample (a dict of member bytes) into tensors cut to its bucket.
 
-Raw: decord decodes the mp4 at 25 fps (nearest frame), frames are resized to cover the bucket and
-centre-cropped, the clip is cut to the bucket's 4k+1 frames and the audio to the matching span,
-resampled by decord (FFmpeg) to `sample_rate`, mono, then copied to `channels`; an optional
-KEY.jpg reference image is cover-cropped to the bucket too.
-Latent: the safetensors payload is cut to the bucket's T (and N = 4(T-1)+1 audio steps).
+Raw: the clip is cut from the span both tracks cover (span.py). decord decodes the mp4 at 25 fps
+(nearest frame), frames are resized to cover the bucket and centre-cropped, the clip is cut to the
+bucket's F = 4k+1 frames and the audio to the F/25 s they cover, placed by its timestamps and
+resampled by PyAV (FFmpeg) to `sample_rate`, mono, then copied to `channels`; an optional KEY.jpg
+reference image is cover-cropped to the bucket too.
+Latent: the safetensors payload is checked against the data contract and the bucket, then cut to
+the bucket's T (and N = 4(T-1)+1 audio steps).
 
 Any problem with the input raises `BadSample(reason)`; the dataset counts and skips it.
 """
@@ -17,12 +19,14 @@ from dataclasses import dataclass
 
 import av
 import decord
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
 from magitrain.codecs.media import frame_indices, resize_cover_crop
 from magitrain.data.buckets import FPS, VAE_TIME_STRIDE, Bucket
 from magitrain.data.index import AUDIO_EXTS
+from magitrain.data.span import AVPolicy, Unplanned, clip_span
 
 
 class BadSample(Exception):
@@ -43,7 +47,7 @@ def first_line(exn: Exception) -> str:
 class RawOptions:
     sample_rate: int = 51200  # the audio VAE's rate: 2048 samples per 25 Hz latent step
     channels: int = 2
-    missing_audio: str = "silent"  # "silent": a zero track; "skip": drop the sample
+    policy: AVPolicy = AVPolicy()  # noqa: RUF009 (frozen): av_mismatch, av_tolerance, missing_audio (span.py)
     random_offset: bool = False  # cut the bucket span at a seeded random start instead of 0
     decode_threads: int = 1  # per worker: the DataLoader workers are the parallelism
 
@@ -65,33 +69,37 @@ def read_meta(sample: dict) -> dict:
 
 def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: random.Random) -> dict:
     """video uint8 [3, F, H, W] (converted to [-1, 1] on the device by encode_raw_batch: a quarter
-    of the bytes through worker IPC and host-to-device copies), audio float [channels, S]."""
+    of the bytes through worker IPC and host-to-device copies), audio float [channels, F/25 s],
+    audio_mask (False: the clip has no audio and its audio loss is masked), cut from the span
+    that span.clip_span keeps, exactly as planned."""
     meta = read_meta(sample)
     if "mp4" not in sample:
         raise BadSample("missing_video", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
     try:
-        reader = open_video(sample["mp4"], row, bucket, opts.decode_threads)
-        indices = frame_indices(len(reader), reader.get_avg_fps(), FPS)
-    except Exception as exn:  # decord raises DECORDError/RuntimeError on any damage
-        raise BadSample("corrupt_video", first_line(exn)) from None
-    if len(indices) < bucket.frames:
-        raise BadSample("too_short", f"{len(indices)} frames at 25 fps < {bucket.frames}")
-    start = rng.randrange(len(indices) - bucket.frames + 1) if opts.random_offset else 0
-    try:
-        frames = reader.get_batch(indices[start : start + bucket.frames]).asnumpy()
-    except Exception as exn:
-        raise BadSample("corrupt_video", first_line(exn)) from None
+        span = clip_span(row, opts.policy)
+    except Unplanned as exn:
+        raise BadSample(exn.reason, str(exn)) from None
+    if span.frames < bucket.frames:
+        raise BadSample("too_short", f"the usable span has {span.frames} frames at 25 fps < {bucket.frames}")
+    first = span.first + (rng.randrange(span.frames - bucket.frames + 1) if opts.random_offset else 0)
+    frames = decode_frames(sample["mp4"], row, bucket, first, opts.decode_threads)
     video = cover_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3).contiguous()
-    audio = decode_audio(sample, row, bucket, opts, start / FPS)
+    length = bucket.audio_samples(opts.sample_rate)
+    note = None
+    if span.has_audio:
+        audio, padded = decode_audio(sample, row, first / FPS, length, opts.sample_rate)
+        note = "audio_padded" if padded else None
+    else:
+        audio = torch.zeros(1, length)
+        note = "audio_masked" if opts.policy.missing_audio == "mask" else "audio_silenced"
     out = {
         "video": video,
+        "audio": audio.expand(opts.channels, -1).contiguous(),
+        "audio_mask": span.has_audio or opts.policy.missing_audio == "silence",
         "caption": meta["caption"],
         "language": str(meta.get("language", "")),
         "key": sample["__key__"],
-        "audio_silenced": audio is None,
-        "audio": torch.zeros(opts.channels, bucket.audio_samples(opts.sample_rate))
-        if audio is None
-        else audio,
+        "note": note,
     }
     if "jpg" in sample:
         out["ref_image"] = decode_image(sample["jpg"], bucket)
@@ -118,51 +126,133 @@ def cover_crop(frames: torch.Tensor, bucket: Bucket) -> torch.Tensor:
     return resize_cover_crop(frames, (bucket.height, bucket.width))
 
 
-def open_video(data: bytes, row: dict, bucket: Bucket, threads: int) -> decord.VideoReader:
-    """A reader whose frames FFmpeg already scaled to exactly the crop size along one axis and to
-    cover the bucket along the other, so only a centre crop is left (resize_cover_crop then does
-    no interpolation). Scaling while decoding is ~10x cheaper than decoding a 720p source at full
-    size and resizing the tensors."""
+# Output sizes at which decord's scaled decode failed: FFmpeg's scaler hands decord rgb24 rows
+# padded past width x 3 bytes for some widths (16, 24, 48, 72 px among others: a 48 px row comes
+# back 192 bytes long, not 144), and decord's copy into its array refuses the size ("from_size ==
+# to_size (16512 vs. 12384)"). Those sizes decode at native size and are resized here instead.
+_SCALER_FAILS: set[tuple[int, int]] = set()
+
+
+def decoder_size(row: dict, bucket: Bucket) -> tuple[int, int] | None:
+    """(height, width) for FFmpeg to scale to while decoding: exactly the bucket along one axis and
+    covering it along the other, so that only a centre crop is left; None to decode at native
+    size (never upscale in the decoder: resize_cover_crop interpolates small sources).
+    Scaling while decoding is ~10x cheaper than decoding a 720p source and resizing tensors."""
     scale = max(bucket.height / row["height"], bucket.width / row["width"])
-    if scale >= 1:  # never upscale in the decoder: resize_cover_crop interpolates small sources
-        return decord.VideoReader(io.BytesIO(data), num_threads=threads)
+    if scale >= 1:
+        return None
     # FFmpeg rounds odd sizes; an even cover size keeps its rgb24 scaler exact
     width = max(bucket.width, 2 * math.ceil(row["width"] * scale / 2 - 1e-6))
     height = max(bucket.height, 2 * math.ceil(row["height"] * scale / 2 - 1e-6))
-    return decord.VideoReader(io.BytesIO(data), num_threads=threads, width=width, height=height)
+    return height, width
 
 
-def decode_audio(
-    sample: dict, row: dict, bucket: Bucket, opts: RawOptions, start_s: float
-) -> torch.Tensor | None:
-    """`[channels, S]` for the bucket span; a separate audio member wins over the mp4's track.
-    None if the sample has no audio and data.missing_audio=silent (the caller adds the zero track)."""
-    length = bucket.audio_samples(opts.sample_rate)
-    source = next((sample[ext] for ext in AUDIO_EXTS if ext in sample), None)
-    if source is None and row.get("has_audio", True):
-        source = sample["mp4"]
-    if source is None:
-        if opts.missing_audio == "skip":
-            raise BadSample("missing_audio", "no audio track or audio member (data.missing_audio=skip)")
-        return None
+def decode_frames(data: bytes, row: dict, bucket: Bucket, first: int, threads: int) -> np.ndarray:
+    """[F, h, w, 3] uint8: the bucket's F frames at 25 fps from frame `first` (nearest source frame),
+    scaled by the decoder when it can (decoder_size), else at native size."""
+    size = decoder_size(row, bucket)
+    if size is not None and size not in _SCALER_FAILS:
+        try:
+            return _read_frames(data, bucket, first, threads, size)
+        except BadSample:
+            raise
+        except Exception as exn:  # the scaled decode failed: a good clip must not turn "corrupt"
+            if "from_size" in str(exn):
+                _SCALER_FAILS.add(size)
     try:
-        reader = decord.AudioReader(io.BytesIO(source), sample_rate=opts.sample_rate, mono=True)
-        offset = round(start_s * opts.sample_rate)
-        wave = torch.from_numpy(reader[offset : offset + length].asnumpy()).float()
+        return _read_frames(data, bucket, first, threads, None)
+    except BadSample:
+        raise
+    except Exception as exn:  # decord raises DECORDError/RuntimeError on any damage
+        raise BadSample("corrupt_video", first_line(exn)) from None
+
+
+def _read_frames(data: bytes, bucket: Bucket, first: int, threads: int, size) -> np.ndarray:
+    scaled = {} if size is None else {"height": size[0], "width": size[1]}
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=threads, **scaled)
+    indices = frame_indices(len(reader), reader.get_avg_fps(), FPS)
+    if len(indices) < first + bucket.frames:
+        raise BadSample(
+            "too_short", f"{len(indices)} frames at 25 fps < {first} + {bucket.frames} that the plan cuts"
+        )
+    return reader.get_batch(indices[first : first + bucket.frames]).asnumpy()
+
+
+def decode_audio(sample: dict, row: dict, start: float, length: int, rate: int) -> tuple[torch.Tensor, bool]:
+    """(mono [1, length] at `rate` for the time [start, start + length/rate) s after the first video
+    frame, whether more than one latent step of it is silence padding where the track has no audio).
+    A separate audio member wins over the mp4's track; padding beyond what the index's audio
+    extent explains means the track is shorter than the index says: too_short."""
+    source = next((sample[ext] for ext in AUDIO_EXTS if ext in sample), None)
+    in_video = source is None
+    try:
+        wave, covered = read_audio(sample["mp4"] if in_video else source, in_video, start, length, rate)
     except Exception as exn:
         raise BadSample("corrupt_audio", first_line(exn)) from None
-    if wave.shape[-1] < length - opts.sample_rate // FPS:
-        raise BadSample("too_short", f"audio has {wave.shape[-1]} samples, the bucket needs {length}")
-    # encoders' frame padding can leave the track a few ms short of the video: pad with silence
-    wave = torch.nn.functional.pad(wave, (0, length - wave.shape[-1]))
-    return wave[:1].expand(opts.channels, -1).contiguous()
+    a_start = float(row.get("audio_start", 0.0))
+    a_end = a_start + float(row.get("audio_duration", float("inf")))
+    promised = max(0.0, min(a_end, start + length / rate) - max(a_start, start)) * rate
+    step = rate // FPS  # one latent step: resampler edges and encoder frame padding stay below it
+    if covered < promised - step:
+        raise BadSample(
+            "too_short", f"audio covers {covered} samples of the {round(promised)} the index promised"
+        )
+    return wave, length - covered > step
+
+
+def read_audio(data: bytes, in_video: bool, start: float, length: int, rate: int) -> tuple[torch.Tensor, int]:
+    """Decode with PyAV and resample with FFmpeg (libswresample) to mono at `rate`; place the samples
+    by their timestamps: ([1, length] float, samples of it the track covered). The time origin is
+    the video stream's first frame when the audio is the mp4's own track (so a track that starts
+    late, by its start offset or edit list, lands where it plays), else the file's start."""
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        origin = 0.0
+        if in_video and container.streams.video:
+            video = container.streams.video[0]
+            origin = float(video.start_time * video.time_base) if video.start_time is not None else 0.0
+        begin, end = origin + start, origin + start + length / rate
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks, first_time = [], None
+        for frame in container.decode(stream):
+            if frame.time is None or frame.time + frame.samples / frame.sample_rate < begin - 0.05:
+                continue  # wholly before the window (the margin feeds the resampler's filter)
+            if frame.time > end + 0.05:
+                break
+            if first_time is None:
+                first_time = frame.time
+            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+        if first_time is None:
+            return torch.zeros(1, length), 0
+        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+    decoded = torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0)
+    offset = round((begin - first_time) * rate)  # window start in the decoded samples
+    lo, hi = max(0, -offset), max(0, min(length, decoded.shape[0] - offset))
+    wave = torch.zeros(1, length)
+    if hi > lo:
+        wave[0, lo:hi] = decoded[offset + lo : offset + hi]
+    return wave, max(0, hi - lo)
 
 
 LATENT_KEYS = ("video_latent", "audio_latent", "text_emb")
+DEFAULT_POLICY = AVPolicy()
+VIDEO_CHANNELS, AUDIO_CHANNELS = 48, 64
 
 
-def decode_latent(sample: dict, bucket: Bucket, text_max_len: int) -> dict:
-    """Latent sample cut to the bucket: video [48, T, H, W], audio [4(T-1)+1, 64], text [L, C]."""
+def decode_latent(
+    sample: dict,
+    bucket: Bucket,
+    text_max_len: int,
+    text_dim: int | None = None,
+    policy: AVPolicy = DEFAULT_POLICY,
+) -> dict:
+    """Latent sample cut to the bucket: video [48, T, H, W], audio [4(T-1)+1, 64], text [L, C],
+    audio_mask from the sample's `has_audio` under `policy.missing_audio`.
+
+    Shapes are checked against the data contract, the bucket and `text_dim` (the dataset's text
+    width) before anything is stacked (bad_shape), and every value must be finite (non_finite)."""
     meta = read_meta(sample)
     if "latents.safetensors" not in sample:
         raise BadSample("missing_latents", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
@@ -173,25 +263,67 @@ def decode_latent(sample: dict, bucket: Bucket, text_max_len: int) -> dict:
     missing = [k for k in LATENT_KEYS if k not in tensors]
     if missing:
         raise BadSample("bad_latents", f"missing tensors {missing}")
+    check_latent_shapes(tensors, bucket, text_dim)
     t = bucket.latent_shape[0]
     n = VAE_TIME_STRIDE * (t - 1) + 1
-    video, audio = tensors["video_latent"], tensors["audio_latent"]
-    if video.ndim != 4 or video.shape[1] < t or audio.ndim != 2 or audio.shape[0] < n:
-        raise BadSample(
-            "bad_latents",
-            f"video {tuple(video.shape)} / audio {tuple(audio.shape)} "
-            f"do not cover bucket {bucket.name} (T={t}, N={n})",
-        )
+    has_audio = bool(meta.get("has_audio", True))
+    if not has_audio and policy.missing_audio == "drop":
+        raise BadSample("missing_audio", "the sample has no audio (has_audio false; data.missing_audio=drop)")
     out = {
-        "video_latent": video[:, :t],
-        "audio_latent": audio[:n],
+        "video_latent": tensors["video_latent"][:, :t],
+        "audio_latent": tensors["audio_latent"][:n],
         "text_emb": tensors["text_emb"][:text_max_len],
-        "caption": meta["caption"],
-        "language": str(meta.get("language", "")),
-        "key": sample["__key__"],
     }
     if "ref_latent" in tensors:
         out["ref_latent"] = tensors["ref_latent"]
     if "lr_video_latent" in tensors:
         out["lr_video_latent"] = tensors["lr_video_latent"][:, :t]
-    return out
+    for name, tensor in out.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BadSample("non_finite", f"{name} {tuple(tensor.shape)} has {bad} non-finite values")
+    return out | {
+        "audio_mask": has_audio or policy.missing_audio == "silence",
+        "note": None
+        if has_audio
+        else ("audio_masked" if policy.missing_audio == "mask" else "audio_silenced"),
+        "caption": meta["caption"],
+        "language": str(meta.get("language", "")),
+        "key": sample["__key__"],
+    }
+
+
+def check_latent_shapes(tensors: dict, bucket: Bucket, text_dim: int | None) -> None:
+    """The data contract (docs/data.md): video [48, T, H, W] with the bucket's H, W and T at least
+    its T; audio [4(T-1)+1, 64] for the stored T; text [L, text_dim]; SR pairs' lr video
+    [48, T, h, w]; ref [48, 1, H, W] (or h, w for SR pairs). A mismatch is a bad_shape sample
+    naming the shapes."""
+    t, h, w = bucket.latent_shape
+    video, audio, text = (tensors[k] for k in LATENT_KEYS)
+    problems = []
+    if (
+        video.ndim != 4
+        or video.shape[0] != VIDEO_CHANNELS
+        or tuple(video.shape[2:]) != (h, w)
+        or video.shape[1] < t
+    ):
+        problems.append(
+            f"video_latent {tuple(video.shape)}, bucket {bucket.name} needs [48, >={t}, {h}, {w}]"
+        )
+    stored_t = video.shape[1] if video.ndim == 4 else t
+    n = VAE_TIME_STRIDE * (stored_t - 1) + 1
+    if audio.ndim != 2 or tuple(audio.shape) != (n, AUDIO_CHANNELS):
+        problems.append(f"audio_latent {tuple(audio.shape)}, needs [{n}, 64] (N = 4(T-1)+1)")
+    if text.ndim != 2 or text.shape[0] < 1 or (text_dim is not None and text.shape[1] != text_dim):
+        problems.append(f"text_emb {tuple(text.shape)}, needs [L >= 1, {text_dim or 'C'}]")
+    low = tensors.get("lr_video_latent")
+    if low is not None and (low.ndim != 4 or low.shape[0] != VIDEO_CHANNELS or low.shape[1] < t):
+        problems.append(f"lr_video_latent {tuple(low.shape)}, needs [48, >={t}, h, w]")
+    ref = tensors.get("ref_latent")
+    sizes = {(h, w)} | ({tuple(low.shape[2:])} if low is not None else set())  # SR pairs: the base size
+    if ref is not None and (
+        ref.ndim != 4 or ref.shape[:2] != (VIDEO_CHANNELS, 1) or tuple(ref.shape[2:]) not in sizes
+    ):
+        problems.append(f"ref_latent {tuple(ref.shape)}, needs [48, 1, H, W] of the video or lr video")
+    if problems:
+        raise BadSample("bad_shape", "; ".join(problems))

@@ -17,7 +17,8 @@ def to_pixels(video: torch.Tensor) -> torch.Tensor:
 def encode_raw_batch(batch: dict, codecs) -> dict:
     """`{video [B,3,F,H,W] uint8 (or float in [-1, 1]), audio [B,C,S], sample_rate, caption, ...}` ->
     the latent-mode batch dict:
-    video_latent [B,48,T,H/16,W/16] (normalised), audio_latent [B,4(T-1)+1,64], text_emb + text_len.
+    video_latent [B,48,T,H/16,W/16] (normalised), audio_latent [B,4(T-1)+1,64], text_emb + text_len,
+    and the raw batch's audio_mask.
 
     The audio latent length is pinned to the video's frame count, so an audio track a few ms off
     the video never shifts the one-token-per-frame alignment.
@@ -35,6 +36,8 @@ def encode_raw_batch(batch: dict, codecs) -> dict:
         "caption": batch["caption"],
         "language": batch["language"],
     }
+    if "audio_mask" in batch:
+        out["audio_mask"] = batch["audio_mask"].to(video_latent.device)
     if "ref_image" in batch:
         out["ref_latent"] = codecs.video.encode_image(to_pixels(batch["ref_image"]))
     return out

@@ -2,12 +2,14 @@
 
 `NAME.tar` has `NAME.index.json` beside it (format in docs/data.md):
 
-    {"format": "magitrain.shard-index", "version": 1, "kind": "raw" | "latent",
+    {"format": "magitrain.shard-index", "version": 2, "kind": "raw" | "latent",
      "num_samples": 2, "bytes": 81920,
      "samples": [{"key": "00000000000", "bytes": 40960, "duration": 2.0, "width": 128,
-                  "height": 64, "fps": 25.0, "has_audio": true, "language": "en"}, ...]}
+                  "height": 64, "fps": 25.0, "has_audio": true, "audio_start": 0.0,
+                  "audio_duration": 1.93, "language": "en"}, ...]}
 
-Latent rows add `latent_shape` [T, H, W], `audio_len` and `text_len`. The rows are in tar order.
+Latent rows hold `latent_shape` [T, H, W], `audio_len`, `text_len`, `text_dim` and `has_audio`
+instead of the media fields. The rows are in tar order.
 """
 
 import io
@@ -24,7 +26,7 @@ from magitrain.data.shards import iter_tar, open_url
 log = logging.getLogger(__name__)
 
 FORMAT = "magitrain.shard-index"
-VERSION = 1
+VERSION = 2  # 2 added the audio extent of raw rows and text_dim of latent rows; 1 still reads
 AUDIO_EXTS = ("wav", "flac", "m4a")
 
 
@@ -39,9 +41,15 @@ class ShardIndex:
         return len(self.rows)
 
 
-def probe_media(source: str | bytes) -> dict:
-    """Duration, size, frame rate and audio presence of an mp4 (path or bytes), via PyAV.
+def _seconds(value, time_base) -> float | None:
+    return None if value is None else float(value * time_base)
 
+
+def probe_media(source: str | bytes) -> dict:
+    """Duration, size, frame rate and audio track of an mp4 (path or bytes), via PyAV.
+
+    The audio track's `audio_start` is given in seconds after the first video frame (an AAC track
+    that starts late, e.g. after an edit, has a positive one) and `audio_duration` in seconds.
     Raises av.error.FFmpegError / ValueError on an unreadable file; callers count and skip it.
     """
     with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
@@ -49,21 +57,42 @@ def probe_media(source: str | bytes) -> dict:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
-        if stream.duration is not None:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
+        duration = _seconds(stream.duration, stream.time_base)
+        if duration is None and container.duration is not None:
             duration = container.duration / av.time_base
-        else:
+        if duration is None:
             raise ValueError("unknown duration")
         if fps <= 0 or duration <= 0:
             raise ValueError(f"bad stream: fps={fps}, duration={duration}")
-        return {
+        row = {
             "duration": round(duration, 4),
             "width": stream.codec_context.width,
             "height": stream.codec_context.height,
             "fps": round(fps, 4),
             "has_audio": bool(container.streams.audio),
         }
+        if container.streams.audio:
+            video_start = _seconds(stream.start_time, stream.time_base) or 0.0
+            row.update(_audio_extent(container, container.streams.audio[0], video_start))
+        return row
+
+
+def probe_audio(source: str | bytes) -> dict:
+    """`audio_start` and `audio_duration` of a separate audio file (its time 0 is the video's first frame)."""
+    with av.open(io.BytesIO(source) if isinstance(source, bytes) else source) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        return _audio_extent(container, container.streams.audio[0], 0.0)
+
+
+def _audio_extent(container, stream, video_start: float) -> dict:
+    start = _seconds(stream.start_time, stream.time_base) or 0.0
+    duration = _seconds(stream.duration, stream.time_base)
+    if duration is None and container.duration is not None:
+        duration = container.duration / av.time_base - start
+    if duration is None or duration <= 0:
+        raise ValueError(f"audio track of unknown or empty duration ({duration})")
+    return {"audio_start": round(start - video_start, 4), "audio_duration": round(duration, 4)}
 
 
 def write_index(path: str, kind: str, rows: list[dict], shard_bytes: int) -> None:
@@ -86,7 +115,7 @@ def read_index(url: str, index: str) -> ShardIndex:
     """Parse an index file; a malformed one is a clear error naming it (it is the plan's ground truth)."""
     with open_url(index) as f:
         doc = json.load(f)
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    if doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
         raise ValueError(
             f"{index}: not a {FORMAT} v{VERSION} file (format={doc.get('format')!r}, "
             f"version={doc.get('version')!r})"
@@ -107,10 +136,12 @@ def sample_row(sample: dict) -> dict:
     }
     if "latents.safetensors" in sample:
         row.update(latent_row(sample["latents.safetensors"]))
-        row.update({k: meta[k] for k in ("duration", "width", "height", "fps") if k in meta})
+        row.update({k: meta[k] for k in ("duration", "width", "height", "fps", "has_audio") if k in meta})
         return row
     row.update(probe_media(sample["mp4"]))
-    row["has_audio"] = row["has_audio"] or any(ext in sample for ext in AUDIO_EXTS)
+    audio = next((sample[ext] for ext in AUDIO_EXTS if ext in sample), None)
+    if audio is not None:  # a separate audio member wins over the mp4's track
+        row.update(probe_audio(audio), has_audio=True)
     return row
 
 
@@ -123,6 +154,7 @@ def latent_row(data: bytes) -> dict:
         "latent_shape": shape[1:],
         "audio_len": header["audio_latent"]["shape"][0],
         "text_len": header["text_emb"]["shape"][0],
+        "text_dim": header["text_emb"]["shape"][-1],
     }
 
 

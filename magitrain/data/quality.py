@@ -3,8 +3,9 @@
 Workers skip and log each bad sample (with its key and shard) and report it in the next batch's
 `_data`; this tracker sums those reports per rank and stops the run with a clear error once the
 bad fraction exceeds `data.max_bad_fraction` (after `data.bad_check_after` samples, so one bad
-clip early on is not a 100% rate). Samples kept with a fix (a silent track for a clip without
-audio under data.missing_audio=silent) are counted separately as notes and are not bad.
+clip early on is not a 100% rate). Samples kept with a fix (a clip without audio whose audio loss
+is masked, a track padded with silence) are counted separately as notes and are not bad; samples
+the policies leave out of the plan (`unplanned`, counted once at start-up) are not bad either.
 """
 
 import logging
@@ -28,6 +29,7 @@ class BadInputTracker:
         self.notes: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
         self.seen = 0
+        self.unplanned = ""  # the dataset's summary of samples left out of the plan, and why
 
     @property
     def bad(self) -> int:
@@ -53,7 +55,11 @@ class BadInputTracker:
             for reason, n in self.counts.most_common()
         )
         kept = ", ".join(f"{reason}: {n}" for reason, n in self.notes.most_common())
-        return (bad or "no bad samples") + (f"; kept with a fix: {kept}" if kept else "")
+        return (
+            (bad or "no bad samples")
+            + (f"; kept with a fix: {kept}" if kept else "")
+            + (f"; not planned: {self.unplanned}" if self.unplanned else "")
+        )
 
     def state_dict(self) -> dict:
         return {

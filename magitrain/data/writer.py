@@ -53,6 +53,6 @@ def latent_sample(key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> tup
     row = {
         **latent_row(payload),
         "language": str(meta.get("language", "")),
-        **{k: meta[k] for k in ("duration", "width", "height") if k in meta},
+        **{k: meta[k] for k in ("duration", "width", "height", "has_audio") if k in meta},
     }
     return members, row

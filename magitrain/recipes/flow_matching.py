@@ -75,6 +75,8 @@ class FlowMatchingModule(MagiHumanModule):
         v_video, v_audio = self.model(x_video, x_audio, batch["text_emb"], text_len=text_len)
         loss_video = fm.velocity_mse(v_video, fm.velocity_target(x0_video, d["eps_video"]), frame_mask)
         loss_audio = fm.velocity_mse(v_audio, fm.velocity_target(x0_audio, d["eps_audio"]))
+        if "audio_mask" in batch:  # clips without audio (data.missing_audio=mask) train video only
+            loss_audio = loss_audio * batch["audio_mask"].to(loss_audio)
         cfg = self.flow_config
         per_sample = cfg.video_weight * loss_video + cfg.audio_weight * loss_audio
         return {

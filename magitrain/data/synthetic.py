@@ -1,15 +1,22 @@
-"""Synthetic data for tests and the demo: real mp4 clips (moving patterns + AAC tone or noise) with
-caption json, and latent shards of random tensors in the data contract's shapes.
+"""Synthetic data for tests and the demo: real mp4 clips (moving patterns + AAC tone, noise or real
+speech from espeak-ng) with caption json, and latent shards of random tensors in the data
+contract's shapes.
 
 Every clip is a genuine H.264/AAC mp4 written by PyAV, so the whole data path (probe, shard,
 decode, resize, audio) runs on it exactly as on real data; only the content is synthetic.
+Speech clips can have audio shorter or longer than the video and an AAC track that starts late,
+as real footage does.
 
     python -m magitrain.data.synthetic OUT_DIR --num-clips 8 --seconds 2 --size 64x128
 """
 
 import argparse
 import json
+import shutil
+import subprocess
+import tempfile
 import wave
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -93,6 +100,64 @@ def make_clip(
         else:
             track = torch.from_numpy(samples)
     write_mp4(path, video, fps=fps, audio=track, sample_rate=sample_rate)
+
+
+def speak(text: str, voice: str = "en") -> tuple[np.ndarray, int]:
+    """Real speech from espeak-ng (`apt-get install espeak-ng`): ([1, S] float32, sample rate)."""
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install -y espeak-ng)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "speech.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(out), text], check=True, capture_output=True)
+        with wave.open(str(out)) as f:
+            rate, pcm = f.getframerate(), np.frombuffer(f.readframes(f.getnframes()), dtype="<i2")
+    return (pcm.astype(np.float32) / 32768.0)[None], rate
+
+
+def make_speech_clip(
+    path: str | Path,
+    text: str,
+    voice: str = "en",
+    seconds: float = 2.0,
+    audio_seconds: float | None = None,
+    audio_start: float = 0.0,
+    size: tuple[int, int] = (64, 112),
+    fps: float = 25.0,
+    wav_path: str | Path | None = None,
+    seed: int = 0,
+) -> float:
+    """An mp4 of `seconds` of moving pattern with `text` spoken by espeak-ng as its AAC track
+    (or, with `wav_path`, as a separate 16-bit wav). The speech is cut or padded with silence to
+    `audio_seconds` (default: as long as it is) and, in the mp4, starts `audio_start` s after the
+    first video frame (the track's own start offset, as a late track of real footage has).
+    Returns the audio length in seconds."""
+    speech, rate = speak(text, voice)
+    if audio_seconds is not None:
+        n = round(audio_seconds * rate)
+        speech = np.pad(speech[:, :n], ((0, 0), (0, max(0, n - speech.shape[1]))))
+    frames = moving_pattern(round(seconds * fps), size[0], size[1], seed)
+    if wav_path is not None:
+        write_wav(Path(wav_path), speech, rate)
+    with av.open(str(path), mode="w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        video.width, video.height, video.pix_fmt = size[1], size[0], "yuv420p"
+        video.options = {"crf": "23", "preset": "veryfast"}
+        audio = None
+        if wav_path is None:
+            audio = container.add_stream("aac", rate=rate)
+            audio.layout = "mono"
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        if audio is not None:
+            offset = round(audio_start * rate)
+            for start in range(0, speech.shape[1], 1024):
+                chunk = np.ascontiguousarray(speech[:, start : start + 1024])
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = rate, offset + start
+                container.mux(audio.encode(frame))
+            container.mux(audio.encode())
+    return speech.shape[1] / rate
 
 
 def make_demo_dataset(

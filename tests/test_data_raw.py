@@ -163,3 +163,31 @@ def test_video2dataset_style_shard_without_index(raw_shards, tmp_path):
     assert {c for b in batches for c in b["caption"]} == {"a caption from KEY.txt"}
     assert tool("inspect_shards.py", str(tar), "--write-index", "--json") == 0
     assert json.loads(tar.with_suffix(".index.json").read_text())["num_samples"] == 3
+
+
+@pytest.mark.parametrize(
+    ("source", "bucket"),
+    [((320, 180), (48, 48)), ((200, 200), (48, 48)), ((320, 180), (64, 48)), ((180, 320), (48, 48)),
+     ((180, 320), (32, 64))],
+)  # fmt: skip
+def test_decoder_scaling_never_turns_a_good_clip_corrupt(tmp_path, source, bucket):
+    """(height, width) pairs at which decord's scaled decode fails ("from_size == to_size"): the
+    loader decodes at native size and resizes itself; the frames match that path's result."""
+    import random
+
+    from magitrain.codecs.media import resize_cover_crop
+    from magitrain.data.buckets import Bucket
+    from magitrain.data.decode import RawOptions, decode_raw
+    from magitrain.data.index import probe_media
+    from magitrain.data.synthetic import make_clip
+
+    make_clip(tmp_path / "clip.mp4", seconds=0.6, size=source, audio="tone", seed=3)
+    sample = {"__key__": "k", "mp4": (tmp_path / "clip.mp4").read_bytes(), "json": b'{"caption": "c"}'}
+    b = Bucket(*bucket, 9, 1)
+    out = decode_raw(sample, probe_media(sample["mp4"]), b, RawOptions(), random.Random(0))
+    assert out["video"].shape == (3, 9, *bucket) and out["audio"].shape == (2, 9 * 2048)
+    import decord
+
+    native = decord.VideoReader(str(tmp_path / "clip.mp4")).get_batch(list(range(9))).asnumpy()
+    expected = resize_cover_crop(torch.from_numpy(native).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3)
+    assert (out["video"].float() - expected.float()).abs().mean() < 6  # of 255: scaler vs ours

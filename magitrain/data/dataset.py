@@ -289,12 +289,12 @@ class ShardDataset(IterableDataset):
                 bad.append(self._report(part, item, BadSample("bad_shape", detail)))
         return kept
 
-    def _report(self, part: WorkerPart, item: Item, exn: Exception) -> tuple[str, str, str]:
+    def _report(self, part: WorkerPart, item: Item, exn: Exception) -> tuple[str, str, str, str]:
         if not isinstance(exn, BadSample):
             exn = BadSample("decode_error", f"{type(exn).__name__}: {exn}")
         key, url = part.rows[item]["key"], part.urls[item[0]]
         log.warning("bad sample %s in %s: %s", key, url, exn)
-        return key, url, exn.reason
+        return key, url, exn.reason, exn.detail
 
     def _read(self, part: WorkerPart, needed: Counter) -> Iterator[tuple[Item, dict | BadSample]]:
         """The needed items in read order, each as its sample dict or a BadSample saying why it is

@@ -13,7 +13,7 @@ from collections import Counter
 
 log = logging.getLogger(__name__)
 EXAMPLES_PER_REASON = 5
-Report = tuple[str, str, str]  # (key, shard url, reason)
+Report = tuple[str, ...]  # (key, shard url, reason[, detail]): a bad sample or a note
 
 
 class BadDataError(RuntimeError):
@@ -37,12 +37,12 @@ class BadInputTracker:
 
     def update(self, bad: list[Report], notes: list[Report], seen: int) -> None:
         self.seen += seen
-        self.notes.update(reason for _, _, reason in notes)
-        for key, url, reason in bad:
+        self.notes.update(note[2] for note in notes)
+        for key, url, reason, *detail in bad:
             self.counts[reason] += 1
             examples = self.examples.setdefault(reason, [])
             if len(examples) < EXAMPLES_PER_REASON:
-                examples.append(f"{url}:{key}")
+                examples.append(f"{url}:{key}" + (f" ({detail[0][:300]})" if detail and detail[0] else ""))
         if self.seen >= self.check_after and self.bad > self.max_fraction * self.seen:
             raise BadDataError(
                 f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%}), over "

@@ -86,3 +86,44 @@ def test_bucket_arithmetic_and_assignment():
         parse_buckets([{"height": 250, "width": 448, "seconds": 2, "batch_size": 1}])
     with pytest.raises(ValueError, match="missing field"):
         parse_buckets([{"height": 256, "width": 448, "batch_size": 1}])
+
+
+def test_span_policies_from_the_index_alone():
+    from magitrain.data.span import AVPolicy, Unplanned, clip_span
+
+    short = {"duration": 3.0, "has_audio": True, "audio_start": 0.0, "audio_duration": 1.4}
+    late = {"duration": 2.4, "has_audio": True, "audio_start": 0.45, "audio_duration": 1.55}
+    long = {"duration": 1.6, "has_audio": True, "audio_start": -0.2, "audio_duration": 2.4}
+    crop = AVPolicy()
+    assert (clip_span(short, crop).first, clip_span(short, crop).frames) == (0, 35)
+    assert (clip_span(late, crop).first, clip_span(late, crop).frames) == (12, 38)  # 0.48 s to 2.0 s
+    assert (clip_span(long, crop).first, clip_span(long, crop).frames) == (0, 40)  # the extra audio is cut
+    pad = AVPolicy("pad_silence", 1.0)
+    assert clip_span(late, pad).frames == 60 and clip_span(short, pad).frames == 35  # 1.6 s > 1.0 s: crop
+    drop = AVPolicy("drop", 0.5)
+    with pytest.raises(Unplanned, match="av_mismatch"):
+        clip_span(short, drop)
+    with pytest.raises(Unplanned, match="av_mismatch"):
+        clip_span(long, drop)  # 0.8 s of audio beyond the video
+    assert clip_span({**short, "audio_duration": 2.8}, drop).frames == 70
+    silent = {"duration": 2.0, "has_audio": False}
+    assert clip_span(silent, crop) == clip_span(silent, AVPolicy(missing_audio="silence"))
+    assert not clip_span(silent, crop).has_audio and clip_span(silent, crop).frames == 50
+    with pytest.raises(Unplanned, match="missing_audio"):
+        clip_span(silent, AVPolicy(missing_audio="drop"))
+    with pytest.raises(Unplanned, match="too_short"):
+        clip_span({**late, "audio_start": 2.5}, crop)  # no overlap at all
+    assert clip_span({"duration": 2.0}, crop).frames == 50  # a version-1 index row: audio = video
+    with pytest.raises(ValueError, match="data.av_mismatch"):
+        AVPolicy("stretch")
+
+
+def test_a_clip_goes_to_the_longest_bucket_its_common_span_fills():
+    from magitrain.data.span import AVPolicy, clip_span
+
+    buckets = parse_buckets([{"height": 256, "width": 448, "seconds": s, "batch_size": 1} for s in (1, 2, 5)])
+    row = {"duration": 6.0, "width": 1280, "height": 720, "has_audio": True, "audio_duration": 2.5}
+    assert assign_raw(buckets, 1280, 720, round(row["duration"] * 25)) == 2  # what the video suggests
+    assert (
+        assign_raw(buckets, 1280, 720, clip_span(row, AVPolicy()).frames) == 1
+    )  # 2 s: the audio ends at 2.5 s

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_data_raw import tool
+from test_data_raw import ROOT, tool
 
 from magitrain.data.shards import iter_tar
 from magitrain.data.synthetic import make_demo_dataset
@@ -51,3 +51,37 @@ def test_csv_and_jsonl_manifests(tmp_path):
     meta = json.loads(sample["json"])
     assert meta["caption"] == "from jsonl" and meta["source"].endswith("clip_0001.mp4")
     assert "wav" not in sample
+
+
+def test_manifest_aliases_and_unknown_columns(tmp_path, capsys):
+    media = tmp_path / "media"
+    make_demo_dataset(media, num_clips=1, seconds=1.0, size=(64, 128), separate_wav=True)
+    (tmp_path / "list.csv").write_text(
+        "video_path,text,audio_path,speaker\nmedia/clip_0000.mp4,an aliased row,media/clip_0000.wav,ann\n"
+    )
+    tool("make_shards.py", str(tmp_path / "list.csv"), str(tmp_path / "out"), "--workers", "1")
+    assert "['speaker'] are not among" in capsys.readouterr().err  # reported, kept as metadata
+    (sample,) = list(iter_tar(str(tmp_path / "out" / "000000.tar")))
+    meta = json.loads(sample["json"])
+    assert meta["caption"] == "an aliased row" and meta["speaker"] == "ann" and "wav" in sample
+    assert meta["audio_duration"] == pytest.approx(1.0, abs=0.01)  # the separate wav was probed
+    (tmp_path / "both.csv").write_text("path,video_path,caption\na.mp4,b.mp4,c\n")
+    with pytest.raises(SystemExit, match="'path' and 'video_path' both give 'path'"):
+        tool("make_shards.py", str(tmp_path / "both.csv"), str(tmp_path / "out2"), "--workers", "1")
+
+
+def test_nothing_written_is_a_failure(tmp_path):
+    import subprocess
+    import sys
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "broken.mp4").write_bytes(b"\x00" * 100)
+    (clips / "broken.json").write_text('{"caption": "never decoded"}')
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "data_tools" / "make_shards.py"), str(clips), str(tmp_path / "out"),
+         "--workers", "1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0 and "broken.mp4" in result.stderr and "nothing to write" in result.stderr
+    assert not list((tmp_path / "out").glob("*.tar"))

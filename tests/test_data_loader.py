@@ -186,3 +186,32 @@ def test_hydra_data_configs_instantiate(latent_shards, group):
     assert isinstance(dm, MagiDataModule) and dm.mode == ("latent" if group == "latent" else "raw")
     if group == "latent":
         assert next(iter(dm.train_dataloader()))["video_latent"].shape == (2, 48, 7, 4, 8)
+
+
+def test_worker_batch_buffers_are_reused_but_never_under_a_held_batch(latent_shards):
+    """Workers write batches into shared buffers they reuse (collate.SharedRing): a batch the main
+    process still holds keeps its buffer; dropped batches give theirs back."""
+    import gc
+
+    def rows(batch):
+        for i, key in enumerate(batch["key"]):
+            n = int(batch["text_len"][i])
+            yield key, (batch["video_latent"][i], batch["audio_latent"][i], batch["text_emb"][i, :n])
+
+    reference = {k: v for b in run_epoch(datamodule(latent_shards, num_workers=0)) for k, v in rows(b)}
+    dm = datamodule(latent_shards, num_workers=2)
+    held = run_epoch(dm)  # every batch of the epoch kept alive until the end
+    held_keys = [b["key"] for b in held]
+    got = {k: v for b in held for k, v in rows(b)}
+    assert got.keys() == reference.keys()
+    for key, tensors in got.items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, reference[key], strict=True)), key
+    counts = dm.dataset.ring_counts
+    assert counts[:, 0].sum() > 0 and counts[:, 0].sum() > counts[:, 1].sum()  # lent from the ring
+    del held, got, tensors
+    gc.collect()
+    assert torch.equal(counts[:, 0], counts[:, 1])  # all given back
+    for _ in dm.train_dataloader():  # dropped at once: the slots are reused
+        pass
+    gc.collect()
+    assert counts[:, 0].sum() >= 2 * len(held_keys) - 2 * dm.dataset.ring_slots

@@ -38,7 +38,9 @@ class EpochLoader(DataLoader):
 
     def __iter__(self):
         self.begin_epoch()
-        return super().__iter__()
+        if not self.num_workers:
+            return super().__iter__()
+        return map(self.dataset.track, super().__iter__())
 
 
 def _init_worker(_: int) -> None:
@@ -129,6 +131,7 @@ class MagiDataModule(L.LightningDataModule):
             world_size=world,
             num_workers=self.num_workers,
             raw=self.raw,
+            prefetch_factor=self.loader_options["prefetch_factor"] or 2,
             **self.plan_options,
         )
         self.quality.unplanned = self.dataset.unplanned_summary()

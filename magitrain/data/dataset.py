@@ -3,7 +3,8 @@
 The main process holds the indexes and plans. At the start of every epoch it hands each
 DataLoader worker only its part of the plan (its batches and the index rows of their samples,
 `WorkerPart`), through a small file the worker reads when its iterator restarts; the workers
-are persistent, so they are started once per run, not once per epoch.
+are persistent, so they are started once per run, not once per epoch, and each writes its
+batches into shared-memory buffers it reuses (collate.SharedRing).
 
 Each yielded batch carries a private `_data` entry (epoch, slot, batch index, and since the
 previous batch: bad samples, samples kept with a fix such as a masked audio track, samples
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from magitrain.data.buckets import Bucket, assign_latent, assign_raw
-from magitrain.data.collate import collate_latent, collate_raw
+from magitrain.data.collate import SharedRing, collate_latent, collate_raw, release_when_dropped
 from magitrain.data.decode import BadSample, RawOptions, decode_latent, decode_raw
 from magitrain.data.index import ShardIndex, build_index, read_index
 from magitrain.data.plan import Batch, EpochPlanner, Item, seeded_rng
@@ -87,6 +88,7 @@ class ShardDataset(IterableDataset):
         num_workers: int = 0,
         raw: RawOptions | None = None,
         text_max_len: int = 640,
+        prefetch_factor: int = 2,
     ):
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
@@ -118,6 +120,9 @@ class ShardDataset(IterableDataset):
             shuffle_buffer=shuffle_buffer,
         )
         self._parts_dir: str | None = None
+        self._ring: SharedRing | None = None  # a worker's batch buffers (collate.py)
+        self.ring_slots = prefetch_factor + 3
+        self.ring_counts: torch.Tensor | None = None  # [workers, 2, slots], made before they start
 
     # ----- planning (main process) ----------------------------------------------------------
     def _common_text_dim(self) -> int | None:
@@ -185,6 +190,10 @@ class ShardDataset(IterableDataset):
         self.epoch, self.start_batch = epoch, start_batch
         if self.num_workers == 0:
             return
+        if self.ring_counts is None:
+            self.ring_counts = torch.zeros(
+                self.num_workers, 2, self.ring_slots, dtype=torch.long
+            ).share_memory_()
         if self._parts_dir is None:
             self._parts_dir = tempfile.mkdtemp(prefix="magitrain-plan-")
             weakref.finalize(self, _remove_dir, self._parts_dir, os.getpid())
@@ -217,7 +226,8 @@ class ShardDataset(IterableDataset):
                     f"ShardDataset planned for {self.workers} workers but runs in {info.num_workers}: "
                     "pass the DataLoader's num_workers to the dataset"
                 )
-            torch.set_num_threads(1)  # the workers are the parallelism: no intra-op oversubscription
+            if self._ring is None:
+                self._ring = SharedRing(self.ring_counts[info.id])
             with open(self._part_path(info.id), "rb") as f:
                 part = pickle.load(f)
         log.debug(
@@ -251,6 +261,7 @@ class ShardDataset(IterableDataset):
             good = self._same_shapes(part, good, bad)
             if good:
                 last, repeats, owed = self._collate(good), 1 + owed, 0
+                ring = self._ring.slot if self._ring is not None else None  # its buffer slot
             elif last is None:
                 owed += 1  # a whole batch was bad before any good one: pay it back with the next
                 continue
@@ -265,6 +276,9 @@ class ShardDataset(IterableDataset):
                     "notes": notes,
                     "seen": seen,
                 }
+                if ring is not None:  # the batch lives in a reusable buffer: lend it
+                    self._ring.lend(ring)
+                    meta["ring"] = (get_worker_info().id, ring)
                 yield {**last, "_data": meta}
                 bad, notes, seen = [], [], 0
         if last is None:
@@ -325,10 +339,17 @@ class ShardDataset(IterableDataset):
         rng = seeded_rng(self.seed, part.epoch, "offset", sample["__key__"])
         return decode_raw(sample, part.rows[item], self.buckets[bucket], self.raw, rng)
 
+    def track(self, batch: dict) -> dict:
+        """Main process, every batch a worker yields: return its buffer slot once it is dropped."""
+        ring = batch.get("_data", {}).get("ring")
+        if ring is not None:
+            release_when_dropped(batch, self.ring_counts[ring[0]], ring[1])
+        return batch
+
     def _collate(self, samples: list[dict]) -> dict:
         if self.mode == "latent":
-            return collate_latent(samples)
-        return collate_raw(samples, self.raw.sample_rate)
+            return collate_latent(samples, self._ring)
+        return collate_raw(samples, self.raw.sample_rate, self._ring)
 
 
 def _shapes(sample: dict) -> dict[str, tuple[int, ...]]:

@@ -1,112 +1,276 @@
-"""Generate a clip with sound, or benchmark the pipeline: `python infer.py key=value ...`.
+r"""Generate clips with sound, or benchmark the pipeline: `python infer.py key=value ... [--verbose]`.
 
-    python infer.py ckpt=/ckpt/distill prompt="A woman laughs" seconds=5 resolution=256p \
-        sr=1080p sr_ckpt=/ckpt/sr1080 steps=8 seed=1 out=outputs/laugh.mp4 \
-        codecs_args.video_vae_path=/ckpt/wan22_vae codecs_args.audio_vae_path=/ckpt/sao_vae \
-        codecs_args.text_encoder_path=/ckpt/t5gemma
-    python infer.py benchmark=true model=magihuman_15b compile=true out=outputs/bench.json
+    python infer.py ckpt=/ckpt/distill prompt="A woman laughs: hello!" seconds=5 resolution=256p \
+        sr=1080p sr_ckpt=/ckpt/sr1080 steps=8 seed=1 out=outputs/laugh.mp4 codecs=magihuman \
+        codecs.video_vae_path=/ckpt/wan22_vae codecs.audio_vae_path=/ckpt/sao_vae \
+        codecs.text_encoder_path=/ckpt/t5gemma
+    python infer.py ckpt=/ckpt/distill prompts=prompts.jsonl out=outputs/batch/clip.mp4 ...
+    python infer.py benchmark=true model=magihuman_15b codecs=random compile=true out=outputs/bench.json
 
-Keys are the fields of `InferConfig` below; `ckpt` may be a released-layout or exported directory,
-a .safetensors file or a Lightning training checkpoint (see magitrain/inference/networks.py).
+Each argument is KEY=VALUE, split at the first '=': text values (prompts, paths) are taken
+verbatim, whatever characters they hold; numbers and flags are converted to the key's type.
+`ckpt` may be a released-layout or exported directory, a .safetensors file or a Lightning training
+checkpoint (see magitrain/inference/networks.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
+import json
 import logging
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import OmegaConf
+
+from magitrain.cli import command_line
+from magitrain.errors import UserError
 
 REPO = Path(__file__).resolve().parent
 log = logging.getLogger("magitrain")
 
 
+def arg(default, doc: str, key: str | None = None):
+    """An InferConfig field with its one-line doc (shown by --help) and, if it differs, its CLI key."""
+    meta = {"doc": doc, "key": key}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class InferConfig:
-    ckpt: str | None = None  # base (or distilled) network
-    prompt: str | None = None
-    image: str | None = None  # reference image: image-to-video
-    seconds: float = 5.0
-    resolution: str = "256p"  # base stage: 256p | 540p | 1080p | WIDTHxHEIGHT
-    sr: str = "none"  # none | 540p | 1080p | WIDTHxHEIGHT
-    sr_ckpt: str | None = None
-    steps: int = 8  # 8: distilled sampler; 32: UniPC with CFG
-    sampler: str | None = None  # distilled | base (default from steps)
-    seed: int = 0
-    negative_prompt: str | None = None  # default: the codecs config's negative prompt
-    out: str = "outputs/infer/sample.mp4"  # benchmark: the JSON path
-    model: str | None = None  # preset; default: the folder's config.json (exports), else magihuman_15b
-    sr_model: str | None = None  # default: config.json, else magihuman_15b_sr540 / magihuman_15b_sr1080
-    weights: str = "auto"  # Lightning checkpoints: auto (EMA if saved) | ema | raw
-    codecs: str = "magihuman"  # conf/codecs/NAME.yaml or a YAML path; benchmark: random (full size) too
-    codecs_args: dict = field(default_factory=dict)  # overrides of the codecs config's fields
-    device: str = "auto"
-    precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
-    offload: str = "none"  # none | codecs | stages (each network on the device only for its stage)
-    compile: bool = False
-    benchmark: bool = False
-    bench_rows: list = field(default_factory=lambda: ["none", "540p", "1080p"])
-    bench_repeats: int = 2
-    text_tokens: int = 100  # benchmark: random prompt embedding length
+    ckpt: str | None = arg(None, "base (or distilled) network: released/exported folder, .safetensors, .ckpt")
+    prompt: str | None = arg(None, "the text of one clip, verbatim (any characters)")
+    prompts: str | None = arg(None, "a file: one prompt per line, or .jsonl rows {prompt, seed, image, ...}")
+    image: str | None = arg(None, "reference image: image-to-video")
+    seconds: float = arg(5.0, "clip length")
+    resolution: str = arg("256p", "base stage size: 256p | 540p | 1080p | WIDTHxHEIGHT")
+    sr: str = arg("none", "super-resolution target: none | 540p | 1080p | WIDTHxHEIGHT")
+    sr_ckpt: str | None = arg(None, "the SR network's checkpoint (needed with sr=)")
+    steps: int = arg(8, "8: distilled sampler; 32: UniPC with CFG")
+    sampler: str | None = arg(None, "distilled | base (default: from steps)")
+    seed: int = arg(0, "noise seed (a CPU generator: the same noise on any device)")
+    negative_prompt: str | None = arg(None, "CFG's negative prompt, verbatim (default: the codecs config's)")
+    out: str = arg("outputs/infer/sample.mp4", "the mp4 (prompts=: NAME_000.mp4, ...); benchmark: the JSON")
+    model: str | None = arg(
+        None, "architecture preset (default: the folder's config.json, else magihuman_15b)"
+    )
+    sr_model: str | None = arg(None, "SR preset (default: config.json, else magihuman_15b_sr540 / _sr1080)")
+    weights: str = arg("auto", "Lightning checkpoints: auto (EMA if saved) | ema | raw")
+    codecs: str = arg("magihuman", "conf/codecs/NAME.yaml or a YAML path; benchmark: random too")
+    codecs_fields: dict = arg(
+        {}, "a field of the codecs config (codecs.video_vae_path=...)", "codecs.FIELD=VALUE"
+    )
+    device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    precision: str = arg("auto", "auto (bf16 on CUDA) | bf16 | fp32")
+    offload: str = arg("none", "none | codecs | stages (each network on the device only for its stage)")
+    compile: bool = arg(False, "torch.compile each transformer layer")
+    benchmark: bool = arg(False, "time the Table 2 rows with random weights instead of generating")
+    bench_rows: list = arg(["none", "540p", "1080p"], "benchmark: the SR targets after a 256p base stage")
+    bench_repeats: int = arg(2, "benchmark: timed runs per row (after one warm-up)")
+    text_tokens: int = arg(100, "benchmark: random prompt embedding length")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(InferConfig)}
+ROW_KEYS = {"prompt": str, "seed": int, "image": str, "negative_prompt": str, "out": str}  # prompts=FILE rows
+
+
+def help_text() -> str:
+    lines = [__doc__.strip(), "", "keys (the fields of InferConfig) with their defaults:"]
+    for name, f in FIELDS.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = f"[{','.join(default)}]" if isinstance(default, list) else default
+        key = f.metadata["key"] or f"{name}={shown}"
+        lines.append(f"  {key:<28} {f.metadata['doc']}")
+    lines.append(f"  {'--verbose':<28} full tracebacks for errors in the arguments or files")
+    return "\n".join(lines)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def convert(value: str, tp, key: str):
+    """`value` as the type `tp` of `key`: strings verbatim, else a clear error naming the key."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+        inner = next(a for a in args if a is not type(None))
+        if inner is not str and value.lower() in ("none", "null", ""):
+            return None
+        return convert(value, inner, key)
+    if tp in (str, inspect.Parameter.empty, typing.Any):
+        return value
+    if tp is bool:
+        if value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{key}={value}: expected true or false")
+    if tp in (list, typing.List) or typing.get_origin(tp) is list:  # noqa: UP006
+        items = value.strip().removeprefix("[").removesuffix("]")
+        return [item.strip() for item in items.split(",") if item.strip()]
+    if tp in (int, float):
+        try:
+            return tp(value)
+        except ValueError:
+            raise UserError(f"{key}={value}: expected {'an integer' if tp is int else 'a number'}") from None
+    raise UserError(f"{key}: values of type {_type_name(tp)} cannot be given on the command line")
 
 
 def parse(argv: list[str]) -> InferConfig:
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"infer.py takes key=value arguments, got {bad}; see InferConfig in {__file__}")
-    cfg = OmegaConf.merge(OmegaConf.structured(InferConfig), OmegaConf.from_dotlist(argv))
-    return OmegaConf.to_object(cfg)
+    hints = typing.get_type_hints(InferConfig)
+    values, codecs_fields = {}, {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"infer.py takes key=value arguments, got {item!r}: see `python infer.py --help`")
+        if key.startswith("codecs."):
+            codecs_fields[key.removeprefix("codecs.")] = value  # typed once the codecs config is known
+        elif key in FIELDS and not FIELDS[key].metadata["key"]:
+            values[key] = convert(value, hints[key], key)
+        else:
+            close = difflib.get_close_matches(key, list(FIELDS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            if "." in key:
+                hint = " (a codecs field is codecs.FIELD=VALUE)"
+            raise UserError(f"unknown key {key!r}{hint}: see `python infer.py --help`")
+    return InferConfig(**values, codecs_fields=codecs_fields)
 
 
-def build_codecs(name: str, args: dict, dtype: torch.dtype):
+def build_codecs(name: str, fields: dict[str, str], dtype: torch.dtype):
+    """The codecs of `codecs=NAME` with `codecs.FIELD=VALUE` overrides typed by the builder's signature."""
+    import hydra
+    from omegaconf import OmegaConf
+
     if name == "random":
         from magitrain.inference.benchmark import random_codecs
 
-        return random_codecs(dtype, **args)  # codecs_args.decode_tile=512 bounds 1080p decode memory
+        return random_codecs(dtype, **_typed_fields(name, random_codecs, {}, fields, skip=("dtype",)))
     path = Path(name) if name.endswith((".yaml", ".yml")) else REPO / "conf" / "codecs" / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"codecs={name}: no {path} (use tiny, magihuman or a YAML path)")
-    return hydra.utils.instantiate(OmegaConf.merge(OmegaConf.load(path), args))
+        raise UserError(f"codecs={name}: no {path} (use tiny, magihuman, random or a YAML path)")
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    target = hydra.utils.get_method(config.pop("_target_"))
+    config.update(_typed_fields(name, target, config, fields))
+    unset = [key for key, value in config.items() if value == "???"]
+    if unset:
+        needed = " ".join(f"codecs.{key}=PATH" for key in unset)
+        raise UserError(f"codecs={name} needs {needed} (see docs/codecs.md)")
+    return target(**config)  # not hydra's instantiate: it would read '${' in a path as interpolation
+
+
+def _typed_fields(name: str, target, config: dict, fields: dict[str, str], skip=()) -> dict:
+    params = {k: p for k, p in inspect.signature(target).parameters.items() if k not in skip}
+    hints = typing.get_type_hints(target)
+    unknown = sorted(set(fields) - set(params))
+    if unknown:
+        raise UserError(f"codecs={name} has no field {unknown[0]!r}; its fields: {', '.join(params)}")
+    return {k: convert(v, hints.get(k, str), f"codecs.{k}") for k, v in fields.items()}
 
 
 def optional(value: str | None) -> str | None:
     return None if value in (None, "", "none", "None") else value
 
 
+def read_prompts(path: str) -> list[dict]:
+    """Rows of a prompts file: `{"prompt": ...}` per non-empty line, or the JSON objects of a .jsonl."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompts={path}: no such file")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    if file.suffix != ".jsonl":
+        rows = [{"prompt": line} for line in lines if line.strip()]
+    else:
+        rows = [_json_row(file, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    if not rows:
+        raise UserError(f"prompts={path} holds no prompt")
+    return rows
+
+
+def _json_row(file: Path, number: int, line: str) -> dict:
+    where = f"prompts={file} line {number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise UserError(f'{where}: expected an object with a "prompt" string, got {line.strip()[:60]}')
+    row = {key: value for key, value in row.items() if value is not None}  # null: the default
+    for key, value in row.items():
+        if key not in ROW_KEYS:
+            raise UserError(f"{where}: unknown key {key!r} (known: {', '.join(ROW_KEYS)})")
+        if not isinstance(value, ROW_KEYS[key]) or isinstance(value, bool):
+            raise UserError(f"{where}: {key} must be a {ROW_KEYS[key].__name__}, got {value!r}")
+    return row
+
+
+def jobs(cfg: InferConfig) -> list[dict]:
+    """(prompt, seed, image, negative_prompt, out) of every clip to generate."""
+    base = {"seed": cfg.seed, "image": cfg.image, "negative_prompt": cfg.negative_prompt}
+    if cfg.prompts is None:
+        return [{**base, "prompt": cfg.prompt, "out": cfg.out}]
+    if cfg.prompt is not None:
+        raise UserError("give prompt=TEXT or prompts=FILE, not both")
+    out = Path(cfg.out)
+    return [
+        {**base, "out": str(out.with_name(f"{out.stem}_{i:03d}{out.suffix or '.mp4'}")), **row}
+        for i, row in enumerate(read_prompts(cfg.prompts))
+    ]
+
+
+def load_checked(ckpt: str, model: str | None, weights: str, key: str, dtype: torch.dtype, fallback=None):
+    """`load_network`, whose ValueError / KeyError name the key and the file: a user's error here."""
+    from magitrain.inference import load_network
+
+    try:
+        return load_network(ckpt, model, weights, key, dtype, fallback or "magihuman_15b")
+    except (ValueError, KeyError) as err:
+        raise UserError(err.args[0] if err.args else str(err)) from err
+
+
 def generate(cfg: InferConfig, device: torch.device) -> None:
-    from magitrain.inference import MagiHumanPipeline, compile_blocks, load_network
+    from magitrain.inference import MagiHumanPipeline, compile_blocks, format_table, write_json
     from magitrain.inference.pipeline import uses_bf16
 
-    if not cfg.ckpt or not cfg.prompt:
-        raise SystemExit("infer.py needs ckpt=PATH and prompt=TEXT (or benchmark=true)")
+    if not cfg.ckpt or (cfg.prompt is None and cfg.prompts is None):
+        raise UserError("infer.py needs ckpt=PATH and prompt=TEXT or prompts=FILE (or benchmark=true)")
+    todo = jobs(cfg)
     sr = optional(cfg.sr)
     if sr and not cfg.sr_ckpt:
-        raise SystemExit(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
+        raise UserError(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
     dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32
-    model = load_network(cfg.ckpt, cfg.model, cfg.weights, dtype=dtype)
+    codecs = build_codecs(cfg.codecs, cfg.codecs_fields, dtype)  # before the networks: its errors are cheap
+    model = load_checked(cfg.ckpt, cfg.model, cfg.weights, "ckpt", dtype)
     sr_preset = "magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b_sr540"
     sr_model = (
-        load_network(cfg.sr_ckpt, cfg.sr_model, cfg.weights, "sr_ckpt", dtype, sr_preset) if sr else None
+        load_checked(cfg.sr_ckpt, cfg.sr_model, cfg.weights, "sr_ckpt", dtype, sr_preset) if sr else None
     )
     for network in filter(None, (model, sr_model)):
         network.eval().requires_grad_(False).to(device if cfg.offload != "stages" else "cpu")
         if cfg.compile:
             compile_blocks(network)
-    codecs = build_codecs(cfg.codecs, cfg.codecs_args, dtype)
     pipe = MagiHumanPipeline(
         model, codecs, sr_model, device=device, precision=cfg.precision, offload=cfg.offload
     )
-    result = pipe.generate(
-        cfg.prompt, seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=cfg.steps,
-        sampler=cfg.sampler, seed=cfg.seed, image=cfg.image, negative_prompt=cfg.negative_prompt,
-    )  # fmt: skip
-    path = result.save(cfg.out)
-    print(result.table())
-    print(f"wrote {path} and {path.with_suffix('.json')}")
+    rows = []
+    for job in todo:
+        result = pipe.generate(
+            job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=cfg.steps,
+            sampler=cfg.sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
+        )  # fmt: skip
+        path = result.save(job["out"])
+        rows.append({**result.timings, "file": str(path), "prompt": job["prompt"], "seed": job["seed"]})
+        print(f"wrote {path} and {path.with_suffix('.json')}")
+    print(format_table(rows))
+    if cfg.prompts is not None:
+        summary = write_json(Path(cfg.out).with_suffix(".json"), rows, prompts=cfg.prompts)
+        print(f"wrote {summary} (the timings of all {len(rows)} clips)")
 
 
 def benchmark(cfg: InferConfig, device: torch.device) -> None:
@@ -115,7 +279,7 @@ def benchmark(cfg: InferConfig, device: torch.device) -> None:
     from magitrain.inference.pipeline import uses_bf16
 
     bf16 = uses_bf16(cfg.precision, device)
-    codecs = build_codecs(cfg.codecs, cfg.codecs_args, torch.bfloat16 if bf16 else torch.float32)
+    codecs = build_codecs(cfg.codecs, cfg.codecs_fields, torch.bfloat16 if bf16 else torch.float32)
     preset = cfg.model or "magihuman_15b"
     rows = run_benchmark(
         preset, tuple(cfg.bench_rows), seconds=cfg.seconds, resolution=cfg.resolution, codecs=codecs,
@@ -133,7 +297,9 @@ def benchmark(cfg: InferConfig, device: torch.device) -> None:
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if {"-h", "--help"} & set(argv):
+        print(help_text())
+        return
     cfg = parse(argv)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -142,4 +308,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with command_line():
+        main(sys.argv[1:])

@@ -1,10 +1,14 @@
-"""Train MagiHuman: `python train.py recipe=base_pretrain [group=option ...] [key=value ...]`.
+"""Train MagiHuman: `python train.py recipe=base_pretrain [group=option ...] [key=value ...] [--verbose]`.
 
-See conf/train.yaml for the groups and recipes/ for the training methods.
+See conf/train.yaml for the groups and recipes/ for the training methods. Errors in the command
+(a missing value, an unknown option, a missing checkpoint) print in a few lines; `--verbose` or
+HYDRA_FULL_ERROR=1 shows the traceback.
 """
 
 import hydra
 from omegaconf import DictConfig
+
+from magitrain.cli import command_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -15,4 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with command_line():
+        main()

@@ -164,4 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from magitrain.cli import command_line
+
+    with command_line():
+        sys.exit(main())

@@ -49,9 +49,12 @@ def test_clip_shapes_follow_the_release():
 
 
 def _infer(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _infer_args(ckpt, out, "prompt=A man says hello", *extra)
+
+
+def _infer_args(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "infer.py"), f"ckpt={ckpt}", "model=tiny", "codecs=tiny",
-           "prompt=A man says hello", f"seconds={SECONDS}", f"resolution={SIZE}", "seed=7", f"out={out}",
-           *extra]  # fmt: skip
+           f"seconds={SECONDS}", f"resolution={SIZE}", "seed=7", f"out={out}", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (conftest)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
@@ -137,15 +140,93 @@ def test_checkpoint_errors_name_the_file(tiny_ckpt, tmp_path):
 def test_infer_py_arguments_fail_with_the_field_named(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
     import infer
+    from magitrain.errors import UserError
 
     with pytest.raises(FileNotFoundError, match=r"ckpt=.*missing: no such file or directory"):
         infer.main([f"ckpt={tmp_path / 'missing'}", "prompt=hi", "codecs=tiny", "model=tiny"])
-    with pytest.raises(SystemExit, match="sr=540p needs sr_ckpt=PATH"):
+    with pytest.raises(UserError, match="sr=540p needs sr_ckpt=PATH"):
         infer.main([f"ckpt={tmp_path}", "prompt=hi", "sr=540p"])
-    with pytest.raises(SystemExit, match="key=value arguments"):
+    with pytest.raises(UserError, match="key=value arguments"):
         infer.main(["prompt", "hi"])
-    with pytest.raises(FileNotFoundError, match="codecs=nope: no .*nope.yaml"):
+    with pytest.raises(UserError, match="codecs=nope: no .*nope.yaml"):
         infer.build_codecs("nope", {}, torch.float32)
+    with pytest.raises(UserError, match="seconds=five: expected a number"):
+        infer.parse(["seconds=five"])
+    with pytest.raises(UserError, match="unknown key 'sead' \\(did you mean seed\\?\\)"):
+        infer.parse(["sead=1"])
+    with pytest.raises(UserError, match="codecs=tiny has no field 'decode_tile'"):
+        infer.build_codecs("tiny", {"decode_tile": "512"}, torch.float32)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "seed": "1"}\n')
+    with pytest.raises(UserError, match=r"p.jsonl line 2: seed must be a int"):
+        infer.read_prompts(str(tmp_path / "p.jsonl"))
+
+
+def test_infer_py_values_are_verbatim_text_or_typed(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import infer
+
+    cfg = infer.parse(
+        ["prompt=a=b: [laughs] {x} 'q' \"dq\" ${oc.env:HOME}\nnext", "negative_prompt=", "image=/p/a b:c.png",
+         "seconds=1.5", "compile=true", "bench_rows=[none,540p]", "sampler=none", "codecs.decode_tile=512"]
+    )  # fmt: skip
+    assert cfg.prompt == "a=b: [laughs] {x} 'q' \"dq\" ${oc.env:HOME}\nnext"
+    assert cfg.negative_prompt == "" and cfg.image == "/p/a b:c.png" and cfg.sampler == "none"
+    assert (cfg.seconds, cfg.compile, cfg.bench_rows) == (1.5, True, ["none", "540p"])
+    assert cfg.codecs_fields == {"decode_tile": "512"}
+
+
+def test_infer_py_help_lists_every_field_with_its_default_and_doc(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO))
+    import dataclasses
+
+    import infer
+
+    result = subprocess.run([sys.executable, "infer.py", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    infer.main(["-h"])
+    assert capsys.readouterr().out.strip() == result.stdout.strip()
+    for f in dataclasses.fields(infer.InferConfig):
+        key = f.metadata["key"] or f"{f.name}={f.default}"
+        if f.name == "bench_rows":
+            key = "bench_rows=[none,540p,1080p]"
+        lines = [line for line in result.stdout.splitlines() if line.split()[:1] == [key]]
+        assert len(lines) == 1 and f.metadata["doc"] in lines[0], (key, result.stdout)
+    assert "codecs.FIELD=VALUE" in result.stdout and "codecs_args" not in result.stdout
+
+
+TRICKY = "A person speaks: \"Guten Morgen\" [laughs] {x} a=b 'ok' ünïcode ✓\nsecond line: - [ ]"
+
+
+def test_infer_py_takes_any_text_as_a_prompt_and_prompt_files(tiny_ckpt, tmp_path):
+    single = tmp_path / "single.mp4"
+    result = _infer(tiny_ckpt, single, f"prompt={TRICKY}", f"negative_prompt={TRICKY}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(single.with_suffix(".json").read_text())["prompt"] == TRICKY
+
+    rows = [{"prompt": TRICKY, "seed": 7, "negative_prompt": TRICKY}, {"prompt": "[laughs] hi", "seed": 8,
+            "out": str(tmp_path / "own name.mp4")}]  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n"
+    )
+    batch = tmp_path / "batch" / "clip.mp4"
+    result = _infer(tiny_ckpt, batch, f"prompts={tmp_path / 'prompts.jsonl'}")
+    assert result.returncode == 2 and "prompt=TEXT or prompts=FILE, not both" in result.stderr
+    result = _infer_args(tiny_ckpt, batch, f"prompts={tmp_path / 'prompts.jsonl'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = tmp_path / "batch" / "clip_000.mp4"
+    assert first.read_bytes() == single.read_bytes()  # the row's prompt and seed, verbatim
+    assert (tmp_path / "own name.mp4").is_file() and not (tmp_path / "batch" / "clip_001.mp4").exists()
+    summary = json.loads(batch.with_suffix(".json").read_text())
+    assert [r["prompt"] for r in summary["rows"]] == [TRICKY, "[laughs] hi"]
+    assert [r["seed"] for r in summary["rows"]] == [7, 8]
+
+    (tmp_path / "prompts.txt").write_text("first: one\n\n[second] 'two' = \"2\"\n")
+    result = _infer_args(tiny_ckpt, tmp_path / "txt" / "c.mp4", f"prompts={tmp_path / 'prompts.txt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    made = sorted(p.name for p in (tmp_path / "txt").glob("*.mp4"))
+    assert made == ["c_000.mp4", "c_001.mp4"]
+    second = json.loads((tmp_path / "txt" / "c_001.json").read_text())
+    assert second["prompt"] == "[second] 'two' = \"2\"" and second["seed"] == 7
 
 
 def test_benchmark_rows_at_tiny_size(tmp_path):

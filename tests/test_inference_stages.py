@@ -150,7 +150,7 @@ def test_infer_py_benchmark_writes_every_row_and_column(tmp_path, monkeypatch, c
     import infer
 
     out = tmp_path / "bench.json"
-    infer.main(["benchmark=true", "model=tiny", "codecs=tiny", "codecs_args.video_decoder=turbo",
+    infer.main(["benchmark=true", "model=tiny", "codecs=tiny", "codecs.video_decoder=turbo",
                 f"seconds={SECONDS}", f"resolution={SIZE}", "bench_rows=[none,128x64]", "bench_repeats=1",
                 f"out={out}"])  # fmt: skip
     report = json.loads(out.read_text())

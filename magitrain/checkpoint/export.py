@@ -109,4 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from magitrain.cli import command_line
+
+    with command_line():
+        main()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -33,6 +35,7 @@ BLOCK_LINEAR = re.compile(
 )
 TRAINING_ONLY = ("activation_checkpointing", "attn_backend")  # run settings, not architecture
 _SHOW = 5  # keys listed per kind of mismatch
+log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -121,6 +124,8 @@ def load_official(model: nn.Module, path: str | Path) -> nn.Module:
                     targets[k].copy_(tensor)
     if on_meta:
         model.load_state_dict(loaded, strict=True, assign=True)
+    parameters = sum(math.prod(shape) for shape in shapes.values())
+    log.info("loaded %d tensors (%.4gM parameters, strict) from %s", len(shapes), parameters / 1e6, path)
     return model
 
 

@@ -42,6 +42,12 @@ class EpochLoader(DataLoader):
             return super().__iter__()
         return map(self.dataset.track, super().__iter__())
 
+    def state_dict(self) -> dict:  # tells Lightning this loader resumes mid-epoch: the DataModule's
+        return {}  # state_dict holds the position, restored before the next iter()
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 def _init_worker(_: int) -> None:
     # the DataLoader workers are the parallelism; intra-op threads would oversubscribe the cores
@@ -153,7 +159,8 @@ class MagiDataModule(L.LightningDataModule):
             self._restored = None
         epoch, start = self.position.begin_epoch(self._batches_in_epoch)
         self.dataset.prepare_epoch(epoch, start)
-        log.info("data epoch %d: %d batches per rank, starting at batch %d", epoch, len(self.dataset), start)
+        level = logging.INFO if start else logging.DEBUG  # routine at each epoch; worth saying on a resume
+        log.log(level, "data epoch %d: %d batches per rank, from batch %d", epoch, len(self.dataset), start)
 
     def _batches_in_epoch(self, epoch: int) -> int:
         self.dataset.epoch = epoch

@@ -215,7 +215,7 @@ def markdown(results: dict, machine: str) -> str:
     lines = [f"GPU checks on {machine}, {time.strftime('%Y-%m-%d')}", ""]
     table = results.get("table2", {}).get("result")
     if table:
-        lines += ["| output | base s | SR s | decode s | total s |", "|---|---|---|---|---|"]
+        lines += ["| output | decoder | base s | SR s | decode s | total s |", "|---|---|---|---|---|---|"]
         for r in table["rows"]:
             cells = [r["output"]] + [
                 f"{r[k]:.2f}" if r.get(k) else "-" for k in ("base", "sr", "decode", "total")

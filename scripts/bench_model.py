@@ -17,8 +17,9 @@ import time
 import torch
 
 from magitrain.inference import ClipShape
-from magitrain.model import MagiHumanDiT, get_config
-from magitrain.model.flops import forward_flops_per_token
+from magitrain.model import MagiHumanDiT, SequenceLayout, get_config
+from magitrain.model.compile import compile_layers
+from magitrain.model.flops import forward_flops
 
 
 def parse_shape(shape: str) -> ClipShape:
@@ -37,9 +38,8 @@ def build(args) -> MagiHumanDiT:
     config = get_config(args.preset, activation_checkpointing=args.checkpointing, **overrides)
     with torch.device(args.device):
         model = MagiHumanDiT(config)
-    if args.compile:
-        for layer in model.block.layers:
-            layer.compile(fullgraph=True)
+    if args.compile:  # the training and inference compile path (bounded recompiles)
+        compile_layers(model, backend=getattr(args, "compile_backend", "inductor"))
     return model
 
 
@@ -55,7 +55,7 @@ def time_steps(fn, steps: int, warmup: int, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--layers", type=int, default=0, help="override the layer count (a slice of the model)")
@@ -66,13 +66,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dry runs)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 SXM bf16: 989)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    return p
 
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Forward and forward+backward timings of the configured model: a JSON-able dict."""
     model = build(args)
     cfg = model.config
     clip = parse_shape(args.shape)
@@ -82,7 +86,7 @@ def main() -> None:
     video = torch.randn(B, cfg.latent_channels, T, H, W, device=dev)
     audio = torch.randn(B, n_audio, cfg.audio_in_channels, device=dev)
     text = torch.randn(B, args.text_len, cfg.text_in_channels, device=dev)
-    seq_len = T * (H // 2) * (W // 2) + n_audio + args.text_len
+    layout = SequenceLayout(B, T, H // 2, W // 2, n_audio, args.text_len)
     autocast = torch.autocast(dev, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
 
     def forward():
@@ -96,12 +100,12 @@ def main() -> None:
 
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    flops_fwd = forward_flops_per_token(cfg, seq_len) * seq_len * B
+    flops_fwd = float(forward_flops(cfg, layout))
     results = {
         "preset": args.preset,
         "layers": cfg.num_layers,
         "hidden": cfg.hidden_size,
-        "seq_len": seq_len,
+        "seq_len": layout.seq_len,
         "batch": B,
         "dtype": args.dtype,
         "compile": args.compile,
@@ -115,13 +119,17 @@ def main() -> None:
         tflops = flops / seconds / 1e12
         results[name] = {
             "s_per_step": round(seconds, 4),
-            "tokens_per_s": round(seq_len * B / seconds, 1),
+            "tokens_per_s": round(layout.seq_len * B / seconds, 1),
             "tflops": round(tflops, 3),
             "mfu": round(tflops / args.peak_tflops, 4) if args.peak_tflops else None,
         }
     if dev == "cuda":
         results["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(json.dumps(benchmark(parser().parse_args(argv)), indent=2))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 
 Lightning's DeepSpeedStrategy (and FSDP1) refuse a CPU, so these run only where CUDA is present
 (the `gpu` marker skips them elsewhere). World size 1 is enough to exercise the code paths:
-sharded init, partitioned parameters, strategy checkpoints and their export.
+sharded init, partitioned parameters, strategy checkpoints and their export. They run, with the
+benchmarks, from `scripts/gpu_checks.sh`, whose CPU dry run is the one test here that runs anywhere.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 import torch
-from conftest import compose_train
+from conftest import REPO, compose_train
 from test_train_base import tiny_run
 
 from magitrain.checkpoint import load_official
@@ -17,9 +21,8 @@ from magitrain.checkpoint.export import export
 from magitrain.launch import train
 from magitrain.model import MagiHumanDiT, SequenceLayout, attention
 
-pytestmark = pytest.mark.gpu
 
-
+@pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
 def test_training_step_and_export_on_gpu(strategy, latent_shards, tmp_path):
     ema = ["callbacks.ema=null"] if strategy == "deepspeed_zero3" else []  # EMA refuses ZeRO-3
@@ -34,10 +37,13 @@ def test_training_step_and_export_on_gpu(strategy, latent_shards, tmp_path):
     )
     trainer = train(compose_train(overrides, tmp_path))
     assert trainer.global_step == 3
+    if trainer.lightning_module.ema is not None:  # float32 under bf16 FSDP2 and DeepSpeed's bf16 cast
+        assert all(p.dtype == torch.float32 for p in trainer.lightning_module.ema.parameters())
     out = export(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "export", ema=False)
     load_official(MagiHumanDiT(trainer.lightning_module.model_config), out)
 
 
+@pytest.mark.gpu
 def test_compiled_flex_attention_matches_the_dense_mask_on_gpu():
     layout = SequenceLayout(2, 5, 4, 6, 17, 9, torch.tensor([9, 4]))
     g = torch.Generator("cuda").manual_seed(0)
@@ -51,6 +57,7 @@ def test_compiled_flex_attention_matches_the_dense_mask_on_gpu():
         torch.testing.assert_close(flex.float(), dense.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash3", "flash2"])
 def test_flash_attention_matches_sdpa_on_gpu(backend):
     from magitrain.model.attention import FLASH_INSTALLED, FLASH_MODULES
@@ -71,6 +78,7 @@ def test_flash_attention_matches_sdpa_on_gpu(backend):
     torch.testing.assert_close(attention(q, k, v), attention(q, k, v, backend=expected), atol=0, rtol=0)
 
 
+@pytest.mark.gpu
 def test_offload_stages_on_gpu_same_output_and_peak_memory():
     from magitrain.codecs import build_tiny_codecs
     from magitrain.inference import MagiHumanPipeline
@@ -91,6 +99,7 @@ def test_offload_stages_on_gpu_same_output_and_peak_memory():
     assert next(base.parameters()).device.type == "cpu" and next(base.parameters()).is_pinned()
 
 
+@pytest.mark.gpu
 def test_turbo_vaed_bf16_on_gpu_matches_fp32_cpu():
     from magitrain.codecs.tiny import tiny_turbo_vaed
 
@@ -102,3 +111,19 @@ def test_turbo_vaed_bf16_on_gpu_matches_fp32_cpu():
         gpu = model.cuda().to(torch.bfloat16).decode(z.cuda().bfloat16())
     assert gpu.shape == reference.shape == (1, 3, 33, 64, 96)
     torch.testing.assert_close(gpu.float().cpu(), reference, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.slow
+def test_gpu_checks_dry_run_covers_every_section(tmp_path):
+    """The GPU script's code paths at toy size on the CPU, so that a GPU call does not die on a typo."""
+    cmd = [str(REPO / "scripts" / "gpu_checks.sh"), "--dry-run", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "gpu_checks.json").read_text())
+    assert set(results) == {"machine", "tests", "slice", "training", "table2", "decode"}
+    assert all("error" not in v for v in results.values()), results
+    assert results["slice"]["result"]["compiled"]["compile"] is True
+    assert results["training"]["result"]["fsdp2"]["perf/tokens_per_s"] > 0
+    assert [r["output"] for r in results["table2"]["result"]["rows"]] == ["64x64", "128x128"]
+    assert results["table2"]["result"]["sr1080_masks"]["seq_len"] == 65280 + 126 + 100
+    assert "| output |" in (tmp_path / "gpu_checks.md").read_text()

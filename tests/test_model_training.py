@@ -113,3 +113,16 @@ def test_throughput_logs_once_per_window_with_consistent_mfu(latent_shards, tmp_
         tflops, mfu = float(r["perf/tflops_per_device"]), float(r["perf/mfu"])
         assert mfu == pytest.approx(tflops / 989.0)
         assert float(r["perf/tokens_per_s"]) > float(r["perf/samples_per_s"]) > 0
+
+
+def test_validation_samples_with_the_recipes_sampler():
+    """A base model is validated as it is sampled: 32-step UniPC with CFG, not the distilled 8 steps."""
+    from magitrain.callbacks import Validation
+    from magitrain.model import tiny
+    from magitrain.recipes import FlowMatchingModule
+
+    module = FlowMatchingModule(tiny())
+    assert Validation(prompts=["a"]).sampling_for(module) == {"steps": 32, "sampler": "base"}
+    assert Validation(prompts=["a"], steps=8).sampling_for(module) == {"steps": 8}
+    with pytest.raises(ValueError, match="names no validation sampler"):
+        Validation(prompts=["a"]).sampling_for(torch.nn.Module())

@@ -53,9 +53,9 @@ class Validation(Callback):
         self.options.update(self.sampling_for(pl_module))
 
     def sampling_for(self, pl_module) -> dict:
-        """{steps, sampler}: the recipe's (module.validation_sampling), then this callback's overrides."""
-        recipe = dict(getattr(pl_module, "validation_sampling", None) or {})
-        sampling = {**recipe, **self.sampling}
+        """{steps, sampler}: this callback's when set (the pipeline picks the sampler of `steps`),
+        else the recipe's (`module.validation_sampling`)."""
+        sampling = dict(self.sampling or getattr(pl_module, "validation_sampling", None) or {})
         if "steps" not in sampling:
             raise ValueError(
                 f"{type(pl_module).__name__} names no validation sampler (validation_sampling): "

@@ -75,7 +75,15 @@ def sample_sigmas(
     uniform = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
     use_uniform = torch.rand(batch, generator=generator, device=device) < sampling.uniform_fraction
     u = torch.where(use_uniform, uniform, u)
-    k = sampling.shift(torch.as_tensor(num_tokens, device=device).expand(batch))
+    if isinstance(num_tokens, Tensor):
+        k = sampling.shift(num_tokens.to(device).expand(batch))
+    else:  # a fill on the device: no host-to-device copy (and wait) per call
+        k = torch.full(
+            (batch,),
+            float(sampling.shift(torch.tensor(float(num_tokens)))),
+            device=device,
+            dtype=torch.float64,
+        )
     return shift_sigmas(u, k).float()
 
 

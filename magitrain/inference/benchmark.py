@@ -20,6 +20,7 @@ from magitrain.codecs.tiny import tiny_audio_vae, tiny_text_model, tiny_tokenize
 from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder
 from magitrain.codecs.video import VideoCodec
 from magitrain.model import get_config
+from magitrain.model.config import sr1080_local_layers
 
 from .networks import compile_blocks, random_network, sharing_weights
 from .pipeline import MagiHumanPipeline, TextInputs, uses_bf16
@@ -58,11 +59,14 @@ def video_decoders(codecs: Codecs) -> dict:
 
 
 def sr_config(preset: str, output: str):
-    """The SR network of an output row: the base preset's layout, with the 1080p local attention
-    for 1080p when the preset is the 15B one (tiny presets keep their own layout)."""
+    """The SR network of an output row: the base preset's layout with the SR text coordinates, and
+    the 1080p model's local attention pattern for 1080p (at the preset's own layer count)."""
     if preset == "magihuman_15b":
         return get_config(SR_PRESETS[output])
-    return get_config(preset, coords_style="v1")
+    config = get_config(preset, coords_style="v1")
+    if output == "1080p":
+        config = config.replace(local_attn_layers=sr1080_local_layers(config.num_layers), frame_window=11)
+    return config
 
 
 def run_benchmark(

@@ -96,9 +96,14 @@ def magihuman_15b_sr540(**overrides) -> MagiHumanConfig:
     return MagiHumanConfig(**{**_15B_TRAINING, "coords_style": "v1", **overrides})
 
 
+def sr1080_local_layers(num_layers: int) -> tuple[int, ...]:
+    """The 1080p SR model's local layers: all but every fourth (3, 7, ..., 31), the last 8 local."""
+    return tuple(i for i in range(num_layers) if not (i % 4 == 3 and i < 32))
+
+
 def magihuman_15b_sr1080(**overrides) -> MagiHumanConfig:
     """The released 1080p SR model: local attention everywhere but layers 3, 7, ..., 31, window 11."""
-    local = tuple(i for i in range(40) if not (i % 4 == 3 and i < 32))
+    local = sr1080_local_layers(40)
     base = dict(_15B_TRAINING, local_attn_layers=local, frame_window=11, coords_style="v1")
     return MagiHumanConfig(**{**base, **overrides})
 

@@ -1,0 +1,278 @@
+"""Every GPU check of magitrain in one call (about 8 minutes on one H100/H200):
+
+1. `tests/test_gpu.py` (DeepSpeed ZeRO-2/3 and bf16 FSDP2 training steps, compiled flex attention);
+2. the 15B-wide slice benchmark (2 sandwich + 2 shared layers, 256p 5 s, bf16): forward and
+   forward+backward, eager and compiled, with MFU;
+3. one short training run of that slice under FSDP2 and under DeepSpeed ZeRO-3: tokens/s, MFU
+   and peak memory from the throughput callback;
+4. the Table 2 rows with random 15B weights (256p distilled base; 540p and 1080p SR, the 1080p
+   model with its real local-attention mask), compiled;
+5. a bf16 and a float32 decode of the 256p latent with the full-size video codec, side by side.
+
+    python scripts/gpu_checks.py --out outputs/gpu_checks          # on a GPU machine
+    python scripts/gpu_checks.py --dry-run --out /tmp/gpu_dry      # the same code paths, toy size, CPU
+
+Writes OUT/gpu_checks.json and OUT/gpu_checks.md (rows for docs/benchmarks.md). A failing section
+is recorded with its error and the others still run; the exit status is 1 if any section failed.
+The dry run uses the tiny presets, tiny codecs and the `eager` compile backend; ZeRO-3 is built
+but not run there (DeepSpeed refuses a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+SLICE = ["--layers", "4", "--sandwich", "0,1", "--gelu", "0"]  # the 15B-wide slice
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops() -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 989.0)
+
+
+def section(results: dict, name: str, fn, *args) -> None:
+    start = time.perf_counter()
+    print(f"== {name}", flush=True)
+    try:
+        results[name] = {"result": fn(*args)}
+    except Exception as err:  # a section's failure is a result too: record it, run the others
+        results[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
+        print(results[name]["traceback"], flush=True)
+    results[name]["seconds"] = round(time.perf_counter() - start, 1)
+
+
+# ----- 1. the GPU tests -----------------------------------------------------------------------------
+def gpu_tests(dry: bool) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests/test_gpu.py"]  # not the dry run
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    if proc.returncode not in (0, 5) or (not dry and "passed" not in tail):
+        raise RuntimeError(f"tests/test_gpu.py: {tail}\n{proc.stdout[-3000:]}")
+    return {"summary": tail}
+
+
+# ----- 2. the slice benchmark -----------------------------------------------------------------------
+def slice_benchmark(dry: bool) -> dict:
+    import bench_model
+
+    if dry:
+        common = ["--preset", "tiny", "--shape", "64x64x1s", "--steps", "1", "--warmup", "0"]
+        compiled = ["--compile", "--compile-backend", "eager"]
+    else:
+        common = ["--preset", "magihuman_15b", *SLICE, "--shape", "448x256x5s", "--dtype", "bf16"]
+        common += ["--steps", "5", "--warmup", "2", "--peak-tflops", str(peak_tflops())]
+        compiled = ["--compile"]
+    parser = bench_model.parser()
+    return {
+        "eager": bench_model.benchmark(parser.parse_args(common)),
+        "compiled": bench_model.benchmark(parser.parse_args(common + compiled)),
+    }
+
+
+# ----- 3. training steps under FSDP2 and ZeRO-3 --------------------------------------------------------
+def training_data(out: Path, dry: bool) -> Path:
+    from magitrain.data.synthetic import make_latent_dataset
+
+    shape, text_dim = ((3, 4, 4), 64) if dry else ((32, 16, 28), 3584)  # 256p 5 s
+    make_latent_dataset(out, num_samples=8, per_shard=4, latent_shapes=(shape,), text_dim=text_dim,
+                        text_lengths=(80, 120) if not dry else (3, 12))  # fmt: skip
+    return out
+
+
+def training_run(strategy: str, data: Path, out: Path, dry: bool) -> dict:
+    if dry:
+        model = ["model=tiny", "trainer=cpu", "trainer.devices=1"]
+        bucket = "{height: 64, width: 64, frames: 9, batch_size: 1}"
+    else:
+        model = [
+            "model=magihuman_15b",
+            "+model.num_layers=4",
+            "+model.sandwich_layers=[0,1]",
+            "+model.gelu7_layers=[0]",
+            "trainer=gpu",
+            "trainer.devices=1",
+            "trainer.precision=bf16-mixed",
+            f"callbacks.throughput.peak_tflops={peak_tflops()}",
+        ]
+        bucket = "{height: 256, width: 448, frames: 125, batch_size: 1}"
+    ema = ["callbacks.ema=null"] if strategy == "deepspeed_zero3" else []  # the EMA refuses ZeRO-3
+    cmd = [
+        sys.executable, "train.py", *model, f"strategy={strategy}", "trainer.max_steps=4",
+        "trainer.log_every_n_steps=2", "callbacks.progress_bar=null", "callbacks.model_checkpoint=null",
+        f"data.shards={data}/*.tar", "data.num_workers=0", f"data.buckets=[{bucket}]",
+        "module.optim.warmup_steps=1", f"hydra.run.dir={out}", *ema,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    if proc.returncode:
+        raise RuntimeError(f"train.py strategy={strategy} failed:\n{proc.stderr[-3000:]}")
+    import csv
+
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("perf/mfu")]
+    last = rows[-1]  # steps 3-4: past compilation and allocator warm-up
+    return {k: float(v) for k, v in last.items() if k.startswith("perf/") and v}
+
+
+def training_steps(out: Path, dry: bool) -> dict:
+    data = training_data(out / "data", dry)
+    results = {"fsdp2": training_run("fsdp2", data, out / "fsdp2", dry)}
+    if dry:  # DeepSpeed refuses a CPU: build its strategy only
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import compose_train
+
+        from magitrain.launch import build_strategy
+
+        strategy = build_strategy(compose_train(["strategy=deepspeed_zero3"], out / "zero3").strategy)
+        results["deepspeed_zero3"] = {"built": type(strategy).__name__, "run": "needs CUDA"}
+    else:
+        results["deepspeed_zero3"] = training_run("deepspeed_zero3", data, out / "zero3", dry)
+    return results
+
+
+# ----- 4. Table 2 -----------------------------------------------------------------------------------
+def table2(dry: bool) -> dict:
+    from magitrain.codecs import build_tiny_codecs
+    from magitrain.inference.benchmark import random_codecs, run_benchmark
+
+    if dry:  # a 1080p decode takes minutes on a CPU: the 1080p SR network's config and masks instead
+        rows = run_benchmark("tiny", ("none", "128x128"), seconds=0.16, resolution="64x64",
+                             codecs=build_tiny_codecs(), device="cpu", repeats=1, warmup=0)  # fmt: skip
+        return {"rows": rows, "sr1080_masks": sr1080_masks()}
+    codecs = random_codecs(torch.bfloat16, decode_tile=512)
+    rows = run_benchmark("magihuman_15b", ("none", "540p", "1080p"), seconds=5.0, resolution="256p",
+                         codecs=codecs, device="cuda", repeats=1, warmup=1, compile=True)  # fmt: skip
+    return {"rows": rows, "sr1080_masks": sr1080_masks()}
+
+
+def sr1080_masks() -> dict:
+    """The 1080p SR model's block masks at the real 5 s shape, built on the CPU (no S x S tensor)."""
+    from magitrain.inference import ClipShape
+    from magitrain.inference.benchmark import sr_config
+    from magitrain.model import SequenceLayout
+
+    config = sr_config("magihuman_15b", "1080p")
+    T, H, W = ClipShape.of(5.0, "1080p").latent_size
+    layout = SequenceLayout(1, T, H // 2, W // 2, 126, 100)
+    start = time.perf_counter()
+    local = layout.block_mask(config.frame_window)
+    seconds = time.perf_counter() - start
+    blocks = float(local.kv_num_blocks.sum() + local.full_kv_num_blocks.sum())
+    return {
+        "seq_len": layout.seq_len,
+        "local_layers": len(config.local_attn_layers),
+        "local_block_density": round(blocks / local.kv_num_blocks.shape[-1] ** 2, 3),
+        "build_s": round(seconds, 3),
+    }
+
+
+# ----- 5. codec decode --------------------------------------------------------------------------------
+def codec_decode(dry: bool) -> dict:
+    from magitrain.codecs import build_tiny_codecs
+    from magitrain.inference import ClipShape
+    from magitrain.inference.benchmark import random_codecs
+
+    device = "cpu" if dry else "cuda"
+    clip = ClipShape.of(0.32 if dry else 5.0, "64x64" if dry else "256p")
+    latent = torch.randn(clip.video_latent_shape(), device=device)
+    results = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        codecs = build_tiny_codecs() if dry else random_codecs(dtype)
+        video = codecs.video.to(device)
+        if dry:
+            video.to(dtype)
+        for _ in range(2):  # the first decode warms kernels up
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                video.decode(latent.to(dtype))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            results[name] = round(time.perf_counter() - start, 4)
+        del codecs, video
+    results["bf16_speedup"] = round(results["fp32"] / results["bf16"], 3)
+    return results
+
+
+# ----- report ----------------------------------------------------------------------------------------
+def markdown(results: dict, machine: str) -> str:
+    lines = [f"GPU checks on {machine}, {time.strftime('%Y-%m-%d')}", ""]
+    table = results.get("table2", {}).get("result")
+    if table:
+        lines += ["| output | decoder | base s | SR s | decode s | total s |", "|---|---|---|---|---|---|"]
+        for r in table["rows"]:
+            cells = [r["output"]] + [
+                f"{r[k]:.2f}" if r.get(k) else "-" for k in ("base", "sr", "decode", "total")
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    bench = results.get("slice", {}).get("result")
+    if bench:
+        lines += ["| slice | fwd+bwd s/step | TFLOP/s | MFU |", "|---|---|---|---|"]
+        for name, b in bench.items():
+            fb = b["forward_backward"]
+            lines.append(f"| {name} | {fb['s_per_step']} | {fb['tflops']} | {fb['mfu']} |")
+        lines.append("")
+    train = results.get("training", {}).get("result")
+    if train:
+        lines += ["| strategy | tokens/s | MFU | peak GiB |", "|---|---|---|---|"]
+        for name, t in train.items():
+            lines.append(f"| {name} | {t.get('perf/tokens_per_s', '-')} | {t.get('perf/mfu', '-')} | "
+                         f"{t.get('perf/peak_memory_gib', '-')} |")  # fmt: skip
+    decode = results.get("decode", {}).get("result")
+    if decode:
+        lines += ["", f"Video decode: bf16 {decode['bf16']} s, fp32 {decode['fp32']} s"]
+    failed = [k for k, v in results.items() if "error" in v]
+    if failed:
+        lines += ["", f"FAILED sections: {failed}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/gpu_checks")
+    p.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: the same code paths")
+    p.add_argument("--only", nargs="*", help="sections to run (tests slice training table2 decode)")
+    args = p.parse_args(argv)
+    dry = args.dry_run
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("gpu_checks.py needs a CUDA device (or --dry-run)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = torch.cuda.get_device_name() if not dry else f"CPU x{torch.get_num_threads()} (dry run)"
+    sections = {
+        "tests": (gpu_tests, dry),
+        "slice": (slice_benchmark, dry),
+        "training": (training_steps, out, dry),
+        "table2": (table2, dry),
+        "decode": (codec_decode, dry),
+    }
+    results: dict = {"machine": {"device": machine, "torch": torch.__version__, "dry_run": dry}}
+    for name, (fn, *fn_args) in sections.items():
+        if args.only and name not in args.only:
+            continue
+        section(results, name, fn, *fn_args)
+        (out / "gpu_checks.json").write_text(json.dumps(results, indent=2, default=str))  # after each
+    (out / "gpu_checks.md").write_text(markdown(results, machine))
+    print(markdown(results, machine))
+    return 1 if any("error" in v for k, v in results.items() if k != "machine") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Distribution matching distillation (DMD-2), model-agnostic: the score timesteps, the student's
+backward simulation, and the generator (DMD) and critic (fake-score) losses.
+
+Everything works on *velocity callables* over *dicts of modalities*:
+`net(x_t: dict[str, Tensor], s: Tensor[B]) -> dict[str, Tensor]` returns the flow velocity
+`eps - x0` of each modality (same keys and shapes), with the conditioning closed over by the
+caller. A guided teacher is simply a callable that returns the CFG-combined velocity, so the same
+code distils MagiHumanDiT (`{"video", "audio"}`) and a toy MLP (`{"x"}`). No Lightning here.
+
+Interpolant `x_s = (1 - s) x0 + s eps`, so `x0 = x_s - s v` (REFERENCE §2, §5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .noise import gaussian
+from .schedules import shift_sigmas
+from .training import interpolate
+
+Velocity = Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]]
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """[B] -> [B, 1, ..., 1] broadcastable against `like`."""
+    return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _x0(x_t: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """The clean-sample prediction `x_t - s v` (float32)."""
+    return x_t.float() - _per_sample(s, x_t).float() * v.float()
+
+
+def _noised(x0: dict[str, Tensor], s: Tensor, eps: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {m: interpolate(x0[m].detach().float(), eps[m].to(x0[m].device).float(), s) for m in x0}
+
+
+def score_sigmas(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    shift: float = 5.0,
+    lo: float = 0.02,
+    hi: float = 0.98,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """n noise levels for the score networks: u ~ U(0, 1), shifted `k u / (1 + (k - 1) u)`, clamped
+    to [lo, hi]. float32, drawn on the generator's device (so a seed means the same values
+    anywhere), returned on `device` (default: that device)."""
+    draw_on = generator.device if generator is not None else (device or "cpu")
+    u = torch.rand(n, generator=generator, device=draw_on, dtype=torch.float64)
+    s = shift_sigmas(u, shift).clamp(lo, hi).float()
+    return s.to(device) if device is not None else s
+
+
+def simulate(
+    student: Velocity,
+    noise: dict[str, Tensor],
+    sigmas: Sequence[float],
+    exit_index: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Backward simulation: the student's own few-step sampler from `noise` at `sigmas[0]`, stopped
+    at step `exit_index`, whose x0 prediction is returned.
+
+    Steps before the exit predict x0 and re-noise it to the next sigma with fresh noise (drawn per
+    modality in the dict's order, as `sample_distilled` draws video before audio), without grad.
+    The exit step's student call carries grad when the caller enables it. At
+    `exit_index = len(sigmas) - 1` under no_grad this is the distilled sampler with the same noise
+    (`sigmas` without the final 0, e.g. the 8 levels of `flow_grid(8)[1][:-1]`).
+    """
+    if not 0 <= exit_index < len(sigmas):
+        raise ValueError(f"exit_index must be in [0, {len(sigmas)}), got {exit_index}")
+    x = dict(noise)
+    batch = next(iter(x.values())).shape[0]
+    device = next(iter(x.values())).device
+
+    def level(i: int) -> Tensor:
+        return torch.full((batch,), float(sigmas[i]), device=device)
+
+    with torch.no_grad():
+        for i in range(exit_index):
+            s, s_next = level(i), float(sigmas[i + 1])
+            v = student(x, s)
+            x = {
+                m: s_next * gaussian(tuple(x[m].shape), generator, x[m].device)
+                + (1 - s_next) * _x0(x[m], s, v[m])
+                for m in x
+            }
+    s = level(exit_index)
+    v = student(x, s)
+    return {m: _x0(x[m], s, v[m]) for m in x}
+
+
+def generator_loss(
+    x0: dict[str, Tensor],
+    real: Velocity,
+    fake: Velocity,
+    *,
+    s: Tensor,
+    eps: dict[str, Tensor],
+    weights: dict | None = None,
+) -> tuple[Tensor, dict]:
+    """The DMD loss of the student's samples `x0` (with grad): noise them to `s` with `eps`, ask the
+    real (teacher, guided) and fake (critic) scores for x0 predictions without grad, and per
+    modality pull x0 along `-g`, `g = (x0_fake - x0_real) / mean_per_sample|x0 - x0_real|`, through
+    `loss_m = 0.5 mse(x0, stopgrad(x0 - g))` (whose gradient is g / numel).
+
+    Returns the weighted sum (weights default 1) and logs per modality: `loss_{m}` and
+    `dmd_grad_{m}`, the root-mean-square of g.
+    """
+    weights = weights or {}
+    with torch.no_grad():
+        x_t = _noised(x0, s, eps)
+        v_real, v_fake = real(x_t, s), fake(x_t, s)
+    total, logs = 0.0, {}
+    for m, x in x0.items():
+        x = x.float()
+        with torch.no_grad():
+            x0_real, x0_fake = _x0(x_t[m], s, v_real[m]), _x0(x_t[m], s, v_fake[m])
+            dims = tuple(range(1, x.ndim))
+            normaliser = (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-12)
+            g = (x0_fake - x0_real) / normaliser
+        loss = 0.5 * F.mse_loss(x, (x - g).detach())
+        total = total + weights.get(m, 1.0) * loss
+        logs[f"loss_{m}"] = loss.detach()
+        logs[f"dmd_grad_{m}"] = g.pow(2).mean().sqrt()
+    return total, logs
+
+
+def critic_loss(
+    critic: Velocity, x0: dict[str, Tensor], *, s: Tensor, eps: dict[str, Tensor]
+) -> tuple[Tensor, dict]:
+    """Flow-matching velocity MSE of the fake-score critic on the detached student samples `x0`
+    noised to `s` with `eps`, summed over modalities; logs `loss_{m}` per modality."""
+    x_t = _noised(x0, s, eps)
+    v = critic(x_t, s)
+    total, logs = 0.0, {}
+    for m in x0:
+        target = eps[m].to(x0[m].device).float() - x0[m].detach().float()
+        loss = F.mse_loss(v[m].float(), target)
+        total = total + loss
+        logs[f"loss_{m}"] = loss.detach()
+    return total, logs

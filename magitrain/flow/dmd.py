@@ -39,6 +39,13 @@ def _noised(x0: dict[str, Tensor], s: Tensor, eps: dict[str, Tensor]) -> dict[st
     return {m: interpolate(x0[m].detach().float(), eps[m].to(x0[m].device).float(), s) for m in x0}
 
 
+def _fresh(like: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    """N(0, 1) shaped like `like`, from one generator or one generator per sample."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return gaussian(tuple(like.shape), generator, like.device)
+    return torch.stack([gaussian(tuple(like.shape[1:]), g, like.device) for g in generator])
+
+
 def score_sigmas(
     n: int,
     *,
@@ -63,7 +70,7 @@ def simulate(
     sigmas: Sequence[float],
     exit_index: int,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> dict[str, Tensor]:
     """Backward simulation: the student's own few-step sampler from `noise` at `sigmas[0]`, stopped
     at step `exit_index`, whose x0 prediction is returned.
@@ -73,6 +80,9 @@ def simulate(
     The exit step's student call carries grad when the caller enables it. At
     `exit_index = len(sigmas) - 1` under no_grad this is the distilled sampler with the same noise
     (`sigmas` without the final 0, e.g. the 8 levels of `flow_grid(8)[1][:-1]`).
+
+    `generator` may also be one generator per sample: each sample's noise then comes from its own
+    (so a sample's draws do not depend on which other samples share its batch or rank).
     """
     if not 0 <= exit_index < len(sigmas):
         raise ValueError(f"exit_index must be in [0, {len(sigmas)}), got {exit_index}")
@@ -87,11 +97,7 @@ def simulate(
         for i in range(exit_index):
             s, s_next = level(i), float(sigmas[i + 1])
             v = student(x, s)
-            x = {
-                m: s_next * gaussian(tuple(x[m].shape), generator, x[m].device)
-                + (1 - s_next) * _x0(x[m], s, v[m])
-                for m in x
-            }
+            x = {m: s_next * _fresh(x[m], generator) + (1 - s_next) * _x0(x[m], s, v[m]) for m in x}
     s = level(exit_index)
     v = student(x, s)
     return {m: _x0(x[m], s, v[m]) for m in x}

@@ -1,7 +1,15 @@
 """Training methods as LightningModules: flow matching (base pretraining, SR fine-tuning), DMD-2."""
 
+from .dmd2 import DMD2Module, DMDConfig
 from .flow_matching import FlowMatchingConfig, FlowMatchingModule
 from .module import MagiHumanModule
 from .optim import OptimConfig
 
-__all__ = ["FlowMatchingConfig", "FlowMatchingModule", "MagiHumanModule", "OptimConfig"]
+__all__ = [
+    "DMD2Module",
+    "DMDConfig",
+    "FlowMatchingConfig",
+    "FlowMatchingModule",
+    "MagiHumanModule",
+    "OptimConfig",
+]

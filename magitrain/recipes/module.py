@@ -66,11 +66,21 @@ class MagiHumanModule(L.LightningModule):
             return deepspeed.zero.GatheredParameters(list(network.parameters()), modifier_rank=0)
         return nullcontext()
 
-    def build_network(self, init: str | None, trainable: bool) -> MagiHumanDiT:
-        """A MagiHumanDiT loaded strictly from `init` (or freshly initialised), then parallelised."""
+    def build_network(
+        self, init: str | None, trainable: bool, storage_dtype: torch.dtype | None = None
+    ) -> MagiHumanDiT:
+        """A MagiHumanDiT loaded strictly from `init` (or freshly initialised), then parallelised.
+
+        `storage_dtype` (a frozen network's option, e.g. bf16) stores the block linears in that
+        dtype before anything is loaded or sharded, so no float32 copy of them ever exists.
+        """
+        from magitrain.inference.networks import to_inference_dtype  # (pulls in diffusers: lazily)
+
         mesh = self.device_mesh
         if mesh is None:
             network = MagiHumanDiT(self.model_config)
+            if storage_dtype is not None:
+                to_inference_dtype(network, storage_dtype)
             if init:
                 with self._zero3_gather(network):
                     load_official(network, init)
@@ -78,6 +88,8 @@ class MagiHumanModule(L.LightningModule):
         # FSDP2: build on the meta device, shard, then materialise only the local shards.
         with torch.device("meta"):
             network = MagiHumanDiT(self.model_config)
+        if storage_dtype is not None:
+            to_inference_dtype(network, storage_dtype)
         parallelize(network, self.parallel_config, mesh, trainable)
         network.to_empty(device=self.device)
         network.reset_parameters()
@@ -102,7 +114,8 @@ class MagiHumanModule(L.LightningModule):
         return build_optimizer_and_schedule(self, self.model.parameters(), self.optim_config, total)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # the parameters this optimiser steps (not self.model's: a recipe may train several networks)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:  # DeepSpeed keeps gradients partitioned away from p.grad and logs its own norm
             norm = torch.nn.utils.get_total_norm(grads)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -1,0 +1,308 @@
+"""DMD-2 distillation of MagiHuman into an 8-step audio+video student (REFERENCE §5).
+
+Three MagiHumanDiTs by role: the student (the frame's `self.model`, so the EMA callback, export and
+validation see it), the fake-score critic, and the frozen teacher, stored with bf16 block linears
+and run under bf16 autocast, kept out of checkpoints (it is rebuilt from `teacher=`).
+
+Step semantics: one `training_step` is one generator iteration on one batch: `ttur` critic
+updates, then one student update. Only the student's optimiser steps through Lightning, so
+`trainer.global_step` counts *generator* updates: `trainer.max_steps`, checkpoint and validation
+cadence, the EMA callback (which runs after the student's update, never after a critic step), the
+LR schedules and the per-sample noise seeds all count generator steps. The critic's optimiser
+steps directly and is counted in `train/critic_step`.
+
+The losses and the backward simulation are `magitrain.flow.dmd`'s; this module closes the
+conditioning (text, negative prompt, reference frame) into velocity callables.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from magitrain.flow import Guidance, flow_grid
+from magitrain.flow import dmd as core
+from magitrain.flow import training as fm
+from magitrain.model import MagiHumanDiT
+
+from .module import MagiHumanModule
+from .optim import OptimConfig, build_adamw, lr_lambda
+
+
+@dataclass
+class DMDConfig:
+    student_steps: int = 8  # the student's grid: flow_grid(student_steps), the released 8 steps
+    ttur: int = 5  # critic updates per generator update
+    score_shift: float = 5.0  # score noise levels: shifted uniform, clamped to [score_lo, score_hi]
+    score_lo: float = 0.02
+    score_hi: float = 0.98
+    video_weight: float = 1.0
+    audio_weight: float = 1.0
+    guidance: Guidance = field(default_factory=Guidance)  # teacher CFG, standard form u + g (c - u)
+    p_image: float = 0.0  # share of samples conditioned on their frame-0 latent (image-to-video)
+    student_clip: float = 10.0  # per-optimiser gradient clipping (total norm)
+    critic_clip: float = 10.0
+    max_nonfinite_steps: int = 10  # consecutive skipped non-finite updates before the run stops
+
+    def __post_init__(self):
+        if isinstance(self.guidance, dict):
+            self.guidance = Guidance(**self.guidance)
+        if self.ttur < 1 or self.student_steps < 1:
+            raise ValueError(
+                f"dmd.ttur and dmd.student_steps must be >= 1, got {self.ttur}, {self.student_steps}"
+            )
+
+
+class DMD2Module(MagiHumanModule):
+    def __init__(
+        self,
+        *args,
+        teacher: str | None = None,
+        student_init: str | None = None,
+        critic_init: str | None = None,
+        critic_optim: OptimConfig | None = None,
+        dmd: DMDConfig | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        self.dmd_config = dmd or DMDConfig()
+        self.critic_optim_config = critic_optim or OptimConfig(lr=4e-7, betas=(0.0, 0.999))
+        self.teacher_path, self.student_init, self.critic_init = teacher, student_init, critic_init
+        self.hparams.update(
+            teacher=teacher,
+            student_init=student_init,
+            critic_init=critic_init,
+            critic_optim=asdict(self.critic_optim_config),
+            dmd=asdict(self.dmd_config),
+        )
+        self.critic: MagiHumanDiT | None = None
+        object.__setattr__(self, "teacher", None)  # frozen, rebuilt from its path: not in checkpoints
+        self._negative: tuple[Tensor, Tensor] | None = None
+        self._nonfinite = 0
+        self._critic_steps = 0
+
+    # ----- networks -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if not self.teacher_path:
+            raise ValueError(
+                "the DMD-2 recipe needs teacher=PATH (a released-layout checkpoint, e.g. /ckpt/base)"
+            )
+        # the student comes first and keeps float32; the others copy it when they share its source,
+        # so one checkpoint on disk is read once, not three times
+        self.init_path = self.student_init or self.teacher_path
+        super().configure_model()
+        self.critic = self._sibling(self.critic_init or self.teacher_path, trainable=True)
+        teacher = self._sibling(self.teacher_path, trainable=False, storage_dtype=torch.bfloat16)
+        object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
+
+    def _sibling(self, path: str, trainable: bool, storage_dtype: torch.dtype | None = None) -> MagiHumanDiT:
+        """A network from `path`, copied from the student (same sharding) when that is its source."""
+        if path != self.init_path:
+            return self.build_network(path, trainable, storage_dtype)
+        network = self.build_network(None, trainable, storage_dtype)
+        with torch.no_grad():
+            for mine, source in zip(
+                network.state_dict().values(), self.model.state_dict().values(), strict=True
+            ):
+                mine.copy_(source)
+        return network
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        strategy = self.trainer.strategy
+        if "DeepSpeed" in type(strategy).__name__:
+            raise ValueError(
+                "the DMD-2 recipe trains two networks with two optimisers, and DeepSpeed drives one "
+                "optimiser per engine: use strategy=ddp or strategy=fsdp2"
+            )
+        if hasattr(strategy, "_ddp_kwargs"):
+            # each backward reaches one network (critic or student): DDP must not wait for the other
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    # ----- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 0
+        # (Lightning itself refuses trainer.gradient_clip_val under manual optimisation)
+        optimizers, schedules = [], []
+        for params, cfg in (
+            (self.model.parameters(), self.optim_config),
+            (self.critic.parameters(), self.critic_optim_config),
+        ):
+            opt = build_adamw(params, cfg, self.device)
+            optimizers.append(opt)
+            schedules.append(torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.total_steps or total)))
+        return optimizers, schedules
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Grad norms are logged per network by `_update` (the frame's hook would log the student's)."""
+
+    def _update(self, optimizer, network: MagiHumanDiT, clip: float, name: str) -> bool:
+        """Clip, log the norm, and step unless it is non-finite (then zero the grads and skip: the
+        norm is the same on every rank, so all ranks skip together)."""
+        params = [p for p in network.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.log(f"train/grad_norm_{name}", norm, on_step=True, on_epoch=False)
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            optimizer.step()
+            self._nonfinite = 0
+        else:
+            self._nonfinite += 1
+            self.log("train/nonfinite_skipped", float(self._nonfinite), on_step=True, on_epoch=False)
+            if self._nonfinite > self.dmd_config.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{self._nonfinite} consecutive non-finite {name} gradients (dmd.max_nonfinite_steps)"
+                )
+        optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    # ----- conditioning ---------------------------------------------------------------------
+    def negative_prompt(self, batch: int) -> tuple[Tensor, Tensor]:
+        """The teacher's unconditional branch: the codecs' negative prompt, encoded once and cached
+        (the empty prompt when no codecs are configured)."""
+        if self._negative is None:
+            if self.codecs is not None:
+                emb, length = self.codecs.text.encode_negative(1)
+            else:
+                emb = torch.zeros(1, 1, self.model_config.text_in_channels)
+                length = torch.zeros(1, dtype=torch.long)
+            self._negative = (emb.float().to(self.device), length.to(self.device))
+        emb, length = self._negative
+        return emb.expand(batch, -1, -1), length.expand(batch)
+
+    def _velocity(self, network, text, text_len, frame_mask, reference, bf16: bool = False):
+        """The core's velocity callable of one network. Image-to-video: frame 0 enters as the clean
+        reference, and its velocity is the exact `(x_t - ref) / s`, so every x0 prediction holds the
+        reference there: the frame carries no gradient and no loss in both losses."""
+
+        def velocity(x: dict[str, Tensor], s: Tensor) -> dict[str, Tensor]:
+            video = torch.where(frame_mask == 0, reference, x["video"])
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+            with autocast:
+                v_video, v_audio = network(video, x["audio"], text, text_len=text_len)
+            exact = (x["video"] - reference) / s.reshape(-1, 1, 1, 1, 1)
+            return {"video": torch.where(frame_mask == 0, exact, v_video.float()), "audio": v_audio.float()}
+
+        return velocity
+
+    def _guided_teacher(self, ctx: dict):
+        cond = self._velocity(self.teacher, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"], bf16=True)
+        neg, neg_len = self.negative_prompt(ctx["text"].shape[0])
+        uncond = self._velocity(self.teacher, neg, neg_len, ctx["mask"], ctx["ref"], bf16=True)
+        g = self.dmd_config.guidance
+
+        def velocity(x, s):
+            c, u = cond(x, s), uncond(x, s)
+            t = (s * 1000).reshape(-1, 1, 1, 1, 1)
+            video_scale = torch.where(t > g.switch_t, g.video_high, g.video_low)
+            return {
+                "video": u["video"] + video_scale * (c["video"] - u["video"]),
+                "audio": u["audio"] + g.audio * (c["audio"] - u["audio"]),
+            }
+
+        return velocity
+
+    def _context(self, batch: dict) -> dict:
+        video = batch["video_latent"].float()
+        gens = self.sample_generators(batch)
+        image = torch.stack(
+            [torch.rand((), generator=g, device=g.device) < self.dmd_config.p_image for g in gens]
+        )
+        mask = fm.first_frame_mask(video, image.to(self.device))
+        ref = batch["ref_latent"].float() if "ref_latent" in batch else video[:, :, :1]
+        return {
+            "gens": gens,
+            "text": batch["text_emb"],
+            "text_len": batch["text_len"].to(self.device),
+            "mask": mask,
+            "ref": ref.expand_as(video[:, :, :1]),
+            "shapes": {"video": video.shape[1:], "audio": batch["audio_latent"].shape[1:]},
+        }
+
+    def _draw(self, ctx: dict) -> dict[str, Tensor]:
+        """Fresh per-sample Gaussians of every modality, from the per-sample generators."""
+        return {
+            m: torch.stack([torch.randn(shape, generator=g, device=g.device) for g in ctx["gens"]]).to(
+                self.device
+            )
+            for m, shape in ctx["shapes"].items()
+        }
+
+    def _exit_index(self, phase: int) -> int:
+        """The same on every rank: drawn from a generator seeded by (seed, generator step, phase)."""
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/exit/{self.global_step}/{phase}".encode()))
+        return int(torch.randint(0, self.dmd_config.student_steps, (1,), generator=g))
+
+    def _simulate(self, ctx: dict, phase: int) -> dict[str, Tensor]:
+        student = self._velocity(self.model, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+        sigmas = flow_grid(self.dmd_config.student_steps)[1][:-1].tolist()
+        noise = self._draw(ctx)
+        # re-noising from the per-sample generators: DDP draws what one process would
+        return core.simulate(student, noise, sigmas, self._exit_index(phase), generator=ctx["gens"])
+
+    def _score_draw(self, ctx: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.dmd_config
+        s = torch.cat(
+            [
+                core.score_sigmas(1, generator=g, shift=cfg.score_shift, lo=cfg.score_lo, hi=cfg.score_hi)
+                for g in ctx["gens"]
+            ]
+        )
+        return s.to(self.device), self._draw(ctx)
+
+    # ----- the step -------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt_student, opt_critic = self.optimizers()
+        sched_student, sched_critic = self.lr_schedulers()
+        cfg = self.dmd_config
+        ctx = self._context(batch)
+        B = ctx["text"].shape[0]
+        critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+
+        start = time.perf_counter()
+        for phase in range(cfg.ttur):
+            with torch.no_grad():
+                x0 = self._simulate(ctx, phase)
+            s, eps = self._score_draw(ctx)
+            loss, logs = core.critic_loss(critic, x0, s=s, eps=eps)
+            self.manual_backward(loss)
+            self._update(opt_critic.optimizer, self.critic, cfg.critic_clip, "critic")  # not a Lightning step
+            self._critic_steps += 1
+        for k, v in logs.items():
+            self.log(f"train/critic_{k}", v, sync_dist=True, batch_size=B)
+        critic_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        x0 = self._simulate(ctx, cfg.ttur)
+        s, eps = self._score_draw(ctx)
+        weights = {"video": cfg.video_weight, "audio": cfg.audio_weight}
+        loss, logs = core.generator_loss(x0, self._guided_teacher(ctx), critic, s=s, eps=eps, weights=weights)
+        self.manual_backward(loss)
+        self._update(opt_student, self.model, cfg.student_clip, "student")
+        sched_student.step()
+        sched_critic.step()
+        for k, v in logs.items():
+            self.log(f"train/generator_{k}", v, sync_dist=True, batch_size=B)
+        self.log("train/generator_loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=B)
+        self.log("train/generator_step", float(self.global_step), on_step=True, on_epoch=False)
+        self.log("train/critic_step", float(self._critic_steps), on_step=True, on_epoch=False)
+        self.log("perf/critic_phase_s", critic_time, on_step=True, on_epoch=False)
+        self.log("perf/generator_phase_s", time.perf_counter() - start, on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dmd_critic_steps"] = self._critic_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._critic_steps = int(checkpoint.get("dmd_critic_steps", 0))

@@ -1,0 +1,330 @@
+"""The DMD-2 recipe (recipes/dmd2_distill.yaml, magitrain.recipes.DMD2Module) end to end on CPU:
+networks by role, step semantics, losses and conditioning, exact resume, export -> infer.py."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_train
+from hydra.utils import instantiate
+
+from magitrain.checkpoint import save_official
+from magitrain.checkpoint.export import export
+from magitrain.flow import Guidance, cfg
+from magitrain.launch import train
+from magitrain.model import MagiHumanDiT, tiny
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_official(MagiHumanDiT(tiny()), tmp_path_factory.mktemp("teacher") / "base")
+
+
+def dmd_run(shards: Path, teacher: Path, *extra: str) -> list[str]:
+    return [
+        "recipe=dmd2_distill",
+        "model=tiny",
+        "trainer=cpu",
+        "debug=fast",
+        "callbacks.progress_bar=null",
+        f"teacher={teacher}",
+        f"data.shards={shards}/*.tar",
+        "data.num_workers=0",
+        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
+        "module.dmd.ttur=2",
+        "module.optim.lr=1e-3",  # large enough to see every network move in a few steps
+        "module.critic_optim.lr=1e-3",
+        *extra,
+    ]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards, teacher_ckpt, tmp_path):
+    overrides = dmd_run(
+        latent_shards,
+        teacher_ckpt,
+        "module.dmd.ttur=3",
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+        "module.optim.warmup_steps=2",
+        "module.critic_optim.warmup_steps=4",
+        "callbacks.ema.start_step=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    )
+    trainer = train(compose_train(overrides, tmp_path))
+    module = trainer.lightning_module
+    assert trainer.global_step == 4  # generator updates, not the 16 optimiser steps
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt")) == [
+        "step00000002.ckpt",
+        "step00000004.ckpt",
+    ]
+    rows = read_metrics(tmp_path / "csv" / "metrics.csv")
+    keys = set().union(*(r.keys() for r in rows))
+    for m in ("video", "audio"):
+        for key in (f"train/generator_loss_{m}", f"train/generator_dmd_grad_{m}", f"train/critic_loss_{m}"):
+            assert key in keys
+    for key in (
+        "train/grad_norm_student",
+        "train/grad_norm_critic",
+        "train/generator_step",
+        "train/critic_step",
+    ):
+        assert key in keys
+    assert "perf/critic_phase_s" in keys and "perf/generator_phase_s" in keys
+    logged = {int(r["step"]): r for r in rows if r.get("train/critic_step")}
+    assert [float(logged[s]["train/critic_step"]) for s in range(4)] == [3.0, 6.0, 9.0, 12.0]
+    # both schedules count generator steps: warmup 2 and 4 generator steps
+    lrs = {int(r["step"]): r for r in rows if r.get("lr-AdamW")}
+    assert [float(lrs[s]["lr-AdamW"]) for s in range(3)] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert [float(lrs[s]["lr-AdamW-1"]) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+    # networks by role: the student and critic moved, the teacher is frozen, bf16 and not saved
+    start = MagiHumanDiT(tiny())
+    from magitrain.checkpoint import load_official
+
+    load_official(start, teacher_ckpt)
+    w = "block.layers.1.attention.linear_qkv.weight"
+    initial = start.state_dict()[w]
+    assert not torch.equal(module.model.state_dict()[w], initial)
+    assert not torch.equal(module.critic.state_dict()[w], initial)
+    assert module.teacher.state_dict()[w].dtype == torch.bfloat16
+    assert torch.equal(module.teacher.state_dict()[w], initial.bfloat16())
+    assert module.teacher.final_linear_video.weight.dtype == torch.float32  # heads stay float32
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    roots = {k.split(".")[0] for k in ckpt["state_dict"]}
+    assert roots == {"model", "critic", "ema"}
+    assert len(ckpt["optimizer_states"]) == 2 and len(ckpt["lr_schedulers"]) == 2
+    assert ckpt["dmd_critic_steps"] == 12
+    # EMA of the student only, updated after generator steps: a copy until step 2, then 0.99
+    assert not torch.equal(module.ema.state_dict()[w], module.model.state_dict()[w])
+
+
+def test_the_init_checkpoint_is_read_once(teacher_ckpt, tmp_path, monkeypatch):
+    import magitrain.recipes.module as frame
+
+    reads = []
+    real = frame.load_official
+    monkeypatch.setattr(frame, "load_official", lambda net, path: reads.append(str(path)) or real(net, path))
+    module = instantiate(
+        compose_train(["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}"], tmp_path).module
+    )
+    module.configure_model()
+    assert reads == [str(teacher_ckpt)]
+    for network in (module.critic, module.teacher):
+        for (name, a), b in zip(
+            module.model.state_dict().items(), network.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a.to(b.dtype), b), name
+
+    torch.manual_seed(5)
+    other = save_official(MagiHumanDiT(tiny()), tmp_path / "other")
+    reads.clear()
+    overrides = ["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}", f"critic_init={other}"]
+    module = instantiate(compose_train(overrides, tmp_path).module)
+    module.configure_model()
+    assert reads == [str(teacher_ckpt), str(other)]
+    assert not torch.equal(module.critic.final_linear_video.weight, module.model.final_linear_video.weight)
+
+
+def test_the_recipe_refuses_a_trainer_clip_value_and_a_missing_teacher(latent_shards, teacher_ckpt, tmp_path):
+    with pytest.raises(Exception, match="gradient_clip_val"):  # Lightning's own refusal
+        train(
+            compose_train(
+                dmd_run(latent_shards, teacher_ckpt, "trainer.gradient_clip_val=1.0"), tmp_path / "a"
+            )
+        )
+    with pytest.raises(ValueError, match="teacher=PATH"):
+        train(compose_train(dmd_run(latent_shards, teacher_ckpt, "teacher=null"), tmp_path / "b"))
+
+
+def test_deepspeed_is_refused_clearly(teacher_ckpt, tmp_path):
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    try:
+        strategy = DeepSpeedStrategy(stage=2)
+    except Exception as err:  # noqa: BLE001 - some versions refuse a CPU-only machine here
+        pytest.skip(f"DeepSpeedStrategy cannot be built here: {err}")
+    module = instantiate(
+        compose_train(["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}"], tmp_path).module
+    )
+
+    class _Trainer:  # setup() only reads the strategy
+        pass
+
+    trainer = _Trainer()
+    trainer.strategy = strategy
+    module._trainer = trainer
+    with pytest.raises(ValueError, match="DeepSpeed drives one optimiser"):
+        module.setup("fit")
+
+
+def _module(teacher_ckpt, tmp_path, *extra):
+    module = instantiate(
+        compose_train(
+            ["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}", *extra], tmp_path
+        ).module
+    )
+    module.configure_model()
+    return module
+
+
+def _batch(B=2, T=3):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "video_latent": torch.randn(B, 48, T, 4, 6, generator=g),
+        "audio_latent": torch.randn(B, 9, 64, generator=g),
+        "text_emb": torch.randn(B, 5, 64, generator=g),
+        "text_len": torch.tensor([5, 3]),
+        "key": [f"k{i}" for i in range(B)],
+    }
+
+
+def test_teacher_guidance_is_the_standard_form_with_per_modality_scales(teacher_ckpt, tmp_path):
+    module = _module(teacher_ckpt, tmp_path)
+    batch = _batch()
+    ctx = module._context(batch)
+    x = {"video": torch.randn(2, 48, 3, 4, 6), "audio": torch.randn(2, 9, 64)}
+    s = torch.tensor([0.9, 0.3])  # t = 900 (video scale 5) and t = 300 (video scale 2)
+    got = module._guided_teacher(ctx)(x, s)
+    neg, neg_len = module.negative_prompt(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        c = module.teacher(x["video"], x["audio"], batch["text_emb"], text_len=batch["text_len"])
+        u = module.teacher(x["video"], x["audio"], neg, text_len=neg_len)
+    g = Guidance()
+    for i, scale in enumerate((5.0, 2.0)):
+        torch.testing.assert_close(got["video"][i], cfg(c[0][i].float(), u[0][i].float(), scale))
+    torch.testing.assert_close(got["audio"], cfg(c[1].float(), u[1].float(), g.audio))
+    assert module.negative_prompt(2)[0].data_ptr() == neg.data_ptr()  # encoded once, cached
+
+
+def test_image_conditioned_frame_zero_is_clean_and_out_of_both_losses(teacher_ckpt, tmp_path):
+    from magitrain.flow import dmd as core
+
+    module = _module(teacher_ckpt, tmp_path, "module.dmd.p_image=1.0")
+    batch = _batch()
+    ctx = module._context(batch)
+    assert (ctx["mask"][:, 0, 0] == 0).all()
+    x0 = module._simulate(ctx, phase=0)
+    ref = batch["video_latent"][:, :, :1]
+    torch.testing.assert_close(x0["video"][:, :, :1], ref, atol=1e-5, rtol=0)
+    s, eps = module._score_draw(ctx)
+    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+    loss, _ = core.generator_loss(x0, module._guided_teacher(ctx), critic, s=s, eps=eps)
+    loss.backward()
+    grad = module.model.final_linear_video.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # frame 0 gets no gradient: a loss on frame 0 alone does not reach the student
+    module.model.zero_grad()
+    x0 = module._simulate(ctx, phase=0)
+    x0["video"][:, :, :1].sum().backward()
+    assert (
+        module.model.final_linear_video.weight.grad is None
+        or not module.model.final_linear_video.weight.grad.any()
+    )
+    # the critic's velocity at frame 0 is the exact one: no critic loss there
+    c = critic(core._noised({"video": x0["video"].detach()}, s, eps) | {"audio": eps["audio"]}, s)
+    x_t = (1 - s.reshape(-1, 1, 1, 1, 1)) * x0["video"].detach() + s.reshape(-1, 1, 1, 1, 1) * eps["video"]
+    target = eps["video"] - x0["video"].detach()
+    torch.testing.assert_close(c["video"][:, :, :1], target[:, :, :1], atol=1e-4, rtol=0)
+    assert x_t.shape == target.shape
+
+
+def test_a_non_finite_update_is_skipped_and_repeated_ones_stop_the_run(teacher_ckpt, tmp_path):
+    module = _module(teacher_ckpt, tmp_path, "module.dmd.max_nonfinite_steps=1")
+    module.log = lambda *a, **k: None
+    opt = torch.optim.AdamW(module.critic.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in module.critic.state_dict().items()}
+    for p in module.critic.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    assert module._update(opt, module.critic, 10.0, "critic") is False
+    assert all(torch.equal(before[k], v) for k, v in module.critic.state_dict().items())
+    assert all(p.grad is None for p in module.critic.parameters())
+    for p in module.critic.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite critic"):
+        module._update(opt, module.critic, 10.0, "critic")
+
+
+def test_a_killed_run_resumes_exactly(latent_shards, teacher_ckpt, tmp_path):
+    """8 generator steps straight == a `train.py` SIGKILLed after its step-2 checkpoint + a resume."""
+    overrides = dmd_run(
+        latent_shards,
+        teacher_ckpt,
+        "trainer.max_steps=8",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.ema.start_step=1",
+        "module.dmd.p_image=0.5",
+    )
+    straight = train(compose_train(overrides, tmp_path / "straight"))
+
+    killed = tmp_path / "killed"
+    step2 = killed / "checkpoints" / "step00000002.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={killed}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not step2.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed mid-training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert step2.exists()
+    resumed = train(compose_train([*overrides, f"ckpt_path={step2}", "logger.csv.name=csv_resumed"], killed))
+
+    want, got = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert want.keys() == got.keys() and {k.split(".")[0] for k in want} == {"model", "critic", "ema"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    key = "train/generator_loss"
+    straight_losses = {
+        int(r["step"]): r[key]
+        for r in read_metrics(tmp_path / "straight" / "csv" / "metrics.csv")
+        if r.get(key)
+    }
+    resumed_losses = {
+        int(r["step"]): r[key] for r in read_metrics(killed / "csv_resumed" / "metrics.csv") if r.get(key)
+    }
+    assert sorted(resumed_losses) == list(range(2, 8))
+    assert all(resumed_losses[s] == straight_losses[s] for s in resumed_losses)
+    assert resumed.lightning_module._critic_steps == straight.lightning_module._critic_steps == 16
+
+
+def test_export_ema_gives_a_student_that_infer_py_samples_in_8_steps(latent_shards, teacher_ckpt, tmp_path):
+    trainer = train(
+        compose_train(dmd_run(latent_shards, teacher_ckpt, "callbacks.ema.start_step=0"), tmp_path / "run")
+    )
+    out = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "export", ema=True)
+    from magitrain.checkpoint import load_official
+
+    loaded = load_official(MagiHumanDiT(tiny()), out)
+    for k, v in trainer.lightning_module.ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    mp4 = tmp_path / "sample.mp4"
+    cmd = [sys.executable, str(REPO / "infer.py"), f"ckpt={out}", "model=tiny", "codecs=tiny",
+           "prompt=A man says hello", "seconds=0.32", "resolution=64x32", "steps=8", "seed=0",
+           f"out={mp4}"]  # fmt: skip
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert mp4.stat().st_size > 1000

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -49,8 +50,12 @@ class DMDConfig:
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite updates before the run stops
 
     def __post_init__(self):
-        if isinstance(self.guidance, dict):
-            self.guidance = Guidance(**self.guidance)
+        if isinstance(
+            self.guidance, Mapping
+        ):  # a plain mapping from the config: checkpoints load weights-only
+            self.guidance = Guidance(
+                **{k: float(v) if k != "switch_t" else int(v) for k, v in self.guidance.items()}
+            )
         if self.ttur < 1 or self.student_steps < 1:
             raise ValueError(
                 f"dmd.ttur and dmd.student_steps must be >= 1, got {self.ttur}, {self.student_steps}"

@@ -44,6 +44,9 @@ class DMDConfig:
     video_weight: float = 1.0
     audio_weight: float = 1.0
     guidance: Guidance = field(default_factory=Guidance)  # teacher CFG, standard form u + g (c - u)
+    teacher_dtype: str = (
+        "bfloat16"  # storage of the teacher's block linears (bfloat16: run under bf16 autocast)
+    )
     p_image: float = 0.0  # share of samples conditioned on their frame-0 latent (image-to-video)
     student_clip: float = 10.0  # per-optimiser gradient clipping (total norm)
     critic_clip: float = 10.0
@@ -56,6 +59,8 @@ class DMDConfig:
             self.guidance = Guidance(
                 **{k: float(v) if k != "switch_t" else int(v) for k, v in self.guidance.items()}
             )
+        if self.teacher_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dmd.teacher_dtype must be bfloat16 or float32, got {self.teacher_dtype!r}")
         if self.ttur < 1 or self.student_steps < 1:
             raise ValueError(
                 f"dmd.ttur and dmd.student_steps must be >= 1, got {self.ttur}, {self.student_steps}"
@@ -104,7 +109,8 @@ class DMD2Module(MagiHumanModule):
         self.init_path = self.student_init or self.teacher_path
         super().configure_model()
         self.critic = self._sibling(self.critic_init or self.teacher_path, trainable=True)
-        teacher = self._sibling(self.teacher_path, trainable=False, storage_dtype=torch.bfloat16)
+        storage = getattr(torch, self.dmd_config.teacher_dtype)
+        teacher = self._sibling(self.teacher_path, trainable=False, storage_dtype=storage)
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
 
     def _sibling(self, path: str, trainable: bool, storage_dtype: torch.dtype | None = None) -> MagiHumanDiT:
@@ -201,10 +207,16 @@ class DMD2Module(MagiHumanModule):
 
         return velocity
 
+    @property
+    def _teacher_bf16(self) -> bool:
+        return self.dmd_config.teacher_dtype == "bfloat16"
+
     def _guided_teacher(self, ctx: dict):
-        cond = self._velocity(self.teacher, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"], bf16=True)
+        cond = self._velocity(
+            self.teacher, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"], bf16=self._teacher_bf16
+        )
         neg, neg_len = self.negative_prompt(ctx["text"].shape[0])
-        uncond = self._velocity(self.teacher, neg, neg_len, ctx["mask"], ctx["ref"], bf16=True)
+        uncond = self._velocity(self.teacher, neg, neg_len, ctx["mask"], ctx["ref"], bf16=self._teacher_bf16)
         g = self.dmd_config.guidance
 
         def velocity(x, s):

@@ -328,3 +328,25 @@ def test_export_ema_gives_a_student_that_infer_py_samples_in_8_steps(latent_shar
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert mp4.stat().st_size > 1000
+
+
+def test_validation_samples_the_student_beside_the_teacher(latent_shards, teacher_ckpt, tmp_path):
+    overrides = dmd_run(
+        latent_shards,
+        teacher_ckpt,
+        "codecs=tiny",
+        "callbacks=dmd_validation",
+        "callbacks.progress_bar=null",
+        "trainer.max_steps=2",
+        "callbacks.validation.every_n_steps=2",
+        "callbacks.validation.prompts=[A man says hello]",
+        "callbacks.validation.seconds=0.32",
+        "callbacks.validation.resolution=64x32",
+    )
+    trainer = train(compose_train(overrides, tmp_path))
+    student = tmp_path / "validation" / "step00000002" / "sample0.mp4"
+    teacher = tmp_path / "validation_teacher" / "step00000002" / "sample0.mp4"
+    assert student.stat().st_size > 1000 and teacher.stat().st_size > 1000
+    assert student.read_bytes() != teacher.read_bytes()
+    validations = [c for c in trainer.callbacks if type(c).__name__ == "Validation"]
+    assert sorted(c.options["steps"] for c in validations) == [8, 32]

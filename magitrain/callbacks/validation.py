@@ -31,7 +31,9 @@ class Validation(Callback):
         precision: str = "auto",
         dirpath: str | None = None,
         log_key: str = "val/samples",
+        network: str | None = None,
     ):
+        """network: a module attribute to sample instead of the trained one (e.g. DMD-2's "teacher")."""
         if every_n_steps <= 0:
             raise ValueError(f"callbacks.validation.every_n_steps must be positive, got {every_n_steps}")
         if not prompts:
@@ -40,7 +42,7 @@ class Validation(Callback):
         self.options = dict(seconds=seconds, resolution=resolution, seed=seed)
         self.sampling = {k: v for k, v in dict(steps=steps, sampler=sampler).items() if v is not None}
         self.use_ema, self.precision, self.log_key = use_ema, precision, log_key
-        self.dirpath = dirpath
+        self.dirpath, self.network = dirpath, network
         self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -68,7 +70,10 @@ class Validation(Callback):
         if step == self._last_step or step % self.every_n_steps:  # (accumulation micro-batches)
             return
         self._last_step = step
-        network = pl_module.ema if self.use_ema and pl_module.ema is not None else pl_module.model
+        if self.network:
+            network = getattr(pl_module, self.network)
+        else:
+            network = pl_module.ema if self.use_ema and pl_module.ema is not None else pl_module.model
         if not (trainer.is_global_zero or _is_sharded(network)):
             return
         was_training = network.training

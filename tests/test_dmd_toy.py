@@ -20,6 +20,8 @@ from torch import nn
 from magitrain.flow import flow_grid
 from magitrain.flow.dmd import critic_loss, generator_loss, score_sigmas, simulate
 
+pytestmark = pytest.mark.slow  # ~3 min on an idle 2-core CPU, one torch thread
+
 DIM, SUB, CLASSES = 64, 8, 2
 RADIUS, MODE_STD, OFF_STD = 3.0, 0.25, 0.02
 IN_MODE = 1.0  # subspace distance to a mode centre counted as "in the mode" (~95% of true samples)

@@ -68,6 +68,8 @@ class DMDConfig:
 
 
 class DMD2Module(MagiHumanModule):
+    validation_sampling = {"steps": 8, "sampler": "distilled"}  # the student is an 8-step model
+
     def __init__(
         self,
         *args,

@@ -49,7 +49,7 @@ class EMA(Callback):
         pl_module.request_ema()
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        for shadow in pl_module.ema.parameters():
+        for shadow in pl_module.ema_parameters()[0]:
             if shadow.dtype != torch.float32:  # DeepSpeed bf16 cast the whole module
                 shadow.data = shadow.data.float()
 
@@ -67,8 +67,9 @@ class EMA(Callback):
     @torch.no_grad()
     def update(self, pl_module, step: int) -> None:
         """One batched float32 update of every shadow tensor towards the network's weights."""
-        shadows = [_local(s) for s in pl_module.ema.parameters()]
-        params = [_local(p.detach()).float() for p in pl_module.model.parameters()]
+        shadow_params, live = pl_module.ema_parameters()  # the module says what its EMA covers
+        shadows = [_local(s) for s in shadow_params]
+        params = [_local(p.detach()).float() for p in live]
         if len(shadows) != len(params):
             raise RuntimeError(f"EMA shadow has {len(shadows)} tensors, the network {len(params)}")
         torch._foreach_lerp_(shadows, params, 1.0 - self.decay_at(step))

@@ -1,9 +1,13 @@
 """Export a training checkpoint to the released layout.
 
     python -m magitrain.checkpoint.export CKPT OUT [--ema] [--dtype bf16] [--max-shard-size 5GB]
+    python -m magitrain.checkpoint.export LORA_CKPT OUT.safetensors [--ema]       # adapter file
+    python -m magitrain.checkpoint.export LORA_CKPT OUT --merge [--base DIR] [--ema] [--dtype bf16]
 
 CKPT is a Lightning checkpoint: one file (single device, DDP), a distributed-checkpoint directory
 (FSDP2) or a DeepSpeed directory. OUT loads with `load_official` and the released inference code.
+A LoRA run's checkpoint (recipe=lora_*) exports its adapter file, or with --merge the base (the
+run's init, or --base) with the adapter merged in, in the released layout (magitrain/lora/export.py).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from magitrain.errors import UserError
 from magitrain.model import MagiHumanConfig, MagiHumanDiT
 
 from .official import check_layout, save_official
@@ -81,9 +86,21 @@ def network_state(state: dict[str, torch.Tensor], ema: bool) -> dict[str, torch.
 
 
 def export(
-    ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "keep", max_shard_size: str = "5GB"
+    ckpt: str | Path,
+    out: str | Path,
+    ema: bool = False,
+    dtype: str = "keep",
+    max_shard_size: str = "5GB",
+    merge: bool = False,
+    base: str | None = None,
 ) -> Path:
     state, hparams = read_training_checkpoint(ckpt)
+    if "lora" in hparams:
+        from magitrain.lora.export import export_lora
+
+        return export_lora(state, hparams, out, str(ckpt), ema, merge, base, DTYPES[dtype], max_shard_size)
+    if merge or base:
+        raise UserError(f"--merge and --base apply to LoRA checkpoints; {ckpt} is not one")
     weights = network_state(state, ema)
     config = None
     if "model" in hparams:  # check the layout against the architecture the run trained
@@ -103,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", choices=sorted(DTYPES), default="keep", help="of the block linears; the rest stays float32"
     )
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--merge", action="store_true", help="LoRA: merge the adapter into the base weights")
+    p.add_argument("--base", help="LoRA --merge: the base checkpoint (default: the run's init)")
     args = p.parse_args(argv)
-    out = export(args.ckpt, args.out, args.ema, args.dtype, args.max_shard_size)
+    out = export(args.ckpt, args.out, args.ema, args.dtype, args.max_shard_size, args.merge, args.base)
     print(f"exported {'EMA' if args.ema else 'model'} weights of {args.ckpt} to {out}")
 
 

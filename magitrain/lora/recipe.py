@@ -1,0 +1,124 @@
+"""LoRA recipes: any MagiHuman recipe with a frozen low-precision base and trainable adapters.
+
+`LoraMixin` goes before a recipe class (`class LoraFlowMatchingModule(LoraMixin, FlowMatchingModule)`)
+and changes only what LoRA changes: how `model` is built (frozen base + PEFT adapters), what the
+EMA covers (the adapters: a second, inactive adapter named "ema"), and what a Lightning checkpoint
+holds (the adapters and their EMA, plus the optimiser, data position and RNG that Lightning and
+the callbacks save; not the frozen base, which is rebuilt from `init` on resume).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+from torch import Tensor
+
+from magitrain.errors import UserError
+from magitrain.parallel import parallelize
+from magitrain.recipes.flow_matching import FlowMatchingModule
+
+from .adapters import (
+    add_adapter,
+    build_frozen_base,
+    is_adapter_key,
+    load_adapter,
+    read_checked_adapter,
+    set_active,
+)
+from .config import LoraConfig
+
+TRAINED, EMA = "default", "ema"
+
+
+class LoraMixin:
+    def __init__(self, *args, lora: LoraConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_config = lora or LoraConfig()
+        self.hparams["lora"] = asdict(self.lora_config)
+        self.lora_targets: list[str] = []
+        # The checkpoint holds the adapters only: `on_load_checkpoint` checks its keys exactly instead.
+        self.strict_loading = False
+
+    # ----- networks -------------------------------------------------------------------------
+    def build_lora_network(self):
+        """The frozen base (from `init`) with the trained adapter (and its EMA shadow) injected."""
+        if self.device_mesh is not None or getattr(
+            getattr(self._trainer, "strategy", None), "zero_stage_3", False
+        ):
+            raise UserError(
+                "LoRA recipes run on one device or with strategy=ddp (the bf16 base is 28.5 GB); "
+                "FSDP2 / ZeRO-3 sharding of the frozen base is not supported yet"
+            )
+        cfg = self.lora_config
+        network = build_frozen_base(self.model_config, self.init_path, cfg.base_dtype)
+        self.lora_targets = add_adapter(network, cfg, TRAINED)
+        if cfg.init:
+            tensors, file_cfg = read_checked_adapter(cfg.init, network, "lora.init")
+            for f, mine in (
+                ("rank", cfg.rank),
+                ("alpha", cfg.alpha),
+                ("sandwich", cfg.sandwich),
+                ("targets", self.lora_targets),
+            ):
+                if getattr(file_cfg, f) != mine:
+                    raise UserError(
+                        f"lora.init={cfg.init} was trained with {f}={getattr(file_cfg, f)!r}, "
+                        f"this run has {mine!r}"
+                    )
+            load_adapter(network, tensors, TRAINED, f"lora.init={cfg.init}")
+        if self._ema_requested:
+            add_adapter(network, cfg, EMA)
+        set_active(network, TRAINED)
+        return parallelize(network, self.parallel_config, None, trainable=True)
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this more than once
+            return
+        self.model = self.build_lora_network()
+        if self._ema_requested:
+            with torch.no_grad():
+                for shadow, param in zip(*self.ema_parameters(), strict=True):
+                    shadow.copy_(param)
+
+    def ema_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(shadow, live) parameters the EMA callback averages: the trained adapter's only."""
+        named = dict(self.model.named_parameters())
+        live = [k for k in named if is_adapter_key(k, TRAINED)]
+        shadow = [k.replace(f".{TRAINED}.", f".{EMA}.") for k in live]
+        return [named[k] for k in shadow], [named[k] for k in live]
+
+    def base_autocast(self):
+        """A bf16 or fp8 base computes its block matmuls in bf16 (as released), whatever trainer.precision."""
+        if self.lora_config.base_dtype == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def adapter_keys(self) -> set[str]:
+        return {f"model.{k}" for k, _ in self.model.named_parameters() if is_adapter_key(k)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        keep = self.adapter_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        got, want = set(checkpoint["state_dict"]), self.adapter_keys()
+        if got != want:
+            missing, unexpected = sorted(want - got), sorted(got - want)
+            raise UserError(
+                "the checkpoint's adapters do not match this run's lora config: "
+                f"{len(missing)} missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+        super().on_load_checkpoint(checkpoint)
+
+
+class LoraFlowMatchingModule(LoraMixin, FlowMatchingModule):
+    """Flow matching (recipe=lora_base) with adapters on a frozen base."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        with self.base_autocast():
+            return super().training_step(batch, batch_idx)

@@ -1,0 +1,411 @@
+"""LoRA on CPU at tiny size: only adapters train, per-modality adapters in sandwich layers, the small
+checkpoint resumes exactly, adapter / merged export, `infer.py lora=`, the fp8 base and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_train
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from magitrain.checkpoint import load_official, save_official
+from magitrain.checkpoint.export import main as export_main
+from magitrain.errors import UserError
+from magitrain.launch import train
+from magitrain.lora import LoraConfig, LoraFlowMatchingModule, add_adapter, apply_adapters, build_frozen_base
+from magitrain.lora.adapters import lora_layers, merge_adapter, read_adapter, set_active
+from magitrain.model import MagiHumanDiT, golden_tiny, tiny
+from magitrain.model.layout import SequenceLayout
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_official(MagiHumanDiT(tiny()), tmp_path_factory.mktemp("lora_base") / "base")
+
+
+def lora_run(shards: Path, init: Path, *extra: str) -> list[str]:
+    return [
+        "recipe=lora_base",
+        "model=tiny",
+        "trainer=cpu",
+        "debug=fast",
+        "callbacks.progress_bar=null",
+        f"data.shards={shards}/*.tar",
+        "data.num_workers=0",
+        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
+        f"init={init}",
+        f"module.lora.rank={RANK}",
+        "module.optim.lr=1e-2",  # toy steps: adapters visibly move
+        *extra,
+    ]
+
+
+def inputs(seed: int = 0, text: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, 48, 3, 4, 6, generator=g),
+        torch.randn(1, 9, 64, generator=g),
+        torch.randn(1, text, 64, generator=g),
+    )
+
+
+def base_params(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen parameters under their released names."""
+    return {
+        k.replace(".base_layer.", "."): v
+        for k, v in network.state_dict().items()
+        if ".lora_A." not in k and ".lora_B." not in k
+    }
+
+
+# ----- training ---------------------------------------------------------------------------------
+def test_only_adapters_train_and_the_base_stays_bit_identical(latent_shards, base_ckpt, tmp_path):
+    trainer = train(compose_train(lora_run(latent_shards, base_ckpt, "trainer.max_steps=4"), tmp_path))
+    module = trainer.lightning_module
+    assert trainer.global_step == 4
+    model = module.model
+    want = base_params(build_frozen_base(tiny(), str(base_ckpt), "bf16"))
+    got = base_params(model)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    qkv = model.block.layers[1].attention.linear_qkv
+    assert qkv.get_base_layer().weight.dtype == torch.bfloat16  # no float32 copy of the base
+    assert not any(p.requires_grad for k, p in model.named_parameters() if ".lora_" not in k)
+
+    trained = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".default." in k and p.dtype == torch.float32 for k, p in trained.items())
+    assert all(float(p.abs().max()) > 0 for k, p in trained.items() if ".lora_B." in k)  # B left zero
+    optimizer = trainer.optimizers[0]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in trained.values()}
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+
+    # EMA: a shadow of the adapters only, stepping behind them
+    shadow, live = module.ema_parameters()
+    assert len(shadow) == len(live) == len(trained) and module.ema is None
+    assert all(not s.requires_grad for s in shadow)
+    assert any(not torch.equal(s, p) for s, p in zip(shadow, live, strict=True))
+
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and all(".lora_A." in k or ".lora_B." in k for k in ckpt["state_dict"])
+    assert {k.split(".lora_")[1].split(".")[1] for k in ckpt["state_dict"]} == {"default", "ema"}
+
+
+def test_a_killed_lora_run_resumes_exactly_from_its_small_checkpoint(latent_shards, base_ckpt, tmp_path):
+    """20 steps straight == a `train.py` process SIGKILLed after its step-2 checkpoint + a resume."""
+    overrides = lora_run(
+        latent_shards,
+        base_ckpt,
+        "trainer.max_steps=20",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.ema.decay=0.9",
+    )
+    straight = train(compose_train(overrides, tmp_path / "straight"))
+
+    killed = tmp_path / "killed"
+    step2 = killed / "checkpoints" / "step00000002.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={killed}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not step2.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed mid-training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert step2.exists(), "the run was killed before writing its step-2 checkpoint"
+    small = torch.load(step2, map_location="cpu", weights_only=True)
+    base_bytes = sum(
+        v.numel() * v.element_size()
+        for v in load_official(MagiHumanDiT(tiny()), base_ckpt).state_dict().values()
+    )
+    adapter_bytes = sum(v.numel() * v.element_size() for v in small["state_dict"].values())
+    assert adapter_bytes < 0.2 * base_bytes
+    resumed = train(compose_train([*overrides, f"ckpt_path={step2}", "logger.csv.name=csv_resumed"], killed))
+
+    want, got = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert want.keys() == got.keys() and any(".lora_A.ema." in k for k in want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    from test_train_base import step_losses
+
+    straight_losses = step_losses(tmp_path / "straight" / "csv" / "metrics.csv")
+    resumed_losses = step_losses(killed / "csv_resumed" / "metrics.csv")
+    assert sorted(resumed_losses) == list(range(2, 20))
+    assert all(resumed_losses[s] == straight_losses[s] for s in resumed_losses)
+
+
+def test_a_checkpoint_of_other_adapters_is_refused_by_name(latent_shards, base_ckpt, tmp_path):
+    train(compose_train(lora_run(latent_shards, base_ckpt, "trainer.max_steps=2"), tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    other = lora_run(latent_shards, base_ckpt, "module.lora.targets=[mlp.down_proj]", f"ckpt_path={ckpt}")
+    with pytest.raises(UserError, match="missing|unexpected"):
+        train(compose_train(other, tmp_path / "b"))
+
+
+# ----- the adapter layer ------------------------------------------------------------------------
+def _layer_inputs(network: MagiHumanDiT, n_text: int):
+    layout = SequenceLayout(1, 2, 2, 3, 9, n_text)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, layout.seq_len, network.config.hidden_size, generator=g)
+    rope = network.adapter.rope(layout.positions("v2"))
+    global_mask, local_mask = network._masks(layout, x.device)
+    return layout, (x, layout.splits, rope, global_mask, local_mask)
+
+
+@torch.no_grad()
+def _randomise(network: MagiHumanDiT, seed: int = 2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for k, p in network.named_parameters():
+        if ".lora_" in k:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("sandwich", ["per_copy", "shared_a"])
+def test_sandwich_copies_each_get_their_own_adapter(sandwich):
+    torch.manual_seed(0)
+    network = build_frozen_base(tiny(), None, "fp32")
+    add_adapter(network, LoraConfig(rank=RANK, sandwich=sandwich))
+    set_active(network, "default")
+    _randomise(network)
+    linear = network.block.layers[0].attention.linear_qkv  # a sandwich layer: 3 copies
+    out_rows, d = linear.get_base_layer().weight.shape[0] // 3, network.config.hidden_size
+    a, b = linear.lora_A["default"].weight, linear.lora_B["default"].weight
+    assert tuple(a.shape) == ((3 * RANK, d) if sandwich == "per_copy" else (RANK, d))
+    assert tuple(b.shape) == (3 * out_rows, RANK)
+
+    # each modality slice uses its own base copy and its own B (and A): the explicit formula
+    splits = (4, 3, 2)
+    x = torch.randn(1, sum(splits), d)
+    y = linear(x, splits)
+    w = linear.get_base_layer().weight
+    for c, part in enumerate(x.split(splits, dim=1)):
+        a_c = a.chunk(3)[c] if sandwich == "per_copy" else a
+        want = part @ w.chunk(3)[c].T + (part @ a_c.T @ b.chunk(3)[c].T) * linear.scaling["default"]
+        torch.testing.assert_close(y.split(splits, dim=1)[c], want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_video_copy_adapter_reaches_audio_and_text_only_through_attention():
+    torch.manual_seed(0)
+    network = build_frozen_base(tiny(), None, "fp32")
+    add_adapter(network, LoraConfig(rank=RANK))
+    set_active(network, "default")
+    _randomise(network)
+    layer = network.block.layers[0]  # sandwich
+    layout, args = _layer_inputs(network, n_text=0)  # a sequence with no text tokens
+    nv, na, _ = layout.splits
+    before = layer(*args)
+
+    def bump(linear, copy):
+        linear.lora_B["default"].weight.chunk(3)[copy].add_(0.5)
+
+    # video copy of the per-token linears (MLP, output projection): only video tokens move
+    for linear in (layer.mlp.up_gate_proj, layer.mlp.down_proj, layer.attention.linear_proj):
+        bump(linear, 0)
+    after = layer(*args)
+    assert not torch.equal(after[:, :nv], before[:, :nv])
+    assert torch.equal(after[:, nv:], before[:, nv:])
+    # video copy of qkv: audio tokens change too, through attention to the video keys and values
+    bump(layer.attention.linear_qkv, 0)
+    assert not torch.equal(layer(*args)[:, nv:], after[:, nv:])
+    # the text copy of every adapter of the layer changes nothing when there are no text tokens
+    before = layer(*args)
+    for linear in (layer.attention.linear_qkv, layer.attention.linear_proj, layer.mlp.up_gate_proj):
+        bump(linear, 2)
+        linear.lora_A["default"].weight.chunk(3)[2].add_(0.5)
+    assert torch.equal(layer(*args), before)
+
+
+# ----- fp8 base ---------------------------------------------------------------------------------
+def test_fp8_base_stores_float8_weights_and_trains_only_adapters(base_ckpt):
+    pytest.importorskip("torchao")
+    bf16 = build_frozen_base(tiny(), str(base_ckpt), "bf16")
+    fp8 = build_frozen_base(tiny(), str(base_ckpt), "fp8")
+    weight = fp8.block.layers[0].attention.linear_qkv.weight
+    assert weight.qdata.dtype == torch.float8_e4m3fn and tuple(weight.qdata.shape) == tuple(weight.shape)
+    for network in (bf16, fp8):
+        add_adapter(network, LoraConfig(rank=RANK))
+        set_active(network, "default")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v8, a8 = fp8(*inputs())
+        v16, a16 = bf16(*inputs())
+        loss = v8.square().mean() + a8.square().mean()
+    rel = (v8 - v16).norm() / v16.norm()
+    assert 0 < rel < 0.1, rel  # fp8 rounding of the weights, nothing worse
+    loss.backward()
+    grads = {k: p.grad for k, p in fp8.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in k and ".default." in k for k in grads)
+
+
+# ----- export and inference ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_fp32(latent_shards, base_ckpt, tmp_path_factory):
+    """A LoRA run on a float32 base (exact comparisons), its last checkpoint and module."""
+    out = tmp_path_factory.mktemp("lora_fp32")
+    overrides = lora_run(
+        latent_shards, base_ckpt, "module.lora.base_dtype=fp32", "module.lora.sandwich=shared_a"
+    )
+    trainer = train(compose_train(overrides, out))
+    return out / "checkpoints" / "last.ckpt", trainer.lightning_module
+
+
+def test_adapter_file_has_released_names_and_metadata(trained_fp32, tmp_path):
+    ckpt, module = trained_fp32
+    export_main([str(ckpt), str(tmp_path / "adapter.safetensors")])
+    with safe_open(tmp_path / "adapter.safetensors", framework="pt") as st:
+        meta, keys = st.metadata(), set(st.keys())
+        a0 = st.get_tensor("block.layers.0.attention.linear_qkv.lora_A.weight")
+        b0 = st.get_tensor("block.layers.0.attention.linear_qkv.lora_B.weight")
+    assert meta["format"] == "magitrain-lora" and int(meta["rank"]) == RANK and float(meta["alpha"]) == 64.0
+    assert meta["sandwich"] == "shared_a" and json.loads(meta["architecture"])["sandwich_layers"] == [0, 3]
+    targets = json.loads(meta["targets"])
+    assert len(targets) == 16 and keys == {f"{t}.lora_{m}.weight" for t in targets for m in "AB"}
+    assert a0.shape == (RANK, 64) and b0.shape == (3 * tiny().qkv_rows, RANK) and a0.dtype == torch.float32
+    layer = module.model.block.layers[0].attention.linear_qkv
+    assert torch.equal(b0, layer.lora_B["default"].weight)
+
+
+def test_merged_export_equals_the_model_with_adapters_applied(trained_fp32, base_ckpt, tmp_path):
+    ckpt, module = trained_fp32
+    export_main([str(ckpt), str(tmp_path / "merged"), "--merge"])
+    merged = load_official(MagiHumanDiT(tiny()), tmp_path / "merged").eval()
+    base = load_official(MagiHumanDiT(tiny()), base_ckpt).eval()
+    with torch.no_grad():
+        want, got, plain = module.model.eval()(*inputs()), merged(*inputs()), base(*inputs())
+    for w, g, p in zip(want, got, plain, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert (w - p).abs().max() > 1e-3  # the adapter does change the outputs
+    # --ema exports the EMA shadow of the adapters
+    export_main([str(ckpt), str(tmp_path / "ema.safetensors"), "--ema"])
+    export_main([str(ckpt), str(tmp_path / "raw.safetensors")])
+    (ema, _, _), (raw, _, _) = (
+        read_adapter(tmp_path / "ema.safetensors"),
+        read_adapter(tmp_path / "raw.safetensors"),
+    )
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+def _two_adapters(trained_fp32, tmp_path: Path) -> tuple[Path, Path]:
+    ckpt, _ = trained_fp32
+    first = tmp_path / "first.safetensors"
+    export_main([str(ckpt), str(first)])
+    tensors, _, _ = read_adapter(first)
+    with safe_open(first, framework="pt") as st:
+        meta = st.metadata()
+    second = tmp_path / "second.safetensors"
+    save_file({k: v.flip(0).contiguous() * -0.7 for k, v in tensors.items()}, str(second), metadata=meta)
+    return first, second
+
+
+def test_infer_lora_equals_inference_with_merged_weights(trained_fp32, base_ckpt, tmp_path, monkeypatch):
+    first, second = _two_adapters(trained_fp32, tmp_path)
+    # several adapters with their own scales == the base with both merged at those scales
+    weights = load_official(MagiHumanDiT(tiny()), base_ckpt).state_dict()
+    for path, scale in ((first, 0.5), (second, 2.0)):
+        tensors, cfg, arch = read_adapter(path)
+        merge_adapter(weights, tensors, cfg, arch, scale)
+    merged_dir = save_official(weights, tmp_path / "merged")
+    from magitrain.inference import load_network
+
+    applied = apply_adapters(load_network(base_ckpt, "tiny"), [str(first), str(second)], [0.5, 2.0]).eval()
+    merged = load_network(merged_dir, "tiny").eval()
+    with torch.no_grad():
+        for a, m in zip(applied(*inputs()), merged(*inputs()), strict=True):
+            torch.testing.assert_close(a, m, rtol=1e-5, atol=1e-5)
+
+    # infer.py end to end: lora= at load time vs the merged checkpoint. The clips are compared
+    # before mp4 encoding: x264 turns a one-level pixel change into larger, unrelated differences.
+    import infer
+    from magitrain.inference.pipeline import Generation
+
+    clips = []
+    monkeypatch.setattr(Generation, "save", lambda self, path: clips.append(self) or Path(path))
+    common = ["model=tiny", "codecs=tiny", "prompt=A man says hello", "seconds=0.32", "resolution=64x32"]
+    infer.main([f"ckpt={base_ckpt}", f"lora=[{first},{second}]", "lora_scale=[0.5,2.0]", *common])
+    infer.main([f"ckpt={merged_dir}", *common])
+    infer.main([f"ckpt={base_ckpt}", *common])
+    (lora, merged, base) = clips
+    assert lora.video.shape == (3, 9, 32, 64)
+    torch.testing.assert_close(lora.video, merged.video, rtol=0, atol=1e-4)
+    torch.testing.assert_close(lora.audio, merged.audio, rtol=0, atol=1e-4)
+    assert (lora.video - base.video).abs().max() > 1e-2  # the adapters do change the clip
+
+
+# ----- bad input --------------------------------------------------------------------------------
+def test_targets_and_layers_that_match_nothing_are_named():
+    network = build_frozen_base(tiny(), None, "fp32")
+    with pytest.raises(UserError, match="'mlp.gate_proj' matches no linear"):
+        add_adapter(network, LoraConfig(targets=["attention.linear_qkv", "mlp.gate_proj"]))
+    with pytest.raises(UserError, match=r"matches no linear"):
+        add_adapter(network, LoraConfig(targets=[r"block\.layers\.9\..*"]))
+    with pytest.raises(UserError, match=r"indices \[7\] are outside"):
+        add_adapter(network, LoraConfig(layers="0-1,7"))
+    with pytest.raises(UserError, match="lora.sandwich"):
+        LoraConfig(sandwich="stacked")
+    # a layer range and a pattern choose exactly their linears
+    targets = add_adapter(network, LoraConfig(targets=[r".*\.mlp\..*"], layers=[1, 2]))
+    assert targets == [f"block.layers.{i}.mlp.{n}" for i in (1, 2) for n in ("up_gate_proj", "down_proj")]
+    assert set(lora_layers(network)) == set(targets)
+
+
+def test_adapter_files_for_another_architecture_or_rank_are_refused(trained_fp32, base_ckpt, tmp_path):
+    import infer
+
+    ckpt, _ = trained_fp32
+    adapter = tmp_path / "adapter.safetensors"
+    export_main([str(ckpt), str(adapter)])
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="another architecture: its num_layers is 4, the network's is 8"):
+        apply_adapters(MagiHumanDiT(golden_tiny()), str(adapter), 1.0)
+    # continuing training from an adapter with another rank
+    module = LoraFlowMatchingModule(
+        model=tiny(), init=str(base_ckpt), lora=LoraConfig(rank=8, sandwich="shared_a", init=str(adapter))
+    )
+    with pytest.raises(UserError, match=r"lora.init=.* rank=4, this run has 8"):
+        module.build_lora_network()
+    # a file whose metadata rank does not match its tensors
+    tensors, _, _ = read_adapter(adapter)
+    with safe_open(adapter, framework="pt") as st:
+        meta = {**st.metadata(), "rank": "2"}
+    bad = tmp_path / "bad_rank.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(UserError, match=r"bad_rank.safetensors \(rank 2\).*wrongly shaped"):
+        apply_adapters(MagiHumanDiT(tiny()), str(bad), 1.0)
+    with pytest.raises(UserError, match="not a magitrain LoRA adapter"):
+        apply_adapters(MagiHumanDiT(tiny()), str(base_ckpt / "model-00001-of-00001.safetensors"), 1.0)
+    common = [f"ckpt={base_ckpt}", "model=tiny", "codecs=tiny", "prompt=hi", f"out={tmp_path / 'x.mp4'}"]
+    for scale in ("strong", "[1.0,2.0]", "true"):
+        with pytest.raises(UserError, match="lora_scale"):
+            infer.main([*common, f"lora={adapter}", f"lora_scale={scale}"])
+    with pytest.raises(UserError, match="lora=.*no such adapter file"):
+        infer.main([*common, f"lora={tmp_path / 'missing.safetensors'}"])
+
+
+def test_merge_of_a_run_without_init_asks_for_the_base(latent_shards, tmp_path):
+    overrides = lora_run(latent_shards, "null", "trainer.max_steps=1", "callbacks.ema=null")
+    train(compose_train(overrides, tmp_path))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="--base PATH"):
+        export_main([str(ckpt), str(tmp_path / "m"), "--merge"])
+    with pytest.raises(UserError, match="no EMA adapter weights"):
+        export_main([str(ckpt), str(tmp_path / "e.safetensors"), "--ema"])

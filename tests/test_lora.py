@@ -409,3 +409,64 @@ def test_merge_of_a_run_without_init_asks_for_the_base(latent_shards, tmp_path):
         export_main([str(ckpt), str(tmp_path / "m"), "--merge"])
     with pytest.raises(UserError, match="no EMA adapter weights"):
         export_main([str(ckpt), str(tmp_path / "e.safetensors"), "--ema"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base_dtype", ["bf16", "fp8"])
+def test_lora_step_memory_on_gpu(base_dtype):
+    """One 256p 5 s LoRA step of the 15B model (random base, r=64, checkpointing): peak memory."""
+    from magitrain.model import magihuman_15b
+
+    torch.cuda.reset_peak_memory_stats()
+    network = build_frozen_base(magihuman_15b(activation_checkpointing=True), None, base_dtype, "cuda")
+    add_adapter(network, LoraConfig(rank=64))
+    add_adapter(network, LoraConfig(rank=64), "ema")
+    set_active(network, "default")
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    g = torch.Generator("cuda").manual_seed(0)
+    video = torch.randn(1, 48, 32, 16, 28, device="cuda", generator=g)  # 448x256, 5 s
+    audio = torch.randn(1, 126, 64, device="cuda", generator=g)
+    text = torch.randn(1, 100, 3584, device="cuda", generator=g)
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            v, a = network(video, audio, text)
+            loss = v.float().square().mean() + a.float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"LoRA r=64 {base_dtype} base, 256p 5 s step: peak {peak:.1f} GiB")
+    assert peak < (46 if base_dtype == "bf16" else 30)
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_matches_one_process(tmp_path):
+    """Two gloo DDP ranks with batches of 2 == one process with the batch of 4: losses and adapters."""
+    from test_train_base import step_losses
+    from test_train_distributed import run_train
+
+    from magitrain.data.synthetic import make_latent_dataset
+
+    shards = tmp_path / "four"
+    make_latent_dataset(shards, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64)
+    torch.manual_seed(5)
+    save_official(MagiHumanDiT(tiny()), shards / "init")
+    lora = (
+        "recipe=lora_base",
+        f"module.lora.rank={RANK}",
+        "module.lora.base_dtype=fp32",
+        "module.optim.lr=1e-2",
+    )
+    run_train(tmp_path / "one", shards, devices=1, strategy="auto", batch_size=4, extra=lora)
+    run_train(tmp_path / "ddp", shards, devices=2, strategy="ddp", batch_size=2, extra=lora)
+    want, got = (step_losses(tmp_path / run / "csv" / "metrics.csv") for run in ("one", "ddp"))
+    assert sorted(got) == [0, 1] and all(got[s] == pytest.approx(want[s], rel=1e-5) for s in want)
+    one, ddp = (
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for run in ("one", "ddp")
+    )
+    assert one.keys() == ddp.keys() and all(".lora_" in k for k in one)
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert any(float(one[k].abs().max()) > 0 for k in one if ".lora_B.default." in k)

@@ -38,7 +38,9 @@ ARCH_FIELDS = (
 BASE_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp32": torch.float32}
 
 
-def build_frozen_base(config: MagiHumanConfig, init: str | None, base_dtype: str = "bf16") -> MagiHumanDiT:
+def build_frozen_base(
+    config: MagiHumanConfig, init: str | None, base_dtype: str = "bf16", device: str | torch.device = "cpu"
+) -> MagiHumanDiT:
     """The frozen base network with its block linears stored in `base_dtype`, never in float32 first.
 
     Norms, embedders and output heads (0.1% of the parameters) stay float32 as released.
@@ -50,8 +52,8 @@ def build_frozen_base(config: MagiHumanConfig, init: str | None, base_dtype: str
     to_inference_dtype(network, BASE_TORCH_DTYPES[base_dtype])
     if init:
         load_official(network, init)
-    else:  # training-from-scratch init: only for toy runs and tests
-        network.to_empty(device="cpu")
+    else:  # training-from-scratch init: toy runs, tests and memory measurements
+        network.to_empty(device=device)
         network.reset_parameters()
     network.requires_grad_(False)
     if base_dtype == "fp8":

@@ -38,19 +38,11 @@ def lora_delta(a: Tensor, b: Tensor, copies: int, scaling: float) -> Tensor:
 
 def compute_weight(weight: Tensor, x: Tensor) -> Tensor:
     """A frozen weight ready for `F.linear(x, .)`: as stored under autocast, else in x's dtype."""
-    if (
-        torch.is_autocast_enabled(x.device.type)
-        or weight.dtype == x.dtype
-        and type(weight)
-        in (
-            Tensor,
-            nn.Parameter,
-        )
-    ):
-        return weight
+    if torch.is_autocast_enabled(x.device.type):
+        return weight  # autocast casts it (a torchao float8 weight runs its own matmul)
     if type(weight) not in (Tensor, nn.Parameter):  # torchao float8 storage
         weight = weight.dequantize()
-    return weight.to(x.dtype)
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
 
 
 class ModalityLoraLinear(PeftLoraLinear):

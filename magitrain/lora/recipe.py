@@ -44,9 +44,8 @@ class LoraMixin:
     # ----- networks -------------------------------------------------------------------------
     def build_lora_network(self):
         """The frozen base (from `init`) with the trained adapter (and its EMA shadow) injected."""
-        if self.device_mesh is not None or getattr(
-            getattr(self._trainer, "strategy", None), "zero_stage_3", False
-        ):
+        zero3 = self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
+        if self.device_mesh is not None or zero3:
             raise UserError(
                 "LoRA recipes run on one device or with strategy=ddp (the bf16 base is 28.5 GB); "
                 "FSDP2 / ZeRO-3 sharding of the frozen base is not supported yet"

@@ -213,8 +213,9 @@ def test_the_video_copy_adapter_reaches_audio_and_text_only_through_attention():
     _randomise(network)
     layer = network.block.layers[0]  # sandwich
     layout, args = _layer_inputs(network, n_text=0)  # a sequence with no text tokens
-    nv, na, _ = layout.splits
-    before = layer(*args)
+    texted, texted_args = _layer_inputs(network, n_text=3)
+    nv = layout.splits[0]
+    before, before_texted = layer(*args), layer(*texted_args)
 
     def bump(linear, copy):
         linear.lora_B["default"].weight.chunk(3)[copy].add_(0.5)
@@ -222,18 +223,25 @@ def test_the_video_copy_adapter_reaches_audio_and_text_only_through_attention():
     # video copy of the per-token linears (MLP, output projection): only video tokens move
     for linear in (layer.mlp.up_gate_proj, layer.mlp.down_proj, layer.attention.linear_proj):
         bump(linear, 0)
-    after = layer(*args)
+    after, after_texted = layer(*args), layer(*texted_args)
     assert not torch.equal(after[:, :nv], before[:, :nv])
     assert torch.equal(after[:, nv:], before[:, nv:])
+    assert torch.equal(after_texted[:, nv:], before_texted[:, nv:])  # audio and text tokens
     # video copy of qkv: audio tokens change too, through attention to the video keys and values
     bump(layer.attention.linear_qkv, 0)
     assert not torch.equal(layer(*args)[:, nv:], after[:, nv:])
     # the text copy of every adapter of the layer changes nothing when there are no text tokens
     before = layer(*args)
-    for linear in (layer.attention.linear_qkv, layer.attention.linear_proj, layer.mlp.up_gate_proj):
+    for linear in (
+        layer.attention.linear_qkv,
+        layer.attention.linear_proj,
+        layer.mlp.up_gate_proj,
+        layer.mlp.down_proj,
+    ):
         bump(linear, 2)
         linear.lora_A["default"].weight.chunk(3)[2].add_(0.5)
     assert torch.equal(layer(*args), before)
+    assert not torch.equal(layer(*texted_args)[:, -3:], after_texted[:, -3:])  # but text tokens do
 
 
 # ----- fp8 base ---------------------------------------------------------------------------------

@@ -154,12 +154,16 @@ def test_a_killed_lora_run_resumes_exactly_from_its_small_checkpoint(latent_shar
     assert all(resumed_losses[s] == straight_losses[s] for s in resumed_losses)
 
 
-def test_a_checkpoint_of_other_adapters_is_refused_by_name(latent_shards, base_ckpt, tmp_path):
+def test_a_checkpoint_of_other_adapters_or_another_base_is_refused(latent_shards, base_ckpt, tmp_path):
     train(compose_train(lora_run(latent_shards, base_ckpt, "trainer.max_steps=2"), tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     other = lora_run(latent_shards, base_ckpt, "module.lora.targets=[mlp.down_proj]", f"ckpt_path={ckpt}")
     with pytest.raises(UserError, match="missing|unexpected"):
         train(compose_train(other, tmp_path / "b"))
+    torch.manual_seed(1)
+    other_base = save_official(MagiHumanDiT(tiny()), tmp_path / "other_base")
+    with pytest.raises(UserError, match="trained on another base"):
+        train(compose_train(lora_run(latent_shards, other_base, f"ckpt_path={ckpt}"), tmp_path / "c"))
 
 
 # ----- the adapter layer ------------------------------------------------------------------------

@@ -98,12 +98,25 @@ class LoraMixin:
     def adapter_keys(self) -> set[str]:
         return {f"model.{k}" for k, _ in self.model.named_parameters() if is_adapter_key(k)}
 
+    def base_fingerprint(self) -> float:
+        """A checksum of the frozen base's float32 embedders and heads: resuming on another base fails."""
+        m = self.model
+        parts = (m.adapter.video_embedder.weight, m.final_linear_video.weight, m.final_linear_audio.weight)
+        return float(sum(p.detach().double().sum() for p in parts))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         keep = self.adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lora_base"] = {"init": self.init_path, "fingerprint": self.base_fingerprint()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("lora_base", {})
+        if saved and saved["fingerprint"] != self.base_fingerprint():
+            raise UserError(
+                f"the checkpoint's adapters were trained on another base (init={saved['init']}); "
+                f"this run's base is init={self.init_path}: resume with the same init"
+            )
         got, want = set(checkpoint["state_dict"]), self.adapter_keys()
         if got != want:
             missing, unexpected = sorted(want - got), sorted(got - want)

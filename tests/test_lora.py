@@ -482,3 +482,14 @@ def test_lora_under_ddp_matches_one_process(tmp_path):
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
     assert any(float(one[k].abs().max()) > 0 for k in one if ".lora_B.default." in k)
+
+
+def test_activation_checkpointing_gives_the_same_adapters(latent_shards, base_ckpt, tmp_path):
+    runs = {}
+    for ac in ("false", "true"):
+        extra = ("module.lora.base_dtype=fp32", f"module.parallel.activation_checkpointing={ac}")
+        trainer = train(compose_train(lora_run(latent_shards, base_ckpt, *extra), tmp_path / ac))
+        assert trainer.lightning_module.model.activation_checkpointing == (ac == "true")
+        runs[ac] = {k: v for k, v in trainer.lightning_module.state_dict().items() if ".lora_" in k}
+    for k in runs["false"]:
+        torch.testing.assert_close(runs["true"][k], runs["false"][k], rtol=1e-6, atol=1e-7, msg=k)

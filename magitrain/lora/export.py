@@ -51,4 +51,4 @@ def export_lora(
     to_inference_dtype(network, dtype or torch.float32)  # block linears in the output dtype, no fp32 detour
     weights = load_official(network, base).state_dict()
     merge_adapter(weights, tensors, cfg, {f: getattr(config, f) for f in ARCH_FIELDS})
-    return save_official(weights, out, dtype=dtype, max_shard_size=max_shard_size)
+    return save_official(weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config)

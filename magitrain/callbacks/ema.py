@@ -27,6 +27,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def ema_pairs(pl_module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(shadow, live) parameters: the module's own choice when it has one (LoRA: the adapters
+    only, `ema_parameters()`), else every parameter of `ema` and `model`."""
+    if hasattr(pl_module, "ema_parameters"):
+        return pl_module.ema_parameters()
+    return list(pl_module.ema.parameters()), list(pl_module.model.parameters())
+
+
 class EMA(Callback):
     def __init__(self, decay: float = 0.999, start_step: int = 0, every_n_steps: int = 1):
         if not 0.0 <= decay < 1.0:
@@ -49,7 +57,7 @@ class EMA(Callback):
         pl_module.request_ema()
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        for shadow in pl_module.ema_parameters()[0]:
+        for shadow in ema_pairs(pl_module)[0]:
             if shadow.dtype != torch.float32:  # DeepSpeed bf16 cast the whole module
                 shadow.data = shadow.data.float()
 
@@ -67,7 +75,7 @@ class EMA(Callback):
     @torch.no_grad()
     def update(self, pl_module, step: int) -> None:
         """One batched float32 update of every shadow tensor towards the network's weights."""
-        shadow_params, live = pl_module.ema_parameters()  # the module says what its EMA covers
+        shadow_params, live = ema_pairs(pl_module)
         shadows = [_local(s) for s in shadow_params]
         params = [_local(p.detach()).float() for p in live]
         if len(shadows) != len(params):

@@ -108,10 +108,6 @@ class MagiHumanModule(L.LightningModule):
                 for shadow, param in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                     shadow.copy_(param.detach())
 
-    def ema_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(shadow, live) parameter lists, aligned, that the EMA callback averages."""
-        return list(self.ema.parameters()), list(self.model.parameters())
-
     # ----- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 0

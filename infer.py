@@ -53,8 +53,8 @@ class InferConfig:
     resolution: str = arg("256p", "base stage size: 256p | 540p | 1080p | WIDTHxHEIGHT")
     sr: str = arg("none", "super-resolution target: none | 540p | 1080p | WIDTHxHEIGHT")
     sr_ckpt: str | None = arg(None, "the SR network's checkpoint (needed with sr=)")
-    lora: list = arg([], "LoRA adapter file(s) applied to the base network at load time: PATH or [PATH,...]")
-    lora_scale: list = arg(["1.0"], "LoRA scale: one for all adapters, or [S1,S2,...] one per adapter")
+    lora: str | None = arg(None, "LoRA adapter file(s) applied to the base at load time: PATH or [PATH,...]")
+    lora_scale: str = arg("1.0", "LoRA scale: one for all adapters, or [S1,S2,...] one per adapter")
     steps: int = arg(8, "8: distilled sampler; 32: UniPC with CFG")
     sampler: str | None = arg(None, "distilled | base (default: from steps)")
     seed: int = arg(0, "noise seed (a CPU generator: the same noise on any device)")
@@ -252,8 +252,10 @@ def generate(cfg: InferConfig, device: torch.device) -> None:
     if cfg.lora:
         from magitrain.lora import apply_adapters
 
-        scales = [convert(scale, float, "lora_scale") for scale in cfg.lora_scale]
-        model = apply_adapters(model, cfg.lora, scales)
+        scales = [
+            convert(scale, float, "lora_scale") for scale in convert(cfg.lora_scale, list, "lora_scale")
+        ]
+        model = apply_adapters(model, convert(cfg.lora, list, "lora"), scales)
     sr_preset = "magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b_sr540"
     sr_model = (
         load_checked(cfg.sr_ckpt, cfg.sr_model, cfg.weights, "sr_ckpt", dtype, sr_preset) if sr else None

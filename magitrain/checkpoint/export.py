@@ -102,6 +102,11 @@ def export(
     if merge or base:
         raise UserError(f"--merge and --base apply to LoRA checkpoints; {ckpt} is not one")
     weights = network_state(state, ema)
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"{ckpt}: {'ema' if ema else 'model'}.{name} is not finite; refusing to export it"
+            )
     config = None
     if "model" in hparams:  # check the layout against the architecture the run trained
         config = MagiHumanConfig(**hparams["model"])

@@ -42,10 +42,10 @@ def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.A
 
 
 def warmup_length(cfg: OptimConfig, total_steps: int) -> int:
-    """Warmup steps: `warmup_steps`, or `warmup_fraction` of the run; always shorter than the run."""
+    """Warmup steps: `warmup_steps`, or `warmup_fraction` of the run; shorter than a cosine run."""
     if cfg.warmup_steps is None:
         return round(cfg.warmup_fraction * total_steps)
-    if 0 < total_steps <= cfg.warmup_steps:
+    if cfg.schedule == "cosine" and 0 < total_steps <= cfg.warmup_steps:  # the decay needs steps left
         log.warning(
             "optim.warmup_steps=%d is not shorter than the %d training steps: warming up over %d",
             cfg.warmup_steps,

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as L
-import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from magitrain.callbacks.checkpoint import EXIT_CODE_SIGNALLED, RunCheckpoint
 from magitrain.checkpoint.atomic_io import AtomicCheckpointIO
+from magitrain.checkpoint.resume import checkpoint_meta, newest_checkpoint
+from magitrain.errors import UserError
 
 log = logging.getLogger("magitrain")
 
@@ -34,25 +37,23 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """`ckpt_path=last` -> this run's newest checkpoint (None, i.e. a fresh start, if there is none yet)."""
     if cfg.ckpt_path != "last":
         if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+            raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return cfg.ckpt_path
-    last = Path(cfg.callbacks.model_checkpoint.dirpath) / "last.ckpt"
-    if last.exists():
-        return str(last)
-    log.warning("ckpt_path=last but %s does not exist yet: starting from scratch", last)
-    return None
+    ckpt_dir = Path(cfg.callbacks.model_checkpoint.dirpath)
+    newest = newest_checkpoint(ckpt_dir, cfg.paths.output_dir)
+    if newest is None:
+        log.warning("ckpt_path=last but %s holds no checkpoint yet: starting from scratch", ckpt_dir)
+        return None
+    log.info("ckpt_path=last: resuming from %s", newest)
+    return str(newest)
 
 
-def _resume_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
+def _resume_wandb(cfg: DictConfig, meta: dict) -> None:
     """Continue the W&B run that the checkpoint was logged to."""
-    if not ckpt_path or "wandb" not in (cfg.logger or {}) or cfg.logger.wandb.get("id"):
+    if "wandb" not in (cfg.logger or {}) or cfg.logger.wandb.get("id"):
         return
-    ckpt = Path(ckpt_path)
-    meta = ckpt / "meta.pt" if ckpt.is_dir() else ckpt  # FSDP2 distributed checkpoints keep it there
-    if meta.is_file():
-        state = torch.load(meta, map_location="cpu", weights_only=False, mmap=True)
-        if state.get("wandb_run_id"):
-            cfg.logger.wandb.id = state["wandb_run_id"]
+    if meta.get("wandb_run_id"):
+        cfg.logger.wandb.id = meta["wandb_run_id"]
 
 
 def train(cfg: DictConfig) -> L.Trainer:
@@ -62,7 +63,8 @@ def train(cfg: DictConfig) -> L.Trainer:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     ckpt_path = resolve_ckpt_path(cfg)
-    _resume_wandb(cfg, ckpt_path)
+    if ckpt_path:  # read weights-only before Lightning does: a file holding objects is refused by name
+        _resume_wandb(cfg, checkpoint_meta(ckpt_path))
 
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
@@ -74,8 +76,13 @@ def train(cfg: DictConfig) -> L.Trainer:
         logger=_instantiate_group(cfg.logger) or False,
         plugins=plugins,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException as stop:  # Lightning's own stop, for a SIGTERM before training started
+        raise SystemExit(EXIT_CODE_SIGNALLED) from stop
     for logger in trainer.loggers:  # flush W&B (its offline runs write their summary on finish)
         if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
             logger.experiment.finish()
+    if any(isinstance(cb, RunCheckpoint) and cb.stopped_by for cb in trainer.callbacks):
+        raise SystemExit(EXIT_CODE_SIGNALLED)  # stopped by a signal after saving the step reached
     return trainer

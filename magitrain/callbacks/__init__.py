@@ -1,8 +1,9 @@
-"""Training callbacks: EMA, throughput/MFU/memory, RNG state, validation samples."""
+"""Training callbacks: checkpoints, EMA, throughput/MFU/memory, RNG state, validation samples."""
 
+from .checkpoint import RunCheckpoint
 from .ema import EMA
 from .rng import RNGState
 from .throughput import Throughput
 from .validation import Validation
 
-__all__ = ["EMA", "RNGState", "Throughput", "Validation"]
+__all__ = ["EMA", "RNGState", "RunCheckpoint", "Throughput", "Validation"]

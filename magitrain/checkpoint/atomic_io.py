@@ -1,7 +1,9 @@
-"""Checkpoint files that are either complete or absent: write to a temporary name, then rename.
+"""Checkpoint files that are either complete or absent, and read without running code.
 
-A process killed mid-write leaves the previous `last.ckpt` intact (and a stray `.tmp` file),
-never a truncated checkpoint under the name that `ckpt_path=last` resumes from.
+Writes go to a temporary name, then are renamed: a process killed mid-write leaves the previous
+checkpoint intact (and a stray `.tmp` file), never a truncated checkpoint under a name that
+`ckpt_path=last` resumes from. Reads are weights-only (`magitrain.checkpoint.safe_load`), whatever
+`weights_only` Lightning passes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .safe_load import load_torch_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,3 +32,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_torch_file(path)

@@ -253,7 +253,7 @@ def test_wandb_offline_run_holds_the_logged_keys(latent_shards, tmp_path, monkey
     records = run_file.read_bytes()
     for key in keys:
         assert key.encode() in records, key
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert runs[0].name.endswith(ckpt["wandb_run_id"])
 
 
@@ -263,7 +263,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
     io.save_checkpoint({"step": 1}, path)
     with pytest.raises((pickle.PicklingError, AttributeError)):
         io.save_checkpoint({"step": 2, "bad": lambda: None}, path)  # lambdas do not pickle
-    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert torch.load(path, weights_only=True) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]
 
 

@@ -17,6 +17,8 @@ import torch
 from magitrain.model import MagiHumanConfig, MagiHumanDiT
 
 from .official import check_layout, save_official
+from .resume import checkpoint_meta
+from .safe_load import load_torch_file
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "keep": None}
 
@@ -25,17 +27,15 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     """(module state dict, hyper-parameters) of a Lightning checkpoint in any strategy's format."""
     path = Path(path)
     if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load_torch_file(path, mmap=True)
         return ckpt["state_dict"], ckpt.get("hyper_parameters", {})
-    if (path / "latest").is_file():  # DeepSpeed
+    if (path / "latest").is_file():  # DeepSpeed (which reads its files itself, once we checked them)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        meta = torch.load(
-            next(path.glob("*/mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False
-        )
+        meta = checkpoint_meta(path)
         return get_fp32_state_dict_from_zero_checkpoint(str(path)), meta.get("hyper_parameters", {})
     if (path / ".metadata").is_file():  # torch.distributed.checkpoint (FSDP2)
-        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        meta = checkpoint_meta(path)  # also checks the .metadata pickle before DCP reads it
         return read_dcp_networks(path), meta.get("hyper_parameters", {})
     raise FileNotFoundError(
         f"{path} is not a Lightning checkpoint file, DeepSpeed or distributed checkpoint directory"

@@ -15,6 +15,7 @@ from magitrain.errors import UserError
 
 from .safe_load import (
     CorruptCheckpointError,
+    check_dcp_metadata,
     check_deepspeed_checkpoint,
     deepspeed_safe_globals,
     load_torch_file,
@@ -31,6 +32,7 @@ def checkpoint_meta(path: str | Path) -> dict:
     if path.is_file():
         meta = load_torch_file(path, mmap=True)
     elif (path / "meta.pt").is_file():  # torch.distributed.checkpoint (FSDP2)
+        check_dcp_metadata(path)
         meta = load_torch_file(path / "meta.pt")
     elif (path / "latest").is_file():  # DeepSpeed
         check_deepspeed_checkpoint(path)

@@ -37,6 +37,8 @@ def load_torch_file(path: str | Path, mmap: bool = False, safe_globals: list | N
         with torch.serialization.safe_globals(safe_globals or []):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):  # not a pickle at all: junk or truncated
+            raise CorruptCheckpointError(f"{path} is not a readable torch file ({_first_line(err)})") from err
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f" ({found.group(1)})" if found else ""
         raise UnsafeCheckpointError(
@@ -68,3 +70,51 @@ def check_deepspeed_checkpoint(path: str | Path) -> None:
     allowed = deepspeed_safe_globals()
     for file in sorted(Path(path).rglob("*.pt")):
         load_torch_file(file, mmap=True, safe_globals=allowed)
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint reads `.metadata` with plain pickle: allow only its own types."""
+
+    def find_class(self, module: str, name: str):
+        import pathlib
+
+        from torch.distributed.checkpoint import filesystem, metadata
+
+        allowed = {
+            ("torch", "Size"): torch.Size,
+            ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
+            ("pathlib", "PosixPath"): pathlib.PosixPath,
+            ("pathlib", "WindowsPath"): pathlib.WindowsPath,
+        }
+        for cls in ("Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata"):
+            allowed["torch.distributed.checkpoint.metadata", cls] = getattr(metadata, cls)
+        for cls in ("BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"):
+            allowed["torch.distributed.checkpoint.metadata", cls] = getattr(metadata, cls)
+        if (module, name) in allowed:
+            return allowed[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def check_dcp_metadata(path: str | Path) -> None:
+    """Refuse a distributed-checkpoint directory whose `.metadata` pickle holds anything else."""
+    file = Path(path) / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            _DCPMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # not a pickle at all: junk or truncated
+            raise CorruptCheckpointError(
+                f"{file} is not a readable checkpoint index ({_first_line(err)})"
+            ) from err
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise UnsafeCheckpointError(
+            f"{file} holds non-tensor objects ({found.group(1) if found else err}): magitrain will "
+            "not unpickle it"
+        ) from err
+    except (EOFError, OSError, ValueError, AttributeError) as err:
+        raise CorruptCheckpointError(
+            f"{file} is not a readable checkpoint index ({_first_line(err)})"
+        ) from err

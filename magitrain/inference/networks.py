@@ -21,6 +21,7 @@ import torch
 from magitrain.checkpoint import CheckpointMismatchError, check_layout, load_official
 from magitrain.checkpoint.export import network_state, read_training_checkpoint
 from magitrain.checkpoint.official import read_config
+from magitrain.checkpoint.safe_load import CorruptCheckpointError
 from magitrain.model import MagiHumanConfig, MagiHumanDiT, get_config
 from magitrain.model.compile import compile_layers
 from magitrain.model.layers import ModalityLinear
@@ -86,7 +87,7 @@ def _from_training_checkpoint(
 ) -> MagiHumanDiT:
     try:
         state, hparams = read_training_checkpoint(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except (CorruptCheckpointError, pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise ValueError(
             f"{field}={path} is neither a released-layout checkpoint nor a readable Lightning "
             f"checkpoint: {err}"

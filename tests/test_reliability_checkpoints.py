@@ -1,0 +1,176 @@
+"""Checkpoints never run code: a real checkpoint plus one object whose unpickling would write a marker
+file goes through every entry point that accepts a checkpoint; the payload never runs and the error
+names the file and says that it holds non-tensor objects."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_train
+from test_train_base import tiny_run
+
+from magitrain.checkpoint.atomic_io import AtomicCheckpointIO
+from magitrain.checkpoint.resume import checkpoint_meta, newest_checkpoint
+from magitrain.checkpoint.safe_load import (
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    check_dcp_metadata,
+    check_deepspeed_checkpoint,
+)
+from magitrain.launch import train
+
+REFUSED = "holds non-tensor objects"
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): the marker file exists iff the pickle ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(latent_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("real")
+    train(compose_train(tiny_run(latent_shards, "trainer.max_steps=2"), out))
+    return out / "checkpoints" / "step00000002.ckpt"
+
+
+@pytest.fixture
+def crafted(real_ckpt, tmp_path) -> tuple[Path, Path]:
+    """(crafted checkpoint, marker): the real checkpoint with a Payload among its hyper-parameters."""
+    ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
+    marker = tmp_path / "PAYLOAD_RAN"
+    ckpt["hyper_parameters"]["note"] = Payload(marker)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(ckpt, path)
+    return path, marker
+
+
+def test_our_checkpoints_hold_only_tensors_and_plain_values(real_ckpt):
+    ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)  # raises if anything else
+    assert {"state_dict", "optimizer_states", "callbacks", "hyper_parameters", "MagiDataModule"} <= set(ckpt)
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_train_py_refuses_a_crafted_ckpt_path_and_a_planted_last(crafted, latent_shards, tmp_path):
+    path, marker = crafted
+    result = _run(
+        ["train.py", *tiny_run(latent_shards), f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'a'}"]
+    )
+    assert result.returncode != 0 and not marker.exists()
+    assert f"{path} {REFUSED}" in result.stdout + result.stderr
+
+    run = tmp_path / "b"
+    (run / "checkpoints").mkdir(parents=True)
+    planted = run / "checkpoints" / "last.ckpt"
+    planted.write_bytes(path.read_bytes())
+    result = _run(["train.py", *tiny_run(latent_shards), "ckpt_path=last", f"hydra.run.dir={run}"])
+    assert result.returncode != 0 and not marker.exists()
+    assert f"{planted} {REFUSED}" in result.stdout + result.stderr
+
+
+def test_lightnings_own_load_is_weights_only(crafted):
+    path, marker = crafted
+    with pytest.raises(UnsafeCheckpointError, match=REFUSED):
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
+    assert not marker.exists()
+
+
+def test_export_cli_refuses_a_crafted_checkpoint(crafted, tmp_path):
+    from magitrain.checkpoint import export
+
+    path, marker = crafted
+    with pytest.raises(UnsafeCheckpointError, match=f"{path} {REFUSED}"):
+        export.main([str(path), str(tmp_path / "out")])
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_infer_py_refuses_a_crafted_ckpt_and_sr_ckpt(crafted, tmp_path, monkeypatch):
+    from magitrain.checkpoint import save_official
+    from magitrain.model import MagiHumanDiT, tiny
+
+    monkeypatch.syspath_prepend(str(REPO))
+    import infer
+
+    path, marker = crafted
+    base = save_official(MagiHumanDiT(tiny()), tmp_path / "base")
+    common = ["model=tiny", "codecs=tiny", "prompt=hi", "seconds=0.36", "resolution=64x32"]
+    with pytest.raises(UnsafeCheckpointError, match=f"{path} {REFUSED}"):
+        infer.main([f"ckpt={path}", *common, f"out={tmp_path / 'a.mp4'}"])
+    with pytest.raises(UnsafeCheckpointError, match=f"{path} {REFUSED}"):
+        infer.main(
+            [
+                f"ckpt={base}",
+                f"sr_ckpt={path}",
+                "sr=128x64",
+                "sr_model=tiny",
+                *common,
+                f"out={tmp_path / 'b.mp4'}",
+            ]
+        )
+    assert not marker.exists()
+
+
+def test_distributed_and_deepspeed_checkpoint_directories_are_checked(real_ckpt, tmp_path):
+    """FSDP2 directories: DCP unpickles `.metadata` with plain pickle, so it is checked first.
+    DeepSpeed directories: every file loads weights-only with exactly DeepSpeed's own classes allowed."""
+    import torch.distributed.checkpoint as dcp
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    fsdp = tmp_path / "fsdp.ckpt"
+    dcp.save({"state_dict": {"w": torch.ones(2)}}, checkpoint_id=fsdp)
+    torch.save({"global_step": 5}, fsdp / "meta.pt")
+    check_dcp_metadata(fsdp)
+    assert checkpoint_meta(fsdp)["global_step"] == 5
+    (fsdp / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(UnsafeCheckpointError, match=f"{fsdp / '.metadata'} {REFUSED}"):
+        checkpoint_meta(fsdp)
+
+    ds = tmp_path / "ds.ckpt"
+    (ds / "checkpoint").mkdir(parents=True)
+    (ds / "latest").write_text("checkpoint")
+    states = ds / "checkpoint" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "global_step": 7}, states)
+    optim = ds / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save(
+        {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2)}}, optim
+    )
+    check_deepspeed_checkpoint(ds)
+    assert checkpoint_meta(ds)["global_step"] == 7
+    torch.save({"optimizer_state_dict": {"loss_scaler": Payload(marker)}}, optim)
+    with pytest.raises(UnsafeCheckpointError, match=f"{optim} {REFUSED}"):
+        checkpoint_meta(ds)
+    assert not marker.exists()
+
+
+def test_last_is_the_newest_step_and_a_corrupt_one_names_the_previous(real_ckpt, tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
+    for step, name in ((2, "step00000002.ckpt"), (9, "a-name-that-sorts-first.ckpt"), (5, "last.ckpt")):
+        torch.save({**ckpt, "global_step": step}, ckpt_dir / name)
+    torch.save({**ckpt, "global_step": 7}, tmp_path / "hpc_ckpt_3.ckpt")
+    assert newest_checkpoint(ckpt_dir, tmp_path) == ckpt_dir / "a-name-that-sorts-first.ckpt"
+    (ckpt_dir / "step00000011.ckpt").write_bytes((ckpt_dir / "step00000002.ckpt").read_bytes()[:1000])
+    with pytest.raises(
+        CorruptCheckpointError, match=r"step00000011.ckpt is not a readable.*ckpt_path=.*sorts"
+    ):
+        newest_checkpoint(ckpt_dir, tmp_path)

@@ -1,9 +1,10 @@
-"""Training callbacks: checkpoints, EMA, throughput/MFU/memory, RNG state, validation samples."""
+"""Training callbacks: checkpoints, non-finite step guard, EMA, throughput/MFU, RNG state, validation."""
 
 from .checkpoint import RunCheckpoint
 from .ema import EMA
+from .nonfinite import NonFiniteGuard
 from .rng import RNGState
 from .throughput import Throughput
 from .validation import Validation
 
-__all__ = ["EMA", "RNGState", "RunCheckpoint", "Throughput", "Validation"]
+__all__ = ["EMA", "NonFiniteGuard", "RNGState", "RunCheckpoint", "Throughput", "Validation"]

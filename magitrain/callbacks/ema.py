@@ -78,5 +78,7 @@ class EMA(Callback):
         if step == self._last_step:  # a gradient-accumulation micro-batch: the weights did not move
             return
         self._last_step = step
+        if getattr(pl_module, "skipped_optimizer_step", False):  # NonFiniteGuard dropped this step
+            return
         if self.due(step):
             self.update(pl_module, step)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from magitrain.errors import UserError
 from magitrain.model import MagiHumanConfig, MagiHumanDiT
 
 from .official import check_layout, save_official
@@ -85,6 +86,11 @@ def export(
 ) -> Path:
     state, hparams = read_training_checkpoint(ckpt)
     weights = network_state(state, ema)
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(
+                f"{ckpt}: {'ema' if ema else 'model'}.{name} is not finite; refusing to export it"
+            )
     config = None
     if "model" in hparams:  # check the layout against the architecture the run trained
         config = MagiHumanConfig(**hparams["model"])

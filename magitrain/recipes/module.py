@@ -51,6 +51,8 @@ class MagiHumanModule(L.LightningModule):
         self.model: MagiHumanDiT | None = None
         self.ema: MagiHumanDiT | None = None
         self._ema_requested = False
+        # set by callbacks.NonFiniteGuard before each optimiser step: True when it was skipped
+        self.skipped_optimizer_step = False
 
     # ----- networks -------------------------------------------------------------------------
     def request_ema(self) -> None:
@@ -100,13 +102,6 @@ class MagiHumanModule(L.LightningModule):
     def configure_optimizers(self):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 0
         return build_optimizer_and_schedule(self, self.model.parameters(), self.optim_config, total)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:  # DeepSpeed keeps gradients partitioned away from p.grad and logs its own norm
-            norm = torch.nn.utils.get_total_norm(grads)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     # ----- data -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

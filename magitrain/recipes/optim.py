@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+log = logging.getLogger("magitrain")
 
 
 @dataclass
@@ -15,7 +18,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int | None = None  # linear warmup length; None: warmup_fraction of the total steps
+    warmup_fraction: float = 0.0
     schedule: str = "constant"  # constant | cosine
     total_steps: int = 0  # cosine horizon; 0 = the trainer's max_steps
     min_lr_ratio: float = 0.0
@@ -37,22 +41,35 @@ def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.A
     )
 
 
+def warmup_length(cfg: OptimConfig, total_steps: int) -> int:
+    """Warmup steps: `warmup_steps`, or `warmup_fraction` of the run; always shorter than the run."""
+    if cfg.warmup_steps is None:
+        return round(cfg.warmup_fraction * total_steps)
+    if 0 < total_steps <= cfg.warmup_steps:
+        log.warning(
+            "optim.warmup_steps=%d is not shorter than the %d training steps: warming up over %d",
+            cfg.warmup_steps,
+            total_steps,
+            total_steps - 1,
+        )
+        return total_steps - 1
+    return cfg.warmup_steps
+
+
 def lr_lambda(cfg: OptimConfig, total_steps: int):
     """Multiplier of the base lr at a step: linear warmup, then constant or cosine down to min_lr_ratio."""
     if cfg.schedule not in ("constant", "cosine"):
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
-    if cfg.schedule == "cosine" and total_steps <= cfg.warmup_steps:
-        raise ValueError(
-            "a cosine schedule needs optim.total_steps or trainer.max_steps > "
-            f"optim.warmup_steps ({cfg.warmup_steps})"
-        )
+    if cfg.schedule == "cosine" and total_steps <= 0:
+        raise ValueError("a cosine schedule needs optim.total_steps or trainer.max_steps")
+    warmup = warmup_length(cfg, total_steps)
 
     def multiplier(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / (total_steps - cfg.warmup_steps))
+        progress = min(1.0, (step - warmup) / (total_steps - warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier

@@ -39,6 +39,17 @@ def _max_abs(out, ref) -> float:
     return (out - ref).abs().max().item()
 
 
+def _ulps(out, ref) -> float:
+    """Largest |out - ref| in float32 rounding steps at the reference's scale (its largest magnitude).
+
+    One ulp is what a different but correct kernel (another CPU, another summation order) may
+    give; a wrong formula or schedule is thousands of ulps away.
+    """
+    scale = ref.detach().float().abs().max()
+    ulp = torch.nextafter(scale, torch.tensor(float("inf"))) - scale
+    return (_max_abs(out.float(), ref.float()) / ulp).item()
+
+
 def _rms_rel(out, ref) -> float:
     return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
 
@@ -116,10 +127,10 @@ def test_grids_equal_released(schedules, steps):
 
 
 def test_zero_snr_table_and_sr_coefficient(schedules):
-    assert _max_abs(zero_snr_alphas_sqrt(), schedules["zerosnr.sigmas_1000_flip"]) <= 1e-7
+    assert _ulps(zero_snr_alphas_sqrt(), schedules["zerosnr.sigmas_1000_flip"]) <= 2
     a = sr_renoise_coefficient(220)
-    assert abs(a.item() - schedules["zerosnr.sigma_at_220"].item()) <= 1e-7
-    assert abs((1 - a**2).sqrt().item() - schedules["zerosnr.noise_coef_at_220"].item()) <= 1e-7
+    assert _ulps(a, schedules["zerosnr.sigma_at_220"]) <= 2
+    assert _ulps((1 - a**2).sqrt(), schedules["zerosnr.noise_coef_at_220"]) <= 2
     assert round(a.item(), 4) == 0.8389
 
 
@@ -223,11 +234,12 @@ def test_base_sampler_replayed(base32):
     video, audio = sample_base(
         replay, base32["init.video_latent"], base32["init.audio_latent"], text, text_len, null, null_len
     )
+    # 32 solver steps of float32 arithmetic: a few rounding steps at the latents' scale
     for i, (v_in, a_in) in enumerate(replay.inputs[::2]):
-        assert _max_abs(v_in, base32[f"base.step{i:02d}.latent_video_in"]) <= 1e-6
-        assert _max_abs(a_in, base32[f"base.step{i:02d}.latent_audio_in"]) <= 1e-6
-    assert _max_abs(video, base32["base.final.video_latent"]) <= 1e-6
-    assert _max_abs(audio, base32["base.final.audio_latent"]) <= 1e-6
+        assert _ulps(v_in, base32[f"base.step{i:02d}.latent_video_in"]) <= 8
+        assert _ulps(a_in, base32[f"base.step{i:02d}.latent_audio_in"]) <= 8
+    assert _ulps(video, base32["base.final.video_latent"]) <= 8
+    assert _ulps(audio, base32["base.final.audio_latent"]) <= 8
 
 
 def _run_base(fx, velocity_fn):

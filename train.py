@@ -2,8 +2,11 @@
 
 See conf/train.yaml for the groups and recipes/ for the training methods. Errors in the command
 (a missing value, an unknown option, a missing checkpoint) print in a few lines; `--verbose` or
-HYDRA_FULL_ERROR=1 shows the traceback.
+HYDRA_FULL_ERROR=1 shows the traceback. Resume a run with
+`python train.py hydra.run.dir=RUN ckpt_path=last [overrides]`: its own overrides are restored.
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -20,4 +23,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     with command_line():
+        from magitrain.run_records import with_restored_overrides
+
+        sys.argv = [sys.argv[0], *with_restored_overrides(sys.argv[1:])]
         main()

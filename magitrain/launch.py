@@ -57,10 +57,12 @@ def _resume_wandb(cfg: DictConfig, meta: dict) -> None:
 
 
 def train(cfg: DictConfig) -> L.Trainer:
+    # a config with a missing value fails here, before it replaces the run's config.yaml
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved))  # this start's (records: starts/)
 
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:  # read weights-only before Lightning does: a file holding objects is refused by name

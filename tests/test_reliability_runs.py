@@ -1,0 +1,91 @@
+"""Run directories as a user meets them: resume with one line, one record per start, the final step
+saved, short runs start with the default config, no versioned duplicate checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from conftest import REPO, compose_train
+from omegaconf import OmegaConf
+from test_train_base import read_metrics, tiny_run
+
+from magitrain.checkpoint.resume import checkpoint_meta
+from magitrain.launch import train
+
+
+def _train_py(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def _weights(ckpt) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resume_with_only_the_run_dir_equals_the_full_command_and_keeps_every_start(latent_shards, tmp_path):
+    full = tiny_run(latent_shards, "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_steps=3")
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    _train_py([*full, f"hydra.run.dir={run}"])
+    (first,) = (run / "starts").iterdir()
+    first_record = {p.name: p.read_text() for p in first.iterdir()}
+    shutil.copytree(run, copy, symlinks=True)  # a copied (or moved) run directory resumes the same
+
+    # one line: no recipe, model, data or trainer arguments
+    _train_py([f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_steps=6"])
+    _train_py([*full, f"hydra.run.dir={copy}", "ckpt_path=last", "trainer.max_steps=6"])
+
+    for run_dir in (run, copy):
+        assert checkpoint_meta(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6
+        assert not list((run_dir / "checkpoints").glob("*-v*.ckpt"))  # no versioned duplicates
+    want, got = _weights(copy / "checkpoints" / "last.ckpt"), _weights(run / "checkpoints" / "last.ckpt")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+    starts = sorted((run / "starts").iterdir())
+    assert len(starts) == 2 and starts[0] == first
+    assert {p.name: p.read_text() for p in first.iterdir()} == first_record  # the first start's record
+    second = [str(o) for o in OmegaConf.load(starts[1] / "overrides.yaml")]
+    assert "model=tiny" in second and "ckpt_path=last" in second and "trainer.max_steps=6" in second
+    assert "trainer.max_steps=3" not in second
+    # the metrics history spans both starts
+    steps = {int(r["step"]) for r in read_metrics(run / "csv" / "metrics.csv") if r.get("train/loss")}
+    assert {0, 2, 5} <= steps
+
+
+def test_the_final_step_is_always_saved(latent_shards, tmp_path):
+    overrides = tiny_run(
+        latent_shards, "callbacks.model_checkpoint.every_n_train_steps=3", "trainer.max_steps=4"
+    )
+    train(compose_train(overrides, tmp_path))
+    assert checkpoint_meta(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*")) == [
+        "step00000003.ckpt",
+        "step00000004.ckpt",
+    ]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_symlink()  # not a second copy of step 4
+
+
+def test_a_short_run_starts_with_the_default_warmup_and_total_steps_needs_no_plus(
+    latent_shards, tmp_path, caplog
+):
+    base = [o for o in tiny_run(latent_shards) if o != "debug=fast"]  # the recipe's own optimiser settings
+    trainer = train(
+        compose_train([*base, "trainer.max_steps=5", "module.optim.total_steps=10"], tmp_path / "a")
+    )
+    assert trainer.global_step == 5
+    with caplog.at_level(logging.WARNING, logger="magitrain"):
+        trainer = train(
+            compose_train([*base, "trainer.max_steps=2", "module.optim.warmup_steps=1000"], tmp_path / "b")
+        )
+    assert trainer.global_step == 2
+    assert "optim.warmup_steps=1000 is not shorter than the 2 training steps" in caplog.text

@@ -143,3 +143,23 @@ def test_slurm_requeue_checkpoint_resumes_exactly_and_last_finds_it(latent_shard
     assert len(hpc) == 1 and not list((run_dir / "checkpoints").glob("step*.ckpt"))
     assert 2 <= checkpoint_meta(hpc[0])["global_step"] < STEPS
     assert_resumes_exactly(run_dir, overrides, straight)
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_one_saved_step(latent_shards, tmp_path):
+    """Only the launching process (rank 0) gets SIGTERM; rank 1, its child, learns it through the
+    per-step reduction. Both save the same step and exit; neither waits for the other forever."""
+    overrides = [
+        *run_overrides(latent_shards),
+        "trainer.devices=2",
+        "strategy=ddp",
+        "trainer.max_steps=40",
+        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 1}]",
+    ]
+    proc = start(tmp_path, overrides)
+    wait_for(lambda: logged_steps(tmp_path) >= 2, proc, "step 2")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-3000:]
+    (saved,) = (tmp_path / "checkpoints").glob("step*.ckpt")
+    assert 2 <= checkpoint_meta(saved)["global_step"] < 40

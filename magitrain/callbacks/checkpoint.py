@@ -67,11 +67,11 @@ class RunCheckpoint(ModelCheckpoint):
         self._received[signum] = True  # only a flag: the loop may be anywhere between two steps
 
     def _signals_on_any_rank(self, trainer) -> list[int]:
+        here, self._received = self._received, {}  # a signal arriving from now on counts next step
         flags = torch.tensor(
-            [float(self._received.get(s, False)) for s in STOP_SIGNALS], device=trainer.strategy.root_device
+            [float(here.get(s, False)) for s in STOP_SIGNALS], device=trainer.strategy.root_device
         )
         flags = trainer.strategy.reduce(flags, reduce_op="max") if trainer.world_size > 1 else flags
-        self._received = {}
         return [s for s, flag in zip(STOP_SIGNALS, flags.tolist(), strict=True) if flag]
 
     # ----- saving -----------------------------------------------------------------------------

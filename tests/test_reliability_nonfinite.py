@@ -99,8 +99,8 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(latent_shards, tm
 
     trainer = train(compose_train(tiny_run(latent_shards, "trainer.max_steps=1"), tmp_path))
     with torch.no_grad():
-        trainer.lightning_module.model.final_linear_audio.bias[0] = float("inf")
-    with pytest.raises(NonFiniteCheckpointError, match="model.final_linear_audio.bias is not finite"):
+        trainer.lightning_module.model.final_linear_audio.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteCheckpointError, match="model.final_linear_audio.weight is not finite"):
         trainer.save_checkpoint(tmp_path / "bad.ckpt")
     assert not (tmp_path / "bad.ckpt").exists()
 

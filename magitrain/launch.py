@@ -71,6 +71,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     plugins = [AtomicCheckpointIO()] if cfg.strategy.name in SINGLE_FILE_STRATEGIES else []
+    plugins += _instantiate_group(cfg.get("plugins"))  # e.g. cluster=slurm's SLURMEnvironment
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         strategy=build_strategy(cfg.strategy),

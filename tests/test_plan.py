@@ -51,6 +51,9 @@ def test_plan_shards_states_over_fsdp2_ranks(tmp_path):
     ddp = plan(["model=tiny", "strategy=ddp"], 4, 2**30, bucket)
     assert ddp.per_gpu["params"] == one.per_gpu["params"]
     assert one.fits and one.largest_batch >= 1
+    offload = plan(["model=tiny", "strategy=fsdp2", "module.parallel.cpu_offload=true"], 4, 2**30, bucket)
+    assert offload.per_gpu["optimizer"] == offload.per_gpu["params"] == 0
+    assert offload.per_gpu["activations"] == four.per_gpu["activations"]
     tight = plan(["model=tiny", "strategy=ddp"], 1, one.total // 2, bucket)
     assert not tight.fits and tight.suggestions
 

@@ -92,9 +92,12 @@ def plan(
         autocast_cache=not sharded,
     )
     world = max(1, gpus)
+    # FSDP2 CPU offload keeps every sharded state in host memory
+    offloaded = strategy == "fsdp2" and module.parallel_config.cpu_offload
     per_gpu = {}
     for role in ("params", "grads", "optimizer", "ema"):
         per_gpu[role] = getattr(mem, role) // world if role in sharded else getattr(mem, role)
+        per_gpu[role] *= not offloaded
     per_gpu["frozen"] = mem.frozen
     per_gpu["activations"] = mem.activations
     if strategy == "fsdp2":
@@ -132,9 +135,10 @@ def suggest(p: Plan, mem, module, sharded: set) -> list[str]:
     base = p.total / margin
     if p.fits:
         return out
-    if not module.model.activation_checkpointing:
+    if not module.model.activation_checkpointing or module.model.checkpoint_every > 1:
         out.append(
-            "activation checkpointing: module.parallel.activation_checkpointing=true (re-plan to size it)"
+            "activation checkpointing of every block: module.parallel.activation_checkpointing=true "
+            "module.parallel.checkpoint_every=1 (re-plan to size it)"
         )
     if p.per_gpu["optimizer"]:
         t = (base - p.per_gpu["optimizer"]) * margin

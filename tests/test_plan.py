@@ -68,6 +68,21 @@ def test_cli_json(capsys):
     assert out["total"] == sum(out["per_gpu"].values())
 
 
-def test_cli_rejects_bad_memory(capsys):
-    assert main(["model=tiny", "gpu_memory=lots"]) == 2
-    assert "gpu_memory" in capsys.readouterr().err
+def test_cli_rejects_bad_sizes():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    for bad, key in (("gpu_memory=lots", "gpu_memory"), ("gpus=0", "gpus")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "magitrain.plan", "model=tiny", bad],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "error:" in proc.stderr and key in proc.stderr and "Traceback" not in proc.stderr

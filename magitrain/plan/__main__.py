@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
+from magitrain.cli import command_line
+from magitrain.errors import UserError
+
 from .planner import GIB, parse_bytes, plan
 
 PLANNER_KEYS = ("gpus", "gpu_memory", "height", "width", "seconds", "batch_size")
@@ -66,12 +69,10 @@ def render(p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     keys, overrides, as_json = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        gpus = int(keys.get("gpus", 1))
-        gpu_memory = parse_bytes(keys.get("gpu_memory", "80GB"))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not keys.get("gpus", "1").isdigit() or int(keys.get("gpus", "1")) < 1:
+        raise UserError(f"gpus={keys['gpus']!r}: expected a number of GPUs >= 1")
+    gpus = int(keys.get("gpus", 1))
+    gpu_memory = parse_bytes(keys.get("gpu_memory", "80GB"))
     p = plan(overrides, gpus, gpu_memory, bucket_from(keys))
     if as_json:
         print(json.dumps(p.to_json(), indent=2))
@@ -81,4 +82,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with command_line():
+        sys.exit(main())

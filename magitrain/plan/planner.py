@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from magitrain.data.buckets import parse_buckets
+from magitrain.errors import UserError
 
 from .step import measure_step
 
@@ -32,7 +33,7 @@ GIB = 1024**3
 def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*(GB|GiB|G)?\s*", str(text))
     if not m:
-        raise ValueError(f"gpu_memory={text!r}: expected a size like 80GB")
+        raise UserError(f"gpu_memory={text!r}: expected a size like 80GB")
     return int(float(m.group(1)) * GIB)  # a card's "80GB" is 80 GiB of device memory
 
 

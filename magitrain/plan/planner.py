@@ -141,12 +141,13 @@ def suggest(p: Plan, mem, module, sharded: set) -> list[str]:
             "activation checkpointing of every block: module.parallel.activation_checkpointing=true "
             "module.parallel.checkpoint_every=1 (re-plan to size it)"
         )
-    if p.per_gpu["optimizer"]:
-        t = (base - p.per_gpu["optimizer"]) * margin
+    host = sum(p.per_gpu[role] for role in ("params", "grads", "optimizer", "ema"))
+    if host and p.strategy == "fsdp2":
+        t = (base - host) * margin
         out.append(
-            f"CPU offload of the trained network's parameters, gradients and optimiser states "
-            f"(module.parallel.cpu_offload=true, fsdp2): ~{t / GIB:.1f} GiB "
-            "counting the optimiser states alone"
+            "CPU offload of the sharded parameters, gradients, AdamW states and EMA "
+            f"(module.parallel.cpu_offload=true): ~{t / GIB:.1f} GiB per GPU, "
+            f"{host * p.gpus / GIB:.0f} GiB of host memory in all"
         )
     if p.strategy not in SHARDED:
         out.append("shard the states: strategy=fsdp2")

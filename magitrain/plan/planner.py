@@ -154,7 +154,9 @@ def suggest(p: Plan, mem, module, sharded: set) -> list[str]:
     for cp in (2, 4, 8):
         t = (base - p.per_gpu["activations"] + p.per_gpu["activations"] / cp) * margin
         if t <= p.gpu_memory:
-            out.append(f"context parallel degree {cp} (activations / {cp}): ~{t / GIB:.1f} GiB")
+            out.append(
+                f"context parallel degree {cp} (activations / {cp}, not in magitrain yet): ~{t / GIB:.1f} GiB"
+            )
             break
     if p.per_gpu["ema"]:
         t = (base - p.per_gpu["ema"]) * margin

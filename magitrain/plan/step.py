@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from magitrain.callbacks.ema import EMA
 from magitrain.recipes.optim import build_adamw
 
 
@@ -27,12 +28,7 @@ class StepMemory:
     frozen: int  # frozen networks other than the EMA (teacher, critic's frozen parts)
     buffers: int
     peak: int  # tracker's peak total over forward, backward, optimiser step and EMA update
-    shardable_at_peak: int  # parameters, gradients and optimiser states alive at the peak
     activations: int  # peak of activations + temporaries over forward and backward
-
-    @property
-    def states(self) -> int:
-        return self.params + self.grads + self.optimizer + self.ema + self.frozen + self.buffers
 
 
 def synthetic_batch(model_config, batch_size: int, latent_shape: tuple[int, int, int], text_len: int) -> dict:
@@ -119,10 +115,7 @@ def measure_step(
             loss.backward()
             backward_peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
             optimizer.step()
-            with torch.no_grad():  # the EMA callback's update
-                params = [p.detach().float() for p in module.model.parameters()]
-                torch._foreach_lerp_(list(module.ema.parameters()), params, 1e-3)
-                del params
+            EMA().update(module, step=1)
             trained = [p for p in module.model.parameters() if p.requires_grad]
             grads = _nbytes(p.grad for p in trained if p.grad is not None)
             opt = _nbytes(
@@ -132,7 +125,6 @@ def measure_step(
         peak = tracker.get_tracker_snapshot("peak")
         hook.remove()
 
-    at_peak = next(iter(peak.values()))
     frozen = [p for p in module.model.parameters() if not p.requires_grad]
     return StepMemory(
         params=_nbytes(trained),
@@ -141,7 +133,6 @@ def measure_step(
         ema=_nbytes(module.ema.parameters()),
         frozen=_nbytes(frozen),
         buffers=_nbytes(module.buffers()),
-        peak=at_peak["Total"],
-        shardable_at_peak=sum(at_peak.get(k, 0) for k in ("Parameter", "Gradient", "Optstate")),
+        peak=next(iter(peak.values()))["Total"],
         activations=sum(backward_peak.get(k, 0) for k in ("Activation", "Temp")),
     )

@@ -63,6 +63,7 @@ class MagiHumanDiT(nn.Module):
         self.final_linear_video = Float32Linear(d, config.video_in_channels, bias=False)
         self.final_linear_audio = Float32Linear(d, config.audio_in_channels, bias=False)
         self.activation_checkpointing = config.activation_checkpointing
+        self.checkpoint_every = 1  # selective checkpointing: every k-th block (magitrain.parallel)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -135,8 +136,8 @@ class MagiHumanDiT(nn.Module):
             rope = self.adapter.rope(layout.positions(coords_style or cfg.coords_style, x.device))
 
         global_mask, local_mask = self._masks(layout, x.device)
-        for layer in self.block.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+        for i, layer in enumerate(self.block.layers):
+            if self.activation_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
                 x = checkpoint(layer, x, layout.splits, rope, global_mask, local_mask, use_reentrant=False)
             else:
                 x = layer(x, layout.splits, rope, global_mask, local_mask)

@@ -93,7 +93,8 @@ class MagiHumanModule(L.LightningModule):
         if storage_dtype is not None:
             to_inference_dtype(network, storage_dtype)
         parallelize(network, self.parallel_config, mesh, trainable)
-        network.to_empty(device=self.device)
+        # CPU offload keeps the shards in host memory (FSDP2 copies each block to the device)
+        network.to_empty(device="cpu" if self.parallel_config.cpu_offload else self.device)
         network.reset_parameters()
         if init:
             _load_official_sharded(network, init)

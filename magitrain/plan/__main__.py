@@ -1,0 +1,86 @@
+"""`python -m magitrain.plan recipe=... [train.py overrides] gpus=N gpu_memory=80GB [--json]`.
+
+Planner keys besides the train.py overrides: gpus, gpu_memory, and the bucket to plan (default:
+the largest of data.buckets): height, width, seconds, batch_size.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from magitrain.cli import command_line
+from magitrain.errors import UserError
+
+from .planner import GIB, parse_bytes, plan
+
+PLANNER_KEYS = ("gpus", "gpu_memory", "height", "width", "seconds", "batch_size")
+
+
+def parse_args(argv: list[str]):
+    as_json = "--json" in argv
+    keys, overrides = {}, []
+    for arg in argv:
+        if arg == "--json":
+            continue
+        key, _, value = arg.partition("=")
+        if key in PLANNER_KEYS:
+            keys[key] = value
+        else:
+            overrides.append(arg)
+    return keys, overrides, as_json
+
+
+def bucket_from(keys: dict) -> dict | None:
+    if not {"height", "width"} & keys.keys() and "seconds" not in keys and "batch_size" not in keys:
+        return None
+    from magitrain.data.buckets import frames_for_seconds
+
+    return {
+        "height": int(keys.get("height", 256)),
+        "width": int(keys.get("width", 448)),
+        "frames": frames_for_seconds(float(keys.get("seconds", 5))),
+        "batch_size": int(keys.get("batch_size", 1)),
+    }
+
+
+def render(p) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    b = p.bucket
+    table = Table(
+        title=f"{p.recipe} / {p.model} / {p.strategy} on {p.gpus} x {p.gpu_memory / GIB:.0f} GiB — "
+        f"{b['height']}x{b['width']}, {b['frames']} frames, batch {b['batch_size']} per GPU"
+    )
+    table.add_column("per GPU")
+    table.add_column("GiB", justify="right")
+    table.add_column("MiB", justify="right")
+    for role, value in p.per_gpu.items():
+        table.add_row(role, f"{value / GIB:.2f}", f"{value / 2**20:.1f}")
+    verdict = "[green]fits[/green]" if p.fits else "[red]does not fit[/red]"
+    table.add_row("[bold]total[/bold]", f"[bold]{p.total / GIB:.2f}[/bold]", f"{p.total / 2**20:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"{verdict}; largest batch per GPU that fits: {p.largest_batch}")
+    for s in p.suggestions:
+        console.print(f"  - {s}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    keys, overrides, as_json = parse_args(sys.argv[1:] if argv is None else argv)
+    if not keys.get("gpus", "1").isdigit() or int(keys.get("gpus", "1")) < 1:
+        raise UserError(f"gpus={keys['gpus']!r}: expected a number of GPUs >= 1")
+    gpus = int(keys.get("gpus", 1))
+    gpu_memory = parse_bytes(keys.get("gpu_memory", "80GB"))
+    p = plan(overrides, gpus, gpu_memory, bucket_from(keys))
+    if as_json:
+        print(json.dumps(p.to_json(), indent=2))
+    else:
+        render(p)
+    return 0
+
+
+if __name__ == "__main__":
+    with command_line():
+        sys.exit(main())

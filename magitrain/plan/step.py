@@ -14,6 +14,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from magitrain.callbacks.ema import EMA
+from magitrain.errors import UserError
 from magitrain.recipes.optim import build_adamw
 
 
@@ -83,7 +84,10 @@ def training_loss(module, batch: dict) -> torch.Tensor:
     """The recipe's loss for one batch, without the Lightning logging its training_step does."""
     if hasattr(module, "flow_loss"):
         return module.flow_loss(batch)["loss"]
-    raise NotImplementedError(f"the planner does not know how to run a step of {type(module).__name__}")
+    raise UserError(
+        f"the planner cannot plan {type(module).__name__} yet (it runs flow-matching steps: "
+        "recipe=base_pretrain or an SR model); plan the base recipe for now"
+    )
 
 
 def measure_step(

@@ -208,10 +208,13 @@ def make_latent_dataset(
     text_lengths: tuple[int, int] = (3, 12),
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    sr_factor: int | None = None,
 ) -> list[Path]:
     """Latent shards of random tensors in the contract's shapes (no codec needed): sample i gets
     `latent_shapes[i % len]` as (T, H, W), N = 4(T-1)+1 audio steps, a seeded text length;
     video/audio latents stored in `dtype` (encode_shards.py stores bfloat16), text in bfloat16.
+    With `sr_factor` f, SR pairs as `encode_shards.py --sr` writes them: (T, H, W) is the SR grid
+    and `lr_video_latent` [48, T, H/f, W/f] the low-resolution latent of the same frames.
 
     For the latent-mode tests, benchmark and demo; returns the shard paths.
     """
@@ -227,6 +230,9 @@ def make_latent_dataset(
                 "audio_latent": torch.randn(4 * (t - 1) + 1, 64, generator=gen).to(dtype),
                 "text_emb": torch.randn(length, text_dim, generator=gen).to(torch.bfloat16),
             }
+            if sr_factor:
+                low = torch.randn(48, t, h // sr_factor, w // sr_factor, generator=gen)
+                tensors["lr_video_latent"] = low.to(dtype)
             meta = {
                 "caption": f"latent sample {i}",
                 "language": LANGUAGES[i % len(LANGUAGES)],

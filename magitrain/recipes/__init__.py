@@ -4,6 +4,7 @@ from .dmd2 import DMD2Module, DMDConfig
 from .flow_matching import FlowMatchingConfig, FlowMatchingModule
 from .module import MagiHumanModule
 from .optim import OptimConfig
+from .sr import RenoisedUpsample, SRConfig, SRFineTuneModule
 
 __all__ = [
     "DMD2Module",
@@ -12,4 +13,7 @@ __all__ = [
     "FlowMatchingModule",
     "MagiHumanModule",
     "OptimConfig",
+    "RenoisedUpsample",
+    "SRConfig",
+    "SRFineTuneModule",
 ]

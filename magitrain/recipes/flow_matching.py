@@ -4,6 +4,10 @@ Per sample: one noise level s shared by video and audio, `x_t = (1 - s) x0 + s e
 model regresses the velocity `eps - x0` of each modality. The text is dropped (empty prompt)
 with `p_drop_text` so classifier-free guidance works at inference; with `p_image` the clean
 frame-0 latent replaces the noisy one (image-to-video) and frame 0 leaves the loss.
+
+A variant overrides the hooks (`video_source`: the s = 1 end x1; `audio_input`; `video_loss_mask`;
+`reference_frame`; `model_kwargs`; `draw_sample` appends its draws): SR fine-tuning
+(`magitrain.recipes.sr`) is this module with x1 the re-noised upsampled low-resolution latent.
 """
 
 from __future__ import annotations
@@ -39,42 +43,75 @@ class FlowMatchingModule(MagiHumanModule):
         self._s_window: Tensor | None = None  # loss sums and counts of the logging window
 
     def _draw(self, batch: dict) -> dict[str, Tensor]:
-        """Per-sample noise, noise level and conditioning coin flips from the per-sample generators."""
-        video, audio = batch["video_latent"], batch["audio_latent"]
-        samples = video.shape[0]
-        noised_tokens = self.batch_shape(batch)[1] - batch["text_emb"].shape[1]
-        draws = {"eps_video": [], "eps_audio": [], "s": [], "drop_text": [], "image": []}
-        for gen in self.sample_generators(batch):
-            draws["eps_video"].append(torch.randn(video.shape[1:], generator=gen, device=gen.device))
-            draws["eps_audio"].append(torch.randn(audio.shape[1:], generator=gen, device=gen.device))
-            draws["s"].append(fm.sample_sigmas(1, noised_tokens, gen, self.flow_config.sigma_sampling))
-            coins = torch.rand(2, generator=gen, device=gen.device)
-            draws["drop_text"].append(coins[0] < self.flow_config.p_drop_text)
-            draws["image"].append(coins[1] < self.flow_config.p_image)
-        out = {k: torch.stack(v).to(self.device) for k, v in draws.items()}
-        out["s"] = out["s"].reshape(samples).float()
+        """Per-sample draws (`draw_sample`) from the per-sample generators, stacked on the device."""
+        per_sample = [self.draw_sample(gen, batch) for gen in self.sample_generators(batch)]
+        out = {k: torch.stack([d[k] for d in per_sample]).to(self.device) for k in per_sample[0]}
+        out["s"] = out["s"].reshape(len(per_sample)).float()
         return out
+
+    def draw_sample(self, gen: torch.Generator, batch: dict) -> dict[str, Tensor]:
+        """One sample's noise, noise level and conditioning coin flips, in a fixed order from its
+        generator (a variant appends its own draws after these)."""
+        video, audio = batch["video_latent"], batch["audio_latent"]
+        noised_tokens = self.batch_shape(batch)[1] - batch["text_emb"].shape[1]
+        eps_video = torch.randn(video.shape[1:], generator=gen, device=gen.device)
+        eps_audio = torch.randn(audio.shape[1:], generator=gen, device=gen.device)
+        s = fm.sample_sigmas(1, noised_tokens, gen, self.flow_config.sigma_sampling)
+        coins = torch.rand(2, generator=gen, device=gen.device)
+        return {
+            "eps_video": eps_video,
+            "eps_audio": eps_audio,
+            "s": s,
+            "drop_text": coins[0] < self.flow_config.p_drop_text,
+            "image": coins[1] < self.flow_config.p_image,
+        }
+
+    # ----- the hooks a flow-matching variant (SR fine-tuning) overrides -------------------------
+    def video_source(self, batch: dict, draws: dict[str, Tensor]) -> Tensor:
+        """x1, the s = 1 end of the video flow `x_s = (1 - s) x0 + s x1`: Gaussian noise here."""
+        return draws["eps_video"]
+
+    def audio_input(self, x0_audio: Tensor, draws: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(the model's audio input, its velocity target or None for no audio loss)."""
+        x_audio = fm.interpolate(x0_audio, draws["eps_audio"], draws["s"])
+        return x_audio, fm.velocity_target(x0_audio, draws["eps_audio"])
+
+    def reference_frame(self, batch: dict, x0_video: Tensor) -> Tensor:
+        """The clean frame-0 latent of image-to-video: the batch's encoded reference image, or frame 0."""
+        return batch["ref_latent"].float() if "ref_latent" in batch else x0_video[:, :, :1]
+
+    def video_loss_mask(self, x0_video: Tensor, draws: dict[str, Tensor]) -> Tensor:
+        """[B, 1, T, 1, 1]: 0 where the clean reference replaces the input (frame 0 of i2v samples)."""
+        return fm.first_frame_mask(x0_video, draws["image"])
+
+    def model_kwargs(self) -> dict:
+        """Extra keyword arguments of the training forward (SR: the v1 text coordinates)."""
+        return {}
 
     def flow_loss(self, batch: dict) -> dict[str, Tensor]:
         x0_video = batch["video_latent"].float()
         x0_audio = batch["audio_latent"].float()
         d = self._draw(batch)
         s = d["s"]
-        x_video = fm.interpolate(x0_video, d["eps_video"], s)
-        x_audio = fm.interpolate(x0_audio, d["eps_audio"], s)
+        x1_video = self.video_source(batch, d)
+        x_video = fm.interpolate(x0_video, x1_video, s)
+        x_audio, target_audio = self.audio_input(x0_audio, d)
 
-        # image-to-video: the clean frame-0 latent (or the batch's encoded reference image)
-        # overwrites the noisy one and is not a target
-        frame_mask = fm.first_frame_mask(x0_video, d["image"])
-        reference = batch["ref_latent"].float() if "ref_latent" in batch else x0_video[:, :, :1]
-        x_video = torch.where(frame_mask == 0, reference, x_video)
+        # image-to-video: the clean frame-0 latent overwrites the noisy one and is not a target
+        frame_mask = self.video_loss_mask(x0_video, d)
+        x_video = torch.where(frame_mask == 0, self.reference_frame(batch, x0_video), x_video)
 
         text_len = batch["text_len"].to(self.device)  # the empty prompt: no text tokens enter
         text_len = torch.where(d["drop_text"], torch.zeros_like(text_len), text_len)  # (no host sync)
 
-        v_video, v_audio = self.model(x_video, x_audio, batch["text_emb"], text_len=text_len)
-        loss_video = fm.velocity_mse(v_video, fm.velocity_target(x0_video, d["eps_video"]), frame_mask)
-        loss_audio = fm.velocity_mse(v_audio, fm.velocity_target(x0_audio, d["eps_audio"]))
+        v_video, v_audio = self.model(
+            x_video, x_audio, batch["text_emb"], text_len=text_len, **self.model_kwargs()
+        )
+        loss_video = fm.velocity_mse(v_video, fm.velocity_target(x0_video, x1_video), frame_mask)
+        if target_audio is None:  # no audio loss; zeros keep the logged keys
+            loss_audio = torch.zeros_like(loss_video)
+        else:
+            loss_audio = fm.velocity_mse(v_audio, target_audio)
         if "audio_mask" in batch:  # clips without audio (data.missing_audio=mask) train video only
             loss_audio = loss_audio * batch["audio_mask"].to(loss_audio)
         cfg = self.flow_config

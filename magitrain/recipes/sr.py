@@ -1,0 +1,161 @@
+"""Latent super-resolution fine-tuning: flow matching from the released SR sampler's start to the HR latent.
+
+The released SR stage (REFERENCE §3, `magitrain.flow.sr`) starts at `x1 = a up(lr) + sqrt(1 - a^2) eps`
+(trilinear upsampling, a = 0.839) and runs 5 shifted UniPC steps to the HR latent. Training is
+the flow-matching recipe with that x1 as the s = 1 end: `x_s = (1 - s) x_hr + s x1`, target
+`x1 - x_hr`, a jittered around 0.839 so the model does not learn one exact noise level. The s
+sampling mixes the 5-step shifted grid (the only s the sampler evaluates) into the shifted
+logit-normal. Audio enters as `0.7 eps + 0.3 audio`, held fixed, with no audio loss (the SR
+model's audio output is discarded at inference); text positions are v1 whatever the preset says.
+
+The low-resolution latent comes from the shards (`lr_video_latent`, `encode_shards.py --sr`) or,
+for raw media, is made on the fly: the pixels resized down by `lr_scale` and encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from magitrain.flow import training as fm
+from magitrain.flow.schedules import DEFAULT_SHIFT, flow_grid, sr_renoise_coefficient
+from magitrain.flow.sr import upsample_latent, vp_renoise
+
+from .flow_matching import FlowMatchingConfig, FlowMatchingModule
+
+RELEASED_A = float(sr_renoise_coefficient(220))  # 0.8389: DDPM step 220 of the zero-SNR table
+
+
+class Source(Protocol):
+    """The s = 1 end of the SR flow, from the upsampled LR latent: one scalar draw per sample."""
+
+    def draw(self, gen: torch.Generator) -> Tensor: ...
+
+    def __call__(self, lr_up: Tensor, eps: Tensor, param: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class RenoisedUpsample:
+    """`x1 = a up(lr) + sqrt(1 - a^2) eps`, a ~ U(a - jitter, a + jitter); with `p_pure_noise`
+    a sample gets a = 0, i.e. x1 = eps (a pure-noise source mixed in)."""
+
+    a: float = RELEASED_A
+    jitter: float = 0.03
+    p_pure_noise: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.a - self.jitter <= self.a + self.jitter <= 1:
+            raise ValueError(f"source a +- jitter must lie in [0, 1], got a={self.a}, jitter={self.jitter}")
+
+    def draw(self, gen: torch.Generator) -> Tensor:
+        u = torch.rand(2, generator=gen, device=gen.device)
+        a = self.a + self.jitter * (2 * u[0] - 1)
+        return torch.where(u[1] < self.p_pure_noise, torch.zeros_like(a), a)
+
+    def __call__(self, lr_up: Tensor, eps: Tensor, param: Tensor) -> Tensor:
+        return vp_renoise(lr_up, param.reshape(-1, *[1] * (lr_up.ndim - 1)), eps)
+
+
+@dataclass
+class SRConfig(FlowMatchingConfig):
+    p_drop_text: float = 0.0  # the SR sampler runs without CFG
+    audio_weight: float = 0.0  # no audio loss (the flag keeps the base logging)
+    audio_noise_scale: float = 0.7  # audio input `0.7 eps + 0.3 audio`, as released
+    source: Source = field(default_factory=RenoisedUpsample)
+    grid_steps: int = 5  # the SR sampler's steps: s on its shifted grid with `grid_fraction`
+    grid_fraction: float = 0.5
+    grid_shift: float = DEFAULT_SHIFT
+    lr_scale: int = 2  # raw media: LR pixels = HR pixels / lr_scale (896x512 -> 448x256)
+    sigma_sampling: fm.SigmaSampling = field(
+        default_factory=lambda: fm.SigmaSampling(base_shift=DEFAULT_SHIFT, max_shift=DEFAULT_SHIFT)
+    )
+
+
+class SRFineTuneModule(FlowMatchingModule):
+    # the SR stage refines a base-model sample: validation generates with the base sampler, then SR
+    validation_sampling = {"steps": 5, "sampler": "sr"}
+
+    def __init__(self, *args, flow: SRConfig | None = None, **kwargs):
+        super().__init__(*args, flow=flow or SRConfig(), **kwargs)
+        cfg = self.flow_config
+        if not isinstance(cfg, SRConfig):
+            raise TypeError(f"SRFineTuneModule needs flow: SRConfig, got {type(cfg).__name__}")
+        if cfg.audio_weight:
+            raise ValueError("flow.audio_weight must be 0 for SR: its audio output is discarded")
+        self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
+        self._grid = flow_grid(cfg.grid_steps, cfg.grid_shift)[1][:-1]  # s the sampler evaluates
+
+    # ----- draws: the base draws, then the source's, then the grid coin --------------------------
+    def draw_sample(self, gen: torch.Generator, batch: dict) -> dict[str, Tensor]:
+        cfg = self.flow_config
+        out = super().draw_sample(gen, batch)
+        out["eps_source"] = torch.randn(batch["video_latent"].shape[1:], generator=gen, device=gen.device)
+        out["source"] = cfg.source.draw(gen)
+        u = torch.rand(2, generator=gen, device=gen.device)
+        on_grid = self._grid[(u[1] * len(self._grid)).long().clamp(max=len(self._grid) - 1)]
+        out["s"] = torch.where(u[0] < cfg.grid_fraction, on_grid.to(out["s"]), out["s"])
+        return out
+
+    # ----- the flow-matching hooks -------------------------------------------------------------
+    def video_source(self, batch: dict, draws: dict[str, Tensor]) -> Tensor:
+        hr = batch["video_latent"]
+        lr_up = upsample_latent(batch["lr_video_latent"].float(), hr.shape[2:])
+        return self.flow_config.source(lr_up, draws["eps_source"], draws["source"])
+
+    def audio_input(self, x0_audio: Tensor, draws: dict[str, Tensor]) -> tuple[Tensor, None]:
+        k = self.flow_config.audio_noise_scale
+        return k * draws["eps_audio"] + (1 - k) * x0_audio, None
+
+    def reference_frame(self, batch: dict, x0_video: Tensor) -> Tensor:
+        """Frame 0 at the SR grid: a reference latent encoded at another size is not used."""
+        ref = batch.get("ref_latent")
+        if ref is not None and ref.shape[-2:] == x0_video.shape[-2:]:
+            return ref.float()
+        return x0_video[:, :, :1]
+
+    def model_kwargs(self) -> dict:
+        return {"coords_style": "v1"}  # the SR checkpoints' text positions, whatever the preset
+
+    # ----- data: the LR latent from the shards or made from the HR pixels ----------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        raw = "video_latent" not in batch
+        if raw and self.codecs is not None:
+            batch = {**batch, "lr_pixels": downscale_pixels(batch["video"], self.flow_config.lr_scale)}
+        out = super().on_after_batch_transfer(batch, dataloader_idx)
+        if raw and self.codecs is not None:
+            from magitrain.data.encode import to_pixels
+
+            with torch.no_grad():
+                out["lr_video_latent"] = self.codecs.video.encode(to_pixels(batch["lr_pixels"]))
+        if "lr_video_latent" not in out:
+            raise ValueError(
+                "SR fine-tuning needs lr_video_latent in every sample of a batch: make the shards "
+                "with data_tools/encode_shards.py --sr HxW, or train on raw shards (data=raw) to "
+                "encode it on the fly"
+            )
+        check_pair(out["lr_video_latent"], out["video_latent"])
+        return out
+
+
+def downscale_pixels(video: Tensor, scale: int) -> Tensor:
+    """[B, 3, F, H, W] pixels (uint8 or float) -> [B, 3, F, H/scale, W/scale], antialiased bilinear."""
+    B, C, n, H, W = video.shape
+    if H % (16 * scale) or W % (16 * scale):
+        raise ValueError(f"SR lr_scale={scale}: the HR size {H}x{W} must be a multiple of {16 * scale}")
+    frames = video.permute(0, 2, 1, 3, 4).reshape(B * n, C, H, W).float()
+    low = F.interpolate(frames, size=(H // scale, W // scale), mode="bilinear", antialias=True)
+    low = low.round().clamp(0, 255).to(torch.uint8) if video.dtype == torch.uint8 else low
+    return low.reshape(B, n, C, H // scale, W // scale).permute(0, 2, 1, 3, 4)
+
+
+def check_pair(lr: Tensor, hr: Tensor) -> None:
+    """An LR/HR pair covers the same clip: same samples, channels and latent frames."""
+    if lr.shape[:3] != hr.shape[:3] or lr.ndim != 5:
+        raise ValueError(
+            f"lr_video_latent {tuple(lr.shape)} does not pair with video_latent {tuple(hr.shape)}: "
+            "need the same batch, channels and latent frames"
+        )

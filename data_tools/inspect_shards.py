@@ -64,9 +64,22 @@ def summarise(indexes) -> dict:
         "latent_shape": dict(
             Counter("x".join(map(str, row["latent_shape"])) for row in rows if "latent_shape" in row)
         ),
+        "sr_pairs": sr_pair_coverage(rows),
         "language": dict(Counter(row.get("language") or "?" for row in rows)),
         "has_audio": dict(Counter(str(row["has_audio"]) for row in rows if "has_audio" in row)),
     }
+
+
+def sr_pair_coverage(rows: list[dict]) -> dict:
+    """Latent samples per "SR grid <- LR grid" (latent H x W) pair; "no LR" counts the unpaired ones."""
+    pairs = Counter()
+    for row in rows:
+        if "latent_shape" not in row:
+            continue
+        hr = "x".join(map(str, row["latent_shape"][1:]))
+        lr = row.get("lr_latent_shape")
+        pairs[f"{hr} <- {'x'.join(map(str, lr[1:]))}" if lr else f"{hr} <- no LR"] += 1
+    return dict(pairs) if any("no LR" not in k for k in pairs) else {}
 
 
 def own_bucket(row: dict, policy: AVPolicy) -> Bucket:
@@ -112,7 +125,7 @@ def print_summary(console: Console, summary: dict) -> None:
         f"{summary['shards']} shards ({', '.join(summary['kind'])}), {summary['samples']} samples, "
         f"{summary['bytes'] / 1e9:.3f} GB, {summary['hours']} h"
     )
-    for field in ("duration", "resolution", "latent_shape", "language", "has_audio"):
+    for field in ("duration", "resolution", "latent_shape", "sr_pairs", "language", "has_audio"):
         if not summary[field]:
             continue
         table = Table(title=field, show_header=False)

@@ -9,7 +9,8 @@
                   "audio_duration": 1.93, "language": "en"}, ...]}
 
 Latent rows hold `latent_shape` [T, H, W], `audio_len`, `text_len`, `text_dim` and `has_audio`
-instead of the media fields. The rows are in tar order.
+instead of the media fields; SR pairs add `lr_latent_shape` [T, h, w] of their `lr_video_latent`.
+The rows are in tar order.
 """
 
 import io
@@ -150,12 +151,15 @@ def latent_row(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     shape = header["video_latent"]["shape"]
-    return {
+    row = {
         "latent_shape": shape[1:],
         "audio_len": header["audio_latent"]["shape"][0],
         "text_len": header["text_emb"]["shape"][0],
         "text_dim": header["text_emb"]["shape"][-1],
     }
+    if "lr_video_latent" in header:  # an SR pair (encode_shards.py --sr)
+        row["lr_latent_shape"] = header["lr_video_latent"]["shape"][1:]
+    return row
 
 
 def scan_shard(url: str) -> Iterator[dict]:

@@ -64,6 +64,7 @@ class MagiHumanDiT(nn.Module):
         self.final_linear_audio = Float32Linear(d, config.audio_in_channels, bias=False)
         self.activation_checkpointing = config.activation_checkpointing
         self.checkpoint_every = 1  # selective checkpointing: every k-th block (magitrain.parallel)
+        self.context_parallel = None  # magitrain.parallel.context_parallel sets it (Ulysses)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -122,6 +123,9 @@ class MagiHumanDiT(nn.Module):
         B, _, T, H, W = video.shape
         pt, ph, pw = cfg.patch_size
         grid = (T // pt, H // ph, W // pw)
+        cp = self.context_parallel
+        if cp is not None:  # the sequence must divide by the CP degree: masked text padding
+            text, text_len = cp.pad_text(text, text_len, grid[0] * grid[1] * grid[2] + audio.shape[1])
         layout = SequenceLayout(B, *grid, audio.shape[1], text.shape[1], text_len)
 
         with torch.autocast(video.device.type, enabled=False):  # embedders and RoPE in float32
@@ -136,11 +140,16 @@ class MagiHumanDiT(nn.Module):
             rope = self.adapter.rope(layout.positions(coords_style or cfg.coords_style, x.device))
 
         global_mask, local_mask = self._masks(layout, x.device)
+        splits = layout.splits
+        if cp is not None:  # this rank's slice of the tokens, of RoPE and of the modality routing
+            x, rope, splits = cp.shard(x, rope, splits)
         for i, layer in enumerate(self.block.layers):
             if self.activation_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
-                x = checkpoint(layer, x, layout.splits, rope, global_mask, local_mask, use_reentrant=False)
+                x = checkpoint(layer, x, splits, rope, global_mask, local_mask, use_reentrant=False)
             else:
-                x = layer(x, layout.splits, rope, global_mask, local_mask)
+                x = layer(x, splits, rope, global_mask, local_mask)
+        if cp is not None:
+            x = cp.gather(x)
 
         nv, na = layout.n_video, layout.n_audio
         with torch.autocast(video.device.type, enabled=False):  # output heads in float32

@@ -99,6 +99,7 @@ class Attention(nn.Module):
         self.linear_proj = ModalityLinear(self.n_q * hd, d, copies)
         self.q_norm = RMSNorm(hd, copies, cfg.norm_eps)
         self.k_norm = RMSNorm(hd, copies, cfg.norm_eps)
+        self.context_parallel = None  # magitrain.parallel.context_parallel sets it: Ulysses all-to-all
 
     def forward(self, x: Tensor, splits: Splits, rope: Tensor, mask) -> Tensor:
         B, S, _ = x.shape
@@ -111,7 +112,13 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q.view(B, S, self.n_q, hd), splits), rope)  # [B, S, Hq, d] f32
         k = apply_rope(self.k_norm(k.view(B, S, self.n_kv, hd), splits), rope)
         v = v.view(B, S, self.n_kv, hd)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.backend)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cp = self.context_parallel
+        if cp is not None:  # this rank's tokens of all heads -> all tokens of this rank's heads
+            q, k, v = cp.seq_to_heads(q), cp.seq_to_heads(k), cp.seq_to_heads(v)
+        o = attention(q, k, v, mask, self.backend)
+        if cp is not None:
+            o = cp.heads_to_seq(o)
         o = o.transpose(1, 2)  # [B, S, Hq, d]
         if self.gating:
             o = o.float() * torch.sigmoid(gate.float())[..., None]

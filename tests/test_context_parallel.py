@@ -1,0 +1,133 @@
+"""Ulysses context parallelism on two gloo CPU processes equals one process: the model's forward
+and backward (local mask, padded text, a sequence that needs padding to divide), and SR training
+steps with dp=1 x cp=2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from magitrain.model import MagiHumanDiT, tiny
+from magitrain.parallel.context_parallel import average_gradients, check_degree, enable_context_parallel
+
+CP = 2
+
+
+def _config():
+    # frame-local attention in layers 0 and 2 (window 1 over 3 latent frames), sandwich layers 0 and 3
+    return tiny(local_attn_layers=(0, 2), frame_window=1, coords_style="v1")
+
+
+def _inputs(audio_tokens: int):
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 48, 3, 4, 6, generator=g)  # 3 x 2 x 3 = 18 video tokens
+    audio = torch.randn(2, audio_tokens, 64, generator=g)
+    text = torch.randn(2, 6, 64, generator=g)
+    text_len = torch.tensor([6, 2])  # the second prompt padded
+    weights = (torch.randn(2, 48, 3, 4, 6, generator=g), torch.randn(2, audio_tokens, 64, generator=g))
+    return video, audio, text, text_len, weights
+
+
+def _forward_backward(model, inputs):
+    video, audio, text, text_len, (w_video, w_audio) = inputs
+    v_video, v_audio = model(video, audio, text, text_len=text_len)
+    ((v_video * w_video).sum() + (v_audio * w_audio).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return (v_video.detach(), v_audio.detach()), grads
+
+
+def _init(rank: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=CP)
+
+
+def _model_worker(rank: int, store: str, audio_tokens: int) -> None:
+    _init(rank, store)
+    try:
+        torch.manual_seed(0)
+        model = MagiHumanDiT(_config())
+        reference = MagiHumanDiT(_config())
+        reference.load_state_dict(model.state_dict())
+        inputs = _inputs(audio_tokens)
+        expected, expected_grads = _forward_backward(reference, inputs)
+
+        enable_context_parallel(model, dist.group.WORLD)
+        outputs, _ = _forward_backward(model, inputs)
+        average_gradients(model, dist.group.WORLD)
+        for got, want in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("audio_tokens", [9, 8], ids=["sequence-divides", "sequence-padded"])
+def test_cp2_forward_and_backward_equal_one_process(audio_tokens, tmp_path):
+    # 18 video + 9 audio + 6 text = 33 tokens: odd, so the text gets one masked pad token
+    mp.spawn(_model_worker, args=(str(tmp_path / "store"), audio_tokens), nprocs=CP)
+
+
+def _sr_steps(module, batch, steps: int, group=None) -> dict[str, torch.Tensor]:
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        module.flow_loss(batch)["loss"].backward()
+        if group is not None:
+            average_gradients(module.model, group)
+        optimizer.step()
+    return {n: p.detach().clone() for n, p in module.model.named_parameters()}
+
+
+def _sr_module():
+    from magitrain.recipes import SRConfig, SRFineTuneModule
+
+    torch.manual_seed(0)
+    module = SRFineTuneModule(_config(), flow=SRConfig(p_image=0.5))
+    module.configure_model()
+    return module
+
+
+def _sr_batch():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "video_latent": torch.randn(2, 48, 3, 4, 6, generator=g),
+        "lr_video_latent": torch.randn(2, 48, 3, 2, 3, generator=g),
+        "audio_latent": torch.randn(2, 9, 64, generator=g),
+        "text_emb": torch.randn(2, 5, 64, generator=g),
+        "text_len": torch.tensor([5, 3]),
+        "key": ["a", "b"],
+    }
+
+
+def _sr_worker(rank: int, store: str) -> None:
+    _init(rank, store)
+    try:
+        expected = _sr_steps(_sr_module(), _sr_batch(), 3)
+        module = _sr_module()  # both CP ranks read the same batch and draw the same noise
+        enable_context_parallel(module.model, dist.group.WORLD)
+        got = _sr_steps(module, _sr_batch(), 3, dist.group.WORLD)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
+        start = dict(_sr_module().model.named_parameters())
+        assert any(not torch.equal(value, start[name]) for name, value in expected.items())  # it trained
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sr_training_steps_dp1_cp2_equal_one_process(tmp_path):
+    mp.spawn(_sr_worker, args=(str(tmp_path / "store"),), nprocs=CP)
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "degree", "ok"), [(8, 2, True), (8, 8, True), (8, 3, False), (2, 4, False)]
+)
+def test_the_cp_degree_must_divide_the_kv_heads(kv_heads, degree, ok):
+    config = tiny(num_heads_q=kv_heads, num_heads_kv=kv_heads)
+    if ok:
+        check_degree(config, degree)
+    else:
+        with pytest.raises(ValueError, match=f"must divide the model's {kv_heads} kv heads"):
+            check_degree(config, degree)

@@ -4,6 +4,8 @@ steps with dp=1 x cp=2."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -131,3 +133,58 @@ def test_the_cp_degree_must_divide_the_kv_heads(kv_heads, degree, ok):
     else:
         with pytest.raises(ValueError, match=f"must divide the model's {kv_heads} kv heads"):
             check_degree(config, degree)
+
+
+@pytest.mark.slow
+def test_sr_recipe_under_fsdp2_with_context_parallel_matches_one_process(tmp_path):
+    """`train.py recipe=sr_finetune_540p strategy=fsdp2 strategy.context_parallel=2` on two gloo
+    ranks (mesh dp=1 x cp=2): the same losses and weights as one process on the same batches."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_train_base import step_losses
+    from test_train_distributed import model_weights
+
+    from magitrain.checkpoint import save_official
+    from magitrain.data.synthetic import make_latent_dataset
+
+    shards = tmp_path / "pairs"
+    make_latent_dataset(
+        shards, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
+    )
+    torch.manual_seed(5)
+    save_official(MagiHumanDiT(tiny()), shards / "init")
+
+    def run(out, devices: int, *extra: str) -> None:
+        cmd = [
+            sys.executable, "train.py", "recipe=sr_finetune_540p", "model=tiny", "trainer=cpu",
+            f"trainer.devices={devices}", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+            "module.optim.warmup_steps=1", "module.parallel.param_dtype=float32",
+            "callbacks.progress_bar=null", "callbacks.ema=null",
+            "callbacks.model_checkpoint.every_n_train_steps=2", f"data.shards={shards}/*.tar",
+            "data.num_workers=0", "data.shuffle=false",
+            "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]", f"init={shards}/init",
+            f"hydra.run.dir={out}", *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    run(tmp_path / "one", 1, "strategy=auto")
+    run(tmp_path / "cp", 2, "strategy=fsdp2", "strategy.context_parallel=2")
+    want, got = (
+        step_losses(tmp_path / "one" / "csv" / "metrics.csv"),
+        step_losses(tmp_path / "cp" / "csv" / "metrics.csv"),
+    )
+    assert sorted(got) == sorted(want) == [0, 1]
+    logs = "".join(p.read_text() for p in (tmp_path / "cp").glob("*.log"))
+    assert "Ulysses context parallelism: dp=1 x cp=2" in logs
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5)
+    w_one, w_cp = (
+        model_weights(tmp_path / "one" / "checkpoints" / "last.ckpt"),
+        model_weights(tmp_path / "cp" / "checkpoints" / "last.ckpt"),
+    )
+    for k in w_one:
+        torch.testing.assert_close(w_cp[k], w_one[k], atol=1e-5, rtol=1e-4, msg=k)

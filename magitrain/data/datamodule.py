@@ -122,6 +122,10 @@ class MagiDataModule(L.LightningDataModule):
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:
+            # the data-parallel rank: context-parallel ranks of one group read the same batches
+            replicas = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None)
+            if replicas:
+                return replicas["rank"], replicas["num_replicas"]
             return self.trainer.global_rank, self.trainer.world_size
         if self.rank is not None or self.world_size is not None:
             return self.rank or 0, self.world_size or 1

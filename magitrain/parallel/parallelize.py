@@ -11,6 +11,7 @@ its four norms form their own float32 unit, and no unit casts its forward inputs
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 from magitrain.model import MagiHumanDiT
 from magitrain.model.compile import compile_layers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,10 +86,16 @@ def parallelize(
     if cfg.compile:
         compile_layers(network)
     if device_mesh is not None:
-        mesh = (
-            device_mesh["data_parallel"]
-            if "data_parallel" in (device_mesh.mesh_dim_names or ())
-            else device_mesh
-        )
+        names = device_mesh.mesh_dim_names or ()
+        mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+        if "context_parallel" in names and device_mesh["context_parallel"].size() > 1:
+            from .context_parallel import enable_context_parallel
+
+            cp = enable_context_parallel(network, device_mesh["context_parallel"].get_group())
+            log.info(
+                "Ulysses context parallelism: dp=%d x cp=%d", device_mesh["data_parallel"].size(), cp.size
+            )
+            # shard over dp x cp: the reduction averages the CP ranks' gradients too
+            mesh = device_mesh["data_parallel", "context_parallel"]._flatten("dp_cp")
         _fsdp2(network, mesh, cfg)
     return network

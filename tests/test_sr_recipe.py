@@ -166,3 +166,38 @@ def test_recipe_runs_a_few_steps_on_generated_pairs(recipe, tmp_path):
     if recipe.endswith("1080p"):
         assert module.model_config.local_attn_layers == (0, 1, 2)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_an_exported_sr_run_is_what_infer_sr_ckpt_runs(tmp_path):
+    """Train the 540p recipe a few steps, export the released layout, and run `infer.py sr=WxH
+    sr_ckpt=` with it behind a base checkpoint: an mp4 at the SR size."""
+    import infer
+    from magitrain.checkpoint import save_official
+    from magitrain.checkpoint.export import export
+    from magitrain.checkpoint.official import read_config
+    from magitrain.data.index import probe_media
+    from magitrain.data.synthetic import make_latent_dataset
+    from magitrain.launch import train
+    from magitrain.model import MagiHumanDiT
+
+    shards = tmp_path / "pairs"
+    make_latent_dataset(
+        shards, num_samples=2, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
+    )
+    overrides = [
+        "recipe=sr_finetune_540p", "model=tiny", "trainer=cpu", "debug=fast", "callbacks.progress_bar=null",
+        f"data.shards={shards}/*.tar", "data.num_workers=0",
+        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
+    ]  # fmt: skip
+    train(compose_train(overrides, tmp_path / "run"))
+    sr_dir = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "540p_sr")
+    assert read_config(sr_dir).coords_style == "v1"
+    torch.manual_seed(0)
+    base_dir = save_official(MagiHumanDiT(tiny()), tmp_path / "base")
+    clip = tmp_path / "sr.mp4"
+    infer.main([
+        f"ckpt={base_dir}", "model=tiny", "codecs=tiny", "prompt=hello", "seconds=0.32", "resolution=64x32",
+        "sr=128x64", f"sr_ckpt={sr_dir}", f"out={clip}",
+    ])  # fmt: skip
+    info = probe_media(str(clip))
+    assert (info["width"], info["height"]) == (128, 64)

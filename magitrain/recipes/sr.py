@@ -76,8 +76,9 @@ class SRConfig(FlowMatchingConfig):
 
 
 class SRFineTuneModule(FlowMatchingModule):
-    # the SR stage refines a base-model sample: validation generates with the base sampler, then SR
-    validation_sampling = {"steps": 5, "sampler": "sr"}
+    # no validation sampler yet: the SR stage needs a frozen base model to refine (the validation
+    # callback says so at setup); export + `infer.py sr=... sr_ckpt=` runs the trained SR model
+    validation_sampling = None
 
     def __init__(self, *args, flow: SRConfig | None = None, **kwargs):
         super().__init__(*args, flow=flow or SRConfig(), **kwargs)
@@ -87,6 +88,7 @@ class SRFineTuneModule(FlowMatchingModule):
         if cfg.audio_weight:
             raise ValueError("flow.audio_weight must be 0 for SR: its audio output is discarded")
         self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
+        self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
         self._grid = flow_grid(cfg.grid_steps, cfg.grid_shift)[1][:-1]  # s the sampler evaluates
 
     # ----- draws: the base draws, then the source's, then the grid coin --------------------------

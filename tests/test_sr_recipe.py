@@ -201,3 +201,47 @@ def test_an_exported_sr_run_is_what_infer_sr_ckpt_runs(tmp_path):
     ])  # fmt: skip
     info = probe_media(str(clip))
     assert (info["width"], info["height"]) == (128, 64)
+
+
+def test_sr_validation_refines_a_frozen_base_sample_and_logs_it_beside_the_upsampled_base(
+    tmp_path, monkeypatch
+):
+    from magitrain.checkpoint import save_official
+    from magitrain.data.index import probe_media
+    from magitrain.data.synthetic import make_latent_dataset
+    from magitrain.launch import train
+    from magitrain.model import MagiHumanDiT
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    shards = tmp_path / "pairs"
+    make_latent_dataset(
+        shards, num_samples=2, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
+    )
+    torch.manual_seed(0)
+    base_dir = save_official(MagiHumanDiT(tiny()), tmp_path / "distill", config=tiny())
+    overrides = [
+        "recipe=sr_finetune_540p", "model=tiny", "trainer=cpu", "debug=fast", "trainer.max_steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2", f"data.shards={shards}/*.tar",
+        "data.num_workers=0",
+        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]", "logger=wandb", "codecs=tiny",
+        "callbacks=validation", "callbacks.progress_bar=null", "callbacks.validation.every_n_steps=2",
+        "callbacks.validation.prompts=[A dog barks twice]", "callbacks.validation.seconds=0.32",
+        "callbacks.validation.resolution=64x32", f"module.validation_base={base_dir}",
+        "module.validation_steps=2", "module.validation_size=128x64",
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    train(compose_train(overrides, out))
+    step = out / "validation" / "step00000002"
+    for name in ("sample0.mp4", "sample0_lr_up.mp4"):
+        info = probe_media(str(step / name))
+        assert (info["width"], info["height"]) == (128, 64), name
+    logged = list(
+        (next((out / "wandb").glob("offline-run-*")) / "files" / "media" / "videos" / "val").glob("*.mp4")
+    )
+    assert len(logged) == 2  # the SR clip and the upsampled base clip
+
+
+def test_sr_validation_without_a_base_model_says_what_it_needs():
+    with pytest.raises(ValueError, match="module.validation_base"):
+        _ = _module().validation_sampling

@@ -90,23 +90,43 @@ class Validation(Callback):
     def _generate(self, trainer, network, pl_module, step: int) -> list[Path]:
         from magitrain.inference import MagiHumanPipeline
 
-        pipe = MagiHumanPipeline(network, pl_module.codecs, device=pl_module.device, precision=self.precision)
+        if hasattr(pl_module, "validation_pipeline"):  # a recipe with its own stages (SR: base + SR)
+            pipe = pl_module.validation_pipeline(network, self.precision)
+        else:
+            pipe = MagiHumanPipeline(
+                network, pl_module.codecs, device=pl_module.device, precision=self.precision
+            )
         paths = []
         for i, prompt in enumerate(self.prompts):
             if trainer.is_global_zero:
                 path = self.dirpath / f"step{step:08d}" / f"sample{i}.mp4"
-                paths.append(pipe.generate(prompt, **self.options).save(path))
+                clip = pipe.generate(prompt, **self.options)
+                paths.append(clip.save(path))
+                if self.options.get("sr"):  # beside it: the base stage upsampled to the SR size
+                    paths.append(_upsampled_base(pipe, prompt, self.options, clip.video.shape[-2:], path))
             else:  # a sharded network: take part in its forwards, leave decoding to rank zero
                 pipe.generate_latents(prompt, **self.options)
         return paths
 
     def _log(self, trainer, paths: list[Path], step: int) -> None:
+        per_prompt = len(paths) // len(self.prompts)  # SR: the SR clip, then the upsampled base clip
+        captions = [f"{self.prompts[k // per_prompt]} ({p.stem})" for k, p in enumerate(paths)]
+        captions = captions if per_prompt > 1 else list(self.prompts)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 videos = [str(p) for p in paths]
                 logger.log_video(
-                    self.log_key, videos, step=step, caption=self.prompts, format=["mp4"] * len(paths)
+                    self.log_key, videos, step=step, caption=captions, format=["mp4"] * len(paths)
                 )
+
+
+def _upsampled_base(pipe, prompt: str, options: dict, size, sr_path: Path) -> Path:
+    """The same seed's base-stage clip resized (bilinear) to the SR clip's `size`: `sampleI_lr_up.mp4`."""
+    import torch.nn.functional as F
+
+    base = pipe.generate(prompt, **{**options, "sr": None})
+    base.video = F.interpolate(base.video.transpose(0, 1), size=tuple(size), mode="bilinear").transpose(0, 1)
+    return base.save(sr_path.with_name(f"{sr_path.stem}_lr_up.mp4"))
 
 
 def _is_sharded(network: torch.nn.Module) -> bool:

@@ -76,12 +76,24 @@ class SRConfig(FlowMatchingConfig):
 
 
 class SRFineTuneModule(FlowMatchingModule):
-    # no validation sampler yet: the SR stage needs a frozen base model to refine (the validation
-    # callback says so at setup); export + `infer.py sr=... sr_ckpt=` runs the trained SR model
-    validation_sampling = None
+    """Validation (the validation callback): the frozen base model at `validation_base` (released
+    layout, e.g. /ckpt/distill) generates the base stage (`validation_sampler`, `validation_steps`),
+    the SR network being trained refines it to `validation_size` (WxH, e.g. 896x512)."""
 
-    def __init__(self, *args, flow: SRConfig | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        flow: SRConfig | None = None,
+        validation_base: str | None = None,
+        validation_steps: int = 8,
+        validation_sampler: str = "distilled",
+        validation_size: str | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, flow=flow or SRConfig(), **kwargs)
+        self.validation_base, self.validation_size = validation_base, validation_size
+        self.validation_steps, self.validation_sampler = validation_steps, validation_sampler
+        object.__setattr__(self, "_base_network", None)  # frozen, outside the state dict
         cfg = self.flow_config
         if not isinstance(cfg, SRConfig):
             raise TypeError(f"SRFineTuneModule needs flow: SRConfig, got {type(cfg).__name__}")
@@ -90,6 +102,36 @@ class SRFineTuneModule(FlowMatchingModule):
         self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
         self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
         self._grid = flow_grid(cfg.grid_steps, cfg.grid_shift)[1][:-1]  # s the sampler evaluates
+
+    # ----- validation: the frozen base model, then this SR network -----------------------------
+    @property
+    def validation_sampling(self) -> dict:
+        if not (self.validation_base and self.validation_size):
+            raise ValueError(
+                "SR validation needs module.validation_base=PATH (the frozen base or distilled model "
+                "the SR model refines, released layout) and module.validation_size=WxH (the SR size)"
+            )
+        return {
+            "steps": self.validation_steps,
+            "sampler": self.validation_sampler,
+            "sr": self.validation_size,
+        }
+
+    def validation_pipeline(self, network, precision: str):
+        from magitrain.checkpoint import load_official
+        from magitrain.checkpoint.official import read_config
+        from magitrain.inference import MagiHumanPipeline
+        from magitrain.model import MagiHumanDiT
+
+        if self._base_network is None:
+            config = read_config(self.validation_base) or self.model_config.replace(
+                coords_style="v2", local_attn_layers=()
+            )
+            base = load_official(MagiHumanDiT(config), self.validation_base).to(self.device).eval()
+            object.__setattr__(self, "_base_network", base.requires_grad_(False))
+        return MagiHumanPipeline(
+            self._base_network, self.codecs, sr_model=network, device=self.device, precision=precision
+        )
 
     # ----- draws: the base draws, then the source's, then the grid coin --------------------------
     def draw_sample(self, gen: torch.Generator, batch: dict) -> dict[str, Tensor]:

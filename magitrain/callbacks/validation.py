@@ -57,7 +57,10 @@ class Validation(Callback):
     def sampling_for(self, pl_module) -> dict:
         """{steps, sampler}: this callback's when set (the pipeline picks the sampler of `steps`),
         else the recipe's (`module.validation_sampling`)."""
-        sampling = dict(self.sampling or getattr(pl_module, "validation_sampling", None) or {})
+        recipe = dict(getattr(pl_module, "validation_sampling", None) or {})
+        sampling = dict(self.sampling or recipe)
+        # the recipe's other stages stay (SR: the size its network refines to)
+        sampling |= {k: v for k, v in recipe.items() if k not in ("steps", "sampler")}
         if "steps" not in sampling:
             raise ValueError(
                 f"{type(pl_module).__name__} names no validation sampler (validation_sampling): "

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,36 @@ def latent_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latent_shards")
     make_latent_dataset(out, num_samples=16, per_shard=4, latent_shapes=((3, 4, 6),), text_dim=64)
     return out
+
+
+def tiny_run(shards: Path, *extra: str) -> list[str]:
+    """train.py overrides of a fast tiny-model run on CPU over the given latent shards."""
+    return [
+        "model=tiny",
+        "trainer=cpu",
+        "debug=fast",
+        "callbacks.progress_bar=null",
+        f"data.shards={shards}/*.tar",
+        "data.num_workers=0",
+        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
+        *extra,
+    ]
+
+
+def kill_after_checkpoint(overrides: list[str], run_dir: Path, ckpt: Path, timeout: float = 300) -> None:
+    """Run `python train.py OVERRIDES` into run_dir and SIGKILL it as soon as `ckpt` exists."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed mid-training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), f"the run was killed before writing {ckpt.name}"

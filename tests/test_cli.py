@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train
+from conftest import REPO, compose_train, tiny_run
 
 from magitrain.checkpoint import save_official
 from magitrain.model import MagiHumanDiT, tiny
@@ -29,18 +29,7 @@ def run(*cmd: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def tiny_train(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train.py",
-        "model=tiny",
-        "trainer=cpu",
-        "debug=fast",
-        "callbacks.progress_bar=null",
-        f"data.shards={shards}/*.tar",
-        "data.num_workers=0",
-        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
-        f"hydra.run.dir={out}",
-        *extra,
-    ]
+    return ["train.py", *tiny_run(shards, f"hydra.run.dir={out}", *extra)]
 
 
 def assert_short_error(result: subprocess.CompletedProcess, *culprits: str) -> None:

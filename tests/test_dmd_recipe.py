@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train
+from conftest import REPO, compose_train, kill_after_checkpoint, tiny_run
 from hydra.utils import instantiate
 
 from magitrain.checkpoint import save_official
@@ -30,21 +28,15 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 
 def dmd_run(shards: Path, teacher: Path, *extra: str) -> list[str]:
-    return [
+    return tiny_run(
+        shards,
         "recipe=dmd2_distill",
-        "model=tiny",
-        "trainer=cpu",
-        "debug=fast",
-        "callbacks.progress_bar=null",
         f"teacher={teacher}",
-        f"data.shards={shards}/*.tar",
-        "data.num_workers=0",
-        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
         "module.dmd.ttur=2",
         "module.optim.lr=1e-3",  # large enough to see every network move in a few steps
         "module.critic_optim.lr=1e-3",
         *extra,
-    ]
+    )
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -274,21 +266,7 @@ def test_a_killed_run_resumes_exactly(latent_shards, teacher_ckpt, tmp_path):
 
     killed = tmp_path / "killed"
     step2 = killed / "checkpoints" / "step00000002.ckpt"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *overrides, f"hydra.run.dir={killed}"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not step2.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed mid-training"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert step2.exists()
+    kill_after_checkpoint(overrides, killed, step2)
     resumed = train(compose_train([*overrides, f"ckpt_path={step2}", "logger.csv.name=csv_resumed"], killed))
 
     want, got = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()

@@ -13,8 +13,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO, compose_train
-from test_train_base import tiny_run
+from conftest import REPO, compose_train, tiny_run
 
 from magitrain.checkpoint import load_official
 from magitrain.checkpoint.export import export

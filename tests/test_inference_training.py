@@ -6,8 +6,7 @@ from __future__ import annotations
 import av
 import pytest
 import torch
-from conftest import compose_train
-from test_train_base import tiny_run
+from conftest import compose_train, tiny_run
 
 from magitrain.callbacks import Validation
 from magitrain.inference import ClipShape, MagiHumanPipeline, StageTimer, load_network

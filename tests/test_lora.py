@@ -4,16 +4,11 @@ checkpoint resumes exactly, adapter / merged export, `infer.py lora=`, the fp8 b
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train
+from conftest import compose_train, kill_after_checkpoint, tiny_run
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -36,20 +31,14 @@ def base_ckpt(tmp_path_factory) -> Path:
 
 
 def lora_run(shards: Path, init: Path, *extra: str) -> list[str]:
-    return [
+    return tiny_run(
+        shards,
         "recipe=lora_base",
-        "model=tiny",
-        "trainer=cpu",
-        "debug=fast",
-        "callbacks.progress_bar=null",
-        f"data.shards={shards}/*.tar",
-        "data.num_workers=0",
-        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
         f"init={init}",
         f"module.lora.rank={RANK}",
         "module.optim.lr=1e-2",  # toy steps: adapters visibly move
         *extra,
-    ]
+    )
 
 
 def inputs(seed: int = 0, text: int = 5):
@@ -118,21 +107,7 @@ def test_a_killed_lora_run_resumes_exactly_from_its_small_checkpoint(latent_shar
 
     killed = tmp_path / "killed"
     step2 = killed / "checkpoints" / "step00000002.ckpt"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *overrides, f"hydra.run.dir={killed}"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not step2.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed mid-training"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert step2.exists(), "the run was killed before writing its step-2 checkpoint"
+    kill_after_checkpoint(overrides, killed, step2)
     small = torch.load(step2, map_location="cpu", weights_only=True)
     base_bytes = sum(
         v.numel() * v.element_size()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_train, tiny_run
 from lightning.pytorch import Callback
-from test_train_base import read_metrics, tiny_run
+from test_train_base import read_metrics
 
 from magitrain.callbacks import EMA
 from magitrain.launch import train

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train
-from test_train_base import tiny_run
+from conftest import REPO, compose_train, tiny_run
 
 from magitrain.checkpoint.atomic_io import AtomicCheckpointIO
 from magitrain.checkpoint.resume import checkpoint_meta, newest_checkpoint

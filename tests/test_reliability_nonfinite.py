@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, compose_train
-from test_train_base import tiny_run
+from conftest import REPO, compose_train, tiny_run
 from test_train_distributed import four_samples, run_train  # noqa: F401 (a fixture)
 
 from magitrain.checkpoint.export import export

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, compose_train
+from conftest import REPO, compose_train, tiny_run
 from omegaconf import OmegaConf
-from test_train_base import read_metrics, tiny_run
+from test_train_base import read_metrics
 
 from magitrain.checkpoint.resume import checkpoint_meta
 from magitrain.launch import train

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train
-from test_train_base import step_losses, tiny_run
+from conftest import REPO, compose_train, tiny_run
+from test_train_base import step_losses
 
 from magitrain.checkpoint.resume import checkpoint_meta
 from magitrain.launch import train

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_train, tiny_run
 
 from magitrain.flow.schedules import flow_grid
 from magitrain.flow.sr import upsample_latent
@@ -146,16 +146,7 @@ def test_recipe_runs_a_few_steps_on_generated_pairs(recipe, tmp_path):
     make_latent_dataset(
         shards, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
     )
-    overrides = [
-        f"recipe={recipe}",
-        "model=tiny",
-        "trainer=cpu",
-        "debug=fast",
-        "callbacks.progress_bar=null",
-        f"data.shards={shards}/*.tar",
-        "data.num_workers=0",
-        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
-    ]
+    overrides = tiny_run(shards, f"recipe={recipe}")
     if recipe.endswith("1080p"):  # the 1080p model's frame-local attention, at toy size
         overrides += ["+model.local_attn_layers=[0,1,2]", "+model.frame_window=1"]
     cfg = compose_train(overrides, tmp_path / "run")

@@ -130,4 +130,3 @@ def test_fsdp2_two_processes_match_one_process(single, four_samples, tmp_path):
     stored = FileSystemReader(last).read_metadata().state_dict_metadata
     assert any(not k.startswith("state_dict.") for k in stored)
     assert all(k.startswith(("model.", "ema.")) for k in read_dcp_networks(last))
-

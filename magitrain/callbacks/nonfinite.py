@@ -11,8 +11,9 @@ the run stops with `TrainingDiverged`, naming the steps and the newest checkpoin
 A checkpoint is only written when every tensor of the module state is finite: the guard refuses
 any other (and names the first bad tensor).
 
-Under DeepSpeed the gradients live inside the engine: the guard sees the loss only and cannot
-skip the step DeepSpeed takes, so it only stops the run.
+Recipes with manual optimisation (DMD-2) guard their own optimisers; this callback then only
+refuses non-finite checkpoints. Under DeepSpeed the gradients live inside the engine: the guard
+sees the loss only and cannot skip the step DeepSpeed takes, so it only stops the run.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ class NonFiniteGuard(Callback):
         self._loss_finite: torch.Tensor | None = None
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if not pl_module.automatic_optimization:
+            return
         finite = torch.isfinite(loss.detach()).all()
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not pl_module.automatic_optimization:
+            # Manual optimisation (DMD-2) clips, checks and skips each of its optimisers itself;
+            # logging from this hook there also made Lightning drop the step's earlier metrics.
+            return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         ok = self._loss_finite if self._loss_finite is not None else torch.tensor(True)
         self._loss_finite = None

@@ -155,7 +155,8 @@ def suggest(p: Plan, mem, module, sharded: set) -> list[str]:
         t = (base - p.per_gpu["activations"] + p.per_gpu["activations"] / cp) * margin
         if t <= p.gpu_memory:
             out.append(
-                f"context parallel degree {cp} (activations / {cp}, not in magitrain yet): ~{t / GIB:.1f} GiB"
+                f"context parallel degree {cp} (strategy=fsdp2 strategy.context_parallel={cp}; "
+                f"activations / {cp}): ~{t / GIB:.1f} GiB"
             )
             break
     if p.per_gpu["ema"]:

@@ -94,3 +94,16 @@ def kill_after_checkpoint(overrides: list[str], run_dir: Path, ckpt: Path, timeo
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists(), f"the run was killed before writing {ckpt.name}"
+
+
+def straight_and_resumed(overrides: list[str], tmp_path: Path):
+    """(straight, resumed, checkpoint): the run of `overrides` straight through, and the same run
+    SIGKILLed in a `train.py` process after its step-2 checkpoint, then resumed from it."""
+    from magitrain.launch import train
+
+    straight = train(compose_train(overrides, tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    step2 = killed / "checkpoints" / "step00000002.ckpt"
+    kill_after_checkpoint(overrides, killed, step2)
+    resumed = train(compose_train([*overrides, f"ckpt_path={step2}", "logger.csv.name=csv_resumed"], killed))
+    return straight, resumed, step2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train, kill_after_checkpoint, tiny_run
+from conftest import REPO, compose_train, straight_and_resumed, tiny_run
 from hydra.utils import instantiate
 
 from magitrain.checkpoint import save_official
@@ -262,12 +262,7 @@ def test_a_killed_run_resumes_exactly(latent_shards, teacher_ckpt, tmp_path):
         "callbacks.ema.start_step=1",
         "module.dmd.p_image=0.5",
     )
-    straight = train(compose_train(overrides, tmp_path / "straight"))
-
-    killed = tmp_path / "killed"
-    step2 = killed / "checkpoints" / "step00000002.ckpt"
-    kill_after_checkpoint(overrides, killed, step2)
-    resumed = train(compose_train([*overrides, f"ckpt_path={step2}", "logger.csv.name=csv_resumed"], killed))
+    straight, resumed, step2 = straight_and_resumed(overrides, tmp_path)
 
     want, got = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
     assert want.keys() == got.keys() and {k.split(".")[0] for k in want} == {"model", "critic", "ema"}
@@ -280,7 +275,9 @@ def test_a_killed_run_resumes_exactly(latent_shards, teacher_ckpt, tmp_path):
         if r.get(key)
     }
     resumed_losses = {
-        int(r["step"]): r[key] for r in read_metrics(killed / "csv_resumed" / "metrics.csv") if r.get(key)
+        int(r["step"]): r[key]
+        for r in read_metrics(tmp_path / "killed" / "csv_resumed" / "metrics.csv")
+        if r.get(key)
     }
     assert sorted(resumed_losses) == list(range(2, 8))
     assert all(resumed_losses[s] == straight_losses[s] for s in resumed_losses)

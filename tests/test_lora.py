@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, kill_after_checkpoint, tiny_run
+from conftest import compose_train, straight_and_resumed, tiny_run
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -103,11 +103,7 @@ def test_a_killed_lora_run_resumes_exactly_from_its_small_checkpoint(latent_shar
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.ema.decay=0.9",
     )
-    straight = train(compose_train(overrides, tmp_path / "straight"))
-
-    killed = tmp_path / "killed"
-    step2 = killed / "checkpoints" / "step00000002.ckpt"
-    kill_after_checkpoint(overrides, killed, step2)
+    straight, resumed, step2 = straight_and_resumed(overrides, tmp_path)
     small = torch.load(step2, map_location="cpu", weights_only=True)
     base_bytes = sum(
         v.numel() * v.element_size()
@@ -115,7 +111,6 @@ def test_a_killed_lora_run_resumes_exactly_from_its_small_checkpoint(latent_shar
     )
     adapter_bytes = sum(v.numel() * v.element_size() for v in small["state_dict"].values())
     assert adapter_bytes < 0.2 * base_bytes
-    resumed = train(compose_train([*overrides, f"ckpt_path={step2}", "logger.csv.name=csv_resumed"], killed))
 
     want, got = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
     assert want.keys() == got.keys() and any(".lora_A.ema." in k for k in want)
@@ -124,7 +119,7 @@ def test_a_killed_lora_run_resumes_exactly_from_its_small_checkpoint(latent_shar
     from test_train_base import step_losses
 
     straight_losses = step_losses(tmp_path / "straight" / "csv" / "metrics.csv")
-    resumed_losses = step_losses(killed / "csv_resumed" / "metrics.csv")
+    resumed_losses = step_losses(tmp_path / "killed" / "csv_resumed" / "metrics.csv")
     assert sorted(resumed_losses) == list(range(2, 20))
     assert all(resumed_losses[s] == straight_losses[s] for s in resumed_losses)
 

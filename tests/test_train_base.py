@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import REPO, compose_train, kill_after_checkpoint, tiny_run
+from conftest import REPO, compose_train, straight_and_resumed, tiny_run
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -156,19 +156,14 @@ def test_a_killed_run_resumes_exactly(latent_shards, tmp_path):
         "trainer.log_every_n_steps=1",
         "callbacks.model_checkpoint.every_n_train_steps=2",
     )
-    straight = train(compose_train(overrides, tmp_path / "straight"))
-
-    killed = tmp_path / "killed"
-    step2 = killed / "checkpoints" / "step00000002.ckpt"
-    kill_after_checkpoint(overrides, killed, step2)
-    resumed = train(compose_train([*overrides, f"ckpt_path={step2}", "logger.csv.name=csv_resumed"], killed))
+    straight, resumed, step2 = straight_and_resumed(overrides, tmp_path)
 
     want, got = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
     assert want.keys() == got.keys() and any(k.startswith("ema.") for k in want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
     straight_losses = step_losses(tmp_path / "straight" / "csv" / "metrics.csv")
-    resumed_losses = step_losses(killed / "csv_resumed" / "metrics.csv")
+    resumed_losses = step_losses(tmp_path / "killed" / "csv_resumed" / "metrics.csv")
     assert sorted(resumed_losses) == list(range(2, 20))
     assert all(resumed_losses[s] == straight_losses[s] for s in resumed_losses)
 

@@ -11,9 +11,13 @@ are split across ranks (RANK/WORLD_SIZE from torchrun, or SLURM_PROCID/SLURM_NTA
 goes to rank i % world. A finished output shard is skipped, so re-running resumes. Clips of one
 bucket (and the same presence of KEY.jpg) are encoded --batch-size at a time.
 --sr HxW makes SR pairs: video_latent at the SR size, lr_video_latent at the bucket size.
+--prompts: INPUT is a text file of prompts (one a line, # comments) and the output is prompt
+shards (magitrain/data/prompts.py): text embeddings + the geometry of each --bucket, no video or
+audio, for data-free DMD-2; prompt i gets bucket i mod the number of buckets.
 
     python data_tools/encode_shards.py 'shards/raw/*.tar' shards/latent/ codecs=magihuman \\
         codecs.video_vae_path=/ckpt/wan22_vae ... --bucket 256x448:5 --bucket 256x448:2
+    python data_tools/encode_shards.py --prompts prompts.txt shards/prompts/ codecs=magihuman ...
     torchrun --nproc-per-node 8 data_tools/encode_shards.py ...   # one GPU per rank
 """
 
@@ -34,6 +38,7 @@ from magitrain.data.collate import collate_raw
 from magitrain.data.decode import BadSample, RawOptions, decode_raw, read_meta
 from magitrain.data.encode import encode_raw_batch, to_pixels
 from magitrain.data.index import read_index
+from magitrain.data.prompts import read_prompts, write_prompt_shards
 from magitrain.data.shards import expand_urls, index_url, iter_tar
 from magitrain.data.span import AV_MISMATCH, AVPolicy, Unplanned, clip_span
 from magitrain.data.writer import latent_sample, shard_path, write_shard
@@ -157,6 +162,17 @@ def encode_shard(url: str, number: int, out_dir: Path, buckets: list[Bucket], jo
     write_shard(out_dir, number, "latent", samples())
 
 
+def encode_prompts(args, rank: int) -> None:
+    """--prompts: rank 0 writes the prompt shards (one text encoder pass is cheap)."""
+    prompts = read_prompts(args.input)  # a bad file fails before the codecs load
+    if rank != 0:
+        return
+    buckets = [parse_bucket(b) for b in args.bucket or ["256x448:5"]]
+    codecs = load_codecs(args.overrides, args.device)
+    paths = write_prompt_shards(prompts, args.out_dir, codecs.text, buckets, per_shard=args.per_shard)
+    print(f"{len(prompts)} prompts -> {len(paths)} prompt shards in {args.out_dir}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,12 +205,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--av-tolerance", type=float, default=0.5, help="seconds, as data.av_tolerance")
     parser.add_argument("--batch-size", type=int, default=8, help="clips of one bucket encoded together")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    parser.add_argument("--prompts", action="store_true", help="INPUT is a prompts file: write prompt shards")
+    parser.add_argument("--per-shard", type=int, default=1000, help="--prompts: samples per shard")
     args = parser.parse_args(argv)
 
     rank, world = rank_and_world()
     if args.device is None:
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    if args.prompts:
+        encode_prompts(args, rank)
+        return
     pattern = str(Path(args.input) / "*.tar") if Path(args.input).is_dir() else args.input
     urls = expand_urls(pattern)
     buckets = [parse_bucket(b) for b in args.bucket or ["256x448:5", "256x448:2"]]

@@ -13,18 +13,17 @@ import time
 import torch
 from lightning.pytorch import Callback
 
+from magitrain.data.prompts import latent_geometry
 from magitrain.model import SequenceLayout
 from magitrain.model.flops import real_tokens, training_flops
 
 
 def batch_layout(batch: dict, patch: tuple[int, int, int]) -> SequenceLayout:
-    """The token layout of a latent batch (text lengths as they come, on their device)."""
-    B, _, T, H, W = batch["video_latent"].shape
+    """The token layout of a latent or prompt batch (text lengths as they come, on their device)."""
+    (_, T, H, W), (N, _) = latent_geometry(batch)
     pt, ph, pw = patch
-    text_len = batch.get("text_len")
-    return SequenceLayout(
-        B, T // pt, H // ph, W // pw, batch["audio_latent"].shape[1], batch["text_emb"].shape[1], text_len
-    )
+    B, L = batch["text_emb"].shape[:2]
+    return SequenceLayout(B, T // pt, H // ph, W // pw, N, L, batch.get("text_len"))
 
 
 class Throughput(Callback):

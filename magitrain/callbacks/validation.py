@@ -11,6 +11,7 @@ decodes and logs; otherwise rank zero alone does the work while the others wait 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -82,8 +83,10 @@ class Validation(Callback):
         was_training = network.training
         network.eval()
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        # a network kept off the device between uses (DMD-2's offloaded teacher) visits it now
+        resident = getattr(pl_module, "resident", lambda network: nullcontext())
         try:
-            with torch.random.fork_rng(devices=devices):  # belt and braces: the pipeline has its own
+            with torch.random.fork_rng(devices=devices), resident(network):  # (the pipeline has its own)
                 paths = self._generate(trainer, network, pl_module, step)
         finally:
             network.train(was_training)

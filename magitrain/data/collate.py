@@ -96,6 +96,12 @@ def _stack(fields: dict[str, list[Tensor]], ring: SharedRing | None) -> dict[str
     return out
 
 
+def _field(sample: dict, name: str) -> Tensor:
+    if name == "latent_shape" and name not in sample:  # a latent sample in a prompt batch
+        return torch.tensor(sample["video_latent"].shape[1:], dtype=torch.long)
+    return sample[name]
+
+
 def audio_mask(samples: list[dict]) -> torch.Tensor:
     """[B] bool: False for a clip without audio whose audio loss is masked (data.missing_audio=mask)."""
     return torch.tensor([bool(s["audio_mask"]) for s in samples])
@@ -115,11 +121,14 @@ def collate_raw(samples: list[dict], sample_rate: int, ring: SharedRing | None =
 def collate_latent(samples: list[dict], ring: SharedRing | None = None) -> dict:
     """video_latent [B, 48, T, H, W], audio_latent [B, N, 64], audio_mask [B], text_emb [B, L, C]
     zero-padded to the longest caption of the batch + text_len [B]; ref/lr latents only if every
-    sample has them."""
-    names = ["video_latent", "audio_latent", "text_emb"]
-    names += [n for n in ("ref_latent", "lr_video_latent") if all(n in s for s in samples)]
+    sample has them. A batch with a prompt sample (no video) is a prompt batch: latent_shape [B, 3]
+    instead of the video and audio latents."""
+    names = [n for n in ("video_latent", "audio_latent") if all(n in s for s in samples)]
+    if not names:  # prompt samples (data/prompts.py): the geometry to generate instead
+        names = ["latent_shape"]
+    names += ["text_emb"] + [n for n in ("ref_latent", "lr_video_latent") if all(n in s for s in samples)]
     batch = {name: [s[name] for s in samples] for name in LIST_FIELDS}
-    batch |= _stack({name: [s[name] for s in samples] for name in names}, ring)
+    batch |= _stack({name: [_field(s, name) for s in samples] for name in names}, ring)
     batch["text_len"] = torch.tensor([s["text_emb"].shape[0] for s in samples], dtype=torch.long)
     batch["audio_mask"] = audio_mask(samples)
     return batch

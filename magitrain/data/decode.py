@@ -260,6 +260,8 @@ def decode_latent(
         tensors = load_safetensors(sample["latents.safetensors"])
     except Exception as exn:
         raise BadSample("bad_latents", first_line(exn)) from None
+    if "video_latent" not in tensors and "audio_latent" not in tensors and "text_emb" in tensors:
+        return decode_prompt(tensors, sample, meta, bucket, text_max_len, text_dim)
     missing = [k for k in LATENT_KEYS if k not in tensors]
     if missing:
         raise BadSample("bad_latents", f"missing tensors {missing}")
@@ -289,6 +291,27 @@ def decode_latent(
         "note": None
         if has_audio
         else ("audio_masked" if policy.missing_audio == "mask" else "audio_silenced"),
+        "caption": meta["caption"],
+        "language": str(meta.get("language", "")),
+        "key": sample["__key__"],
+    }
+
+
+def decode_prompt(
+    tensors: dict, sample: dict, meta: dict, bucket: Bucket, text_max_len: int, text_dim: int | None
+) -> dict:
+    """A prompt sample (data/prompts.py): its text and the bucket's geometry, `latent_shape` [3]."""
+    text = tensors["text_emb"]
+    if text.ndim != 2 or text.shape[0] < 1 or (text_dim is not None and text.shape[1] != text_dim):
+        raise BadSample("bad_shape", f"text_emb {tuple(text.shape)}, needs [L >= 1, {text_dim or 'C'}]")
+    text = text[:text_max_len]
+    if text.is_floating_point() and not torch.isfinite(text.sum()):
+        raise BadSample("non_finite", f"text_emb {tuple(text.shape)} has non-finite values")
+    return {
+        "text_emb": text,
+        "latent_shape": torch.tensor(bucket.latent_shape, dtype=torch.long),
+        "audio_mask": True,
+        "note": None,
         "caption": meta["caption"],
         "language": str(meta.get("language", "")),
         "key": sample["__key__"],

@@ -9,7 +9,8 @@
                   "audio_duration": 1.93, "language": "en"}, ...]}
 
 Latent rows hold `latent_shape` [T, H, W], `audio_len`, `text_len`, `text_dim` and `has_audio`
-instead of the media fields; SR pairs add `lr_latent_shape` [T, h, w] of their `lr_video_latent`.
+instead of the media fields; SR pairs add `lr_latent_shape` [T, h, w] of their `lr_video_latent`;
+prompt samples (data/prompts.py) add `prompt_only: true` (their latent_shape is the one to generate).
 The rows are in tar order.
 """
 
@@ -150,6 +151,10 @@ def latent_row(data: bytes) -> dict:
     """Shapes of a latent sample, read from the safetensors header only (no tensor is loaded)."""
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
+    if "video_latent" not in header:  # a prompt sample (data-free DMD-2): text + target geometry
+        from magitrain.data.prompts import prompt_row
+
+        return prompt_row(header)
     shape = header["video_latent"]["shape"]
     row = {
         "latent_shape": shape[1:],

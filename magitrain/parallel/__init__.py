@@ -4,6 +4,6 @@ Recipes call `parallelize(network, module)` from `configure_model`; the strategy
 FSDP2 through `ModelParallelStrategy`, DeepSpeed ZeRO) comes from `conf/strategy/`.
 """
 
-from .parallelize import ParallelConfig, parallelize
+from .parallelize import ParallelConfig, parallelize, shard_beside
 
-__all__ = ["ParallelConfig", "parallelize"]
+__all__ = ["ParallelConfig", "parallelize", "shard_beside"]

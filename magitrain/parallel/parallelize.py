@@ -99,3 +99,21 @@ def parallelize(
             mesh = device_mesh["data_parallel", "context_parallel"]._flatten("dp_cp")
         _fsdp2(network, mesh, cfg)
     return network
+
+
+def shard_beside(module: nn.Module, device_mesh) -> nn.Module:
+    """FSDP2 for a small float32 module trained beside the networks (DMD-2's discriminator head):
+    one unit over the data-parallel mesh, float32 parameters and gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    names = device_mesh.mesh_dim_names or ()
+    if "context_parallel" in names and device_mesh["context_parallel"].size() > 1:
+        raise ValueError(
+            f"{type(module).__name__} does not support context parallelism (strategy.context_parallel)"
+        )
+    mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+    float32 = MixedPrecisionPolicy(
+        param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+    fully_shard(module, mesh=mesh, mp_policy=float32)
+    return module

@@ -20,16 +20,20 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from magitrain.data.prompts import latent_geometry
+from magitrain.errors import UserError
 from magitrain.flow import Guidance, flow_grid
 from magitrain.flow import dmd as core
 from magitrain.flow import training as fm
 from magitrain.model import MagiHumanDiT
 
+from .dmd_gan import DMDGAN, GANConfig
 from .module import MagiHumanModule
 from .optim import OptimConfig, build_adamw, lr_lambda
 
@@ -51,8 +55,13 @@ class DMDConfig:
     student_clip: float = 10.0  # per-optimiser gradient clipping (total norm)
     critic_clip: float = 10.0
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite updates before the run stops
+    # the frozen teacher waits in (pinned) host memory and visits the device for its forwards;
+    # FSDP2: its shards stay in host memory (CPUOffloadPolicy). Same results, less device memory.
+    teacher_offload: bool = False
+    gan: GANConfig = field(default_factory=GANConfig)  # the optional GAN term (dmd_gan.py)
 
     def __post_init__(self):
+        self.gan = GANConfig.of(self.gan)
         if isinstance(
             self.guidance, Mapping
         ):  # a plain mapping from the config: checkpoints load weights-only
@@ -69,6 +78,7 @@ class DMDConfig:
 
 class DMD2Module(MagiHumanModule):
     validation_sampling = {"steps": 8, "sampler": "distilled"}  # the student is an 8-step model
+    trains_on_prompts = True  # the student generates its samples: text + geometry suffice
 
     def __init__(
         self,
@@ -95,6 +105,8 @@ class DMD2Module(MagiHumanModule):
         self.critic: MagiHumanDiT | None = None
         object.__setattr__(self, "teacher", None)  # frozen, rebuilt from its path: not in checkpoints
         self._negative: tuple[Tensor, Tensor] | None = None
+        self.gan: DMDGAN | None = None  # the GAN term's head: trained with the critic
+        self._teacher_residency = None  # teacher_offload off FSDP2: a StageResidency
         self._nonfinite = 0
         self._critic_steps = 0
 
@@ -111,20 +123,32 @@ class DMD2Module(MagiHumanModule):
         self.init_path = self.student_init or self.teacher_path
         super().configure_model()
         self.critic = self._sibling(self.critic_init or self.teacher_path, trainable=True)
+        if self.dmd_config.gan.enabled:
+            self.gan = DMDGAN(self.dmd_config.gan, self.critic, seed=self.seed)
+            if self.device_mesh is not None:
+                from magitrain.parallel import shard_beside
+
+                shard_beside(self.gan.head, self.device_mesh)
         storage = getattr(torch, self.dmd_config.teacher_dtype)
-        teacher = self._sibling(self.teacher_path, trainable=False, storage_dtype=storage)
+        # FSDP2 offloads the teacher's shards itself; elsewhere on_fit_start sets up its residency
+        offload = self.dmd_config.teacher_offload
+        parallel = replace(self.parallel_config, cpu_offload=True) if offload else None
+        teacher = self._sibling(self.teacher_path, trainable=False, storage_dtype=storage, parallel=parallel)
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
 
-    def _sibling(self, path: str, trainable: bool, storage_dtype: torch.dtype | None = None) -> MagiHumanDiT:
+    def _sibling(
+        self, path: str, trainable: bool, storage_dtype: torch.dtype | None = None, parallel=None
+    ) -> MagiHumanDiT:
         """A network from `path`, copied from the student (same sharding) when that is its source."""
         if path != self.init_path:
-            return self.build_network(path, trainable, storage_dtype)
-        network = self.build_network(None, trainable, storage_dtype)
+            return self.build_network(path, trainable, storage_dtype, parallel)
+        network = self.build_network(None, trainable, storage_dtype, parallel)
         with torch.no_grad():
             for mine, source in zip(
                 network.state_dict().values(), self.model.state_dict().values(), strict=True
             ):
-                mine.copy_(source)
+                # local shards: an offloaded teacher's live in host memory, the student's on the device
+                _local(mine).copy_(_local(source))
         return network
 
     def setup(self, stage: str) -> None:
@@ -140,7 +164,23 @@ class DMD2Module(MagiHumanModule):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        if not self.dmd_config.teacher_offload:
+            self.teacher.to(self.device)
+        elif self.device_mesh is None and self._teacher_residency is None:
+            from magitrain.inference.residency import StageResidency
+
+            self._teacher_residency = StageResidency(self.device, {"teacher": [self.teacher]})
+
+    def resident(self, network: nn.Module):
+        """A context in which `network` is on the device (the offloaded teacher visits it)."""
+        if network is self.teacher and self._teacher_residency is not None:
+            return self._teacher_residency.stage("teacher")
+        return nullcontext()
+
+    @property
+    def _critic_side(self) -> nn.Module:
+        """What the critic's optimiser steps: the critic, and the GAN head when there is one."""
+        return self.critic if self.gan is None else nn.ModuleList([self.critic, self.gan])
 
     # ----- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
@@ -149,7 +189,7 @@ class DMD2Module(MagiHumanModule):
         optimizers, schedules = [], []
         for params, cfg in (
             (self.model.parameters(), self.optim_config),
-            (self.critic.parameters(), self.critic_optim_config),
+            (self._critic_side.parameters(), self.critic_optim_config),
         ):
             opt = build_adamw(params, cfg, self.device)
             optimizers.append(opt)
@@ -222,7 +262,8 @@ class DMD2Module(MagiHumanModule):
         g = self.dmd_config.guidance
 
         def velocity(x, s):
-            c, u = cond(x, s), uncond(x, s)
+            with self.resident(self.teacher):
+                c, u = cond(x, s), uncond(x, s)
             t = (s * 1000).reshape(-1, 1, 1, 1, 1)
             video_scale = torch.where(t > g.switch_t, g.video_high, g.video_low)
             return {
@@ -233,20 +274,41 @@ class DMD2Module(MagiHumanModule):
         return velocity
 
     def _context(self, batch: dict) -> dict:
-        video = batch["video_latent"].float()
+        """What a step's draws and velocity callables need. The data gives the text and the clip
+        geometry; real latents (`video_latent`, `audio_latent`) only the GAN term and, as the
+        reference frame of image-to-video, `ref_latent` or the clip's frame 0 (docs/training.md)."""
+        (C, T, H, W), audio_shape = latent_geometry(batch)
+        real = "video_latent" in batch
+        if self.gan is not None and not real:
+            raise UserError(
+                "module.dmd.gan.enabled needs real latents, and the batch has no video_latent "
+                "(prompt shards): train on latent shards or set module.dmd.gan.enabled=false"
+            )
+        if "ref_latent" in batch:
+            ref = batch["ref_latent"].float()
+        elif real:
+            ref = batch["video_latent"][:, :, :1].float()
+        elif self.dmd_config.p_image > 0:
+            raise UserError(
+                "module.dmd.p_image > 0 needs a reference frame, and the prompt batch has no "
+                "ref_latent: set module.dmd.p_image=0 for prompt shards"
+            )
+        else:
+            ref = torch.zeros(1, C, 1, H, W, device=self.device)
+        B = batch["text_emb"].shape[0]
         gens = self.sample_generators(batch)
         image = torch.stack(
             [torch.rand((), generator=g, device=g.device) < self.dmd_config.p_image for g in gens]
         )
-        mask = fm.first_frame_mask(video, image.to(self.device))
-        ref = batch["ref_latent"].float() if "ref_latent" in batch else video[:, :, :1]
+        frames = torch.empty(B, 1, T, 1, 1, device=self.device)  # (the mask reads only its shape)
         return {
             "gens": gens,
             "text": batch["text_emb"],
             "text_len": batch["text_len"].to(self.device),
-            "mask": mask,
-            "ref": ref.expand_as(video[:, :, :1]),
-            "shapes": {"video": video.shape[1:], "audio": batch["audio_latent"].shape[1:]},
+            "mask": fm.first_frame_mask(frames, image.to(self.device)),
+            "ref": ref.expand(B, C, 1, H, W),
+            "shapes": {"video": (C, T, H, W), "audio": audio_shape},
+            "real": {"video": batch["video_latent"], "audio": batch["audio_latent"]} if real else None,
         }
 
     def _draw(self, ctx: dict) -> dict[str, Tensor]:
@@ -294,9 +356,13 @@ class DMD2Module(MagiHumanModule):
             with torch.no_grad():
                 x0 = self._simulate(ctx, phase)
             s, eps = self._score_draw(ctx)
-            loss, logs = core.critic_loss(critic, x0, s=s, eps=eps)
+            if self.gan is None:
+                loss, logs = core.critic_loss(critic, x0, s=s, eps=eps)
+            else:
+                loss, logs = self._critic_loss_with_gan(critic, ctx, x0, s, eps)
             self.manual_backward(loss)
-            self._update(opt_critic.optimizer, self.critic, cfg.critic_clip, "critic")  # not a Lightning step
+            # (not a Lightning step: global_step counts generator steps)
+            self._update(opt_critic.optimizer, self._critic_side, cfg.critic_clip, "critic")
             self._critic_steps += 1
         for k, v in logs.items():
             self.log(f"train/critic_{k}", v, sync_dist=True, batch_size=B)
@@ -307,8 +373,13 @@ class DMD2Module(MagiHumanModule):
         s, eps = self._score_draw(ctx)
         weights = {"video": cfg.video_weight, "audio": cfg.audio_weight}
         loss, logs = core.generator_loss(x0, self._guided_teacher(ctx), critic, s=s, eps=eps, weights=weights)
+        if self.gan is not None:
+            gan_loss, gan_logs = self.gan.generator_loss(critic, x0, s=s, eps=eps)
+            loss, logs = loss + gan_loss, logs | {f"gan_{k}": v for k, v in gan_logs.items()}
         self.manual_backward(loss)
         self._update(opt_student, self.model, cfg.student_clip, "student")
+        if self.gan is not None:  # the generator's GAN term reached the critic and head: not theirs
+            opt_critic.optimizer.zero_grad(set_to_none=True)
         sched_student.step()
         sched_critic.step()
         for k, v in logs.items():
@@ -319,9 +390,27 @@ class DMD2Module(MagiHumanModule):
         self.log("perf/critic_phase_s", critic_time, on_step=True, on_epoch=False)
         self.log("perf/generator_phase_s", time.perf_counter() - start, on_step=True, on_epoch=False)
 
+    def _critic_loss_with_gan(self, critic, ctx: dict, x0: dict, s: Tensor, eps: dict) -> tuple[Tensor, dict]:
+        """The critic's loss plus the head's: D(fake) from the critic loss's own forward, D(real)
+        of the batch's latents noised to the same s with the same eps."""
+        with self.gan.tap.capture() as features:
+            loss, logs = core.critic_loss(critic, x0, s=s, eps=eps)
+        fake = self.gan.logits(features, x0)
+        perturbation = self._draw(ctx) if self.gan.cfg.r1_weight > 0 else None
+        real = {m: v.to(self.device) for m, v in ctx["real"].items()}
+        d_loss, d_logs = self.gan.discriminator_loss(
+            critic, fake, real, s=s, eps=eps, perturbation=perturbation
+        )
+        return loss + d_loss, logs | {f"gan_{k}": v for k, v in d_logs.items()}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["dmd_critic_steps"] = self._critic_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._critic_steps = int(checkpoint.get("dmd_critic_steps", 0))
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (a view), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

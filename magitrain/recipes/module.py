@@ -16,6 +16,8 @@ import lightning.pytorch as L
 import torch
 
 from magitrain.checkpoint import load_official
+from magitrain.data.prompts import latent_geometry
+from magitrain.errors import UserError
 from magitrain.model import MagiHumanConfig, MagiHumanDiT
 from magitrain.parallel import ParallelConfig, parallelize
 
@@ -69,15 +71,22 @@ class MagiHumanModule(L.LightningModule):
         return nullcontext()
 
     def build_network(
-        self, init: str | None, trainable: bool, storage_dtype: torch.dtype | None = None
+        self,
+        init: str | None,
+        trainable: bool,
+        storage_dtype: torch.dtype | None = None,
+        parallel: ParallelConfig | None = None,
     ) -> MagiHumanDiT:
         """A MagiHumanDiT loaded strictly from `init` (or freshly initialised), then parallelised.
 
         `storage_dtype` (a frozen network's option, e.g. bf16) stores the block linears in that
         dtype before anything is loaded or sharded, so no float32 copy of them ever exists.
+        `parallel` replaces the module's parallel config for this network (e.g. CPU offload of
+        DMD-2's frozen teacher alone).
         """
         from magitrain.inference.networks import to_inference_dtype  # (pulls in diffusers: lazily)
 
+        parallel = parallel or self.parallel_config
         mesh = self.device_mesh
         if mesh is None:
             network = MagiHumanDiT(self.model_config)
@@ -86,15 +95,15 @@ class MagiHumanModule(L.LightningModule):
             if init:
                 with self._zero3_gather(network):
                     load_official(network, init)
-            return parallelize(network, self.parallel_config, None, trainable)
+            return parallelize(network, parallel, None, trainable)
         # FSDP2: build on the meta device, shard, then materialise only the local shards.
         with torch.device("meta"):
             network = MagiHumanDiT(self.model_config)
         if storage_dtype is not None:
             to_inference_dtype(network, storage_dtype)
-        parallelize(network, self.parallel_config, mesh, trainable)
+        parallelize(network, parallel, mesh, trainable)
         # CPU offload keeps the shards in host memory (FSDP2 copies each block to the device)
-        network.to_empty(device="cpu" if self.parallel_config.cpu_offload else self.device)
+        network.to_empty(device="cpu" if parallel.cpu_offload else self.device)
         network.reset_parameters()
         if init:
             _load_official_sharded(network, init)
@@ -121,7 +130,17 @@ class MagiHumanModule(L.LightningModule):
         if self.codecs is not None:
             self.codecs.to(self.device)
 
+    # a recipe that generates its own samples (DMD-2) may train on prompt batches: text, no video
+    trains_on_prompts = False
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if "latent_shape" in batch and "video_latent" not in batch:  # prompt shards (data/prompts.py)
+            if not self.trains_on_prompts:
+                raise UserError(
+                    f"the data holds prompt samples (text_emb, no video_latent): {type(self).__name__} "
+                    "needs latent or raw shards (only recipe=dmd2_distill trains on prompts)"
+                )
+            return batch
         if "video_latent" not in batch:  # raw media: encode with the frozen codecs on this device
             from magitrain.data import encode_raw_batch
 
@@ -133,8 +152,8 @@ class MagiHumanModule(L.LightningModule):
     @staticmethod
     def batch_shape(batch: dict) -> tuple[int, int]:
         """(samples, tokens per sample) of a latent batch, for throughput accounting."""
-        B, _, T, H, W = batch["video_latent"].shape
-        return B, T * (H // 2) * (W // 2) + batch["audio_latent"].shape[1] + batch["text_emb"].shape[1]
+        (_, T, H, W), (N, _) = latent_geometry(batch)
+        return batch["text_emb"].shape[0], T * (H // 2) * (W // 2) + N + batch["text_emb"].shape[1]
 
     def sample_generators(self, batch: dict) -> list[torch.Generator]:
         """One generator per sample, seeded by (seed, step, sample key).
@@ -143,7 +162,7 @@ class MagiHumanModule(L.LightningModule):
         process history, so DDP equals one process on the same global batch, and a resumed run
         draws exactly what an uninterrupted one would.
         """
-        keys = batch.get("key") or [f"{self.global_rank}:{i}" for i in range(batch["video_latent"].shape[0])]
+        keys = batch.get("key") or [f"{self.global_rank}:{i}" for i in range(batch["text_emb"].shape[0])]
         device = self.device if self.device.type == "cuda" else "cpu"
         step = self.global_step
         return [

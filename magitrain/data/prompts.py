@@ -1,0 +1,118 @@
+"""Prompt shards: latent shards without video or audio, for data-free DMD-2 (docs/data.md, docs/training.md).
+
+A prompt sample is `KEY.latents.safetensors` holding only `text_emb` [L, C] (the caption's real
+tokens), with the geometry of the clip to generate, the video latent's `latent_shape` [T, H, W],
+in the safetensors metadata, + `KEY.json` (caption, language, frames, height, width, bucket).
+Its index row is a latent row with `prompt_only: true`, so the loader plans it into the bucket of
+that geometry like any latent sample. A batch of prompt samples holds `text_emb`, `text_len`,
+`latent_shape` [B, 3] and the list fields, and no `video_latent` / `audio_latent`.
+
+Written by `data_tools/encode_shards.py --prompts PROMPTS.txt OUT_DIR codecs=...` with the real
+text encoder of the codecs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from magitrain.data.buckets import VAE_TIME_STRIDE, Bucket
+from magitrain.data.decode import AUDIO_CHANNELS, VIDEO_CHANNELS
+from magitrain.data.writer import write_shard
+from magitrain.errors import UserError
+
+ENCODE_BATCH = 32  # prompts encoded together (their embeddings are padded to the longest)
+GEOMETRY_KEY = "latent_shape"  # safetensors metadata of a prompt sample: "T,H,W"
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with `#` are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompts file {path} does not exist") from None
+    except UnicodeDecodeError as exn:
+        raise UserError(f"prompts file {path} is not UTF-8 text (byte {exn.start})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UserError(f"prompts file {path} holds no prompt (one per line; # starts a comment)")
+    return prompts
+
+
+def prompt_sample(key: str, caption: str, text_emb: torch.Tensor, bucket: Bucket) -> tuple[dict, dict]:
+    """(members, index row) of one prompt sample, for `write_shard`."""
+    from magitrain.data.index import latent_row
+
+    shape = bucket.latent_shape
+    payload = save_safetensors(
+        {"text_emb": text_emb.contiguous()}, metadata={GEOMETRY_KEY: ",".join(map(str, shape))}
+    )
+    meta = {
+        "caption": caption,
+        "frames": bucket.frames,
+        "height": bucket.height,
+        "width": bucket.width,
+        "bucket": bucket.name,
+    }
+    members = {
+        "__key__": key,
+        "latents.safetensors": payload,
+        "json": json.dumps(meta, ensure_ascii=False).encode(),
+    }
+    return members, {**latent_row(payload), "language": "", "has_audio": True}
+
+
+def prompt_row(header: dict) -> dict:
+    """The index row of a prompt sample from its safetensors header (`latent_row`'s prompt case)."""
+    geometry = header.get("__metadata__", {}).get(GEOMETRY_KEY)
+    if geometry is None:
+        raise ValueError(
+            f"a latent sample without video_latent must be a prompt sample with {GEOMETRY_KEY!r} "
+            "in its safetensors metadata (data_tools/encode_shards.py --prompts writes them)"
+        )
+    t, h, w = (int(v) for v in geometry.split(","))
+    return {
+        "latent_shape": [t, h, w],
+        "audio_len": VAE_TIME_STRIDE * (t - 1) + 1,
+        "text_len": header["text_emb"]["shape"][0],
+        "text_dim": header["text_emb"]["shape"][-1],
+        "prompt_only": True,
+    }
+
+
+def latent_geometry(batch: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(video [48, T, H, W], audio [N, 64]) per-sample shapes of a latent or a prompt batch."""
+    if "video_latent" in batch:
+        return tuple(batch["video_latent"].shape[1:]), tuple(batch["audio_latent"].shape[1:])
+    if "latent_shape" not in batch:
+        raise UserError("the batch holds neither video_latent nor latent_shape (a prompt batch's geometry)")
+    t, h, w = (int(v) for v in batch["latent_shape"][0])
+    return (VIDEO_CHANNELS, t, h, w), (VAE_TIME_STRIDE * (t - 1) + 1, AUDIO_CHANNELS)
+
+
+def write_prompt_shards(
+    prompts: list[str], out_dir: str | Path, text_encoder, buckets: list[Bucket], per_shard: int = 1000
+) -> list[Path]:
+    """Encode `prompts` (batches of the encoder's batch size) and write them as prompt shards of
+    `per_shard` samples; prompt i gets bucket i mod len(buckets). Keys are the prompt's line order."""
+    if not buckets:
+        raise UserError("write_prompt_shards: no bucket given (--bucket HxW:SECONDS)")
+    paths = []
+    for number, start in enumerate(range(0, len(prompts), per_shard)):
+        chunk = prompts[start : start + per_shard]
+
+        def samples(chunk=chunk, start=start):
+            for first in range(0, len(chunk), ENCODE_BATCH):
+                emb, lengths = text_encoder.encode(chunk[first : first + ENCODE_BATCH])
+                for i in range(emb.shape[0]):
+                    index = start + first + i
+                    text = emb[i, : int(lengths[i])].cpu()
+                    yield prompt_sample(f"{index:09d}", prompts[index], text, buckets[index % len(buckets)])
+
+        paths.append(write_shard(out_dir, number, "latent", samples()))
+    return paths

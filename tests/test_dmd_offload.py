@@ -1,0 +1,85 @@
+"""`module.dmd.teacher_offload`: the frozen teacher visits the device only for its forwards (one
+device / DDP: a StageResidency over pinned host memory) or keeps its FSDP2 shards in host memory
+(CPUOffloadPolicy), with results identical to offload off. (The 2-process FSDP2 run with the
+offload on is in test_dmd_distributed.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import compose_train, tiny_run
+from hydra.utils import instantiate
+
+from magitrain.checkpoint import save_official
+from magitrain.launch import train
+from magitrain.model import MagiHumanDiT, tiny
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_official(MagiHumanDiT(tiny()), tmp_path_factory.mktemp("teacher") / "base")
+
+
+def test_offloaded_teacher_visits_the_device_per_forward_and_changes_nothing(
+    latent_shards, teacher_ckpt, tmp_path
+):
+    def run(offload: bool):
+        overrides = tiny_run(
+            latent_shards,
+            "recipe=dmd2_distill",
+            f"teacher={teacher_ckpt}",
+            "module.dmd.ttur=2",
+            "module.optim.lr=1e-3",
+            "module.critic_optim.lr=1e-3",
+            "trainer.max_steps=2",
+            f"module.dmd.teacher_offload={str(offload).lower()}",
+        )
+        return train(compose_train(overrides, tmp_path / str(offload))).lightning_module
+
+    on, off = run(True), run(False)
+    # the teacher was loaded for each generator step's guided forward and released after it
+    assert on._teacher_residency.log == [("load", "teacher"), ("release", "teacher")] * 2
+    assert off._teacher_residency is None
+    want, got = off.state_dict(), on.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def test_under_fsdp2_only_the_teacher_gets_the_cpu_offload_policy(teacher_ckpt, tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+        overrides = ["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}"]
+        placements = {}
+        for offload in (True, False):
+            cfg = compose_train([*overrides, f"module.dmd.teacher_offload={offload}"], tmp_path)
+            module = instantiate(cfg.module)
+            module._device_mesh = mesh
+            module.configure_model()
+            networks = {"student": module.model, "critic": module.critic, "teacher": module.teacher}
+            placements[offload] = {
+                role: type(network.block.layers[0]._get_fsdp_state()._fsdp_param_group.offload_policy)
+                for role, network in networks.items()
+            }
+            # the teacher still equals the student it was copied from (shards copied locally)
+            student = module.model.state_dict().values()
+            for a, b in zip(module.teacher.state_dict().values(), student, strict=True):
+                torch.testing.assert_close(_full(a).float(), _full(b).to(a.dtype).float())
+    finally:
+        dist.destroy_process_group()
+    assert placements[True]["teacher"] is CPUOffloadPolicy
+    assert placements[False]["teacher"] is not CPUOffloadPolicy
+    for offload in (True, False):
+        assert placements[offload]["student"] is not CPUOffloadPolicy
+        assert placements[offload]["critic"] is not CPUOffloadPolicy
+
+
+def _full(tensor):
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

@@ -24,22 +24,30 @@ def teacher_ckpt(tmp_path_factory):
 def test_offloaded_teacher_visits_the_device_per_forward_and_changes_nothing(
     latent_shards, teacher_ckpt, tmp_path
 ):
-    def run(offload: bool):
+    def run(offload: bool, *extra: str):
         overrides = tiny_run(
             latent_shards,
             "recipe=dmd2_distill",
+            "codecs=tiny",
             f"teacher={teacher_ckpt}",
             "module.dmd.ttur=2",
             "module.optim.lr=1e-3",
             "module.critic_optim.lr=1e-3",
             "trainer.max_steps=2",
             f"module.dmd.teacher_offload={str(offload).lower()}",
+            *extra,
         )
         return train(compose_train(overrides, tmp_path / str(offload))).lightning_module
 
-    on, off = run(True), run(False)
-    # the teacher was loaded for each generator step's guided forward and released after it
-    assert on._teacher_residency.log == [("load", "teacher"), ("release", "teacher")] * 2
+    # the offloaded run also samples the teacher for validation (which leaves training untouched)
+    validation = ("callbacks=dmd_validation", "callbacks.progress_bar=null",
+                  "callbacks.validation.every_n_steps=2", "callbacks.validation.prompts=[A man says hello]",
+                  "callbacks.validation.seconds=0.32", "callbacks.validation.resolution=64x32")  # fmt: skip
+    on, off = run(True, *validation), run(False)
+    # the teacher was loaded for each generator step's guided forward and released after it, and
+    # once more for its validation clip after step 2
+    assert on._teacher_residency.log == [("load", "teacher"), ("release", "teacher")] * 3
+    assert (tmp_path / "True" / "validation_teacher" / "step00000002" / "sample0.mp4").stat().st_size > 1000
     assert off._teacher_residency is None
     want, got = off.state_dict(), on.state_dict()
     assert want.keys() == got.keys()

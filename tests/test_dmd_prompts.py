@@ -114,6 +114,16 @@ def test_missing_fields_are_errors_naming_them(prompt_shards, tmp_path):
 
     with pytest.raises(ValueError, match="'latent_shape' in its safetensors metadata"):
         prompt_row({"text_emb": {"shape": [4, 64]}})
+    # a latent sample that lost its video latents is a bad sample, not a prompt
+    from safetensors.torch import save
+
+    from magitrain.data.buckets import Bucket
+    from magitrain.data.decode import BadSample, decode_latent
+
+    sample = {"__key__": "k", "latents.safetensors": save({"text_emb": torch.zeros(4, 64)}),
+              "json": b'{"caption": "x"}'}  # fmt: skip
+    with pytest.raises(BadSample, match="missing tensors"):
+        decode_latent(sample, Bucket(64, 96, 9, 1), 640, 64)
     overrides = [
         "recipe=dmd2_distill",
         "model=tiny",

@@ -260,8 +260,11 @@ def decode_latent(
         tensors = load_safetensors(sample["latents.safetensors"])
     except Exception as exn:
         raise BadSample("bad_latents", first_line(exn)) from None
-    if "video_latent" not in tensors and "audio_latent" not in tensors and "text_emb" in tensors:
-        return decode_prompt(tensors, sample, meta, bucket, text_max_len, text_dim)
+    if "video_latent" not in tensors and "text_emb" in tensors:
+        from magitrain.data.prompts import is_prompt_payload
+
+        if is_prompt_payload(sample["latents.safetensors"]):
+            return decode_prompt(tensors, sample, meta, bucket, text_max_len, text_dim)
     missing = [k for k in LATENT_KEYS if k not in tensors]
     if missing:
         raise BadSample("bad_latents", f"missing tensors {missing}")

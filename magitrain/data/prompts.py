@@ -85,6 +85,14 @@ def prompt_row(header: dict) -> dict:
     }
 
 
+def is_prompt_payload(data: bytes) -> bool:
+    """Whether a `KEY.latents.safetensors` payload is a prompt sample's (its header names the
+    geometry): a latent sample that lost its video stays a bad sample, not a prompt."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return GEOMETRY_KEY in header.get("__metadata__", {}) and "video_latent" not in header
+
+
 def latent_geometry(batch: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(video [48, T, H, W], audio [N, 64]) per-sample shapes of a latent or a prompt batch."""
     if "video_latent" in batch:

@@ -166,7 +166,7 @@ class SRFineTuneModule(FlowMatchingModule):
 
     # ----- data: the LR latent from the shards or made from the HR pixels ----------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        raw = "video_latent" not in batch
+        raw = "video" in batch  # (raw media; a prompt batch has neither and the frame refuses it)
         if raw and self.codecs is not None:
             batch = {**batch, "lr_pixels": downscale_pixels(batch["video"], self.flow_config.lr_scale)}
         out = super().on_after_batch_transfer(batch, dataloader_idx)

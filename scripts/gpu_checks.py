@@ -1,6 +1,7 @@
 """Every GPU check of magitrain in one call (about 8 minutes on one H100/H200):
 
-1. `tests/test_gpu.py` (DeepSpeed ZeRO-2/3 and bf16 FSDP2 training steps, compiled flex attention);
+1. `tests/test_gpu.py` (DeepSpeed ZeRO-2/3 and bf16 FSDP2 training steps, compiled flex attention)
+   and the GPU test of `tests/test_dmd_offload.py` (DMD-2's teacher in pinned host memory);
 2. the 15B-wide slice benchmark (2 sandwich + 2 shared layers, 256p 5 s, bf16): forward and
    forward+backward, eager and compiled, with MFU;
 3. one short training run of that slice under FSDP2 and under DeepSpeed ZeRO-3: tokens/s, MFU
@@ -58,11 +59,12 @@ def section(results: dict, name: str, fn, *args) -> None:
 
 # ----- 1. the GPU tests -----------------------------------------------------------------------------
 def gpu_tests(dry: bool) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests/test_gpu.py"]  # not the dry run
+    tests = ["tests/test_gpu.py", "tests/test_dmd_offload.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", *tests]  # not the dry run
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     if proc.returncode not in (0, 5) or (not dry and "passed" not in tail):
-        raise RuntimeError(f"tests/test_gpu.py: {tail}\n{proc.stdout[-3000:]}")
+        raise RuntimeError(f"{' '.join(tests)}: {tail}\n{proc.stdout[-3000:]}")
     return {"summary": tail}
 
 

@@ -24,10 +24,10 @@ is only visible below s ~ 0.2, which shift-5 levels reach for ~5% of draws; meas
     almost no signal),
   - student grid shift 1 (s = 0.999, 0.4995), score shift 5: 0.57 (0.70 after 3000 steps),
     score shift 5 for the generator loss and 1 for the critic: 0.68, 1 and 5: 0.79, 1 and 1: 0.81.
-Scaled x4 the defaults give 0.91 (distillation seed 1: 0.91 too; 64-step teacher 0.89, 2-step teacher
-0.53). Scales 2, 3 and 5
-with the defaults gave: x2 0.69 (teacher 0.87: fails), x3 0.76 (teacher 0.68: passes), x5 0.91
-(2-step teacher 0.62, whose samples collapse onto the mode centres: fails the 0.30 margin by 0.003).
+Scaled x4 the defaults give 0.91 (distillation seed 1: 0.91 too; 64-step teacher 0.89, 2-step
+teacher 0.53). Other scales with the defaults: x2 0.69 (64-step teacher 0.87: not within 0.10),
+x3 0.76 (a weaker 64-step teacher, 0.68: passes), x5 0.91 (the 2-step teacher's samples collapse
+onto the mode centres, in-mode 0.62: misses the 0.30 margin by 0.003).
 """
 
 from __future__ import annotations

@@ -85,6 +85,27 @@ def test_critic_loss_is_the_velocity_mse_on_detached_samples():
     assert x0["x"].grad is None and net.weight.grad is not None  # the samples are detached
 
 
+def test_float64_models_keep_float64():
+    """A float64 network (a toy or a reference computation) gets float64 inputs everywhere and
+    float64 results: nothing is rounded through float32 on the way."""
+    torch.manual_seed(2)
+    net = torch.nn.Linear(6, 6).double()
+    f = lambda x, s: {m: net(x[m]) for m in x}  # noqa: E731
+    noise = {"x": torch.randn(3, 6, dtype=torch.float64)}
+    x0 = simulate(f, noise, [0.9, 0.5], 1, generator=torch.Generator().manual_seed(0))
+    assert x0["x"].dtype == torch.float64 and x0["x"].requires_grad
+    s, eps = torch.tensor([0.2, 0.5, 0.8]), {"x": torch.randn(3, 6, dtype=torch.float64)}
+    loss_c, _ = critic_loss(f, x0, s=s, eps=eps)
+    x_t = (1 - s[:, None].double()) * x0["x"].detach() + s[:, None].double() * eps["x"]
+    want = (net(x_t) - (eps["x"] - x0["x"].detach())).pow(2).mean()
+    assert loss_c.dtype == torch.float64
+    torch.testing.assert_close(loss_c, want, rtol=1e-12, atol=0)
+    loss_g, _ = generator_loss(x0, f, _affine(0.3, 0.0), s=s, eps=eps)
+    assert loss_g.dtype == torch.float64
+    loss_g.backward()
+    assert net.weight.grad.dtype == torch.float64
+
+
 class _Recorder(torch.nn.Module):
     """A velocity callable that records, per call, whether grad was on and whether its input had grad."""
 

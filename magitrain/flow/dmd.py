@@ -25,18 +25,32 @@ from .training import interpolate
 Velocity = Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]]
 
 
+def _working(*tensors: Tensor) -> torch.dtype:
+    """The dtype the losses and the sampler compute in: float32, or float64 for float64 inputs
+    (bf16/fp16 callers get float32 arithmetic, a float64 model keeps its precision)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
-    """[B] -> [B, 1, ..., 1] broadcastable against `like`."""
+    """[B] -> [B, 1, ..., 1] broadcastable against `like`, in `like`'s dtype."""
     return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _x0(x_t: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    """The clean-sample prediction `x_t - s v` (float32)."""
-    return x_t.float() - _per_sample(s, x_t).float() * v.float()
+    """The clean-sample prediction `x_t - s v` (in the working dtype; s is not rounded to x_t's)."""
+    x_t = x_t.to(_working(x_t, v))
+    return x_t - _per_sample(s, x_t) * v.to(x_t.dtype)
 
 
 def _noised(x0: dict[str, Tensor], s: Tensor, eps: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {m: interpolate(x0[m].detach().float(), eps[m].to(x0[m].device).float(), s) for m in x0}
+    out = {}
+    for m, x in x0.items():
+        x = x.detach().to(_working(x))
+        out[m] = interpolate(x, eps[m].to(x.device, x.dtype), s)
+    return out
 
 
 def _fresh(like: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
@@ -126,7 +140,7 @@ def generator_loss(
         v_real, v_fake = real(x_t, s), fake(x_t, s)
     total, logs = 0.0, {}
     for m, x in x0.items():
-        x = x.float()
+        x = x.to(_working(x))
         with torch.no_grad():
             x0_real, x0_fake = _x0(x_t[m], s, v_real[m]), _x0(x_t[m], s, v_fake[m])
             dims = tuple(range(1, x.ndim))
@@ -148,8 +162,8 @@ def critic_loss(
     v = critic(x_t, s)
     total, logs = 0.0, {}
     for m in x0:
-        target = eps[m].to(x0[m].device).float() - x0[m].detach().float()
-        loss = F.mse_loss(v[m].float(), target)
+        target = eps[m].to(x_t[m].device, x_t[m].dtype) - x0[m].detach().to(x_t[m].dtype)
+        loss = F.mse_loss(v[m].to(x_t[m].dtype), target)
         total = total + loss
         logs[f"loss_{m}"] = loss.detach()
     return total, logs

@@ -17,7 +17,10 @@ from lightning.pytorch import Callback
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
+    t = t.to_local() if hasattr(t, "to_local") else t
+    if type(t) is not torch.Tensor:  # torchao's 8-bit optimiser states (module.optim.states=8bit)
+        t = t.dequantize()
+    return t.detach().clone()
 
 
 class InjectInf(Callback):

@@ -99,8 +99,9 @@ class Validation(Callback):
         if hasattr(pl_module, "validation_pipeline"):  # a recipe with its own stages (SR: base + SR)
             pipe = pl_module.validation_pipeline(network, self.precision)
         else:
+            offload = "codecs" if pl_module.codecs.offload else "none"  # codecs.offload: per stage
             pipe = MagiHumanPipeline(
-                network, pl_module.codecs, device=pl_module.device, precision=self.precision
+                network, pl_module.codecs, device=pl_module.device, precision=self.precision, offload=offload
             )
         paths = []
         for i, prompt in enumerate(self.prompts):

@@ -38,6 +38,7 @@ def build_codecs(
     decode_tile: int | None = None,
     audio_window_seconds: float = 29.0,
     text_offload: bool = False,
+    offload: bool = False,
     video_decoder: str = "wan",
     turbo_vaed_path: str | None = None,
     turbo_vaed_config: str | None = None,
@@ -78,6 +79,7 @@ def build_codecs(
         AudioCodec(audio, window_seconds=audio_window_seconds),
         text,
         video_decoder=turbo,
+        offload=offload,
     )
     return codecs.to(device)
 

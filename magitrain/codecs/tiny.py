@@ -71,6 +71,7 @@ def build_tiny_codecs(
     negative_prompt: str = "blurry, distorted",
     audio_window_seconds: float = 29.0,
     video_decoder: str = "wan",
+    offload: bool = False,
 ) -> Codecs:
     """Random but deterministic (`seed`) tiny codecs on the CPU, float32. `video_decoder: turbo`
     adds a tiny Turbo-VAED (drawn after the others: the Wan, audio and text weights do not change)."""
@@ -86,4 +87,5 @@ def build_tiny_codecs(
         audio=AudioCodec(audio, window_seconds=audio_window_seconds),
         text=TextEncoder(text, tokenizer, negative_prompt=negative_prompt, output_dtype=torch.float32),
         video_decoder=turbo,
+        offload=offload,
     )

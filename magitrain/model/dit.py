@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from .checkpointing import checkpoint_block
 from .config import MagiHumanConfig
 from .layers import Float32Linear, RMSNorm, TransformerLayer
 from .layout import SequenceLayout
@@ -64,6 +64,7 @@ class MagiHumanDiT(nn.Module):
         self.final_linear_audio = Float32Linear(d, config.audio_in_channels, bias=False)
         self.activation_checkpointing = config.activation_checkpointing
         self.checkpoint_every = 1  # selective checkpointing: every k-th block (magitrain.parallel)
+        self.checkpoint_dtype: torch.dtype | None = None  # dtype checkpointed block inputs are kept in
         self.context_parallel = None  # magitrain.parallel.context_parallel sets it (Ulysses)
         self.reset_parameters()
 
@@ -145,7 +146,8 @@ class MagiHumanDiT(nn.Module):
             x, rope, splits = cp.shard(x, rope, splits)
         for i, layer in enumerate(self.block.layers):
             if self.activation_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
-                x = checkpoint(layer, x, splits, rope, global_mask, local_mask, use_reentrant=False)
+                args = (splits, rope, global_mask, local_mask)
+                x = checkpoint_block(layer, x, *args, saved_dtype=self.checkpoint_dtype)
             else:
                 x = layer(x, splits, rope, global_mask, local_mask)
         if cp is not None:

@@ -28,6 +28,9 @@ class ParallelConfig:
     activation_checkpointing: bool | None = None  # None: the model config's (on for the 15B presets)
     # selective checkpointing: only every k-th block (0, k, 2k, ...) recomputes in the backward
     checkpoint_every: int = 1
+    # dtype the checkpointed blocks' inputs (the float32 residual stream) are kept in for the
+    # backward: float32 | bfloat16 (half the saved activations; needs activation checkpointing)
+    saved_activations: str = "float32"
     compile: bool = False
     # FSDP2 mixed precision: block parameters gathered in this dtype, gradients reduced in float32
     param_dtype: str = "bfloat16"
@@ -41,6 +44,9 @@ class ParallelConfig:
     def __post_init__(self):
         if self.checkpoint_every < 1:
             raise ValueError(f"module.parallel.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.saved_activations not in ("float32", "bfloat16"):
+            got = self.saved_activations
+            raise ValueError(f"module.parallel.saved_activations must be float32 or bfloat16, got {got!r}")
 
 
 def mixed_precision_policies(cfg: ParallelConfig):
@@ -83,6 +89,13 @@ def parallelize(
         checkpointing = network.config.activation_checkpointing
     network.activation_checkpointing = checkpointing and trainable
     network.checkpoint_every = cfg.checkpoint_every
+    if cfg.saved_activations == "bfloat16":
+        if not checkpointing:
+            raise ValueError(
+                "module.parallel.saved_activations=bfloat16 keeps checkpointed block inputs in bf16: "
+                "it needs module.parallel.activation_checkpointing=true"
+            )
+        network.checkpoint_dtype = torch.bfloat16
     if cfg.compile:
         compile_layers(network)
     if device_mesh is not None:

@@ -226,7 +226,8 @@ class DMD2Module(MagiHumanModule):
         (the empty prompt when no codecs are configured)."""
         if self._negative is None:
             if self.codecs is not None:
-                emb, length = self.codecs.text.encode_negative(1)
+                with self.codecs.on_device():
+                    emb, length = self.codecs.text.encode_negative(1)
             else:
                 emb = torch.zeros(1, 1, self.model_config.text_in_channels)
                 length = torch.zeros(1, dtype=torch.long)

@@ -3,7 +3,8 @@
 A recipe subclasses `MagiHumanModule`, builds its networks in `configure_model` with
 `build_network` (strict `load_official` of an init checkpoint, then `magitrain.parallel`), and
 owns its losses and optimisers. Frozen codecs, when the data is raw media, are held outside the
-module's state dict and encode batches on the training device.
+module's state dict and encode batches on the training device (with `codecs.offload`, they wait in
+host memory between batches).
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class MagiHumanModule(L.LightningModule):
 
             if self.codecs is None:
                 raise ValueError("the data yields raw media but no codecs were configured (set codecs=...)")
-            batch = encode_raw_batch(batch, self.codecs)
+            with self.codecs.on_device():  # (codecs.offload: only now on the device)
+                batch = encode_raw_batch(batch, self.codecs)
         return batch
 
     @staticmethod

@@ -11,6 +11,8 @@ from torch import nn
 
 log = logging.getLogger("magitrain")
 
+OPTIMIZER_STATES = ("float32", "bfloat16", "8bit")
+
 
 @dataclass
 class OptimConfig:
@@ -23,13 +25,27 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine
     total_steps: int = 0  # cosine horizon; 0 = the trainer's max_steps
     min_lr_ratio: float = 0.0
+    # dtype of AdamW's two moments: float32 (torch AdamW) | bfloat16 | 8bit (torchao AdamW8bit);
+    # 8 | 4 | ~2 bytes per parameter (magitrain.recipes.low_precision_adamw, docs/training.md)
+    states: str = "float32"
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)  # plain values: checkpoints load weights-only
+        if self.states not in OPTIMIZER_STATES:
+            raise ValueError(f"optim.states must be one of {OPTIMIZER_STATES}, got {self.states!r}")
 
 
-def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    hyper = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+    if cfg.states == "bfloat16":
+        from .low_precision_adamw import AdamWBf16States
+
+        return AdamWBf16States(params, **hyper)
+    if cfg.states == "8bit":
+        from .low_precision_adamw import TorchaoAdamW8bit
+
+        return TorchaoAdamW8bit(params, **hyper)
     # fused AdamW needs CUDA tensors; DTensors (FSDP2) are supported by the fused kernel as well.
     return torch.optim.AdamW(
         params,

@@ -129,8 +129,14 @@ class SRFineTuneModule(FlowMatchingModule):
             )
             base = load_official(MagiHumanDiT(config), self.validation_base).to(self.device).eval()
             object.__setattr__(self, "_base_network", base.requires_grad_(False))
+        offload = "codecs" if self.codecs.offload else "none"
         return MagiHumanPipeline(
-            self._base_network, self.codecs, sr_model=network, device=self.device, precision=precision
+            self._base_network,
+            self.codecs,
+            sr_model=network,
+            device=self.device,
+            precision=precision,
+            offload=offload,
         )
 
     # ----- draws: the base draws, then the source's, then the grid coin --------------------------
@@ -167,13 +173,14 @@ class SRFineTuneModule(FlowMatchingModule):
     # ----- data: the LR latent from the shards or made from the HR pixels ----------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         raw = "video" in batch  # (raw media; a prompt batch has neither and the frame refuses it)
-        if raw and self.codecs is not None:
-            batch = {**batch, "lr_pixels": downscale_pixels(batch["video"], self.flow_config.lr_scale)}
-        out = super().on_after_batch_transfer(batch, dataloader_idx)
-        if raw and self.codecs is not None:
+        if not (raw and self.codecs is not None):
+            out = super().on_after_batch_transfer(batch, dataloader_idx)
+        else:
             from magitrain.data.encode import to_pixels
 
-            with torch.no_grad():
+            batch = {**batch, "lr_pixels": downscale_pixels(batch["video"], self.flow_config.lr_scale)}
+            with torch.no_grad(), self.codecs.on_device():  # (codecs.offload: one visit for both)
+                out = super().on_after_batch_transfer(batch, dataloader_idx)
                 out["lr_video_latent"] = self.codecs.video.encode(to_pixels(batch["lr_pixels"]))
         if "lr_video_latent" not in out:
             raise ValueError(

@@ -90,6 +90,25 @@ class TorchaoAdamW8bit(AdamW8bit):
             return super().step(closure)
 
 
+def moment_bytes(states: str, numel: int) -> int:
+    """Bytes of the two moments of one parameter tensor of `numel` values (step counter not counted).
+
+    8bit: torchao quantises tensors of >= 4096 values (a multiple of its 256-value block) to one
+    byte per value, a float32 scale per block and the 256-entry float32 code map per moment;
+    smaller tensors keep float32 moments, as bitsandbytes does. For planning without running the
+    step (torchao's 8-bit states cannot be built on fake tensors).
+    """
+    if states == "float32":
+        return 8 * numel
+    if states == "bfloat16":
+        return 4 * numel
+    if states == "8bit":
+        if numel >= 4096 and numel % 256 == 0:
+            return 2 * (numel + 4 * numel // 256 + 4 * 256)
+        return 8 * numel
+    raise ValueError(f"optim.states must be float32, bfloat16 or 8bit, got {states!r}")
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor of the optimiser state (8-bit states: codes, scales and the code map)."""
 

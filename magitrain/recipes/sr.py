@@ -101,7 +101,7 @@ class SRFineTuneModule(FlowMatchingModule):
             raise ValueError("flow.audio_weight must be 0 for SR: its audio output is discarded")
         self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
         self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
-        self._grid = flow_grid(cfg.grid_steps, cfg.grid_shift)[1][:-1]  # s the sampler evaluates
+        self._grid = flow_grid(cfg.grid_steps, cfg.grid_shift)[1][:-1].tolist()  # s the sampler evaluates
 
     # ----- validation: the frozen base model, then this SR network -----------------------------
     @property
@@ -146,7 +146,9 @@ class SRFineTuneModule(FlowMatchingModule):
         out["eps_source"] = torch.randn(batch["video_latent"].shape[1:], generator=gen, device=gen.device)
         out["source"] = cfg.source.draw(gen)
         u = torch.rand(2, generator=gen, device=gen.device)
-        on_grid = self._grid[(u[1] * len(self._grid)).long().clamp(max=len(self._grid) - 1)]
+        # a tensor made here and gathered from (no indexing by a value): the planner's fake step runs it
+        grid = torch.tensor(self._grid, dtype=torch.float32, device=u.device)
+        on_grid = grid.gather(0, (u[1:] * len(grid)).long().clamp(max=len(grid) - 1))[0]
         out["s"] = torch.where(u[0] < cfg.grid_fraction, on_grid.to(out["s"]), out["s"])
         return out
 

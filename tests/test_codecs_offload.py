@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import compose_train
 from test_data_raw import tool
+from test_dmd_recipe import dmd_run, teacher_ckpt  # noqa: F401 (a fixture)
 from test_train_base import step_losses
 
 from magitrain.codecs import build_tiny_codecs
@@ -62,6 +63,25 @@ def test_sr_on_raw_shards_encodes_hr_and_lr_in_one_visit(raw_shards, tmp_path):
     trainer = train(compose_train(overrides, tmp_path))
     assert trainer.global_step == 2
     assert trainer.lightning_module.codecs.residency.log == ONE_USE * 2
+
+
+def test_dmd2_encodes_its_negative_prompt_in_one_visit_and_takes_both_optimiser_options(
+    latent_shards,
+    teacher_ckpt,  # noqa: F811
+    tmp_path,
+):
+    from magitrain.recipes.low_precision_adamw import AdamWBf16States, TorchaoAdamW8bit
+
+    overrides = dmd_run(
+        latent_shards, teacher_ckpt, "codecs=tiny", "codecs.offload=true", "trainer.max_steps=2",
+        "module.optim.states=8bit", "module.critic_optim.states=bfloat16",
+    )  # fmt: skip
+    trainer = train(compose_train(overrides, tmp_path))
+    assert trainer.global_step > 0
+    assert trainer.lightning_module.codecs.residency.log == ONE_USE  # encoded once, then cached
+    student, critic = trainer.optimizers
+    assert type(student) is TorchaoAdamW8bit and type(critic) is AdamWBf16States
+    assert critic.state and student.state  # both stepped
 
 
 def test_nested_uses_move_the_codecs_once():

@@ -7,11 +7,12 @@ do to a tiny training run's loss curve against float32.
 
 `--activations`: the peak of activations + temporaries (not gradients) over one forward and
 backward of the 15B SR model on fake tensors (one sample, 5 s, the whole 640-token prompt, bf16
-autocast without its weight cache as under FSDP2, checkpointing of every block) with float32 and bf16 saved block inputs. This is the
-activation peak of a sharded run, where gradients are reduce-scattered block by block; the
-planner's activation figure is taken at its unsharded total peak instead (the end of the backward,
-when every gradient exists and the saved inputs are gone). The CPU step builds dense S x S masks
-(2 x S^2 bytes, counted here) where a GPU builds flex block masks.
+autocast without its weight cache as under FSDP2, checkpointing of every block) with float32 and
+bf16 saved block inputs. This is the activation peak of a sharded run, where gradients are
+reduce-scattered block by block; the planner's activation figure is taken at its unsharded total
+peak instead (the end of the backward, when every gradient exists and the saved inputs are gone).
+The CPU step builds dense S x S masks (2 x S^2 bytes, counted here) where a GPU builds flex block
+masks.
 
 State bytes: a real optimiser step of the tiny model (exact), and the 15B model's figure from its
 parameter shapes by the same rule the tests check exactly on the tiny model. Loss curves: the

@@ -1,5 +1,5 @@
 """LoRA fine-tuning of MagiHuman: per-modality adapters (a PEFT custom layer), the frozen bf16 / fp8
-base, LoRA recipes, adapter files, merging and load-time application."""
+base, LoRA recipes (flow matching, SR, LoRA-DMD), adapter files, merging and load-time application."""
 
 from .adapters import (
     add_adapter,
@@ -10,13 +10,16 @@ from .adapters import (
     save_adapter,
 )
 from .config import LoraConfig
+from .dmd import LoraDMD2Module
 from .layer import ModalityLoraLinear, SharedALoraLinear
-from .recipe import LoraFlowMatchingModule, LoraMixin
+from .recipe import LoraFlowMatchingModule, LoraMixin, LoraSRFineTuneModule
 
 __all__ = [
     "LoraConfig",
+    "LoraDMD2Module",
     "LoraFlowMatchingModule",
     "LoraMixin",
+    "LoraSRFineTuneModule",
     "ModalityLoraLinear",
     "SharedALoraLinear",
     "add_adapter",

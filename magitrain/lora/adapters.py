@@ -10,6 +10,8 @@ the target module names and the architecture the adapter belongs to (docs/traini
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -59,6 +61,20 @@ def build_frozen_base(
     if base_dtype == "fp8":
         quantize_fp8(network)
     return network
+
+
+def share_frozen(network: MagiHumanDiT) -> MagiHumanDiT:
+    """Another module tree over the very same parameter and buffer tensors (no memory of its own).
+
+    LoRA-DMD puts the student's and the critic's adapters on two such trees of one frozen base,
+    whose plain tree is the teacher: one 15B base in memory, and each role a real module, so
+    activation checkpointing recomputes each role with its own adapters. Call it before adapters
+    are injected (they would be copied, not shared).
+    """
+    if lora_layers(network):
+        raise ValueError("share_frozen: the network already carries adapters")
+    shared = {id(t): t for t in itertools.chain(network.parameters(), network.buffers())}
+    return copy.deepcopy(network, memo=shared)
 
 
 def quantize_fp8(network: MagiHumanDiT) -> None:

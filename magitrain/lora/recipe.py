@@ -18,6 +18,7 @@ from torch import Tensor
 from magitrain.errors import UserError
 from magitrain.parallel import parallelize
 from magitrain.recipes.flow_matching import FlowMatchingModule
+from magitrain.recipes.sr import SRFineTuneModule
 
 from .adapters import (
     add_adapter,
@@ -44,38 +45,54 @@ class LoraMixin:
     # ----- networks -------------------------------------------------------------------------
     def build_lora_network(self):
         """The frozen base (from `init`) with the trained adapter (and its EMA shadow) injected."""
+        self.check_lora_strategy()
+        network = self.frozen_base()
+        self.lora_targets = self.adapt(network, self.lora_config.init, ema=self._ema_requested)
+        return parallelize(network, self.parallel_config, None, trainable=True)
+
+    def check_lora_strategy(self) -> None:
         zero3 = self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
         if self.device_mesh is not None or zero3:
             raise UserError(
                 "LoRA recipes run on one device or with strategy=ddp (the bf16 base is 28.5 GB); "
                 "FSDP2 / ZeRO-3 sharding of the frozen base is not supported yet"
             )
+
+    def frozen_base(self):
+        return build_frozen_base(self.model_config, self.init_path, self.lora_config.base_dtype)
+
+    def adapt(self, network, init: str | None = None, ema: bool = False) -> list[str]:
+        """Inject the trained adapter into `network` (continued from the adapter file `init`), with
+        `ema` also its EMA shadow; the trained adapter is the active one. Returns the adapted linears."""
         cfg = self.lora_config
-        network = build_frozen_base(self.model_config, self.init_path, cfg.base_dtype)
-        self.lora_targets = add_adapter(network, cfg, TRAINED)
-        if cfg.init:
-            tensors, file_cfg = read_checked_adapter(cfg.init, network, "lora.init")
+        targets = add_adapter(network, cfg, TRAINED)
+        if init:
+            tensors, file_cfg = read_checked_adapter(init, network, "lora.init")
             for f, mine in (
                 ("rank", cfg.rank),
                 ("alpha", cfg.alpha),
                 ("sandwich", cfg.sandwich),
-                ("targets", self.lora_targets),
+                ("targets", targets),
             ):
                 if getattr(file_cfg, f) != mine:
                     raise UserError(
-                        f"lora.init={cfg.init} was trained with {f}={getattr(file_cfg, f)!r}, "
+                        f"lora.init={init} was trained with {f}={getattr(file_cfg, f)!r}, "
                         f"this run has {mine!r}"
                     )
-            load_adapter(network, tensors, TRAINED, f"lora.init={cfg.init}")
-        if self._ema_requested:
+            load_adapter(network, tensors, TRAINED, f"lora.init={init}")
+        if ema:
             add_adapter(network, cfg, EMA)
         set_active(network, TRAINED)
-        return parallelize(network, self.parallel_config, None, trainable=True)
+        return targets
 
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this more than once
             return
         self.model = self.build_lora_network()
+        self.start_ema()
+
+    def start_ema(self) -> None:
+        """The EMA shadow starts as a copy of the trained adapter."""
         if self._ema_requested:
             with torch.no_grad():
                 for shadow, param in zip(*self.ema_parameters(), strict=True):
@@ -95,8 +112,17 @@ class LoraMixin:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ----- checkpoints ----------------------------------------------------------------------
+    def adapter_networks(self) -> dict[str, torch.nn.Module]:
+        """The networks carrying adapters, by attribute name (LoRA-DMD adds the critic)."""
+        return {"model": self.model}
+
     def adapter_keys(self) -> set[str]:
-        return {f"model.{k}" for k, _ in self.model.named_parameters() if is_adapter_key(k)}
+        return {
+            f"{root}.{k}"
+            for root, network in self.adapter_networks().items()
+            for k, _ in network.named_parameters()
+            if is_adapter_key(k)
+        }
 
     def base_fingerprint(self) -> float:
         """A checksum of the frozen base's float32 embedders and heads: resuming on another base fails."""
@@ -130,6 +156,14 @@ class LoraMixin:
 
 class LoraFlowMatchingModule(LoraMixin, FlowMatchingModule):
     """Flow matching (recipe=lora_base) with adapters on a frozen base."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        with self.base_autocast():
+            return super().training_step(batch, batch_idx)
+
+
+class LoraSRFineTuneModule(LoraMixin, SRFineTuneModule):
+    """SR fine-tuning (recipe=lora_sr_540p / lora_sr_1080p) with adapters on a frozen SR base."""
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         with self.base_autocast():

@@ -1,0 +1,312 @@
+"""LoRA-DMD (recipe=lora_dmd2) and SR LoRA (recipe=lora_sr_540p) on CPU at tiny size: one frozen base
+shared by the student, the critic and the teacher; only adapters train; checkpointing recomputes
+each role with its own adapters; exact resume from the small checkpoint; export -> infer.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_train, straight_and_resumed, tiny_run
+from hydra.utils import instantiate
+
+from magitrain.checkpoint import load_official, save_official
+from magitrain.checkpoint.export import export
+from magitrain.errors import UserError
+from magitrain.flow import dmd as core
+from magitrain.launch import train
+from magitrain.lora import LoraDMD2Module, LoraSRFineTuneModule, build_frozen_base
+from magitrain.lora.adapters import read_adapter
+from magitrain.model import MagiHumanDiT, tiny
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_official(MagiHumanDiT(tiny()), tmp_path_factory.mktemp("lora_dmd_base") / "base")
+
+
+def lora_dmd_run(shards: Path, base: Path, *extra: str) -> list[str]:
+    return tiny_run(
+        shards,
+        "recipe=lora_dmd2",
+        f"teacher={base}",
+        "module.dmd.ttur=2",
+        f"module.lora.rank={RANK}",
+        "module.optim.lr=1e-2",  # toy steps: adapters visibly move
+        "module.critic_optim.lr=1e-2",
+        *extra,
+    )
+
+
+def frozen(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen parameters under their released names."""
+    return {
+        k.replace(".base_layer.", "."): v
+        for k, v in network.state_dict().items()
+        if ".lora_A." not in k and ".lora_B." not in k
+    }
+
+
+def inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, 48, 3, 4, 6, generator=g),
+        torch.randn(1, 9, 64, generator=g),
+        torch.randn(1, 5, 64, generator=g),
+    )
+
+
+def test_only_the_two_adapter_sets_train_on_one_shared_base(latent_shards, base_ckpt, tmp_path):
+    overrides = lora_dmd_run(latent_shards, base_ckpt, "trainer.max_steps=3", "callbacks.ema.start_step=1")
+    trainer = train(compose_train(overrides, tmp_path))
+    module = trainer.lightning_module
+    assert isinstance(module, LoraDMD2Module) and trainer.global_step == 3  # generator steps
+    student, critic, teacher = module.model, module.critic, module.teacher
+
+    # one frozen base: the three roles hold the very same tensors, bit-identical to the loaded base
+    original = frozen(build_frozen_base(tiny(), str(base_ckpt), "bf16"))
+    for network in (student, critic, teacher):
+        got = frozen(network)
+        assert got.keys() == original.keys()
+        for k in original:
+            assert got[k].dtype == original[k].dtype and torch.equal(got[k], original[k]), k
+    for k, t in frozen(teacher).items():
+        assert frozen(student)[k].data_ptr() == frozen(critic)[k].data_ptr() == t.data_ptr(), k
+    assert student.block.layers[1].attention.linear_qkv.get_base_layer().weight.dtype == torch.bfloat16
+
+    # only adapters train: the student's and the critic's, each by its own optimiser, in float32
+    def trained(network):
+        return {k: p for k, p in network.named_parameters() if p.requires_grad}
+
+    for network in (student, critic):
+        params = trained(network)
+        assert params and all(".default." in k and p.dtype == torch.float32 for k, p in params.items())
+        assert all(float(p.abs().max()) > 0 for k, p in params.items() if ".lora_B." in k)  # moved
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for optimizer, network in zip(trainer.optimizers, (student, critic), strict=True):
+        optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert optimised == {id(p) for p in trained(network).values()}
+        assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(trained(student).values(), trained(critic).values(), strict=True)
+    )
+
+    # the EMA shadows the student's adapter only
+    shadow, live = module.ema_parameters()
+    assert len(shadow) == len(live) == len(trained(student)) and module.ema is None
+    assert any(not torch.equal(s, p) for s, p in zip(shadow, live, strict=True))
+
+    # the checkpoint: both adapter sets, the student's EMA, both optimisers; no base
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    kinds = {(k.split(".")[0], k.split(".lora_")[1].split(".")[1]) for k in ckpt["state_dict"]}
+    assert kinds == {("model", "default"), ("model", "ema"), ("critic", "default")}
+    assert len(ckpt["optimizer_states"]) == 2 and ckpt["dmd_critic_steps"] == 6
+
+
+@torch.no_grad()
+def test_the_teacher_is_the_base_with_adapters_off(latent_shards, base_ckpt, tmp_path):
+    overrides = lora_dmd_run(latent_shards, base_ckpt, "trainer.max_steps=2")
+    module = train(compose_train(overrides, tmp_path)).lightning_module
+    # the original base as DMD-2 would hold its teacher: released weights, bf16 block linears
+    from magitrain.inference.networks import to_inference_dtype
+
+    original = load_official(to_inference_dtype(MagiHumanDiT(tiny()), torch.bfloat16), base_ckpt).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = original(*inputs())
+        got = module.teacher(*inputs())
+        student = module.model.eval()(*inputs())
+        with _off(module.model):
+            student_off = module.model(*inputs())
+    for w, g, s, off in zip(want, got, student, student_off, strict=True):
+        assert torch.equal(g, w)
+        assert torch.equal(off, w)  # the student with its adapters switched off is the teacher
+        assert (s.float() - w.float()).abs().max() > 1e-3  # and with them on, it is not
+
+
+class _off:
+    """PEFT's per-layer switch: every adapter of the network off, then back on."""
+
+    def __init__(self, network):
+        from magitrain.lora.adapters import lora_layers
+
+        self.layers = list(lora_layers(network).values())
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.enable_adapters(True)
+
+
+def _phases(module, batch) -> dict[str, torch.Tensor]:
+    """A critic update's and a generator update's backward, as `training_step` runs them (the
+    generator loss runs the critic and the teacher between the student's forward and backward);
+    returns every adapter gradient."""
+    ctx = module._context(batch)
+    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+    with torch.no_grad():
+        x0 = module._simulate(ctx, 0)
+    s, eps = module._score_draw(ctx)
+    core.critic_loss(critic, x0, s=s, eps=eps)[0].backward()
+    x0 = module._simulate(ctx, 1)  # the student's exit step, with grad (checkpointed)
+    s, eps = module._score_draw(ctx)
+    loss, _ = core.generator_loss(x0, module._guided_teacher(ctx), critic, s=s, eps=eps)
+    loss.backward()
+    return {
+        f"{root}.{k}": p.grad.clone()
+        for root, network in (("model", module.model), ("critic", module.critic))
+        for k, p in network.named_parameters()
+        if p.grad is not None
+    }
+
+
+def test_activation_checkpointing_recomputes_each_role_with_its_own_adapters(base_ckpt, tmp_path):
+    grads, recomputed = {}, {}
+    for ac in (False, True):
+        overrides = [
+            "recipe=lora_dmd2", "model=tiny", f"teacher={base_ckpt}", f"module.lora.rank={RANK}",
+            "module.lora.base_dtype=fp32", f"module.parallel.activation_checkpointing={ac}",
+            "module.dmd.student_steps=2",
+        ]  # fmt: skip
+        module = instantiate(compose_train(overrides, tmp_path).module)
+        module.configure_model()
+        assert module.model.activation_checkpointing is ac and module.critic.activation_checkpointing is ac
+        g = torch.Generator().manual_seed(3)  # student and critic adapters differ from the start
+        with torch.no_grad():
+            for network in (module.model, module.critic):
+                for k, p in network.named_parameters():
+                    if ".lora_" in k:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        batch = {
+            "video_latent": torch.randn(2, 48, 3, 4, 6, generator=g),
+            "audio_latent": torch.randn(2, 9, 64, generator=g),
+            "text_emb": torch.randn(2, 5, 64, generator=g),
+            "text_len": torch.tensor([5, 3]),
+            "key": ["a", "b"],
+        }
+        calls = []
+        hook = module.model.block.layers[0].register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        grads[ac] = _phases(module, batch)
+        hook.remove()
+        recomputed[ac] = len(calls)
+    assert recomputed[True] == recomputed[False] + 1  # the exit step's block 0, in the backward
+    assert grads[False].keys() == grads[True].keys()
+    assert any(k.startswith("model.") for k in grads[False]) and any(
+        k.startswith("critic.") for k in grads[False]
+    )
+    for k, want in grads[False].items():
+        assert want.abs().max() > 0, k
+        torch.testing.assert_close(grads[True][k], want, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_a_killed_lora_dmd_run_resumes_exactly_from_its_small_checkpoint(latent_shards, base_ckpt, tmp_path):
+    """6 generator steps straight == a `train.py` SIGKILLed after its step-2 checkpoint + a resume."""
+    overrides = lora_dmd_run(
+        latent_shards,
+        base_ckpt,
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.ema.start_step=1",
+        "module.dmd.p_image=0.5",
+    )
+    straight, resumed, step2 = straight_and_resumed(overrides, tmp_path)
+    small = torch.load(step2, map_location="cpu", weights_only=True)
+    assert all(".lora_" in k for k in small["state_dict"])
+    want, got = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    from test_dmd_recipe import read_metrics
+
+    def losses(path):
+        return {
+            int(r["step"]): r["train/generator_loss"]
+            for r in read_metrics(path)
+            if r.get("train/generator_loss")
+        }
+
+    straight_losses = losses(tmp_path / "straight" / "csv" / "metrics.csv")
+    resumed_losses = losses(tmp_path / "killed" / "csv_resumed" / "metrics.csv")
+    assert sorted(resumed_losses) == list(range(2, 6))
+    assert all(resumed_losses[s] == straight_losses[s] for s in resumed_losses)
+    assert resumed.lightning_module._critic_steps == straight.lightning_module._critic_steps == 12
+
+
+def test_export_ema_student_adapter_and_infer_py_samples_it_in_8_steps(latent_shards, base_ckpt, tmp_path):
+    trainer = train(
+        compose_train(lora_dmd_run(latent_shards, base_ckpt, "callbacks.ema.start_step=0"), tmp_path / "run")
+    )
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    adapter = export(ckpt, tmp_path / "student.safetensors", ema=True)
+    tensors, cfg, _ = read_adapter(adapter)
+    assert cfg.rank == RANK and len(cfg.targets) == 16
+    layer = trainer.lightning_module.model.block.layers[0].attention.linear_qkv
+    assert torch.equal(
+        tensors["block.layers.0.attention.linear_qkv.lora_B.weight"], layer.lora_B["ema"].weight
+    )
+    # --merge takes the teacher as the base it was trained on
+    merged = export(ckpt, tmp_path / "merged", ema=True, merge=True)
+    assert load_official(MagiHumanDiT(tiny()), merged) is not None
+    mp4 = tmp_path / "sample.mp4"
+    cmd = [sys.executable, str(REPO / "infer.py"), f"ckpt={base_ckpt}", f"lora={adapter}", "model=tiny",
+           "codecs=tiny", "prompt=A man says hello", "seconds=0.32", "resolution=64x32", "steps=8",
+           "seed=0", f"out={mp4}"]  # fmt: skip
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert mp4.stat().st_size > 1000
+
+
+def test_lora_dmd_refuses_full_network_inits_and_a_missing_teacher(base_ckpt):
+    for init in ({"student_init": str(base_ckpt)}, {"critic_init": str(base_ckpt)}):
+        with pytest.raises(UserError, match="module.lora.init"):
+            LoraDMD2Module(model=tiny(), teacher=str(base_ckpt), **init)
+    with pytest.raises(UserError, match="teacher=PATH"):
+        LoraDMD2Module(model=tiny()).configure_model()
+
+
+# ----- SR LoRA ----------------------------------------------------------------------------------
+def test_lora_sr_trains_adapters_and_exports_them(base_ckpt, tmp_path):
+    from magitrain.data.synthetic import make_latent_dataset
+
+    shards = tmp_path / "pairs"
+    make_latent_dataset(
+        shards, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
+    )
+    overrides = tiny_run(
+        shards, "recipe=lora_sr_540p", f"init={base_ckpt}", f"module.lora.rank={RANK}",
+        "module.lora.base_dtype=fp32", "module.optim.lr=1e-2",
+    )  # fmt: skip
+    trainer = train(compose_train(overrides, tmp_path / "run"))
+    module = trainer.lightning_module
+    assert isinstance(module, LoraSRFineTuneModule) and trainer.global_step == 3
+    original = frozen(build_frozen_base(tiny(), str(base_ckpt), "fp32"))
+    got = frozen(module.model)
+    assert all(torch.equal(got[k], original[k]) for k in original)
+    assert all(".lora_" in k for k, p in module.model.named_parameters() if p.requires_grad)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert all(".lora_" in k for k in torch.load(ckpt, weights_only=True)["state_dict"])
+
+    # the merged export is the SR network with its adapters, in the released layout (v1 coords)
+    from magitrain.checkpoint.official import read_config
+
+    merged_dir = export(ckpt, tmp_path / "merged", merge=True)
+    assert read_config(merged_dir).coords_style == "v1"
+    merged = load_official(MagiHumanDiT(read_config(merged_dir)), merged_dir).eval()
+    with torch.no_grad():
+        want = module.model.eval()(*inputs(), coords_style="v1")
+        for w, g in zip(want, merged(*inputs(), coords_style="v1"), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert read_adapter(export(ckpt, tmp_path / "sr.safetensors"))[1].rank == RANK

@@ -55,6 +55,8 @@ class InferConfig:
     sr_ckpt: str | None = arg(None, "the SR network's checkpoint (needed with sr=)")
     lora: str | None = arg(None, "LoRA adapter file(s) applied to the base at load time: PATH or [PATH,...]")
     lora_scale: str = arg("1.0", "LoRA scale: one for all adapters, or [S1,S2,...] one per adapter")
+    sr_lora: str | None = arg(None, "LoRA adapter file(s) applied to the SR network (recipe=lora_sr_*)")
+    sr_lora_scale: str = arg("1.0", "SR LoRA scale(s), like lora_scale")
     steps: int = arg(8, "8: distilled sampler; 32: UniPC with CFG")
     sampler: str | None = arg(None, "distilled | base (default: from steps)")
     seed: int = arg(0, "noise seed (a CPU generator: the same noise on any device)")
@@ -236,6 +238,14 @@ def load_checked(ckpt: str, model: str | None, weights: str, key: str, dtype: to
         raise UserError(err.args[0] if err.args else str(err)) from err
 
 
+def with_adapters(network, paths: str, scales: str, key: str):
+    """`network` with the adapter files `key=` applied at their `key_scale=` (nothing merged on disk)."""
+    from magitrain.lora import apply_adapters
+
+    scales = [convert(s, float, f"{key}_scale") for s in convert(scales, list, f"{key}_scale")]
+    return apply_adapters(network, convert(paths, list, key), scales, key)
+
+
 def generate(cfg: InferConfig, device: torch.device) -> None:
     from magitrain.inference import MagiHumanPipeline, compile_blocks, format_table, write_json
     from magitrain.inference.pipeline import uses_bf16
@@ -246,20 +256,19 @@ def generate(cfg: InferConfig, device: torch.device) -> None:
     sr = optional(cfg.sr)
     if sr and not cfg.sr_ckpt:
         raise UserError(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
+    if cfg.sr_lora and not sr:
+        raise UserError("sr_lora= adapts the SR network: it needs sr=SIZE and sr_ckpt=PATH")
     dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32
     codecs = build_codecs(cfg.codecs, cfg.codecs_fields, dtype)  # before the networks: its errors are cheap
     model = load_checked(cfg.ckpt, cfg.model, cfg.weights, "ckpt", dtype)
     if cfg.lora:
-        from magitrain.lora import apply_adapters
-
-        scales = [
-            convert(scale, float, "lora_scale") for scale in convert(cfg.lora_scale, list, "lora_scale")
-        ]
-        model = apply_adapters(model, convert(cfg.lora, list, "lora"), scales)
+        model = with_adapters(model, cfg.lora, cfg.lora_scale, "lora")
     sr_preset = "magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b_sr540"
     sr_model = (
         load_checked(cfg.sr_ckpt, cfg.sr_model, cfg.weights, "sr_ckpt", dtype, sr_preset) if sr else None
     )
+    if cfg.sr_lora:
+        sr_model = with_adapters(sr_model, cfg.sr_lora, cfg.sr_lora_scale, "sr_lora")
     for network in filter(None, (model, sr_model)):
         network.eval().requires_grad_(False).to(device if cfg.offload != "stages" else "cpu")
         if cfg.compile:

@@ -278,21 +278,26 @@ def test_lora_dmd_refuses_full_network_inits_and_a_missing_teacher(base_ckpt):
 
 
 # ----- SR LoRA ----------------------------------------------------------------------------------
-def test_lora_sr_trains_adapters_and_exports_them(base_ckpt, tmp_path):
+def test_lora_sr_trains_adapters_and_infer_py_applies_them_like_the_merged_export(tmp_path, monkeypatch):
+    import infer
+    from magitrain.checkpoint.official import read_config
     from magitrain.data.synthetic import make_latent_dataset
+    from magitrain.inference.pipeline import Generation
 
     shards = tmp_path / "pairs"
     make_latent_dataset(
         shards, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
     )
+    torch.manual_seed(1)
+    sr_base = save_official(MagiHumanDiT(tiny().replace(coords_style="v1")), tmp_path / "sr_base")
     overrides = tiny_run(
-        shards, "recipe=lora_sr_540p", f"init={base_ckpt}", f"module.lora.rank={RANK}",
+        shards, "recipe=lora_sr_540p", f"init={sr_base}", f"module.lora.rank={RANK}",
         "module.lora.base_dtype=fp32", "module.optim.lr=1e-2",
     )  # fmt: skip
     trainer = train(compose_train(overrides, tmp_path / "run"))
     module = trainer.lightning_module
     assert isinstance(module, LoraSRFineTuneModule) and trainer.global_step == 3
-    original = frozen(build_frozen_base(tiny(), str(base_ckpt), "fp32"))
+    original = frozen(build_frozen_base(tiny(), str(sr_base), "fp32"))
     got = frozen(module.model)
     assert all(torch.equal(got[k], original[k]) for k in original)
     assert all(".lora_" in k for k, p in module.model.named_parameters() if p.requires_grad)
@@ -300,8 +305,6 @@ def test_lora_sr_trains_adapters_and_exports_them(base_ckpt, tmp_path):
     assert all(".lora_" in k for k in torch.load(ckpt, weights_only=True)["state_dict"])
 
     # the merged export is the SR network with its adapters, in the released layout (v1 coords)
-    from magitrain.checkpoint.official import read_config
-
     merged_dir = export(ckpt, tmp_path / "merged", merge=True)
     assert read_config(merged_dir).coords_style == "v1"
     merged = load_official(MagiHumanDiT(read_config(merged_dir)), merged_dir).eval()
@@ -309,4 +312,25 @@ def test_lora_sr_trains_adapters_and_exports_them(base_ckpt, tmp_path):
         want = module.model.eval()(*inputs(), coords_style="v1")
         for w, g in zip(want, merged(*inputs(), coords_style="v1"), strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    assert read_adapter(export(ckpt, tmp_path / "sr.safetensors"))[1].rank == RANK
+    adapter = export(ckpt, tmp_path / "sr.safetensors")
+    assert read_adapter(adapter)[1].rank == RANK
+
+    # infer.py sr_lora= on the SR base == infer.py with the merged SR checkpoint (clips before mp4)
+    clips = []
+    monkeypatch.setattr(Generation, "save", lambda self, path: clips.append(self) or Path(path))
+    torch.manual_seed(0)
+    base = save_official(MagiHumanDiT(tiny()), tmp_path / "base")
+    common = [f"ckpt={base}", "model=tiny", "codecs=tiny", "prompt=hello", "seconds=0.32", "resolution=64x32",
+              "sr=128x64", "steps=8"]  # fmt: skip
+    infer.main([*common, f"sr_ckpt={sr_base}", f"sr_lora={adapter}"])
+    infer.main([*common, f"sr_ckpt={merged_dir}"])
+    infer.main([*common, f"sr_ckpt={sr_base}"])
+    lora, merged_clip, plain = clips
+    assert lora.video.shape[-2:] == (64, 128)
+    torch.testing.assert_close(lora.video, merged_clip.video, rtol=0, atol=1e-4)
+    assert (lora.video - plain.video).abs().max() > 1e-3  # the SR adapter does change the clip
+    # bad input names the argument
+    with pytest.raises(UserError, match="sr_lora_scale=strong: expected a number"):
+        infer.main([*common, f"sr_ckpt={sr_base}", f"sr_lora={adapter}", "sr_lora_scale=strong"])
+    with pytest.raises(UserError, match="sr_lora= adapts the SR network"):
+        infer.main([*common[:-2], f"sr_lora={adapter}"])

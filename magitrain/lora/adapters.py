@@ -250,15 +250,16 @@ def read_checked_adapter(path: str, network: MagiHumanDiT, field: str):
     return tensors, cfg
 
 
-def apply_adapters(network: MagiHumanDiT, paths, scales) -> MagiHumanDiT:
-    """Apply adapter files with their scales at load time (no merge): infer.py `lora=` / `lora_scale=`."""
-    paths, scales = adapter_arguments(paths, scales)
+def apply_adapters(network: MagiHumanDiT, paths, scales, field: str = "lora") -> MagiHumanDiT:
+    """Apply adapter files with their scales at load time (no merge): infer.py `lora=` / `lora_scale=`
+    (`field` names the argument in errors: `sr_lora` for the SR network's)."""
+    paths, scales = adapter_arguments(paths, scales, field)
     names = []
     for i, (path, scale) in enumerate(zip(paths, scales, strict=True)):
-        tensors, cfg = read_checked_adapter(path, network, "lora")
+        tensors, cfg = read_checked_adapter(path, network, field)
         name = f"lora{i}"
         add_adapter(network, cfg, name)
-        load_adapter(network, tensors, name, f"lora={path}")
+        load_adapter(network, tensors, name, f"{field}={path}")
         for layer in lora_layers(network).values():
             if name in layer.scaling:
                 layer.scaling[name] = cfg.scaling * scale
@@ -268,16 +269,16 @@ def apply_adapters(network: MagiHumanDiT, paths, scales) -> MagiHumanDiT:
     return network
 
 
-def adapter_arguments(paths, scales) -> tuple[list[str], list[float]]:
+def adapter_arguments(paths, scales, field: str = "lora") -> tuple[list[str], list[float]]:
     """Normalise `lora=PATH | [PATHS]` and `lora_scale=FLOAT | [FLOATS]`; errors name the argument."""
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     scales = [scales] * len(paths) if not isinstance(scales, list | tuple) and scales is not None else scales
     if scales is None or len(scales) != len(paths):
-        raise UserError(f"lora_scale must be one number or one per adapter ({len(paths)}), got {scales!r}")
+        raise UserError(f"{field}_scale must be one number or one per adapter ({len(paths)}), got {scales!r}")
     for s in scales:
         if isinstance(s, bool) or not isinstance(s, int | float):
             raise UserError(
-                f"lora_scale must be a number (or a list of numbers), got {s!r} ({type(s).__name__})"
+                f"{field}_scale must be a number (or a list of numbers), got {s!r} ({type(s).__name__})"
             )
     return [str(p) for p in paths], [float(s) for s in scales]
 

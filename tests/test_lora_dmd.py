@@ -19,7 +19,7 @@ from magitrain.checkpoint.export import export
 from magitrain.errors import UserError
 from magitrain.flow import dmd as core
 from magitrain.launch import train
-from magitrain.lora import LoraDMD2Module, LoraSRFineTuneModule, build_frozen_base
+from magitrain.lora import LoraConfig, LoraDMD2Module, LoraSRFineTuneModule, build_frozen_base
 from magitrain.lora.adapters import read_adapter
 from magitrain.model import MagiHumanDiT, tiny
 
@@ -334,3 +334,41 @@ def test_lora_sr_trains_adapters_and_infer_py_applies_them_like_the_merged_expor
         infer.main([*common, f"sr_ckpt={sr_base}", f"sr_lora={adapter}", "sr_lora_scale=strong"])
     with pytest.raises(UserError, match="sr_lora= adapts the SR network"):
         infer.main([*common[:-2], f"sr_lora={adapter}"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base_dtype", ["bf16", "fp8"])
+def test_lora_dmd_step_memory_on_gpu(base_dtype):
+    """One LoRA-DMD generator iteration (a critic update, then a student update) of the 15B model at
+    256p 5 s (random base, r=64, checkpointing): peak memory against docs/training.md's estimate."""
+    from magitrain.model import magihuman_15b
+
+    if base_dtype == "fp8":
+        pytest.importorskip("torchao")
+    config = magihuman_15b(activation_checkpointing=True)
+    module = LoraDMD2Module(model=config, teacher="random", lora=LoraConfig(rank=64, base_dtype=base_dtype))
+    module.frozen_base = lambda: build_frozen_base(config, None, base_dtype, "cuda")
+    module.request_ema()
+    module.configure_model()
+    module.to("cuda")
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "video_latent": torch.randn(1, 48, 32, 16, 28, generator=g).cuda(),  # 448x256, 5 s
+        "audio_latent": torch.randn(1, 126, 64, generator=g).cuda(),
+        "text_emb": torch.randn(1, 640, 3584, generator=g).cuda(),
+        "text_len": torch.tensor([640]),
+        "key": ["a"],
+    }
+    optimizers = [
+        torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        for net in (module.model, module.critic)
+    ]
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        _phases(module, batch)  # (the backward passes of one critic and one student update)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"LoRA-DMD r=64 {base_dtype} base, 256p 5 s generator iteration: peak {peak:.1f} GiB")
+    assert peak < (52 if base_dtype == "bf16" else 38)

@@ -350,6 +350,24 @@ def test_targets_and_layers_that_match_nothing_are_named():
     assert set(lora_layers(network)) == set(targets)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rank", "abc", "lora.rank must be an integer, got 'abc'"),
+        ("rank", 2.5, "lora.rank must be an integer, got 2.5"),
+        ("rank", True, "lora.rank must be an integer"),
+        ("alpha", "big", "lora.alpha must be a number"),
+        ("dropout", 1.5, r"lora.dropout must be in \[0, 1\)"),
+        ("layers", "a-b", "lora.layers: 'a-b' is neither an index nor a range"),
+        ("targets", ["linear_(qkv"], "'linear_\\(qkv' is not a valid regular expression"),
+    ],
+)
+def test_bad_lora_config_values_are_named(field, value, message):
+    network = build_frozen_base(tiny(), None, "fp32")
+    with pytest.raises(UserError, match=message):
+        add_adapter(network, LoraConfig(**{field: value}))
+
+
 def test_adapter_files_for_another_architecture_or_rank_are_refused(trained_fp32, base_ckpt, tmp_path):
     import infer
 

@@ -33,9 +33,15 @@ class LoraConfig:
         self.targets = [str(t) for t in self.targets]
         if self.layers is not None and not isinstance(self.layers, str):
             self.layers = [int(i) for i in self.layers]
-        self.rank, self.alpha, self.dropout = int(self.rank), float(self.alpha), float(self.dropout)
+        self.rank = _number("rank", self.rank, int)
+        self.alpha, self.dropout = (
+            _number("alpha", self.alpha, float),
+            _number("dropout", self.dropout, float),
+        )
         if self.rank <= 0:
             raise UserError(f"lora.rank must be a positive integer, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise UserError("lora.targets is empty: name at least one linear, e.g. attention.linear_qkv")
         for name, value, allowed in (
@@ -66,6 +72,15 @@ class LoraConfig:
         if bad:
             raise UserError(f"lora.layers: indices {bad} are outside the model's layers 0-{num_layers - 1}")
         return sorted(set(indices))
+
+
+def _number(name: str, value, kind: type) -> int | float:
+    """`value` as `kind`; a string, a bool or (for an integer) a fraction is an error naming the field."""
+    fraction = kind is int and isinstance(value, float) and not value.is_integer()
+    if isinstance(value, bool) or not isinstance(value, int | float) or fraction:
+        what = "an integer" if kind is int else "a number"
+        raise UserError(f"lora.{name} must be {what}, got {value!r} ({type(value).__name__})")
+    return kind(value)
 
 
 def select_targets(module_names: list[str], cfg: LoraConfig, num_layers: int) -> list[str]:

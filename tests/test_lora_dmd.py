@@ -372,3 +372,46 @@ def test_lora_dmd_step_memory_on_gpu(base_dtype):
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"LoRA-DMD r=64 {base_dtype} base, 256p 5 s generator iteration: peak {peak:.1f} GiB")
     assert peak < (52 if base_dtype == "bf16" else 38)
+
+
+@pytest.mark.slow
+def test_lora_dmd_under_ddp_matches_one_process(tmp_path):
+    """Two gloo DDP ranks with batches of 2 == one process with the batch of 4: losses and adapters."""
+    from test_dmd_distributed import LOSSES, losses
+
+    from magitrain.checkpoint.export import read_training_checkpoint
+    from magitrain.data.synthetic import make_latent_dataset
+
+    shards = tmp_path / "four"
+    make_latent_dataset(shards, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64)
+    torch.manual_seed(5)
+    save_official(MagiHumanDiT(tiny()), shards / "base")
+
+    def run(out, devices, strategy, batch_size):
+        cmd = [sys.executable, "train.py", "recipe=lora_dmd2", "model=tiny", "trainer=cpu",
+               f"trainer.devices={devices}", f"strategy={strategy}", "trainer.max_steps=2",
+               "trainer.log_every_n_steps=1", "module.dmd.ttur=2", "module.dmd.p_image=0.5",
+               f"module.lora.rank={RANK}", "module.lora.base_dtype=fp32", "module.optim.lr=1e-3",
+               "module.critic_optim.lr=1e-3", "callbacks.ema.start_step=1", "callbacks.progress_bar=null",
+               f"data.shards={shards}/*.tar", "data.num_workers=0", "data.shuffle=false",
+               f"data.buckets=[{{height: 64, width: 96, frames: 9, batch_size: {batch_size}}}]",
+               f"teacher={shards}/base", f"hydra.run.dir={out}"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    run(tmp_path / "one", 1, "auto", 4)
+    run(tmp_path / "ddp", 2, "ddp", 2)
+    want, got = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert len(want) == 2 * len(LOSSES) and want.keys() == got.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-7), key
+    one, _ = read_training_checkpoint(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    ddp, _ = read_training_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
+    assert one.keys() == ddp.keys() and {k.split(".")[0] for k in one} == {"model", "critic"}
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], atol=5e-5, rtol=1e-4, msg=k)
+    for root in ("model", "critic"):  # both adapter sets moved (unsynchronised grads would differ)
+        assert any(
+            float(one[k].abs().max()) > 1e-3 for k in one if k.startswith(f"{root}.") and ".lora_B." in k
+        )

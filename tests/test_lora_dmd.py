@@ -272,6 +272,12 @@ def test_lora_dmd_refuses_full_network_inits_and_a_missing_teacher(base_ckpt):
             LoraDMD2Module(model=tiny(), teacher=str(base_ckpt), **init)
     with pytest.raises(UserError, match="teacher=PATH"):
         LoraDMD2Module(model=tiny()).configure_model()
+    from magitrain.recipes import DMDConfig
+
+    with pytest.raises(UserError, match="teacher_offload cannot move it"):
+        LoraDMD2Module(model=tiny(), teacher=str(base_ckpt), dmd=DMDConfig(teacher_offload=True))
+    with pytest.raises(UserError, match="gan.enabled=true"):
+        LoraDMD2Module(model=tiny(), teacher=str(base_ckpt), dmd=DMDConfig(gan={"enabled": True}))
 
 
 # ----- SR LoRA ----------------------------------------------------------------------------------

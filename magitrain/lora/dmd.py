@@ -39,6 +39,13 @@ class LoraDMD2Module(LoraMixin, DMD2Module):
                 "student_init / critic_init are full networks (recipe=dmd2_distill). Start the "
                 "student's adapter from a file with module.lora.init=ADAPTER.safetensors"
             )
+        if self.dmd_config.teacher_offload:
+            raise UserError(
+                "recipe=lora_dmd2: the teacher is the student's and critic's own frozen base, so "
+                "module.dmd.teacher_offload cannot move it off the device; use module.lora.base_dtype=fp8"
+            )
+        if self.dmd_config.gan.enabled:  # its head would need a place in the adapter-only checkpoint
+            raise UserError("recipe=lora_dmd2 does not support module.dmd.gan.enabled=true yet")
         # the teacher IS the frozen base: its storage is lora.base_dtype, not dmd.teacher_dtype
         self.dmd_config.teacher_dtype = "float32" if self.lora_config.base_dtype == "fp32" else "bfloat16"
         self.hparams["dmd"]["teacher_dtype"] = self.dmd_config.teacher_dtype

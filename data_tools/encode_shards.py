@@ -10,7 +10,8 @@ data.missing_audio decides) unless --missing-audio drop. Shards
 are split across ranks (RANK/WORLD_SIZE from torchrun, or SLURM_PROCID/SLURM_NTASKS): shard i
 goes to rank i % world. A finished output shard is skipped, so re-running resumes. Clips of one
 bucket (and the same presence of KEY.jpg) are encoded --batch-size at a time.
---sr HxW makes SR pairs: video_latent at the SR size, lr_video_latent at the bucket size.
+--sr HxW makes SR pairs: video_latent at the SR size, lr_video_latent from that clip resized to the
+bucket size (no crop: the SR sampler stretches the base grid, e.g. 448x256 -> 1920x1088).
 --prompts: INPUT is a text file of prompts (one a line, # comments) and the output is prompt
 shards (magitrain/data/prompts.py): text embeddings + the geometry of each --bucket, no video or
 audio, for data-free DMD-2; prompt i gets bucket i mod the number of buckets.
@@ -36,7 +37,7 @@ from rich.progress import track
 from magitrain.data.buckets import Bucket, assign_raw, frames_for_seconds
 from magitrain.data.collate import collate_raw
 from magitrain.data.decode import BadSample, RawOptions, decode_raw, read_meta
-from magitrain.data.encode import encode_raw_batch, to_pixels
+from magitrain.data.encode import encode_raw_batch, resize_video, to_pixels
 from magitrain.data.index import read_index
 from magitrain.data.prompts import read_prompts, write_prompt_shards
 from magitrain.data.shards import expand_urls, index_url, iter_tar
@@ -89,9 +90,10 @@ def decode_sample(sample: dict, row: dict, bucket: Bucket, job: Job) -> dict:
     """The clip cut to its bucket (and, for SR pairs, also at the SR size) plus its metadata."""
     decoded = decode_raw(sample, row, bucket, job.opts, random.Random(0))
     decoded["meta"] = {**read_meta(sample), "has_audio": bool(decoded["audio_mask"])}
-    if job.sr is not None:
+    if job.sr is not None:  # the LR clip is the HR clip resized (no crop), as SR training makes it
         high = Bucket(job.sr[0], job.sr[1], bucket.frames, 1)
         decoded["high"] = decode_raw(sample, row, high, job.opts, random.Random(0))["video"]
+        decoded["video"] = resize_video(decoded["high"][None], (bucket.height, bucket.width))[0]
     return decoded
 
 

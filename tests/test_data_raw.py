@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -11,8 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load
 
+from magitrain.data.buckets import Bucket
 from magitrain.data.datamodule import MagiDataModule
-from magitrain.data.shards import iter_tar
+from magitrain.data.decode import RawOptions, decode_raw
+from magitrain.data.encode import resize_video, to_pixels
+from magitrain.data.index import read_index
+from magitrain.data.shards import index_url, iter_tar
 from magitrain.data.synthetic import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +133,21 @@ def test_encode_shards_to_latent_shards_with_sr_pairs(raw_shards, tmp_path, monk
         )
     assert batches[0]["ref_latent"].shape == (2, 48, 1, 2, 2)  # from KEY.jpg, at the base bucket size
     assert "ref_latent" not in batches[1] and batches[1]["caption"][0].startswith("A ")
+
+    # one clip, same frames: the HR latent is the tiny codecs' encoding of the clip cut at the SR
+    # size as the raw loader cuts it, and the LR latent that of the same pixels resized to the bucket
+    codecs = sys.modules["encode_shards"].load_codecs(["codecs=tiny"], "cpu")
+    url = str(raw_shards / "000001.tar")
+    rows = {row["key"]: row for row in read_index(url, index_url(url)).rows}
+    raw = {s["__key__"]: s for s in iter_tar(url)}
+    for sample in iter_tar(str(tmp_path / "000001.tar")):
+        key, latents = sample["__key__"], load(sample["latents.safetensors"])
+        hr = decode_raw(raw[key], rows[key], Bucket(64, 64, 5, 1), RawOptions(), random.Random(0))["video"]
+        with torch.no_grad():
+            want_hr = codecs.video.encode(to_pixels(hr[None]))[0]
+            want_lr = codecs.video.encode(to_pixels(resize_video(hr[None], (32, 32))))[0]
+        torch.testing.assert_close(latents["video_latent"], want_hr, atol=1e-4, rtol=1e-4, msg=key)
+        torch.testing.assert_close(latents["lr_video_latent"], want_lr, atol=1e-4, rtol=1e-4, msg=key)
 
 
 def test_cli_runs_as_a_script():

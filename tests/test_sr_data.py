@@ -8,11 +8,17 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compose_train
+from hydra.utils import instantiate
 
+from magitrain.data.encode import resize_video
 from magitrain.data.synthetic import make_demo_dataset, make_latent_dataset
-from magitrain.recipes.sr import downscale_pixels
+from magitrain.inference.shapes import RESOLUTIONS
+from magitrain.model import tiny
+from magitrain.recipes import SRConfig, SRFineTuneModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,22 +52,33 @@ def test_inspect_shards_reports_sr_pair_coverage(tmp_path, capsys):
     assert summary["sr_pairs"] == {"4x6 <- 2x3": 3, "4x6 <- no LR": 2}
 
 
-def test_downscale_keeps_dtype_frames_and_refuses_a_size_it_cannot_halve():
+def test_resize_video_keeps_dtype_and_frames_and_refuses_upscaling():
     video = torch.randint(0, 256, (1, 3, 5, 64, 96), dtype=torch.uint8)
-    low = downscale_pixels(video, 2)
-    assert low.shape == (1, 3, 5, 32, 48) and low.dtype == torch.uint8
+    low = resize_video(video, (32, 64))  # to exactly (height, width): no crop, no kept aspect
+    assert low.shape == (1, 3, 5, 32, 64) and low.dtype == torch.uint8
     torch.testing.assert_close(low.float().mean(), video.float().mean(), atol=2.0, rtol=0)
-    import pytest
+    with pytest.raises(ValueError, match="larger than the HR clip"):
+        resize_video(video, (128, 64))
 
-    with pytest.raises(ValueError, match="multiple of 32"):
-        downscale_pixels(torch.zeros(1, 3, 5, 48, 96, dtype=torch.uint8), 2)
+
+@pytest.mark.parametrize("recipe", ["sr_finetune_540p", "sr_finetune_1080p"])
+def test_the_on_the_fly_lr_clip_is_the_base_grid_the_sampler_upsamples(recipe, tmp_path):
+    """At 540p and 1080p alike the LR clip is 448x256 (latent 28x16): the base stage's output that the
+    SR sampler upsamples, whatever the HR/LR ratio (1920/448 is not a whole number)."""
+    cfg = compose_train([f"recipe={recipe}", "model=tiny"], tmp_path)
+    module = SRFineTuneModule(tiny(), flow=instantiate(cfg.module.flow))
+    assert module._lr_hw[::-1] == RESOLUTIONS["256p"]
+    with pytest.raises(ValueError, match="flow.lr_size"):
+        SRFineTuneModule(tiny(), flow=SRConfig(lr_size="480x270"))
 
 
 def test_sr_recipe_on_raw_shards_makes_the_lr_latent_on_the_fly(tmp_path):
+    """The LR latent is the real tiny video VAE's encoding of the HR pixels resized to lr_size (a
+    pooled HR latent, or pixels resized to another size, would not match)."""
     from magitrain.launch import train
 
     clips = tmp_path / "clips"
-    make_demo_dataset(clips, num_clips=2, seconds=0.5, size=(64, 96), seed=3)
+    make_demo_dataset(clips, num_clips=2, seconds=0.5, size=(64, 128), seed=3)
     shards = tmp_path / "shards"
     tool("make_shards.py", str(clips), str(shards), "--max-count", "2", "--workers", "1")
     cfg = compose_train(
@@ -76,27 +93,33 @@ def test_sr_recipe_on_raw_shards_makes_the_lr_latent_on_the_fly(tmp_path):
             "callbacks.progress_bar=null",
             f"data.shards={shards}/*.tar",
             "data.num_workers=0",
-            "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
+            "data.buckets=[{height: 64, width: 128, frames: 9, batch_size: 2}]",
+            "module.flow.lr_size=64x32",
         ],
         tmp_path / "run",
     )
-    seen = {}
-    from magitrain.recipes import SRFineTuneModule
+    seen = []
+    from magitrain.recipes import SRFineTuneModule as Module
 
-    original = SRFineTuneModule.on_after_batch_transfer
+    original = Module.on_after_batch_transfer
 
     def spy(self, batch, idx):
         out = original(self, batch, idx)
-        seen.update(hr=out["video_latent"].shape, lr=out["lr_video_latent"].shape)
+        B, C, n, H, W = batch["video"].shape  # uint8 HR pixels: resize each frame to 32x64 here
+        frames = batch["video"].permute(0, 2, 1, 3, 4).reshape(B * n, C, H, W).float()
+        low = F.interpolate(frames, size=(32, 64), mode="bilinear", antialias=True).round().clamp(0, 255)
+        low = low.reshape(B, n, C, 32, 64).permute(0, 2, 1, 3, 4)
+        with torch.no_grad():
+            want = self.codecs.video.encode(low / 127.5 - 1)
+        seen.append((out["lr_video_latent"], want, out["video_latent"].shape))
         return out
 
-    SRFineTuneModule.on_after_batch_transfer = spy
+    Module.on_after_batch_transfer = spy
     try:
         trainer = train(cfg)
     finally:
-        SRFineTuneModule.on_after_batch_transfer = original
-    assert trainer.global_step == 2
-    assert seen["lr"][:3] == seen["hr"][:3] and tuple(seen["lr"][3:]) == (
-        seen["hr"][3] // 2,
-        seen["hr"][4] // 2,
-    )
+        Module.on_after_batch_transfer = original
+    assert trainer.global_step == 2 and seen
+    for lr, want, hr_shape in seen:
+        assert lr.shape == (*hr_shape[:3], 2, 4) and hr_shape[3:] == (4, 8)
+        torch.testing.assert_close(lr, want, atol=1e-4, rtol=1e-4)

@@ -2,6 +2,7 @@
 device after the batch is transferred (raw mode), and what encode_shards.py runs offline."""
 
 import torch
+import torch.nn.functional as F
 
 from magitrain.data.buckets import VAE_TIME_STRIDE
 
@@ -11,6 +12,23 @@ def to_pixels(video: torch.Tensor) -> torch.Tensor:
     if video.dtype == torch.uint8:
         return video.float().div_(127.5).sub_(1.0)
     return video
+
+
+def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, 3, F, H, W] pixels (uint8 or float) -> [B, 3, F, height, width], antialiased bilinear.
+
+    The SR low-resolution clip: resized to exactly `size = (height, width)` with no crop, because the
+    SR sampler stretches the whole base-stage latent to the SR grid (1920x1088 <- 448x256 is not one
+    aspect ratio); training pairs must show the model that same mapping.
+    """
+    B, C, n, H, W = video.shape
+    height, width = size
+    if height > H or width > W:
+        raise ValueError(f"SR LR size {width}x{height} is larger than the HR clip {W}x{H}")
+    frames = video.permute(0, 2, 1, 3, 4).reshape(B * n, C, H, W).float()
+    low = F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True)
+    low = low.round().clamp(0, 255).to(torch.uint8) if video.dtype == torch.uint8 else low.to(video.dtype)
+    return low.reshape(B, n, C, height, width).permute(0, 2, 1, 3, 4)
 
 
 @torch.no_grad()

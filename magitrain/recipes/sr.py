@@ -9,7 +9,8 @@ logit-normal. Audio enters as `0.7 eps + 0.3 audio`, held fixed, with no audio l
 model's audio output is discarded at inference); text positions are v1 whatever the preset says.
 
 The low-resolution latent comes from the shards (`lr_video_latent`, `encode_shards.py --sr`) or,
-for raw media, is made on the fly: the pixels resized down by `lr_scale` and encoded.
+for raw media, is made on the fly: the HR pixels resized to exactly `lr_size` (the base stage's
+grid, 448x256, that the sampler upsamples; the same resize `encode_shards.py --sr` makes) and encoded.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from magitrain.data.encode import resize_video, to_pixels
 from magitrain.flow import training as fm
 from magitrain.flow.schedules import DEFAULT_SHIFT, flow_grid, sr_renoise_coefficient
 from magitrain.flow.sr import upsample_latent, vp_renoise
+from magitrain.inference.shapes import parse_resolution
 
 from .flow_matching import FlowMatchingConfig, FlowMatchingModule
 
@@ -69,7 +71,7 @@ class SRConfig(FlowMatchingConfig):
     grid_steps: int = 5  # the SR sampler's steps: s on its shifted grid with `grid_fraction`
     grid_fraction: float = 0.5
     grid_shift: float = DEFAULT_SHIFT
-    lr_scale: int = 2  # raw media: LR pixels = HR pixels / lr_scale (896x512 -> 448x256)
+    lr_size: str = "256p"  # raw media: LR pixels at this WxH (or preset): the base stage's grid
     sigma_sampling: fm.SigmaSampling = field(
         default_factory=lambda: fm.SigmaSampling(base_shift=DEFAULT_SHIFT, max_shift=DEFAULT_SHIFT)
     )
@@ -101,6 +103,10 @@ class SRFineTuneModule(FlowMatchingModule):
             raise ValueError("flow.audio_weight must be 0 for SR: its audio output is discarded")
         self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
         self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
+        try:  # (height, width) of the on-the-fly LR clip; a bad size is refused now, not at step 1
+            self._lr_hw = parse_resolution(cfg.lr_size)[::-1]
+        except ValueError as err:
+            raise ValueError(f"flow.lr_size: {err}") from None
         self._grid = flow_grid(cfg.grid_steps, cfg.grid_shift)[1][:-1].tolist()  # s the sampler evaluates
 
     # ----- validation: the frozen base model, then this SR network -----------------------------
@@ -178,9 +184,7 @@ class SRFineTuneModule(FlowMatchingModule):
         if not (raw and self.codecs is not None):
             out = super().on_after_batch_transfer(batch, dataloader_idx)
         else:
-            from magitrain.data.encode import to_pixels
-
-            batch = {**batch, "lr_pixels": downscale_pixels(batch["video"], self.flow_config.lr_scale)}
+            batch = {**batch, "lr_pixels": resize_video(batch["video"], self._lr_hw)}
             with torch.no_grad(), self.codecs.on_device():  # (codecs.offload: one visit for both)
                 out = super().on_after_batch_transfer(batch, dataloader_idx)
                 out["lr_video_latent"] = self.codecs.video.encode(to_pixels(batch["lr_pixels"]))
@@ -192,17 +196,6 @@ class SRFineTuneModule(FlowMatchingModule):
             )
         check_pair(out["lr_video_latent"], out["video_latent"])
         return out
-
-
-def downscale_pixels(video: Tensor, scale: int) -> Tensor:
-    """[B, 3, F, H, W] pixels (uint8 or float) -> [B, 3, F, H/scale, W/scale], antialiased bilinear."""
-    B, C, n, H, W = video.shape
-    if H % (16 * scale) or W % (16 * scale):
-        raise ValueError(f"SR lr_scale={scale}: the HR size {H}x{W} must be a multiple of {16 * scale}")
-    frames = video.permute(0, 2, 1, 3, 4).reshape(B * n, C, H, W).float()
-    low = F.interpolate(frames, size=(H // scale, W // scale), mode="bilinear", antialias=True)
-    low = low.round().clamp(0, 255).to(torch.uint8) if video.dtype == torch.uint8 else low
-    return low.reshape(B, n, C, H // scale, W // scale).permute(0, 2, 1, 3, 4)
 
 
 def check_pair(lr: Tensor, hr: Tensor) -> None:

@@ -1,6 +1,7 @@
 """Every GPU check of magitrain in one call (about 8 minutes on one H100/H200):
 
-1. `tests/test_gpu.py` (DeepSpeed ZeRO-2/3 and bf16 FSDP2 training steps, compiled flex attention)
+1. `tests/test_gpu.py` (DeepSpeed ZeRO-2/3 and bf16 FSDP2 training steps, compiled flex attention, its
+   BlockMask backward through the local layers against the dense mask)
    and the GPU test of `tests/test_dmd_offload.py` (DMD-2's teacher in pinned host memory);
 2. the 15B-wide slice benchmark (2 sandwich + 2 shared layers, 256p 5 s, bf16): forward and
    forward+backward, eager and compiled, with MFU;

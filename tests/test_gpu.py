@@ -1,4 +1,5 @@
-"""GPU-only checks: DeepSpeed ZeRO-2/3 and bf16 FSDP2 training steps, compiled flex attention.
+"""GPU-only checks: DeepSpeed ZeRO-2/3 and bf16 FSDP2 training steps, compiled flex attention
+(forward, and the training backward through local-attention BlockMasks).
 
 Lightning's DeepSpeedStrategy (and FSDP1) refuse a CPU, so these run only where CUDA is present
 (the `gpu` marker skips them elsewhere). World size 1 is enough to exercise the code paths:
@@ -126,3 +127,38 @@ def test_gpu_checks_dry_run_covers_every_section(tmp_path):
     assert [r["output"] for r in results["table2"]["result"]["rows"]] == ["64x64", "128x128"]
     assert results["table2"]["result"]["sr1080_masks"]["seq_len"] == 65280 + 126 + 100
     assert "| output |" in (tmp_path / "gpu_checks.md").read_text()
+
+
+@pytest.mark.gpu
+def test_flex_block_mask_training_backward_matches_the_dense_mask_on_gpu():
+    """The 1080p SR model's local layers under the compiled flex BlockMask: loss.backward() gives
+    the gradients of the dense-mask reference (CPU flex attention has no backward, so only here)."""
+    from magitrain.model import tiny_sr1080
+
+    config = tiny_sr1080()  # local attention in layers 0-2, window 1
+    torch.manual_seed(0)
+    dense = MagiHumanDiT(config.replace(attn_backend="sdpa")).cuda()
+    flex = MagiHumanDiT(config.replace(attn_backend="flex")).cuda()
+    flex.load_state_dict(dense.state_dict())
+    g = torch.Generator("cuda").manual_seed(1)
+    video = torch.randn(2, 48, 5, 4, 6, generator=g, device="cuda")  # 5 frames: the window of 1 cuts
+    audio = torch.randn(2, 17, 64, generator=g, device="cuda")
+    text = torch.randn(2, 9, 64, generator=g, device="cuda")
+    text_len = torch.tensor([9, 4], device="cuda")  # padded text too
+    target = torch.randn(2, 48, 5, 4, 6, generator=g, device="cuda")
+    outs, grads = [], []
+    for model in (dense, flex):
+        inputs = [x.clone().requires_grad_() for x in (video, audio)]
+        v, a = model(*inputs, text, text_len=text_len)
+        ((v - target).pow(2).mean() + a.pow(2).mean()).backward()
+        outs.append(v.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()} | {"video": inputs[0].grad})
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    assert grads[1].keys() == grads[0].keys()
+    for name, ref in grads[0].items():
+        assert ref is not None and grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], ref, atol=1e-4, rtol=1e-3, msg=name)
+    # the local layers really are local: the dense reference differs from all-global attention
+    full = MagiHumanDiT(config.replace(local_attn_layers=(), attn_backend="sdpa")).cuda()
+    full.load_state_dict(dense.state_dict())
+    assert not torch.allclose(full(video, audio, text, text_len=text_len)[0], outs[0], atol=1e-3)

@@ -137,7 +137,11 @@ def test_a_batch_without_lr_latents_is_refused_by_name():
         module.on_after_batch_transfer(batch, 0)
 
 
-@pytest.mark.parametrize("recipe", ["sr_finetune_540p", "sr_finetune_1080p"])
+# each recipe with its tiny model: the 1080p one with frame-local attention (tiny_sr1080), as released
+RECIPES = {"sr_finetune_540p": "tiny", "sr_finetune_1080p": "tiny_sr1080"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_a_few_steps_on_generated_pairs(recipe, tmp_path):
     from magitrain.data.synthetic import make_latent_dataset
     from magitrain.launch import train
@@ -146,21 +150,19 @@ def test_recipe_runs_a_few_steps_on_generated_pairs(recipe, tmp_path):
     make_latent_dataset(
         shards, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
     )
-    overrides = tiny_run(shards, f"recipe={recipe}")
-    if recipe.endswith("1080p"):  # the 1080p model's frame-local attention, at toy size
-        overrides += ["+model.local_attn_layers=[0,1,2]", "+model.frame_window=1"]
-    cfg = compose_train(overrides, tmp_path / "run")
+    cfg = compose_train(tiny_run(shards, f"recipe={recipe}", f"model={RECIPES[recipe]}"), tmp_path / "run")
     trainer = train(cfg)
     assert trainer.global_step == 3
     module = trainer.lightning_module
     assert isinstance(module, SRFineTuneModule)
-    if recipe.endswith("1080p"):
-        assert module.model_config.local_attn_layers == (0, 1, 2)
+    local = module.model_config.local_attn_layers
+    assert local == ((0, 1, 2) if recipe.endswith("1080p") else ())
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_an_exported_sr_run_is_what_infer_sr_ckpt_runs(tmp_path):
-    """Train the 540p recipe a few steps, export the released layout, and run `infer.py sr=WxH
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_an_exported_sr_run_is_what_infer_sr_ckpt_runs(recipe, tmp_path):
+    """Train the recipe a few steps, export the released layout, and run `infer.py sr=WxH
     sr_ckpt=` with it behind a base checkpoint: an mp4 at the SR size."""
     import infer
     from magitrain.checkpoint import save_official
@@ -175,14 +177,12 @@ def test_an_exported_sr_run_is_what_infer_sr_ckpt_runs(tmp_path):
     make_latent_dataset(
         shards, num_samples=2, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
     )
-    overrides = [
-        "recipe=sr_finetune_540p", "model=tiny", "trainer=cpu", "debug=fast", "callbacks.progress_bar=null",
-        f"data.shards={shards}/*.tar", "data.num_workers=0",
-        "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
-    ]  # fmt: skip
+    overrides = tiny_run(shards, f"recipe={recipe}", f"model={RECIPES[recipe]}", "trainer.max_steps=1")
     train(compose_train(overrides, tmp_path / "run"))
-    sr_dir = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "540p_sr")
-    assert read_config(sr_dir).coords_style == "v1"
+    sr_dir = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "sr")
+    config = read_config(sr_dir)
+    assert config.coords_style == "v1"
+    assert config.local_attn_layers == ((0, 1, 2) if recipe.endswith("1080p") else ())
     torch.manual_seed(0)
     base_dir = save_official(MagiHumanDiT(tiny()), tmp_path / "base")
     clip = tmp_path / "sr.mp4"
@@ -194,8 +194,9 @@ def test_an_exported_sr_run_is_what_infer_sr_ckpt_runs(tmp_path):
     assert (info["width"], info["height"]) == (128, 64)
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_sr_validation_refines_a_frozen_base_sample_and_logs_it_beside_the_upsampled_base(
-    tmp_path, monkeypatch
+    recipe, tmp_path, monkeypatch
 ):
     from magitrain.checkpoint import save_official
     from magitrain.data.index import probe_media
@@ -212,7 +213,7 @@ def test_sr_validation_refines_a_frozen_base_sample_and_logs_it_beside_the_upsam
     torch.manual_seed(0)
     base_dir = save_official(MagiHumanDiT(tiny()), tmp_path / "distill", config=tiny())
     overrides = [
-        "recipe=sr_finetune_540p", "model=tiny", "trainer=cpu", "debug=fast", "trainer.max_steps=2",
+        f"recipe={recipe}", f"model={RECIPES[recipe]}", "trainer=cpu", "debug=fast", "trainer.max_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=2", f"data.shards={shards}/*.tar",
         "data.num_workers=0",
         "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]", "logger=wandb", "codecs=tiny",

@@ -9,6 +9,7 @@ from .config import (
     magihuman_15b_sr540,
     magihuman_15b_sr1080,
     tiny,
+    tiny_sr1080,
 )
 from .dit import MagiHumanDiT, count_parameters, patchify, unpatchify
 from .layout import SequenceLayout
@@ -26,5 +27,6 @@ __all__ = [
     "magihuman_15b_sr1080",
     "patchify",
     "tiny",
+    "tiny_sr1080",
     "unpatchify",
 ]

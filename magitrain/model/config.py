@@ -144,12 +144,20 @@ def tiny(**overrides) -> MagiHumanConfig:
     return MagiHumanConfig(**base)
 
 
+def tiny_sr1080(**overrides) -> MagiHumanConfig:
+    """`tiny` laid out as the 1080p SR model: local attention in all but every fourth layer, v1 text
+    coordinates; a window of 1 latent frame (not 11) so that a toy clip is really cut by it."""
+    base = dict(local_attn_layers=sr1080_local_layers(4), frame_window=1, coords_style="v1")
+    return tiny(**{**base, **overrides})
+
+
 PRESETS = {
     "magihuman_15b": magihuman_15b,
     "magihuman_15b_sr540": magihuman_15b_sr540,
     "magihuman_15b_sr1080": magihuman_15b_sr1080,
     "golden_tiny": golden_tiny,
     "tiny": tiny,
+    "tiny_sr1080": tiny_sr1080,
 }
 
 

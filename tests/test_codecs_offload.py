@@ -59,6 +59,7 @@ def test_sr_on_raw_shards_encodes_hr_and_lr_in_one_visit(raw_shards, tmp_path):
         "trainer=cpu", "debug=fast", "trainer.max_steps=2", "callbacks.progress_bar=null",
         f"data.shards={raw_shards}/*.tar", "data.num_workers=0",
         "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 2}]",
+        "module.flow.lr_size=64x32",  # the LR clip (WxH); the default is the 448x256 base grid
     ]  # fmt: skip
     trainer = train(compose_train(overrides, tmp_path))
     assert trainer.global_step == 2

@@ -1,9 +1,10 @@
 """Ulysses context parallelism on two gloo CPU processes equals one process: the model's forward
-and backward (local mask, padded text, a sequence that needs padding to divide), and SR training
+and backward (local mask, padded text, slices of unequal length), and SR training
 steps with dp=1 x cp=2."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from magitrain.model import MagiHumanDiT, tiny
+from magitrain.model import MagiHumanDiT, get_config, tiny
 from magitrain.parallel.context_parallel import average_gradients, check_degree, enable_context_parallel
 
 CP = 2
@@ -66,9 +67,9 @@ def _model_worker(rank: int, store: str, audio_tokens: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("audio_tokens", [9, 8], ids=["sequence-divides", "sequence-padded"])
+@pytest.mark.parametrize("audio_tokens", [9, 8], ids=["even-slices", "uneven-slices"])
 def test_cp2_forward_and_backward_equal_one_process(audio_tokens, tmp_path):
-    # 18 video + 9 audio + 6 text = 33 tokens: odd, so the text gets one masked pad token
+    # 18 video + 9 audio + 6 text = 33 tokens: slices of 16 and 17 (8 + 8 audio tokens: 16 and 16)
     mp.spawn(_model_worker, args=(str(tmp_path / "store"), audio_tokens), nprocs=CP)
 
 
@@ -188,3 +189,27 @@ def test_sr_recipe_under_fsdp2_with_context_parallel_matches_one_process(tmp_pat
     )
     for k in w_one:
         torch.testing.assert_close(w_cp[k], w_one[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_slices_are_aligned_balanced_and_cut_no_small_pieces():
+    from magitrain.parallel.context_parallel import MIN_ROWS, slice_sizes, token_quantum
+
+    assert token_quantum(tiny()) == 8  # swiglu width 168 = 8 x 21: 8 tokens fill whole 64-float blocks
+    assert token_quantum(get_config("magihuman_15b")) == 16  # swiglu width 13652 = 4 x 3413
+    for splits, cp, q in [
+        ((3584, 126, 100), 8, 16),
+        ((24, 9, 5), 2, 8),
+        ((30, 17, 11), 2, 8),
+        ((6, 9, 7), 2, 8),
+    ]:
+        sizes = slice_sizes(splits, cp, q)
+        assert len(sizes) == cp and sum(sizes) == sum(splits)
+        bounds = torch.tensor((0, *sizes)).cumsum(0).tolist()
+        assert all(b % q == 0 for b in bounds[:-1])
+        assert all(n == 0 or n >= MIN_ROWS for n in sizes)
+        edges = torch.tensor((0, *splits)).cumsum(0).tolist()
+        for b in bounds:  # a cut inside a modality leaves at least MIN_ROWS tokens on each side
+            assert all(
+                not (lo < b < hi) or min(b - lo, hi - b) >= MIN_ROWS for lo, hi in itertools.pairwise(edges)
+            )
+    assert max(slice_sizes((3584, 126, 100), 8, 16)) - min(slice_sizes((3584, 126, 100), 8, 16)) <= 32

@@ -124,9 +124,6 @@ class MagiHumanDiT(nn.Module):
         B, _, T, H, W = video.shape
         pt, ph, pw = cfg.patch_size
         grid = (T // pt, H // ph, W // pw)
-        cp = self.context_parallel
-        if cp is not None:  # the sequence must divide by the CP degree: masked text padding
-            text, text_len = cp.pad_text(text, text_len, grid[0] * grid[1] * grid[2] + audio.shape[1])
         layout = SequenceLayout(B, *grid, audio.shape[1], text.shape[1], text_len)
 
         with torch.autocast(video.device.type, enabled=False):  # embedders and RoPE in float32
@@ -142,6 +139,7 @@ class MagiHumanDiT(nn.Module):
 
         global_mask, local_mask = self._masks(layout, x.device)
         splits = layout.splits
+        cp = self.context_parallel
         if cp is not None:  # this rank's slice of the tokens, of RoPE and of the modality routing
             x, rope, splits = cp.shard(x, rope, splits)
         for i, layer in enumerate(self.block.layers):

@@ -1,4 +1,4 @@
-"""Ulysses context parallelism: each rank of a CP group holds 1/cp of the token sequence.
+"""Ulysses context parallelism: each rank of a CP group holds a slice of the token sequence.
 
 Between the layers a rank holds a contiguous slice of the (video | audio | text) sequence; around
 attention an all-to-all turns sequence shards into head shards (each rank sees the whole sequence
@@ -6,12 +6,19 @@ for Hq/cp query and Hkv/cp kv heads, so any mask, the frame-local one included, 
 unchanged), and a second all-to-all turns them back. What else assumes the whole sequence:
   - modality routing of the sandwich layers: each rank routes its slice with its own splits;
   - RoPE: the table is computed for the whole sequence and sliced like the tokens;
-  - length: the text is zero-padded (as masked padding, the way padded prompts already are) until
-    the sequence divides by cp;
-  - the output: the final hidden states are all-gathered, so every CP rank computes the same loss.
-    The all-gather's backward sums the cp identical losses' gradients, so parameter gradients are
-    right once averaged over the CP group: FSDP2 sharding over dp x cp (as torchtitan does), or
-    `average_gradients` without it.
+  - length: the slices may differ in length (the all-to-alls take per-rank split sizes), so no
+    sequence length needs padding;
+  - the output: the final hidden states are all-gathered, so every CP rank computes the same loss
+    (and, sampling, the same next latent). The all-gather's backward sums the cp identical
+    losses' gradients, so parameter gradients are right once averaged over the CP group: FSDP2
+    sharding over dp x cp (as torchtitan does), or `average_gradients` without it.
+
+Slice boundaries fall on multiples of `quantum` tokens, chosen so that every per-token row of the
+activations a vectorised CPU kernel runs over (hidden, MLP widths) starts on a whole SIMD register
+block: elementwise kernels then process each token with the same vector or scalar code as one
+process does (sigmoid's scalar and vector paths differ in the last bit). With that, CP on the CPU
+is bit-identical to one process (same thread count), which `infer.py cp=N` relies on to write the
+same mp4 bytes for any N.
 
 Hand-written on torch.distributed's autograd collectives (`torch.distributed.nn.functional`):
 PyTorch's own `context_parallel` is ring attention over SDPA only and takes neither a flex
@@ -20,6 +27,10 @@ BlockMask nor GQA head groups; the all-to-all formulation here is a few reshapes
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +39,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.nn.functional import all_gather, all_to_all_single
 
+# A CPU matmul of fewer rows takes another kernel (last-bit differences): no slice makes such pieces.
+MIN_ROWS = 4
+# Floats per SIMD block a CPU elementwise kernel steps by: 2 x AVX-512 registers, doubled for margin.
+SIMD_FLOATS = 64
+
 
 @dataclass
 class ContextParallel:
-    """The CP group of this rank and the collectives of one Ulysses forward."""
+    """The CP group of this rank and the collectives of one Ulysses forward.
+
+    `shard` fixes the slice lengths of the forward it starts (`slice_sizes`); the attention
+    layers' all-to-alls and the final gather use them.
+    """
 
     group: dist.ProcessGroup
+    quantum: int = 1  # slice boundaries are multiples of this many tokens
+    sizes: tuple[int, ...] = ()  # tokens per rank in the current forward
 
     @property
     def size(self) -> int:
@@ -43,57 +65,82 @@ class ContextParallel:
     def rank(self) -> int:
         return dist.get_rank(self.group)
 
-    def pad_text(
-        self, text: Tensor, text_len: Tensor | None, other_tokens: int
-    ) -> tuple[Tensor, Tensor | None]:
-        """Zero text tokens appended, masked by `text_len`, until video + audio + text divides by cp."""
-        pad = -(other_tokens + text.shape[1]) % self.size
-        if not pad:
-            return text, text_len
-        if text_len is None:
-            text_len = torch.full((text.shape[0],), text.shape[1], dtype=torch.long, device=text.device)
-        return F.pad(text, (0, 0, 0, pad)), text_len
-
-    def local_range(self, total: int) -> tuple[int, int]:
-        n = total // self.size
-        return self.rank * n, (self.rank + 1) * n
-
     def shard(self, x: Tensor, rope: Tensor, splits: tuple[int, int, int]):
         """This rank's slice of the sequence [B, S, D], of the RoPE table [B, S, *], and its
         modality splits (token counts of video, audio, text inside the slice; some may be 0)."""
-        start, stop = self.local_range(x.shape[1])
-        bounds = torch.tensor(splits).cumsum(0).tolist()
+        self.sizes = slice_sizes(tuple(splits), self.size, self.quantum)
+        start = sum(self.sizes[: self.rank])
+        stop = start + self.sizes[self.rank]
         local, lo = [], 0
-        for hi in bounds:
-            local.append(max(0, min(hi, stop) - max(lo, start)))
-            lo = hi
+        for n in splits:
+            local.append(max(0, min(lo + n, stop) - max(lo, start)))
+            lo += n
         return x[:, start:stop], rope[:, start:stop], tuple(local)
 
     def seq_to_heads(self, t: Tensor) -> Tensor:
-        """[B, H, S/cp, d] (a sequence slice, all heads) -> [B, H/cp, S, d] (all tokens, a head slice)."""
+        """[B, H, s, d] (this rank's tokens, all heads) -> [B, H/cp, S, d] (all tokens, a head slice)."""
         B, H, s, d = t.shape
-        cp = self.size
-        send = t.reshape(B, cp, H // cp, s, d).permute(1, 0, 2, 3, 4).contiguous()
-        recv = all_to_all_single(torch.empty_like(send), send, group=self.group)  # [cp: seq chunk, ...]
-        return recv.permute(1, 2, 0, 3, 4).reshape(B, H // cp, cp * s, d)
+        cp, h = self.size, H // self.size
+        send = t.reshape(B, cp, h, s, d).transpose(0, 1).reshape(-1)  # [cp: head chunk, ...]
+        counts = [B * h * n * d for n in self.sizes]  # received from each rank: its tokens of my heads
+        recv = all_to_all_single(
+            t.new_empty(sum(counts)), send, counts, [B * h * s * d] * cp, group=self.group
+        )
+        parts = [part.view(B, h, n, d) for part, n in zip(recv.split(counts), self.sizes, strict=True)]
+        return torch.cat(parts, dim=2)
 
     def heads_to_seq(self, t: Tensor) -> Tensor:
-        """[B, H/cp, S, d] -> [B, H, S/cp, d]: the inverse of `seq_to_heads`."""
+        """[B, H/cp, S, d] -> [B, H, s, d]: the inverse of `seq_to_heads`."""
         B, h, S, d = t.shape
-        cp = self.size
-        send = t.reshape(B, h, cp, S // cp, d).permute(2, 0, 1, 3, 4).contiguous()
-        recv = all_to_all_single(torch.empty_like(send), send, group=self.group)  # [cp: head chunk, ...]
-        return recv.permute(1, 0, 2, 3, 4).reshape(B, cp * h, S // cp, d)
+        cp, s = self.size, self.sizes[self.rank]
+        send = torch.cat([part.reshape(-1) for part in t.split(self.sizes, dim=2)])  # [cp: tokens]
+        counts = [B * h * n * d for n in self.sizes]
+        recv = all_to_all_single(
+            t.new_empty(cp * B * h * s * d), send, [B * h * s * d] * cp, counts, group=self.group
+        )
+        return recv.view(cp, B, h, s, d).transpose(0, 1).reshape(B, cp * h, s, d)  # [cp: head chunk]
 
     def gather(self, x: Tensor) -> Tensor:
-        """[B, S/cp, D] on each rank -> [B, S, D] on every rank (autograd: gradients flow back)."""
-        return torch.cat(all_gather(x.contiguous(), group=self.group), dim=1)
+        """[B, s, D] on each rank -> [B, S, D] on every rank (autograd: gradients flow back). The
+        slices are padded to the longest for the all-gather and trimmed after."""
+        longest = max(self.sizes)
+        padded = F.pad(x, (0, 0, 0, longest - x.shape[1])).contiguous()
+        parts = all_gather(padded, group=self.group)
+        return torch.cat([part[:, :n] for part, n in zip(parts, self.sizes, strict=True)], dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def slice_sizes(splits: tuple[int, ...], cp: int, quantum: int) -> tuple[int, ...]:
+    """Tokens per rank of a sequence of modality segments `splits`: as even as allowed, where a
+    boundary is a multiple of `quantum` and cuts no segment into a piece of 1 to MIN_ROWS - 1
+    tokens; a slice is empty or holds at least MIN_ROWS tokens (later ranks may get none)."""
+    total, edges = sum(splits), [0, *itertools.accumulate(splits)]
+
+    def allowed(p: int) -> bool:
+        i = bisect.bisect_right(edges, p) - 1
+        lo, hi = edges[i], edges[min(i + 1, len(edges) - 1)]
+        return p == lo or (p - lo >= MIN_ROWS and hi - p >= MIN_ROWS)
+
+    candidates = [p for p in range(0, total, quantum) if allowed(p)] + [total]
+    bounds = [0]
+    for r in range(1, cp):
+        fits = [c for c in candidates if c == bounds[-1] or MIN_ROWS <= c - bounds[-1]]
+        fits = [c for c in fits if c == total or total - c >= MIN_ROWS]
+        bounds.append(min(fits, key=lambda c: (abs(c - total * r / cp), c)))
+    bounds.append(total)
+    return tuple(hi - lo for lo, hi in itertools.pairwise(bounds))
+
+
+def token_quantum(config) -> int:
+    """The fewest tokens whose rows of every activation width fill whole SIMD blocks."""
+    widths = (config.hidden_size, config.swiglu_hidden, config.gelu_hidden)
+    return max(SIMD_FLOATS // math.gcd(SIMD_FLOATS, w) for w in widths)
 
 
 def enable_context_parallel(network, group: dist.ProcessGroup) -> ContextParallel:
     """Run `network` (a MagiHumanDiT) Ulysses-parallel over `group`: set the CP hook it and its
     attention layers call. The CP degree must divide the kv heads (and so the query heads)."""
-    cp = ContextParallel(group)
+    cp = ContextParallel(group, quantum=token_quantum(network.config))
     check_degree(network.config, cp.size)
     network.context_parallel = cp
     for layer in network.block.layers:

@@ -5,7 +5,8 @@ r"""Generate clips with sound, or benchmark the pipeline: `python infer.py key=v
         codecs.video_vae_path=/ckpt/wan22_vae codecs.audio_vae_path=/ckpt/sao_vae \
         codecs.text_encoder_path=/ckpt/t5gemma
     python infer.py ckpt=/ckpt/distill prompts=prompts.jsonl out=outputs/batch/clip.mp4 ...
-    python infer.py benchmark=true model=magihuman_15b codecs=random compile=true out=outputs/bench.json
+    python infer.py benchmark=true model=magihuman_15b codecs=random compile=step out=outputs/bench.json
+    torchrun --nproc-per-node 4 infer.py ckpt=... sr=1080p sr_ckpt=... cp=4 out=outputs/clip.mp4
 
 Each argument is KEY=VALUE, split at the first '=': text values (prompts, paths) are taken
 verbatim, whatever characters they hold; numbers and flags are converted to the key's type.
@@ -30,6 +31,7 @@ import torch
 
 from magitrain.cli import command_line
 from magitrain.errors import UserError
+from magitrain.inference.steps import COMPILE_MODES
 
 REPO = Path(__file__).resolve().parent
 log = logging.getLogger("magitrain")
@@ -74,7 +76,8 @@ class InferConfig:
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     precision: str = arg("auto", "auto (bf16 on CUDA) | bf16 | fp32")
     offload: str = arg("none", "none | codecs | stages (each network on the device only for its stage)")
-    compile: bool = arg(False, "torch.compile each transformer layer")
+    compile: str = arg("none", "none | blocks (each transformer layer) | step (the whole denoising step)")
+    cp: int = arg(1, "context parallel: split each DiT forward over N ranks (torchrun --nproc-per-node N)")
     benchmark: bool = arg(False, "time the Table 2 rows with random weights instead of generating")
     bench_rows: list = arg(["none", "540p", "1080p"], "benchmark: the SR targets after a 256p base stage")
     bench_repeats: int = arg(2, "benchmark: timed runs per row (after one warm-up)")
@@ -144,7 +147,11 @@ def parse(argv: list[str]) -> InferConfig:
             if "." in key:
                 hint = " (a codecs field is codecs.FIELD=VALUE)"
             raise UserError(f"unknown key {key!r}{hint}: see `python infer.py --help`")
-    return InferConfig(**values, codecs_fields=codecs_fields)
+    cfg = InferConfig(**values, codecs_fields=codecs_fields)
+    cfg.compile = {"true": "blocks", "false": "none"}.get(cfg.compile.lower(), cfg.compile)  # the old flag
+    if cfg.compile not in COMPILE_MODES:
+        raise UserError(f"compile={cfg.compile}: expected one of {', '.join(COMPILE_MODES)}")
+    return cfg
 
 
 def build_codecs(name: str, fields: dict[str, str], dtype: torch.dtype):
@@ -246,8 +253,20 @@ def with_adapters(network, paths: str, scales: str, key: str):
     return apply_adapters(network, convert(paths, list, key), scales, key)
 
 
-def generate(cfg: InferConfig, device: torch.device) -> None:
-    from magitrain.inference import MagiHumanPipeline, compile_blocks, format_table, write_json
+def check_cp(degree: int, network, key: str) -> None:
+    """A CP degree splits the heads: it must divide the network's kv heads."""
+    from magitrain.parallel.context_parallel import check_degree
+
+    if network is None:
+        return
+    try:
+        check_degree(network.config, degree)
+    except ValueError as err:
+        raise UserError(f"cp={degree} does not fit the {key} network: {err}") from err
+
+
+def generate(cfg: InferConfig, device: torch.device, group) -> None:
+    from magitrain.inference import MagiHumanPipeline, format_table, write_json
     from magitrain.inference.pipeline import uses_bf16
 
     if not cfg.ckpt or (cfg.prompt is None and cfg.prompts is None):
@@ -271,27 +290,32 @@ def generate(cfg: InferConfig, device: torch.device) -> None:
         sr_model = with_adapters(sr_model, cfg.sr_lora, cfg.sr_lora_scale, "sr_lora")
     for network in filter(None, (model, sr_model)):
         network.eval().requires_grad_(False).to(device if cfg.offload != "stages" else "cpu")
-        if cfg.compile:
-            compile_blocks(network)
+    for key, network in (("ckpt", model), ("sr_ckpt", sr_model)):
+        check_cp(cfg.cp, network, key)
     pipe = MagiHumanPipeline(
-        model, codecs, sr_model, device=device, precision=cfg.precision, offload=cfg.offload
-    )
+        model, codecs, sr_model, device=device, precision=cfg.precision, offload=cfg.offload,
+        group=group, compile=cfg.compile,
+    )  # fmt: skip
     rows = []
     for job in todo:
         result = pipe.generate(
             job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=cfg.steps,
             sampler=cfg.sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
         )  # fmt: skip
+        if result is None:  # a CP rank other than 0: rank 0 writes
+            continue
         path = result.save(job["out"])
         rows.append({**result.timings, "file": str(path), "prompt": job["prompt"], "seed": job["seed"]})
         print(f"wrote {path} and {path.with_suffix('.json')}")
+    if not rows:
+        return
     print(format_table(rows))
     if cfg.prompts is not None:
         summary = write_json(Path(cfg.out).with_suffix(".json"), rows, prompts=cfg.prompts)
         print(f"wrote {summary} (the timings of all {len(rows)} clips)")
 
 
-def benchmark(cfg: InferConfig, device: torch.device) -> None:
+def benchmark(cfg: InferConfig, device: torch.device, group) -> None:
     from magitrain.inference import format_table, write_json
     from magitrain.inference.benchmark import run_benchmark
     from magitrain.inference.pipeline import uses_bf16
@@ -302,15 +326,17 @@ def benchmark(cfg: InferConfig, device: torch.device) -> None:
     rows = run_benchmark(
         preset, tuple(cfg.bench_rows), seconds=cfg.seconds, resolution=cfg.resolution, codecs=codecs,
         device=device, precision=cfg.precision, compile=cfg.compile, text_tokens=cfg.text_tokens,
-        repeats=cfg.bench_repeats,
+        repeats=cfg.bench_repeats, group=group,
     )  # fmt: skip
+    if rows is None:  # a CP rank other than 0
+        return
     print(format_table(rows))
     machine = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     )
     out = Path(cfg.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, rows, model=preset, seconds=cfg.seconds, compile=cfg.compile, machine=machine)
+    write_json(out, rows, model=preset, seconds=cfg.seconds, compile=cfg.compile, cp=cfg.cp, machine=machine)
     print(f"wrote {out}")
 
 
@@ -319,10 +345,17 @@ def main(argv: list[str]) -> None:
         print(help_text())
         return
     cfg = parse(argv)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
-    (benchmark if cfg.benchmark else generate)(cfg, device)
+    from magitrain.inference.distributed import launch_context_parallel
+
+    try:
+        group, device = launch_context_parallel(cfg.cp, cfg.device)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    try:
+        (benchmark if cfg.benchmark else generate)(cfg, device, group)
+    finally:
+        if group is not None:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -171,8 +171,11 @@ def test_infer_py_values_are_verbatim_text_or_typed(monkeypatch):
     )  # fmt: skip
     assert cfg.prompt == "a=b: [laughs] {x} 'q' \"dq\" ${oc.env:HOME}\nnext"
     assert cfg.negative_prompt == "" and cfg.image == "/p/a b:c.png" and cfg.sampler == "none"
-    assert (cfg.seconds, cfg.compile, cfg.bench_rows) == (1.5, True, ["none", "540p"])
+    assert (cfg.seconds, cfg.compile, cfg.bench_rows) == (1.5, "blocks", ["none", "540p"])  # true: blocks
     assert cfg.codecs_fields == {"decode_tile": "512"}
+    assert infer.parse(["compile=step", "cp=2"]).compile == "step" and infer.parse(["cp=2"]).cp == 2
+    with pytest.raises(infer.UserError, match="compile=graph: expected one of none, blocks, step"):
+        infer.parse(["compile=graph"])
 
 
 def test_infer_py_help_lists_every_field_with_its_default_and_doc(monkeypatch, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,27 @@ def distill_step(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise:
     return sigma_next * noise + (1 - sigma_next) * x0
 
 
+def distilled_step(
+    velocity_fn: VelocityFn,
+    video: Tensor,
+    audio: Tensor,
+    text: Tensor,
+    text_len: Tensor | None,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    noise_video: Tensor,
+    noise_audio: Tensor,
+    image_latent: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One whole step of the distilled sampler as a function of tensors (torch.compile takes it
+    as one graph): image conditioning, the forward, and the re-noised x0 of both modalities."""
+    video = condition_on_image(video, image_latent)
+    v_video, v_audio = velocity_fn(video, audio, text, text_len)
+    return distill_step(video, v_video, sigma, sigma_next, noise_video), distill_step(
+        audio, v_audio, sigma, sigma_next, noise_audio
+    )
+
+
 @torch.no_grad()
 def sample_distilled(
     velocity_fn: VelocityFn,
@@ -29,17 +52,21 @@ def sample_distilled(
     steps: int = 8,
     shift: float = DEFAULT_SHIFT,
     image_latent: Tensor | None = None,
+    step_fn=None,
 ) -> tuple[Tensor, Tensor]:
     """Run the n-step distilled sampler from noise (video [B,48,T,H,W], audio [B,N,64]) to clean latents.
 
     No guidance. Every step draws fresh noise, video before audio (the last step too, whose
     noise is multiplied by 0), so a seeded generator reproduces the released run.
+    `step_fn(video, audio, text, text_len, sigma, sigma_next, noise_video, noise_audio,
+    image_latent)` replaces `distilled_step` over `velocity_fn` (e.g. a compiled one).
     """
+    step_fn = step_fn or functools.partial(distilled_step, velocity_fn)
     _, sigmas = flow_grid(steps, shift)
+    sigmas = sigmas.to(video.device)  # device scalars: a compiled step does not specialise on them
     for i in range(steps):
-        video = condition_on_image(video, image_latent)
-        v_video, v_audio = velocity_fn(video, audio, text, text_len)
-        s, s_next = sigmas[i], sigmas[i + 1]
-        video = distill_step(video, v_video, s, s_next, gaussian(video.shape, generator, video.device))
-        audio = distill_step(audio, v_audio, s, s_next, gaussian(audio.shape, generator, audio.device))
+        noise_video = gaussian(video.shape, generator, video.device)
+        noise_audio = gaussian(audio.shape, generator, audio.device)
+        args = (sigmas[i], sigmas[i + 1], noise_video, noise_audio, image_latent)
+        video, audio = step_fn(video, audio, text, text_len, *args)
     return condition_on_image(video, image_latent), audio

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +25,20 @@ def vp_renoise(x: Tensor, a: Tensor, noise: Tensor) -> Tensor:
     return a * x + (1 - a**2).sqrt() * noise
 
 
+def conditioned_velocity(
+    velocity_fn: VelocityFn,
+    video: Tensor,
+    audio: Tensor,
+    text: Tensor,
+    text_len: Tensor | None,
+    image_latent: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """An SR step up to the solver update (torch.compile takes it as one graph): image
+    conditioning and the forward -> (conditioned video, v_video); the audio output is discarded."""
+    video = condition_on_image(video, image_latent)
+    return video, velocity_fn(video, audio, text, text_len)[0]
+
+
 @torch.no_grad()
 def sample_super_resolution(
     velocity_fn: VelocityFn,
@@ -38,14 +54,17 @@ def sample_super_resolution(
     noise_value: int = 220,
     audio_noise_scale: float = 0.7,
     image_latent: Tensor | None = None,
+    step_fn=None,
 ) -> Tensor:
     """Refine the clean base video latent [B,48,T,H,W] at the SR grid `size`; returns the SR video latent.
 
     `velocity_fn` is the SR model with its text coordinates (v1). The audio input
     `0.7 eps + 0.3 audio` is held fixed and the SR model's audio output is discarded: the
     base-stage audio is the final audio. Noise draws: video re-noise, then audio. `image_latent`
-    is the reference image encoded at the SR resolution. No guidance.
+    is the reference image encoded at the SR resolution. No guidance. `step_fn` replaces
+    `conditioned_velocity` over `velocity_fn` (e.g. a compiled one); UniPC updates stay outside.
     """
+    step_fn = step_fn or functools.partial(conditioned_velocity, velocity_fn)
     x = upsample_latent(video, size)
     if noise_value:  # 0: no re-noise (and no draw), as released
         a = sr_renoise_coefficient(noise_value).to(x.device)
@@ -54,7 +73,6 @@ def sample_super_resolution(
     audio_in = audio_noise_scale * eps_audio + (1 - audio_noise_scale) * audio
     solver = unipc_scheduler(steps, shift)
     for t in solver.timesteps:
-        x = condition_on_image(x, image_latent)
-        v_video, _ = velocity_fn(x, audio_in, text, text_len)
+        x, v_video = step_fn(x, audio_in, text, text_len, image_latent)
         x = solver.step(v_video, t, x).prev_sample
     return condition_on_image(x, image_latent)

@@ -1,6 +1,6 @@
 """Inference: the generation pipeline, checkpoint loading, output sizes, stage timings, benchmark."""
 
-from .networks import compile_blocks, load_network, random_network, to_inference_dtype
+from .networks import load_network, random_network, to_inference_dtype
 from .pipeline import Generation, MagiHumanPipeline, TextInputs, load_image
 from .shapes import RESOLUTIONS, ClipShape, parse_resolution
 from .timing import StageTimer, format_table, write_json
@@ -12,7 +12,6 @@ __all__ = [
     "MagiHumanPipeline",
     "StageTimer",
     "TextInputs",
-    "compile_blocks",
     "format_table",
     "load_image",
     "load_network",

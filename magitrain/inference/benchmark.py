@@ -4,8 +4,9 @@ Every output runs the 8-step distilled base stage at the base resolution (256p),
 to the output size (none, 540p or 1080p), then decodes video and audio from those latents with
 each video decoder the codecs hold (Turbo-VAED and the full Wan2.2 VAE), side by side: one row per
 (output, decoder), the base and SR figures shared. The timed runs follow warm-up runs (one by
-default) per output (compilation, kernel autotuning, allocator growth). Rows carry the peak
-device memory of each stage (CUDA).
+default) per output (compilation, kernel autotuning, allocator growth); with `compile=step` the
+compilation of each step is timed apart, as `warmup`. Rows carry the peak device memory of each
+stage (CUDA), and under context parallelism (`group`) each rank's (`peak_gib_ranks`, base and SR).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from magitrain.codecs.video import VideoCodec
 from magitrain.model import get_config
 from magitrain.model.config import sr1080_local_layers
 
-from .networks import compile_blocks, random_network, sharing_weights
+from .networks import random_network, sharing_weights
 from .pipeline import MagiHumanPipeline, TextInputs, uses_bf16
 from .shapes import ClipShape
 from .timing import StageTimer
@@ -78,51 +79,60 @@ def run_benchmark(
     codecs: Codecs,
     device: torch.device | str,
     precision: str = "auto",
-    compile: bool = False,
+    compile: str = "none",
     text_tokens: int = 100,
     repeats: int = 2,
     warmup: int = 1,
-) -> list[dict]:
+    group=None,
+) -> list[dict] | None:
     """Table 2 rows, one per (output, video decoder): seconds per stage, the mean of `repeats`
-    timed runs after `warmup` runs; `peak_gib` per stage on CUDA (the maximum over the runs)."""
+    timed runs after `warmup` runs; `peak_gib` per stage on CUDA (the maximum over the runs).
+    `compile`: none | blocks | step (see `steps.py`). Under CP only rank 0 returns the rows."""
     device = torch.device(device)
     dtype = torch.bfloat16 if uses_bf16(precision, device) else torch.float32
     model = random_network(get_config(preset), device, dtype)
-    if compile:
-        compile_blocks(model)
     clip = ClipShape.of(seconds, resolution)
     generator = torch.Generator("cpu").manual_seed(0)
     emb = torch.randn(1, text_tokens, model.config.text_in_channels, generator=generator).to(device)
     text = TextInputs(emb, torch.tensor([text_tokens], device=device))
     decoders = video_decoders(codecs)
-    if compile and "turbo" in decoders:  # as the release, which compiles the per-window decoder
+    if compile != "none" and "turbo" in decoders:  # as the release, which compiles the per-window decoder
         decoders["turbo"].model.decoder.compile()
     results = []
     for output in rows:
         sr_clip = None if output == "none" else clip.with_resolution(output)
         sr_model = sharing_weights(model, sr_config(preset, output)) if sr_clip else None
-        if sr_model is not None and compile:
-            compile_blocks(sr_model)
         pipe = MagiHumanPipeline(
-            model, codecs, sr_model, device=device, precision=precision, generator_device=str(device)
-        )
+            model, codecs, sr_model, device=device, precision=precision, generator_device=str(device),
+            group=group, compile=compile,
+        )  # fmt: skip
         timings = {name: [] for name in decoders}
         for _ in range(warmup + repeats):
             sampled = StageTimer(device)
             latents = pipe.sample(text, clip, sampled, sr_clip=sr_clip)
+            rank_peaks = pipe.ranks.gather(sampled.peak_gib) if pipe.ranks.size > 1 else None
+            if not pipe.ranks.writer:
+                continue
             for name, decoder in decoders.items():
                 timer = StageTimer(device)
                 timer.seconds, timer.peak_gib = dict(sampled.seconds), dict(sampled.peak_gib)
+                timer.warmup_seconds = dict(sampled.warmup_seconds)
                 pipe.decode(*latents, timer, video_decoder=decoder)
                 row = timer.row(resolution if sr_clip is None else output)
+                if rank_peaks is not None:
+                    row.update(cp=pipe.ranks.size, peak_gib_ranks=rank_peaks)
                 timings[name].append({**row, "decoder": name})
-        results += [_mean(runs[warmup:]) for runs in timings.values()]
-    return results
+        results += [_mean(runs[warmup:], runs[:warmup]) for runs in timings.values()]
+    return results if pipe.ranks.writer else None
 
 
-def _mean(rows: list[dict]) -> dict:
-    """Seconds averaged over the runs; peak memory is the maximum."""
+def _mean(rows: list[dict], warm: list[dict]) -> dict:
+    """Seconds averaged over the runs; peak memory is the maximum; `warmup` seconds are the warm-up
+    runs' (where the compiled steps compile), summed."""
     out = dict(rows[0])
+    warmups = [r["warmup"] for r in warm + rows if "warmup" in r]
+    if warmups:
+        out["warmup"] = {k: sum(w.get(k, 0.0) for w in warmups) for k in {k for w in warmups for k in w}}
     for key, value in out.items():
         if isinstance(value, float):
             out[key] = sum(r[key] for r in rows) / len(rows)

@@ -23,7 +23,6 @@ from magitrain.checkpoint.export import network_state, read_training_checkpoint
 from magitrain.checkpoint.official import read_config
 from magitrain.checkpoint.safe_load import CorruptCheckpointError
 from magitrain.model import MagiHumanConfig, MagiHumanDiT, get_config
-from magitrain.model.compile import compile_layers
 from magitrain.model.layers import ModalityLinear
 
 log = logging.getLogger("magitrain")
@@ -119,12 +118,6 @@ def to_inference_dtype(network: MagiHumanDiT, dtype: torch.dtype) -> MagiHumanDi
         if isinstance(module, ModalityLinear):
             module.to(dtype)
     return network
-
-
-def compile_blocks(network: MagiHumanDiT) -> MagiHumanDiT:
-    """torch.compile each transformer layer (as the release compiles its block, about 1.2x on H100),
-    through the same path and recompile bounds as training (magitrain.model.compile)."""
-    return compile_layers(network)
 
 
 def random_network(config: MagiHumanConfig, device: torch.device | str, dtype: torch.dtype) -> MagiHumanDiT:

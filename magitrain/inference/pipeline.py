@@ -26,8 +26,10 @@ from magitrain.codecs.media import resize_cover_crop, write_mp4
 from magitrain.flow import initial_latents, sample_base, sample_distilled, sample_super_resolution
 from magitrain.model import MagiHumanDiT
 
+from .distributed import Ranks
 from .residency import StageResidency
 from .shapes import FPS, ClipShape
+from .steps import build_steps
 from .timing import StageTimer, format_table, write_json
 
 SAMPLERS = ("distilled", "base")
@@ -78,6 +80,11 @@ class MagiHumanPipeline:
     encoder, base DiT, SR DiT, decoder), prefetching the next stage's weights while one runs.
     Noise comes from a generator on `generator_device` (CPU by default: a seed then gives the same
     noise on any machine).
+    `group` (a torch.distributed group, see `distributed.py`) splits every DiT forward's sequence
+    over its ranks; rank 0 encodes the conditioning (broadcast to the others), decodes and returns
+    the clip, the other ranks return None from `generate` and `decode`.
+    `compile`: "blocks" compiles each network's transformer layers, "step" each sampler's whole
+    denoising step (`steps.py`; compilation is timed as warm-up, apart from the stages).
     """
 
     def __init__(
@@ -90,6 +97,8 @@ class MagiHumanPipeline:
         precision: str = "auto",
         offload: str = "none",
         generator_device: str = "cpu",
+        group=None,
+        compile: str = "none",
     ):
         if offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
@@ -99,8 +108,14 @@ class MagiHumanPipeline:
         self.generator_device = generator_device
         self.residency = None
         self._plan: list[str] = []  # the stages still to come in this generation (for prefetching)
+        self.ranks = Ranks(group)
+        self.ranks.split_networks(model, sr_model)
+        self.compile = compile
+        self.steps = build_steps(model, sr_model, compile)
+        writer = self.ranks.writer  # only rank 0 runs the codecs
         if offload == "none":
-            codecs.to(self.device)
+            if writer:
+                codecs.to(self.device)
             return
         codecs.text.offload, codecs.text.device = False, self.device  # its weights move with the stage
         stages = {
@@ -108,6 +123,8 @@ class MagiHumanPipeline:
             "image": [codecs.video],
             "decode": [codecs.video_decoder, codecs.audio],
         }
+        if not writer:
+            stages = {}
         if offload == "stages":
             stages.update(base=[model], sr=[sr_model] if sr_model is not None else [])
         self.residency = StageResidency(self.device, stages)
@@ -136,21 +153,29 @@ class MagiHumanPipeline:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def encode_prompt(self, prompt: str, guidance: bool, negative_prompt: str | None = None) -> TextInputs:
-        text = self.codecs.text
-        with self._stage("text"):
-            emb, length = text.encode([prompt])
-            if not guidance:
-                return TextInputs(emb.to(self.device), length.to(self.device))
-            neg = text.encode([negative_prompt]) if negative_prompt is not None else text.encode_negative(1)
-        return TextInputs(emb.to(self.device), length.to(self.device), *(t.to(self.device) for t in neg))
+        """Prompt (and, for CFG, negative prompt) embeddings; under CP rank 0's, on every rank."""
+        encoded = [None] * 4
+        if self.ranks.writer:
+            text = self.codecs.text
+            with self._stage("text"):
+                encoded[:2] = text.encode([prompt])
+                if guidance:
+                    neg = negative_prompt is not None
+                    encoded[2:] = text.encode([negative_prompt]) if neg else text.encode_negative(1)
+        return TextInputs(
+            *(None if t is None else t.to(self.device) for t in self.ranks.broadcast(encoded, self.device))
+        )
 
     def encode_image(self, image: str | Path | Tensor, clip: ClipShape) -> Tensor:
         """An image file or uint8 [3, H, W] tensor -> the frame-0 latent [1, 48, 1, h, w] at `clip`'s size."""
         pixels = load_image(image) if isinstance(image, (str, Path)) else image
         pixels = resize_cover_crop(pixels.unsqueeze(0), (clip.height, clip.width))[0]
         pixels = pixels.float() / 127.5 - 1 if pixels.dtype == torch.uint8 else pixels.float()
-        with self._stage("image"):
-            return self.codecs.video.encode_image(pixels.unsqueeze(0).to(self.device)).to(self.device)
+        latent = None
+        if self.ranks.writer:
+            with self._stage("image"):
+                latent = self.codecs.video.encode_image(pixels.unsqueeze(0).to(self.device)).to(self.device)
+        return self.ranks.broadcast([latent], self.device)[0]
 
     def sample(
         self,
@@ -167,6 +192,9 @@ class MagiHumanPipeline:
         """Base stage, then the SR stage when `sr_clip` is given: (video latent, audio latent)."""
         generator = torch.Generator(self.generator_device).manual_seed(seed)
         base_image, sr_image = image_latents or (None, None)
+        text = trim_text(text)
+        for step in self.steps.values():
+            step.timer = timer
         with timer("base"), self._stage("base"), self._autocast():
             video, audio = initial_latents(
                 clip.video_latent_shape(), clip.audio_latent_shape(), generator, self.device
@@ -175,11 +203,12 @@ class MagiHumanPipeline:
                 video, audio = sample_distilled(
                     self.model, video, audio, text.emb, text.length,
                     generator=generator, steps=steps, image_latent=base_image,
+                    step_fn=self.steps.get("distilled"),
                 )  # fmt: skip
             else:
                 video, audio = sample_base(
                     self.model, video, audio, text.emb, text.length, text.negative, text.negative_length,
-                    steps=steps, image_latent=base_image,
+                    steps=steps, image_latent=base_image, step_fn=self.steps.get("base"),
                 )  # fmt: skip
         if sr_clip is None:
             return video, audio
@@ -189,6 +218,7 @@ class MagiHumanPipeline:
             video = sample_super_resolution(
                 functools.partial(self.sr_model, coords_style="v1"), video, audio, text.emb, text.length,
                 size=sr_clip.latent_size, generator=generator, image_latent=sr_image,
+                step_fn=self.steps.get("sr"),
             )  # fmt: skip
         return video, audio
 
@@ -196,7 +226,11 @@ class MagiHumanPipeline:
         """Latents -> (video [3, F, H, W] in [-1, 1], stereo audio [2, S], sample rate), on the CPU.
 
         The video decoder is the codecs' `video_decoder` (Wan2.2 or Turbo-VAED); the benchmark
-        passes another one (`codecs.video`) to time both on the same latents."""
+        passes another one (`codecs.video`) to time both on the same latents. Under CP only rank 0
+        decodes; the others return None."""
+        if not self.ranks.writer:
+            self._plan = []
+            return None
         decoder = self.codecs.video_decoder if video_decoder is None else video_decoder
         with timer("decode"), self._stage("decode"):
             with timer("decode_video"):
@@ -207,11 +241,17 @@ class MagiHumanPipeline:
         return video.cpu(), audio[0].cpu(), rate
 
     # ----- all together -----------------------------------------------------------------------
-    def generate(self, prompt: str, **options) -> Generation:
-        """One clip for `prompt`: `generate_latents(prompt, **options)`, then the decode stage."""
+    def generate(self, prompt: str, **options) -> Generation | None:
+        """One clip for `prompt`: `generate_latents(prompt, **options)`, then the decode stage.
+        Under CP: rank 0's clip, whose timings hold every rank's peak memory; None on the others."""
         latents, timer, meta = self.generate_latents(prompt, **options)
-        video, audio, rate = self.decode(*latents, timer)
-        return Generation(video, audio, rate, timer.row(meta["sr"] or meta["resolution"]), meta)
+        decoded = self.decode(*latents, timer)
+        row = timer.row(meta["sr"] or meta["resolution"])
+        if self.ranks.size > 1:
+            row["peak_gib_ranks"] = self.ranks.gather(timer.peak_gib)
+        if decoded is None:
+            return None
+        return Generation(*decoded, row, meta)
 
     def generate_latents(
         self,
@@ -259,8 +299,22 @@ class MagiHumanPipeline:
         meta = dict(prompt=prompt, seed=seed, seconds=seconds, steps=steps, sampler=sampler,
                     resolution=resolution, sr=sr, frames=clip.frames, device=str(self.device),
                     precision="bf16" if self.bf16 else "fp32", video_decoder=self.codecs.video_decoder_name,
-                    offload=self.offload)  # fmt: skip
+                    offload=self.offload, cp=self.ranks.size, compile=self.compile)  # fmt: skip
         return latents, timer, meta
+
+
+def trim_text(text: TextInputs) -> TextInputs:
+    """Prompt embeddings cut to their longest real length, lengths None where nothing is padded: what
+    the network's forward does itself (so no number changes), done once per clip instead of in
+    every forward, where it would cost a compiled step a graph break (a value read off a tensor)."""
+
+    def trim(emb: Tensor | None, length: Tensor | None):
+        if emb is None or length is None:
+            return emb, length
+        emb = emb[:, : int(length.max())]
+        return emb, None if bool((length == emb.shape[1]).all()) else length
+
+    return TextInputs(*trim(text.emb, text.length), *trim(text.negative, text.negative_length))
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:

@@ -48,6 +48,8 @@ class StageTimer:
         self.seconds: dict[str, float] = {}
         self.peak_gib: dict[str, float] = {}
         self._open: list[list] = []  # [stage, running peak in bytes] of the stages entered, outermost first
+        self.warmup_seconds: dict[str, float] = {}
+        self._excluded: list[float] = []  # warm-up seconds inside each open stage, outermost first
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -58,12 +60,28 @@ class StageTimer:
         self._sync()
         self._enter_memory(stage)
         start = time.perf_counter()
+        self._excluded.append(0.0)
         try:
             yield
         finally:
             self._sync()
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            excluded = self._excluded.pop()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start - excluded
             self._exit_memory(stage)
+
+    @contextmanager
+    def warmup(self, stage: str):
+        """First-call costs inside a stage (compilation): their seconds go to `warmup_seconds[stage]`
+        and are left out of every enclosing stage's seconds."""
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            seconds = time.perf_counter() - start
+            self.warmup_seconds[stage] = self.warmup_seconds.get(stage, 0.0) + seconds
+            self._excluded = [e + seconds for e in self._excluded]
 
     def _enter_memory(self, stage: str) -> None:
         if self.memory is None:
@@ -85,12 +103,15 @@ class StageTimer:
 
     def row(self, output: str) -> dict:
         """Table 2 row: output name, base, sr (None when no SR stage ran), decode, total, plus extras
-        (other stages' seconds; `peak_gib` per stage when memory was measured)."""
+        (other stages' seconds; `peak_gib` per stage when memory was measured; `warmup` seconds per
+        stage when a compiled step warmed up, not in the stages' seconds nor the total)."""
         row = {"output": output, **{c: self.seconds.get(c) for c in COLUMNS}}
         row["total"] = sum(v for v in row.values() if isinstance(v, float))
         extras = {k: v for k, v in self.seconds.items() if k not in COLUMNS}
         if self.peak_gib:
             extras["peak_gib"] = dict(self.peak_gib)
+        if self.warmup_seconds:
+            extras["warmup"] = dict(self.warmup_seconds)
         return {**row, **extras}
 
 
@@ -102,8 +123,12 @@ def format_table(rows: list[dict]) -> str:
         headers["decoder"] = "Decoder"
     if any("peak_gib" in row for row in rows):
         headers["peak"] = "Peak GiB base / SR / decode"
+    if any(any(row.get("peak_gib_ranks") or ()) for row in rows):
+        headers["ranks"] = "Peak GiB per CP rank"
 
     def cell(row: dict, key: str) -> str:
+        if key == "ranks":
+            return " / ".join(f"{max(p.values()):.1f}" if p else "-" for p in row.get("peak_gib_ranks") or ())
         if key == "peak":
             peaks = row.get("peak_gib") or {}
             return " / ".join("-" if peaks.get(c) is None else f"{peaks[c]:.1f}" for c in COLUMNS)

@@ -9,7 +9,10 @@
    and peak memory from the throughput callback;
 4. the Table 2 rows with random 15B weights (256p distilled base; 540p and 1080p SR, the 1080p
    model with its real local-attention mask), compiled;
-5. a bf16 and a float32 decode of the 256p latent with the full-size video codec, side by side.
+5. a bf16 and a float32 decode of the 256p latent with the full-size video codec, side by side;
+6. the 256p distilled base stage of the 15B model with each layer compiled (`compile=blocks`) and
+   with the whole denoising step compiled (`compile=step`), side by side: seconds, warm-up
+   (compilation) seconds and the graph breaks dynamo reports (`--only step_compile`).
 
     python scripts/gpu_checks.py --out outputs/gpu_checks          # on a GPU machine
     python scripts/gpu_checks.py --dry-run --out /tmp/gpu_dry      # the same code paths, toy size, CPU
@@ -159,7 +162,7 @@ def table2(dry: bool) -> dict:
         return {"rows": rows, "sr1080_masks": sr1080_masks()}
     codecs = random_codecs(torch.bfloat16, decode_tile=512)
     rows = run_benchmark("magihuman_15b", ("none", "540p", "1080p"), seconds=5.0, resolution="256p",
-                         codecs=codecs, device="cuda", repeats=1, warmup=1, compile=True)  # fmt: skip
+                         codecs=codecs, device="cuda", repeats=1, warmup=1, compile="blocks")  # fmt: skip
     return {"rows": rows, "sr1080_masks": sr1080_masks()}
 
 
@@ -213,6 +216,37 @@ def codec_decode(dry: bool) -> dict:
     return results
 
 
+# ----- 6. compile=blocks vs compile=step ----------------------------------------------------------
+def step_compile(dry: bool) -> dict:
+    from torch._dynamo.utils import counters
+
+    from magitrain.codecs import build_tiny_codecs
+    from magitrain.inference.benchmark import random_codecs, run_benchmark
+
+    results = {}
+    for mode in ("blocks", "step"):
+        torch._dynamo.reset()
+        counters.clear()
+        if dry:
+            rows = run_benchmark("tiny", ("none",), seconds=0.16, resolution="64x64",
+                                 codecs=build_tiny_codecs(), device="cpu", repeats=1, warmup=1,
+                                 compile=mode, compile_backend="eager")  # fmt: skip
+        else:
+            rows = run_benchmark("magihuman_15b", ("none",), seconds=5.0, resolution="256p",
+                                 codecs=random_codecs(torch.bfloat16, video_decoder="wan"), device="cuda",
+                                 repeats=2, warmup=1, compile=mode)  # fmt: skip
+        row = rows[0]
+        results[mode] = {
+            "base_s": row["base"],
+            "warmup_s": row.get("warmup", {}),
+            "peak_gib": row.get("peak_gib", {}),
+            "graph_breaks": dict(counters["graph_break"]),
+            "unique_graphs": counters["stats"]["unique_graphs"],
+        }
+    results["step_over_blocks_speedup"] = round(results["blocks"]["base_s"] / results["step"]["base_s"], 3)
+    return results
+
+
 # ----- report ----------------------------------------------------------------------------------------
 def markdown(results: dict, machine: str) -> str:
     lines = [f"GPU checks on {machine}, {time.strftime('%Y-%m-%d')}", ""]
@@ -241,6 +275,13 @@ def markdown(results: dict, machine: str) -> str:
     decode = results.get("decode", {}).get("result")
     if decode:
         lines += ["", f"Video decode: bf16 {decode['bf16']} s, fp32 {decode['fp32']} s"]
+    steps = results.get("step_compile", {}).get("result")
+    if steps:
+        blocks, step = steps["blocks"], steps["step"]
+        lines += ["", f"256p base stage: compile=blocks {blocks['base_s']:.2f} s, compile=step "
+                      f"{step['base_s']:.2f} s (x{steps['step_over_blocks_speedup']}); warm-up "
+                      f"{blocks['warmup_s']} / {step['warmup_s']}; graph breaks of the step: "
+                      f"{step['graph_breaks'] or 'none'}"]  # fmt: skip
     failed = [k for k, v in results.items() if "error" in v]
     if failed:
         lines += ["", f"FAILED sections: {failed}"]
@@ -251,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/gpu_checks")
     p.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: the same code paths")
-    p.add_argument("--only", nargs="*", help="sections to run (tests slice training table2 decode)")
+    p.add_argument("--only", nargs="*", help="sections (tests slice training table2 decode step_compile)")
     args = p.parse_args(argv)
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -265,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": (training_steps, out, dry),
         "table2": (table2, dry),
         "decode": (codec_decode, dry),
+        "step_compile": (step_compile, dry),
     }
     results: dict = {"machine": {"device": machine, "torch": torch.__version__, "dry_run": dry}}
     for name, (fn, *fn_args) in sections.items():

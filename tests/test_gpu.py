@@ -120,13 +120,15 @@ def test_gpu_checks_dry_run_covers_every_section(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((tmp_path / "gpu_checks.json").read_text())
-    assert set(results) == {"machine", "tests", "slice", "training", "table2", "decode"}
+    assert set(results) == {"machine", "tests", "slice", "training", "table2", "decode", "step_compile"}
     assert all("error" not in v for v in results.values()), results
     assert results["slice"]["result"]["compiled"]["compile"] is True
     assert results["training"]["result"]["fsdp2"]["perf/tokens_per_s"] > 0
     assert [r["output"] for r in results["table2"]["result"]["rows"]] == ["64x64", "128x128"]
     assert results["table2"]["result"]["sr1080_masks"]["seq_len"] == 65280 + 126 + 100
     assert "| output |" in (tmp_path / "gpu_checks.md").read_text()
+    steps = results["step_compile"]["result"]
+    assert steps["step"]["warmup_s"]["base"] > 0 and not steps["step"]["graph_breaks"]
 
 
 @pytest.mark.gpu

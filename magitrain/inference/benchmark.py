@@ -80,6 +80,7 @@ def run_benchmark(
     device: torch.device | str,
     precision: str = "auto",
     compile: str = "none",
+    compile_backend: str = "inductor",
     text_tokens: int = 100,
     repeats: int = 2,
     warmup: int = 1,
@@ -104,7 +105,7 @@ def run_benchmark(
         sr_model = sharing_weights(model, sr_config(preset, output)) if sr_clip else None
         pipe = MagiHumanPipeline(
             model, codecs, sr_model, device=device, precision=precision, generator_device=str(device),
-            group=group, compile=compile,
+            group=group, compile=compile, compile_backend=compile_backend,
         )  # fmt: skip
         timings = {name: [] for name in decoders}
         for _ in range(warmup + repeats):

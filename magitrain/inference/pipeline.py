@@ -99,6 +99,7 @@ class MagiHumanPipeline:
         generator_device: str = "cpu",
         group=None,
         compile: str = "none",
+        compile_backend: str = "inductor",
     ):
         if offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
@@ -111,7 +112,7 @@ class MagiHumanPipeline:
         self.ranks = Ranks(group)
         self.ranks.split_networks(model, sr_model)
         self.compile = compile
-        self.steps = build_steps(model, sr_model, compile)
+        self.steps = build_steps(model, sr_model, compile, compile_backend)
         writer = self.ranks.writer  # only rank 0 runs the codecs
         if offload == "none":
             if writer:

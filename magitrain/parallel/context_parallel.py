@@ -115,6 +115,8 @@ def slice_sizes(splits: tuple[int, ...], cp: int, quantum: int) -> tuple[int, ..
     boundary is a multiple of `quantum` and cuts no segment into a piece of 1 to MIN_ROWS - 1
     tokens; a slice is empty or holds at least MIN_ROWS tokens (later ranks may get none)."""
     total, edges = sum(splits), [0, *itertools.accumulate(splits)]
+    if total < 2 * MIN_ROWS:  # too short to split
+        return (total,) + (0,) * (cp - 1)
 
     def allowed(p: int) -> bool:
         i = bisect.bisect_right(edges, p) - 1

@@ -27,7 +27,6 @@ BlockMask nor GQA head groups; the all-to-all formulation here is a few reshapes
 
 from __future__ import annotations
 
-import bisect
 import functools
 import itertools
 import math
@@ -118,9 +117,9 @@ def slice_sizes(splits: tuple[int, ...], cp: int, quantum: int) -> tuple[int, ..
     if total < 2 * MIN_ROWS:  # too short to split
         return (total,) + (0,) * (cp - 1)
 
-    def allowed(p: int) -> bool:
-        i = bisect.bisect_right(edges, p) - 1
-        lo, hi = edges[i], edges[min(i + 1, len(edges) - 1)]
+    def allowed(p: int) -> bool:  # plain Python: dynamo traces it inside a compiled step
+        lo = max([e for e in edges if e <= p])
+        hi = min([e for e in edges if e > p] or [total])
         return p == lo or (p - lo >= MIN_ROWS and hi - p >= MIN_ROWS)
 
     candidates = [p for p in range(0, total, quantum) if allowed(p)] + [total]

@@ -28,31 +28,39 @@ def test_fake_step_matches_real_step(name, checkpointing):
     # states: exact, and equal to what the real run's tensors hold
     for role in ("params", "grads", "optimizer", "ema", "frozen", "buffers"):
         assert getattr(planned, role) == getattr(real, role), role
-    trained = sum(p.numel() * 4 for p in module.model.parameters())
-    assert real.params == real.grads == real.ema == trained
-    assert real.optimizer >= 2 * trained  # two float32 moments (+ the scalar step counters)
-    assert real.activations > 0
-    assert abs(planned.activations - real.activations) <= 0.10 * real.activations
+    params = list(module.model.parameters())
+    trained = sum(p.numel() * 4 for p in params)
+    assert real.params == real.grads == {"model": trained} and real.ema == trained
+    assert real.frozen == {}
+    # two float32 moments per parameter and one float32 step counter per tensor
+    assert real.optimizer == {"model": 2 * trained + 4 * len(params)}
+    assert real.activations["step"] > 0
+    assert abs(planned.activations["step"] - real.activations["step"]) <= 0.10 * real.activations["step"]
     assert abs(planned.peak - real.peak) <= 0.10 * real.peak
 
 
 def test_checkpointing_lowers_planned_activations():
     off, _ = _measure("golden_tiny", fake=True, checkpointing=False, latent=(5, 8, 8))
     on, _ = _measure("golden_tiny", fake=True, checkpointing=True, latent=(5, 8, 8))
-    assert on.activations < off.activations
+    assert on.activations["step"] < off.activations["step"]
 
 
 def test_plan_shards_states_over_fsdp2_ranks(tmp_path):
     bucket = {"height": 64, "width": 96, "frames": 9, "batch_size": 1}
     one = plan(["model=tiny", "strategy=fsdp2"], 1, 2**30, bucket)
     four = plan(["model=tiny", "strategy=fsdp2"], 4, 2**30, bucket)
-    for role in ("params", "grads", "optimizer", "ema"):
+    for role in ("model params", "model grads", "model optimizer", "ema"):
         assert four.per_gpu[role] == one.per_gpu[role] // 4
     ddp = plan(["model=tiny", "strategy=ddp"], 4, 2**30, bucket)
-    assert ddp.per_gpu["params"] == one.per_gpu["params"]
+    assert ddp.per_gpu["model params"] == one.per_gpu["model params"]
     assert one.fits and one.largest_batch >= 1
     offload = plan(["model=tiny", "strategy=fsdp2", "module.parallel.cpu_offload=true"], 4, 2**30, bucket)
-    assert offload.per_gpu["optimizer"] == offload.per_gpu["params"] == 0
+    assert (
+        offload.per_gpu["model optimizer"] == offload.per_gpu["model params"] == offload.per_gpu["ema"] == 0
+    )
+    assert offload.host == sum(
+        four.per_gpu[r] for r in ("model params", "model grads", "model optimizer", "ema")
+    )
     assert offload.per_gpu["activations"] == four.per_gpu["activations"]
     tight = plan(["model=tiny", "strategy=ddp"], 1, one.total // 2, bucket)
     assert not tight.fits and tight.suggestions

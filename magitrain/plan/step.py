@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from magitrain.callbacks.ema import EMA, ema_pairs
@@ -108,13 +109,15 @@ class _PeakTracker(MemTracker):
 
 
 def _nbytes(tensors) -> int:
+    """Bytes of the distinct storages under `tensors`: a tensor subclass (torchao's float8 weights)
+    counts the storages it wraps, as MemTracker does."""
     seen, total = set(), 0
     for t in tensors:
-        st = t.untyped_storage()
-        key = (st._cdata, t.device)  # the storage itself (its Python wrapper is made per call)
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
+        for st in get_untyped_storages(t):
+            key = (st._cdata, st.device)  # the storage itself (its Python wrapper is made per call)
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
     return total
 
 

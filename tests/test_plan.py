@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from magitrain.model import get_config
+from magitrain.model import MagiHumanDiT, get_config
 from magitrain.plan import measure_step, plan
 from magitrain.plan.__main__ import main
 from magitrain.recipes import FlowMatchingModule
@@ -39,6 +39,30 @@ def test_fake_step_matches_real_step(name, checkpointing):
     assert abs(planned.peak - real.peak) <= 0.10 * real.peak
 
 
+def test_fsdp2_fake_step_matches_real_step():
+    """FSDP2 over a fake 4-rank process group: rank 0's states (local shards) and its activations
+    with the gathered blocks, fake against real tensors."""
+    from magitrain.parallel import ParallelConfig
+    from magitrain.plan.step import fake_process_group
+
+    out = []
+    for fake in (True, False):
+        module = FlowMatchingModule(get_config("golden_tiny"), parallel=ParallelConfig())
+        with fake_process_group(4) as mesh:
+            out.append(
+                measure_step(
+                    module, 1, (5, 8, 8), 16, "bf16-mixed", fake=fake, autocast_cache=False, mesh=mesh
+                )
+            )
+    planned, real = out
+    for role in ("params", "grads", "optimizer", "ema", "frozen", "buffers"):
+        assert getattr(planned, role) == getattr(real, role), role
+    whole = sum(p.numel() * 4 for p in MagiHumanDiT(get_config("golden_tiny")).parameters())
+    assert real.params["model"] < whole // 3  # a quarter, plus FSDP2's padding of uneven dims
+    assert abs(planned.activations["step"] - real.activations["step"]) <= 0.10 * real.activations["step"]
+    assert abs(planned.peak - real.peak) <= 0.10 * real.peak
+
+
 def test_checkpointing_lowers_planned_activations():
     off, _ = _measure("golden_tiny", fake=True, checkpointing=False, latent=(5, 8, 8))
     on, _ = _measure("golden_tiny", fake=True, checkpointing=True, latent=(5, 8, 8))
@@ -49,8 +73,12 @@ def test_plan_shards_states_over_fsdp2_ranks(tmp_path):
     bucket = {"height": 64, "width": 96, "frames": 9, "batch_size": 1}
     one = plan(["model=tiny", "strategy=fsdp2"], 1, 2**30, bucket)
     four = plan(["model=tiny", "strategy=fsdp2"], 4, 2**30, bucket)
-    for role in ("model params", "model grads", "model optimizer", "ema"):
+    # measured on rank 0 of a fake 4-rank group: FSDP2's local shards
+    for role in ("model params", "model grads", "ema"):
         assert four.per_gpu[role] == one.per_gpu[role] // 4
+    # AdamW: two moments of the local shard, and a whole float32 step counter per tensor on every rank
+    tensors = len(list(MagiHumanDiT(get_config("tiny")).parameters()))
+    assert four.per_gpu["model optimizer"] == 2 * four.per_gpu["model params"] + 4 * tensors
     ddp = plan(["model=tiny", "strategy=ddp"], 4, 2**30, bucket)
     assert ddp.per_gpu["model params"] == one.per_gpu["model params"]
     assert one.fits and one.largest_batch >= 1
@@ -61,7 +89,7 @@ def test_plan_shards_states_over_fsdp2_ranks(tmp_path):
     assert offload.host == sum(
         four.per_gpu[r] for r in ("model params", "model grads", "model optimizer", "ema")
     )
-    assert offload.per_gpu["activations"] == four.per_gpu["activations"]
+    assert offload.activations_by_phase == four.activations_by_phase
     tight = plan(["model=tiny", "strategy=ddp"], 1, one.total // 2, bucket)
     assert not tight.fits and tight.suggestions
 

@@ -1,15 +1,17 @@
-"""Per-GPU memory plan of a training config: a measured fake step, then sharding and fit arithmetic.
+"""Per-GPU memory plan of a training config: a measured fake step, then offload and fit arithmetic.
 
 Measured (MemTracker on a real step of fake tensors, `step.py`): parameters, gradients, optimiser
-states, EMA and frozen networks of every network (exact), and the peak activations of each phase
-of one process. Computed: the share each GPU keeps under the strategy's sharding (FSDP2 shards
-every network it builds, the frozen teacher too, over dp x cp), the sequence share of context
-parallelism, what offloading moves to the host, the blocks FSDP2 gathers, a fragmentation margin.
+states, EMA and frozen networks of every network (exact), and the peak activations of each phase.
+FSDP2 plans are measured on rank 0 of a fake process group of the asked world size, through the
+recipe's own FSDP2 and context-parallel code: local shards, gathered blocks and the rank's
+sequence share are measured too. Computed: the DeepSpeed shares (DeepSpeed does not run on a
+CPU), what offloading moves to the host, and a fragmentation margin.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,13 +21,12 @@ from omegaconf import DictConfig
 from magitrain.data.buckets import parse_buckets
 from magitrain.errors import UserError
 
-from .step import StepMemory, measure_step
+from .step import StepMemory, fake_process_group, measure_step
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 FRAGMENTATION = 0.10  # caching-allocator slack on top of the tracked peak (rough, as torchtitan's 10%)
 # which per-process states a strategy divides over the ranks
 SHARDED = {
-    "fsdp2": {"params", "grads", "optimizer", "ema", "frozen"},
     "deepspeed_zero3": {"params", "grads", "optimizer", "ema"},
     "deepspeed_zero2": {"grads", "optimizer"},
 }
@@ -90,12 +91,14 @@ class Layout:
     strategy: str
     world: int
     cp: int = 1
+    measured_cp: int = 1  # the CP degree the activations were measured at (FSDP2: the config's)
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: every network FSDP2 shards lives on the host
     teacher_offload: bool = False  # the frozen teacher on the host between its uses
     labels: dict = field(default_factory=dict)  # network attribute -> row label
 
     @property
     def sharded(self) -> set:
+        """The states computed as divided over the ranks (FSDP2's are measured per rank)."""
         return SHARDED.get(self.strategy, set())
 
 
@@ -110,6 +113,7 @@ def layout_of(cfg: DictConfig, module, gpus: int) -> Layout:
         strategy=strategy,
         world=max(1, gpus),
         cp=cp,
+        measured_cp=cp,
         cpu_offload=strategy == "fsdp2" and module.parallel_config.cpu_offload,
         # (module.dmd.teacher_offload: read with a default, older configs lack it)
         teacher_offload=bool(getattr(dmd, "teacher_offload", False)),
@@ -140,13 +144,9 @@ def per_gpu_rows(mem: StepMemory, lay: Layout, phase: str) -> tuple[dict, int]:
         label = lay.labels.get(name, name)
         between_uses = name == "teacher" and lay.teacher_offload and phase not in TEACHER_PHASES
         place(f"{label} (frozen)", "frozen", value, fsdp_off or between_uses)
-    rows["activations"] = mem.activations[phase] // lay.cp  # each CP rank holds 1/cp of the sequence
-    if lay.strategy == "fsdp2" and mem.largest_block:
-        # the bf16 blocks FSDP2 gathers: the running one and the prefetched next, plus a trained
-        # block's unsharded float32 gradient before its reduce-scatter
-        trained = max((n for k, n in mem.largest_block.items() if k in mem.params), default=0)
-        frozen = max((n for k, n in mem.largest_block.items() if k not in mem.params), default=0)
-        rows["gathered blocks"] = max(trained * (2 * 2 + 4), frozen * 2 * 2)
+    # each CP rank holds 1/cp of the sequence (measured at measured_cp; another degree is scaled)
+    label = "activations (with FSDP2's gathered blocks)" if lay.strategy == "fsdp2" else "activations"
+    rows[label] = mem.activations[phase] * lay.measured_cp // lay.cp
     return rows, host
 
 
@@ -160,15 +160,18 @@ def plan(
     latent = Bucket(bucket["height"], bucket["width"], bucket["frames"], bucket["batch_size"]).latent_shape
     module = hydra.utils.instantiate(cfg.module)
     lay = layout_of(cfg, module, gpus)
-    mem = measure_step(
-        module,
-        bucket["batch_size"],
-        latent,
-        int(cfg.data.get("text_max_len", 640)),
-        str(cfg.trainer.precision),
-        fake=fake,
-        autocast_cache=not lay.sharded,
-    )
+    fsdp2 = lay.strategy == "fsdp2"
+    with fake_process_group(lay.world, lay.cp) if fsdp2 else nullcontext() as mesh:
+        mem = measure_step(
+            module,
+            bucket["batch_size"],
+            latent,
+            int(cfg.data.get("text_max_len", 640)),
+            str(cfg.trainer.precision),
+            fake=fake,
+            autocast_cache=not (lay.sharded or fsdp2),
+            mesh=mesh,
+        )
     p = Plan(
         recipe=str(cfg.recipe_name),
         model=str(cfg.model.name),
@@ -177,7 +180,7 @@ def plan(
         gpu_memory=gpu_memory,
         bucket=bucket,
         context_parallel=lay.cp,
-        activations_by_phase={k: v // lay.cp for k, v in mem.activations.items()},
+        activations_by_phase=dict(mem.activations),
     )
     fill(p, mem, lay)
     p.suggestions = suggest(p, mem, module, lay, cfg)
@@ -198,8 +201,9 @@ def fill(p: Plan, mem: StepMemory, lay: Layout) -> None:
     # activations grow with the batch (measured at the bucket's batch size, scaled linearly)
     room = []
     for total, rows, _ in totals.values():
-        per_sample = rows["activations"] / p.bucket["batch_size"]
-        fixed = total / (1 + FRAGMENTATION) - rows["activations"]
+        acts = next(v for k, v in rows.items() if k.startswith("activations"))
+        per_sample = acts / p.bucket["batch_size"]
+        fixed = total / (1 + FRAGMENTATION) - acts
         if per_sample:
             room.append(int((p.gpu_memory / (1 + FRAGMENTATION) - fixed) // per_sample))
     p.largest_batch = max(0, min(room)) if room else 0
@@ -232,7 +236,7 @@ def suggest(p: Plan, mem: StepMemory, module, lay: Layout, cfg: DictConfig) -> l
             "activation checkpointing of every block: module.parallel.activation_checkpointing=true "
             "module.parallel.checkpoint_every=1 (re-plan with it to size it)"
         )
-    if lay.strategy not in SHARDED:
+    if lay.strategy not in SHARDED and lay.strategy != "fsdp2":
         out.append("shard the states over the GPUs: strategy=fsdp2 (re-plan with it)")
     if lay.strategy == "fsdp2" and not lay.cpu_offload:
         q = _with(p, mem, lay, cpu_offload=True)
@@ -264,7 +268,8 @@ def suggest(p: Plan, mem: StepMemory, module, lay: Layout, cfg: DictConfig) -> l
             q = _with(p, mem, lay, cp=cp)
             out.append(
                 f"context parallelism over {cp} GPUs (strategy.context_parallel={cp}: each holds 1/{cp} of "
-                f"every sample's sequence; {p.gpus // cp} data-parallel groups): {gib(q)}"
+                f"every sample's sequence; {p.gpus // cp} data-parallel groups): {gib(q)} "
+                "(activations scaled; re-plan with it to measure)"
             )
             if q.fits:
                 break

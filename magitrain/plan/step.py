@@ -14,7 +14,7 @@ the loss differs: a flow-matching step, or DMD-2's critic phase then generator p
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -39,9 +39,6 @@ class StepMemory:
     peak: int  # tracker's peak total over every phase, optimiser steps and EMA update
     activations: dict[str, int] = field(default_factory=dict)  # by phase: peak activations + temporaries
     phase_grads: dict[str, dict[str, int]] = field(default_factory=dict)  # the gradients each phase holds
-    largest_block: dict[str, int] = field(
-        default_factory=dict
-    )  # parameter count of a network's largest layer
 
     def total(self, role: str) -> int:
         value = getattr(self, role)
@@ -174,11 +171,37 @@ def _planning_trainer():
 
 
 @contextmanager
+def fake_process_group(world: int, cp: int = 1):
+    """The device mesh the FSDP2 strategy builds for `world` ranks (dp x cp), over a fake process
+    group (torch's "fake" backend: collectives return at once) in which this process is rank 0.
+    FSDP2 then shards, gathers and reduce-scatters exactly as on a real rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise UserError("the planner runs in its own process (a process group is already initialised)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        if cp > 1:
+            yield init_device_mesh(
+                "cpu", (world // cp, cp), mesh_dim_names=("data_parallel", "context_parallel")
+            )
+        else:
+            yield init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
 def _from_config(module):
     """Build every network from its config, not from checkpoints: weights are irrelevant to memory,
     and a plan must not read 30 GB files. DMD-2 refuses to build without a teacher path."""
     build = module.build_network
     module.build_network = lambda init, trainable, storage_dtype=None: build(None, trainable, storage_dtype)
+    # measured on the device: CPU offload is the planner's arithmetic (the same states, on the host)
+    parallel = module.parallel_config
+    module.parallel_config = replace(parallel, cpu_offload=False)
     saved = {k: getattr(module, k) for k in ("init_path", "teacher_path", "student_init", "critic_init")
              if hasattr(module, k)}  # fmt: skip
     for k in saved:
@@ -187,6 +210,7 @@ def _from_config(module):
         yield
     finally:
         del module.build_network
+        module.parallel_config = parallel
         for k, v in saved.items():
             setattr(module, k, v)
 
@@ -195,7 +219,7 @@ class _Phases:
     """What a step function reports after each backward: the phase's peak activations (since the
     previous phase) and the gradient bytes each network then holds."""
 
-    def __init__(self, tracker: _PeakTracker, nets: dict[str, nn.Module]):
+    def __init__(self, tracker: _PeakTracker, nets: dict[str, list[nn.Parameter]]):
         self.tracker, self.nets = tracker, nets
         self.activations: dict[str, int] = {}
         self.grads: dict[str, dict[str, int]] = {}
@@ -203,8 +227,7 @@ class _Phases:
     def __call__(self, phase: str) -> None:
         self.activations[phase] = self.tracker.activations()
         grads = {
-            name: _nbytes(p.grad for p in net.parameters() if p.grad is not None)
-            for name, net in self.nets.items()
+            name: _nbytes(p.grad for p in params if p.grad is not None) for name, params in self.nets.items()
         }
         self.grads[phase] = {k: v for k, v in grads.items() if v}
 
@@ -305,10 +328,16 @@ def measure_step(
     precision: str,
     fake: bool,
     autocast_cache: bool = True,
+    mesh=None,
 ) -> StepMemory:
     """Build the module's networks (with the EMA shadow the default callbacks keep) and optimisers,
-    then run the recipe's step, optimiser steps and EMA update under MemTracker."""
+    then run the recipe's step, optimiser steps and EMA update under MemTracker.
+
+    With `mesh` (FSDP2: `fake_process_group`) the networks are sharded by the recipe's own FSDP2
+    path and every figure is one rank's: local shards, gathered blocks, reduce-scatter buffers.
+    """
     module.trainer = _planning_trainer()
+    module._device_mesh = mesh  # (LightningModule.device_mesh: what ModelParallelStrategy sets)
     with fake_mode() if fake else nullcontext():
         module.request_ema()
         with _from_config(module):
@@ -322,12 +351,15 @@ def measure_step(
         tracker = _PeakTracker()
         tracker.track_external(module, *nets.values(), *optimizers)
         tracker.track_external(*[v for v in batch.values() if isinstance(v, torch.Tensor)])
-        phases = _Phases(tracker, nets)
+        # the parameters as built (FSDP2: the sharded ones the optimisers hold; a network may hold
+        # its gathered ones between forward and backward)
+        params = {name: list(net.parameters()) for name, net in nets.items()}
+        phases = _Phases(tracker, params)
         with tracker:
             with _autocast(precision, autocast_cache):
                 step_for(module)(module, batch, optimizers, phases)
             EMA().update(module, step=1)
-            memory = _states(module, nets, optimizers)
+            memory = _states(module, params, nets, optimizers)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
         for h in hooks:
@@ -338,13 +370,13 @@ def measure_step(
     return memory
 
 
-def _states(module, nets: dict[str, nn.Module], optimizers) -> StepMemory:
+def _states(module, params_of: dict[str, list], nets: dict[str, nn.Module], optimizers) -> StepMemory:
     shadow = ema_pairs(module)[0] if module.ema is not None or hasattr(module, "ema_parameters") else []
     shadow_ids = {id(p) for p in shadow}
-    owner = {id(p): name for name, net in nets.items() for p in net.parameters()}
+    owner = {id(p): name for name, ps in params_of.items() for p in ps}
     params, frozen, opt = {}, {}, {}
-    for name, net in nets.items():
-        own = [p for p in net.parameters() if id(p) not in shadow_ids]
+    for name, ps in params_of.items():
+        own = [p for p in ps if id(p) not in shadow_ids]
         trained = [p for p in own if p.requires_grad]
         if trained:
             params[name] = _nbytes(trained)
@@ -355,11 +387,6 @@ def _states(module, nets: dict[str, nn.Module], optimizers) -> StepMemory:
         for p, state in o.state.items():
             name = owner[id(p)]
             opt[name] = opt.get(name, 0) + _nbytes(t for t in state.values() if isinstance(t, torch.Tensor))
-    largest = {
-        name: max(sum(p.numel() for p in layer.parameters()) for layer in net.block.layers)
-        for name, net in nets.items()
-        if hasattr(net, "block")
-    }
     return StepMemory(
         params=params,
         grads={},  # (what the phases saw)
@@ -368,5 +395,4 @@ def _states(module, nets: dict[str, nn.Module], optimizers) -> StepMemory:
         ema=_nbytes(shadow),
         buffers=_nbytes(b for net in nets.values() for b in net.buffers()),
         peak=0,
-        largest_block=largest,
     )

@@ -21,6 +21,7 @@ BlockMask nor GQA head groups; the all-to-all formulation here is a few reshapes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -62,7 +63,7 @@ class ContextParallel:
         """This rank's slice of the sequence [B, S, D], of the RoPE table [B, S, *], and its
         modality splits (token counts of video, audio, text inside the slice; some may be 0)."""
         start, stop = self.local_range(x.shape[1])
-        bounds = torch.tensor(splits).cumsum(0).tolist()
+        bounds = list(accumulate(splits))  # (plain ints: also runs on the planner's fake tensors)
         local, lo = [], 0
         for hi in bounds:
             local.append(max(0, min(hi, stop) - max(lo, start)))

@@ -184,9 +184,13 @@ def fake_process_group(world: int, cp: int = 1):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         if cp > 1:
-            yield init_device_mesh(
+            mesh = init_device_mesh(
                 "cpu", (world // cp, cp), mesh_dim_names=("data_parallel", "context_parallel")
             )
+            # the dp x cp mesh `parallelize` flattens, made here: the mesh's own index tensors are
+            # real, and flattening under FakeTensorMode would mix them with fakes (it is cached)
+            mesh["data_parallel", "context_parallel"]._flatten("dp_cp")
+            yield mesh
         else:
             yield init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
     finally:

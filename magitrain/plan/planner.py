@@ -236,8 +236,11 @@ def suggest(p: Plan, mem: StepMemory, module, lay: Layout, cfg: DictConfig) -> l
             "activation checkpointing of every block: module.parallel.activation_checkpointing=true "
             "module.parallel.checkpoint_every=1 (re-plan with it to size it)"
         )
-    if lay.strategy not in SHARDED and lay.strategy != "fsdp2":
+    lora = getattr(module, "lora_config", None)
+    if lay.strategy not in SHARDED and lay.strategy != "fsdp2" and lora is None:
         out.append("shard the states over the GPUs: strategy=fsdp2 (re-plan with it)")
+    if lora is not None and lora.base_dtype != "fp8":
+        out.append("the frozen base in float8: module.lora.base_dtype=fp8 (torchao; re-plan with it)")
     if lay.strategy == "fsdp2" and not lay.cpu_offload:
         q = _with(p, mem, lay, cpu_offload=True)
         out.append(
@@ -276,7 +279,7 @@ def suggest(p: Plan, mem: StepMemory, module, lay: Layout, cfg: DictConfig) -> l
     if mem.ema:
         q = _with(p, _without_ema(mem), lay)
         out.append(f"no EMA (callbacks.ema=null): {gib(q)}")
-    if not hasattr(module, "lora_config") and "lora" not in p.recipe:
+    if lora is None:
         out.append(
             "LoRA instead of full fine-tuning: plan recipe=lora_base (a frozen bf16 base, float32 adapters)"
         )

@@ -45,11 +45,24 @@ class StepMemory:
         return sum(value.values()) if isinstance(value, dict) else value
 
 
-def synthetic_batch(model_config, batch_size: int, latent_shape: tuple[int, int, int], text_len: int) -> dict:
-    """A latent batch of the shapes the DataModule yields for one bucket (values are irrelevant)."""
+def synthetic_batch(
+    model_config,
+    batch_size: int,
+    latent_shape: tuple[int, int, int],
+    text_len: int,
+    lr_scale: int | None = None,
+) -> dict:
+    """A latent batch of the shapes the DataModule yields for one bucket (values are irrelevant);
+    with `lr_scale` (SR) the low-resolution latent of the same frames, as `encode_shards.py --sr`."""
     T, H, W = latent_shape
     frames = 4 * (T - 1) + 1  # one audio latent step per video frame (data/buckets.py)
+    lr = {}
+    if lr_scale:
+        lr["lr_video_latent"] = torch.randn(
+            batch_size, model_config.latent_channels, T, H // lr_scale, W // lr_scale
+        )
     return {
+        **lr,
         "video_latent": torch.randn(batch_size, model_config.latent_channels, T, H, W),
         "audio_latent": torch.randn(batch_size, frames, model_config.audio_in_channels),
         "text_emb": torch.randn(batch_size, text_len, model_config.text_in_channels),
@@ -319,7 +332,9 @@ def fake_mode():
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    mode = FakeTensorMode()
+    # allow_non_fake_inputs: small constants a recipe made before the mode (SR's sampler grid)
+    # enter the step as fake constants
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     mode.fake_tensor_converter.set_tensor_memo = lambda t, v: None
     return mode
 
@@ -347,7 +362,8 @@ def measure_step(
         with _from_config(module):
             module.configure_model()
         optimizers = _optimizers(module)
-        batch = synthetic_batch(module.model_config, batch_size, latent_shape, text_len)
+        lr_scale = getattr(getattr(module, "flow_config", None), "lr_scale", None)  # (SR recipes)
+        batch = synthetic_batch(module.model_config, batch_size, latent_shape, text_len, lr_scale)
         nets = networks(module)
         # Every planned sample uses its whole prompt: text_len=None is the same computation without
         # the per-sample length the model would read back from the device (data-dependent on fakes).

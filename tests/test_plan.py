@@ -63,6 +63,35 @@ def test_fsdp2_fake_step_matches_real_step():
     assert abs(planned.peak - real.peak) <= 0.10 * real.peak
 
 
+def test_fsdp2_shards_equal_fsdp_mem_tracker():
+    """The planner's per-rank parameter bytes under FSDP2 are what torch's FSDPMemTracker counts as
+    sharded parameters for the same network on the same fake 4-rank group."""
+    import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from magitrain.parallel import ParallelConfig
+    from magitrain.plan.step import _full_text, fake_mode, fake_process_group, synthetic_batch
+
+    config = get_config("golden_tiny")
+    module = FlowMatchingModule(config, parallel=ParallelConfig())
+    with fake_process_group(4) as mesh:
+        planned = measure_step(
+            module, 1, (5, 8, 8), 16, "bf16-mixed", fake=True, autocast_cache=False, mesh=mesh
+        )
+        with fake_mode():
+            network = FlowMatchingModule(config, parallel=ParallelConfig())
+            network._device_mesh = mesh
+            network.configure_model()
+            batch = synthetic_batch(config, 1, (5, 8, 8), 16)
+            network.model.register_forward_pre_hook(_full_text, with_kwargs=True)
+            tracker = FSDPMemTracker(network.model)
+            with tracker, torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                network.flow_loss(batch)["loss"].backward()
+            peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    sharded = {getattr(k, "value", k): v for k, v in peak.items()}
+    assert planned.params["model"] == sharded["Sharded Param"]
+
+
 def test_checkpointing_lowers_planned_activations():
     off, _ = _measure("golden_tiny", fake=True, checkpointing=False, latent=(5, 8, 8))
     on, _ = _measure("golden_tiny", fake=True, checkpointing=True, latent=(5, 8, 8))

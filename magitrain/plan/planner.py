@@ -142,8 +142,12 @@ def per_gpu_rows(mem: StepMemory, lay: Layout, phase: str) -> tuple[dict, int]:
     place("ema", "ema", mem.ema, fsdp_off)
     for name, value in mem.frozen.items():
         label = lay.labels.get(name, name)
-        between_uses = name == "teacher" and lay.teacher_offload and phase not in TEACHER_PHASES
-        place(f"{label} (frozen)", "frozen", value, fsdp_off or between_uses)
+        # module.dmd.teacher_offload: under FSDP2 the teacher's shards stay on the host (its blocks
+        # visit the device one by one, in the measured activations); elsewhere the whole teacher
+        # visits the device for the phase that runs it
+        offloaded = name == "teacher" and lay.teacher_offload
+        offloaded = offloaded and (lay.strategy == "fsdp2" or phase not in TEACHER_PHASES)
+        place(f"{label} (frozen)", "frozen", value, fsdp_off or offloaded)
     # each CP rank holds 1/cp of the sequence (measured at measured_cp; another degree is scaled)
     label = "activations (with FSDP2's gathered blocks)" if lay.strategy == "fsdp2" else "activations"
     rows[label] = mem.activations[phase] * lay.measured_cp // lay.cp
@@ -253,10 +257,7 @@ def suggest(p: Plan, mem: StepMemory, module, lay: Layout, cfg: DictConfig) -> l
         out.append("bf16 teacher: module.dmd.teacher_dtype=bfloat16 (halves its block linears)")
     if dmd is not None and not lay.teacher_offload and "teacher" in mem.frozen:
         q = _with(p, mem, lay, teacher_offload=True)
-        out.append(
-            "teacher on the host between its uses (module.dmd.teacher_offload=true, where the recipe has "
-            f"it): {gib(q)} (it is on the GPU in the generator phase)"
-        )
+        out.append(f"teacher in host memory (module.dmd.teacher_offload=true): {gib(q)}")
     states = cfg.module.get("optim", {}).get("states", None)
     if states is not None and mem.optimizer:
         for kind in ("bfloat16", "8bit"):

@@ -215,7 +215,7 @@ def _from_config(module):
     """Build every network from its config, not from checkpoints: weights are irrelevant to memory,
     and a plan must not read 30 GB files. DMD-2 refuses to build without a teacher path."""
     build = module.build_network
-    module.build_network = lambda init, trainable, storage_dtype=None: build(None, trainable, storage_dtype)
+    module.build_network = lambda init, *args, **kwargs: build(None, *args, **kwargs)
     # measured on the device: CPU offload is the planner's arithmetic (the same states, on the host)
     parallel = module.parallel_config
     module.parallel_config = replace(parallel, cpu_offload=False)
@@ -291,11 +291,15 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
     with torch.no_grad():
         x0 = simulate()
     s, eps = module._score_draw(ctx)
-    loss, _ = core.critic_loss(critic, x0, s=s, eps=eps)
+    if getattr(module, "gan", None) is None:
+        loss, _ = core.critic_loss(critic, x0, s=s, eps=eps)
+    else:  # the optional GAN term: the discriminator head trains with the critic
+        loss, _ = module._critic_loss_with_gan(critic, ctx, x0, s, eps)
     loss.backward()
     phases("critic")
+    critic_side = getattr(module, "_critic_side", module.critic)
     torch.nn.utils.clip_grad_norm_(
-        [p for p in module.critic.parameters() if p.grad is not None], cfg.critic_clip
+        [p for p in critic_side.parameters() if p.grad is not None], cfg.critic_clip
     )
     opt_critic.step()
     opt_critic.zero_grad(set_to_none=True)
@@ -306,6 +310,8 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
     s, eps = module._score_draw(ctx)
     weights = {"video": cfg.video_weight, "audio": cfg.audio_weight}
     loss, _ = core.generator_loss(x0, module._guided_teacher(ctx), critic, s=s, eps=eps, weights=weights)
+    if getattr(module, "gan", None) is not None:
+        loss = loss + module.gan.generator_loss(critic, x0, s=s, eps=eps)[0]
     loss.backward()
     phases("generator")
     torch.nn.utils.clip_grad_norm_(

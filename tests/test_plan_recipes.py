@@ -123,3 +123,15 @@ def test_dmd2_plan_layout():
     assert not tight.fits and tight.largest_batch == 0
     text = "\n".join(tight.suggestions)
     assert "module.parallel.cpu_offload=true" in text and "teacher_offload" in text
+
+
+@pytest.mark.parametrize("states", ["bfloat16", "8bit"])
+def test_low_precision_optimizer_states_match_real_step(states):
+    """module.optim.states: bfloat16 runs its real optimiser on fakes; 8-bit (torchao cannot quantise
+    fakes) is counted by its layout rule; both equal the real optimiser's state bytes."""
+    overrides = ["model=tiny", f"module.optim.states={states}"]
+    planned, _ = _measure(overrides, fake=True)
+    real, module = _measure(overrides, fake=False)
+    assert planned.optimizer == real.optimizer
+    full = _adam_bytes(module.model.parameters())
+    assert real.optimizer["model"] < 0.6 * full  # (float32 AdamW: 8 bytes an element)

@@ -210,6 +210,37 @@ def fake_process_group(world: int, cp: int = 1):
         dist.destroy_process_group()
 
 
+# the optimiser config of each network (`module.optim.states`, `module.critic_optim.states`)
+OPTIM_CONFIGS = {"optim_config": ("model",), "critic_optim_config": ("critic", "gan")}
+
+
+@contextmanager
+def _eight_bit_as_float32(module, fake: bool):
+    """torchao's 8-bit AdamW states cannot be built on fake tensors (its quantiser reads values):
+    a fake step runs float32 AdamW for them and yields the networks whose states are then counted
+    by `moment_bytes`' rule of torchao's layout. The step's other memory is the same."""
+    saved, names = {}, set()
+    for attr, nets in OPTIM_CONFIGS.items():
+        cfg = getattr(module, attr, None)
+        if fake and cfg is not None and getattr(cfg, "states", "float32") == "8bit":
+            saved[attr] = cfg
+            setattr(module, attr, replace(cfg, states="float32"))
+            names.update(nets)
+    try:
+        yield names
+    finally:
+        for attr, cfg in saved.items():
+            setattr(module, attr, cfg)
+
+
+def _eight_bit_bytes(params) -> int:
+    """8-bit moments of each trained (local) tensor plus its float32 step counter."""
+    from magitrain.recipes.low_precision_adamw import moment_bytes
+
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params if p.requires_grad]
+    return sum(moment_bytes("8bit", p.numel()) + 4 for p in local)
+
+
 @contextmanager
 def _from_config(module):
     """Build every network from its config, not from checkpoints: weights are irrelevant to memory,
@@ -367,7 +398,8 @@ def measure_step(
         module.request_ema()
         with _from_config(module):
             module.configure_model()
-        optimizers = _optimizers(module)
+        with _eight_bit_as_float32(module, fake) as eight_bit:
+            optimizers = _optimizers(module)
         lr_scale = getattr(getattr(module, "flow_config", None), "lr_scale", None)  # (SR recipes)
         batch = synthetic_batch(module.model_config, batch_size, latent_shape, text_len, lr_scale)
         nets = networks(module)
@@ -386,6 +418,8 @@ def measure_step(
                 step_for(module)(module, batch, optimizers, phases)
             EMA().update(module, step=1)
             memory = _states(module, params, nets, optimizers)
+            for name in eight_bit & memory.optimizer.keys():
+                memory.optimizer[name] = _eight_bit_bytes(params[name])
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
         for h in hooks:

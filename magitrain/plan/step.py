@@ -118,10 +118,10 @@ class _PeakTracker(MemTracker):
         self._peak_mem_snap = {dev: dict(snap) for dev, snap in self._curr_mem_snap.items()}
 
 
-def _nbytes(tensors) -> int:
-    """Bytes of the distinct storages under `tensors`: a tensor subclass (torchao's float8 weights)
-    counts the storages it wraps, as MemTracker does."""
-    seen, total = set(), 0
+def _nbytes(tensors, seen: set | None = None) -> int:
+    """Bytes of the distinct storages under `tensors` (and not in `seen`, which it extends): a
+    tensor subclass (torchao's float8 weights) counts the storages it wraps, as MemTracker does."""
+    seen, total = set() if seen is None else seen, 0
     for t in tensors:
         for st in get_untyped_storages(t):
             key = (st._cdata, st.device)  # the storage itself (its Python wrapper is made per call)
@@ -147,8 +147,13 @@ def _full_text(module, args, kwargs):
 def networks(module) -> dict[str, nn.Module]:
     """The module's networks by attribute name: its children and the frozen helpers it keeps out of
     its state dict (set with `object.__setattr__`, e.g. the DMD-2 teacher)."""
-    found = {k: m for k, m in module._modules.items() if m is not None}
-    found.update({k: m for k, m in vars(module).items() if isinstance(m, nn.Module) and k not in found})
+    found, seen = {}, set()
+    candidates = [*module._modules.items(), *vars(module).items()]
+    for name, m in candidates:
+        # one network under two roles (a LoRA critic over the student's base) is counted once
+        if isinstance(m, nn.Module) and id(m) not in seen:
+            found[name] = m
+            seen.add(id(m))
     return found
 
 
@@ -435,14 +440,15 @@ def _states(module, params_of: dict[str, list], nets: dict[str, nn.Module], opti
     shadow_ids = {id(p) for p in shadow}
     owner = {id(p): name for name, ps in params_of.items() for p in ps}
     params, frozen, opt = {}, {}, {}
+    counted = set()  # storages shared by networks (LoRA-DMD: one frozen base) count once
     for name, ps in params_of.items():
         own = [p for p in ps if id(p) not in shadow_ids]
-        trained = [p for p in own if p.requires_grad]
+        trained = _nbytes((p for p in own if p.requires_grad), counted)
         if trained:
-            params[name] = _nbytes(trained)
-        rest = [p for p in own if not p.requires_grad]
+            params[name] = trained
+        rest = _nbytes((p for p in own if not p.requires_grad), counted)
         if rest:
-            frozen[name] = _nbytes(rest)
+            frozen[name] = rest
     for o in optimizers:
         for p, state in o.state.items():
             name = owner[id(p)]

@@ -135,3 +135,17 @@ def test_low_precision_optimizer_states_match_real_step(states):
     assert planned.optimizer == real.optimizer
     full = _adam_bytes(module.model.parameters())
     assert real.optimizer["model"] < 0.6 * full  # (float32 AdamW: 8 bytes an element)
+
+
+def test_lora_dmd2_counts_its_one_frozen_base_once():
+    """recipe=lora_dmd2 (student and critic adapters over one frozen base, the teacher is the base)
+    is planned by the generic step: the shared base counted once, fake equal to real."""
+    overrides = ["recipe=lora_dmd2", "model=tiny"]
+    planned, _ = _measure(overrides, fake=True)
+    real, module = _measure(overrides, fake=False)
+    for role in ("params", "grads", "optimizer", "frozen", "ema", "phase_grads"):
+        assert getattr(planned, role) == getattr(real, role), role
+    base = [p for n, p in module.model.named_parameters() if ".lora_A." not in n and ".lora_B." not in n]
+    assert real.frozen == {"model": _bytes(base)}  # (not once per role: student, critic, teacher)
+    assert set(real.params) == {"model", "critic"}
+    assert set(real.activations) == {"critic", "generator"}

@@ -234,13 +234,13 @@ def suggest(p: Plan, mem: StepMemory, module, lay: Layout, cfg: DictConfig) -> l
     if p.fits:
         return []
     out = []
+    lora = getattr(module, "lora_config", None)
     gib = lambda q: f"~{q.total / GIB:.1f} GiB per GPU ({'fits' if q.fits else 'does not fit'})"  # noqa: E731
     if not module.model.activation_checkpointing or module.model.checkpoint_every > 1:
         out.append(
             "activation checkpointing of every block: module.parallel.activation_checkpointing=true "
             "module.parallel.checkpoint_every=1 (re-plan with it to size it)"
         )
-    lora = getattr(module, "lora_config", None)
     if lay.strategy not in SHARDED and lay.strategy != "fsdp2" and lora is None:
         out.append("shard the states over the GPUs: strategy=fsdp2 (re-plan with it)")
     if lora is not None and lora.base_dtype != "fp8":
@@ -255,7 +255,7 @@ def suggest(p: Plan, mem: StepMemory, module, lay: Layout, cfg: DictConfig) -> l
     dmd = getattr(module, "dmd_config", None)
     if dmd is not None and dmd.teacher_dtype != "bfloat16":
         out.append("bf16 teacher: module.dmd.teacher_dtype=bfloat16 (halves its block linears)")
-    if dmd is not None and not lay.teacher_offload and "teacher" in mem.frozen:
+    if dmd is not None and not lay.teacher_offload and "teacher" in mem.frozen and lora is None:
         q = _with(p, mem, lay, teacher_offload=True)
         out.append(f"teacher in host memory (module.dmd.teacher_offload=true): {gib(q)}")
     states = cfg.module.get("optim", {}).get("states", None)

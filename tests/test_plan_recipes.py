@@ -149,3 +149,14 @@ def test_lora_dmd2_counts_its_one_frozen_base_once():
     assert real.frozen == {"model": _bytes(base)}  # (not once per role: student, critic, teacher)
     assert set(real.params) == {"model", "critic"}
     assert set(real.activations) == {"critic", "generator"}
+
+
+def test_sr_fake_step_matches_real_step():
+    """The SR recipe's own step (its LR latent at `flow.lr_size`, its source draws) on fakes."""
+    overrides = ["recipe=sr_finetune_540p", "model=tiny"]
+    planned, _ = _measure(overrides, fake=True)
+    real, _ = _measure(overrides, fake=False)
+    for role in ("params", "grads", "optimizer", "frozen", "ema", "buffers"):
+        assert getattr(planned, role) == getattr(real, role), role
+    assert _within(planned.activations["step"], real.activations["step"])
+    assert _within(planned.peak, real.peak)

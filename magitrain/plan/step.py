@@ -50,17 +50,15 @@ def synthetic_batch(
     batch_size: int,
     latent_shape: tuple[int, int, int],
     text_len: int,
-    lr_scale: int | None = None,
+    lr_latent_hw: tuple[int, int] | None = None,
 ) -> dict:
     """A latent batch of the shapes the DataModule yields for one bucket (values are irrelevant);
-    with `lr_scale` (SR) the low-resolution latent of the same frames, as `encode_shards.py --sr`."""
+    with `lr_latent_hw` (SR) the low-resolution latent of the same frames, as `encode_shards.py --sr`."""
     T, H, W = latent_shape
     frames = 4 * (T - 1) + 1  # one audio latent step per video frame (data/buckets.py)
     lr = {}
-    if lr_scale:
-        lr["lr_video_latent"] = torch.randn(
-            batch_size, model_config.latent_channels, T, H // lr_scale, W // lr_scale
-        )
+    if lr_latent_hw:
+        lr["lr_video_latent"] = torch.randn(batch_size, model_config.latent_channels, T, *lr_latent_hw)
     return {
         **lr,
         "video_latent": torch.randn(batch_size, model_config.latent_channels, T, H, W),
@@ -268,6 +266,16 @@ def _from_config(module):
             setattr(module, k, v)
 
 
+def _lr_latent_hw(module) -> tuple[int, int] | None:
+    """SR recipes: the latent (height, width) of their LR clip (`flow.lr_size` pixels)."""
+    hw = getattr(module, "_lr_hw", None)
+    if hw is None:
+        return None
+    from magitrain.data.buckets import Bucket
+
+    return Bucket(hw[0], hw[1], 1, 1).latent_shape[1:]
+
+
 class _Phases:
     """What a step function reports after each backward: the phase's peak activations (since the
     previous phase) and the gradient bytes each network then holds."""
@@ -405,8 +413,9 @@ def measure_step(
             module.configure_model()
         with _eight_bit_as_float32(module, fake) as eight_bit:
             optimizers = _optimizers(module)
-        lr_scale = getattr(getattr(module, "flow_config", None), "lr_scale", None)  # (SR recipes)
-        batch = synthetic_batch(module.model_config, batch_size, latent_shape, text_len, lr_scale)
+        batch = synthetic_batch(
+            module.model_config, batch_size, latent_shape, text_len, _lr_latent_hw(module)
+        )
         nets = networks(module)
         # Every planned sample uses its whole prompt: text_len=None is the same computation without
         # the per-sample length the model would read back from the device (data-dependent on fakes).

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from magitrain.model import get_config
+from magitrain.model import MagiHumanDiT, get_config
 from magitrain.plan import measure_step, plan
 from magitrain.plan.__main__ import main
 from magitrain.recipes import FlowMatchingModule
@@ -28,32 +28,97 @@ def test_fake_step_matches_real_step(name, checkpointing):
     # states: exact, and equal to what the real run's tensors hold
     for role in ("params", "grads", "optimizer", "ema", "frozen", "buffers"):
         assert getattr(planned, role) == getattr(real, role), role
-    trained = sum(p.numel() * 4 for p in module.model.parameters())
-    assert real.params == real.grads == real.ema == trained
-    assert real.optimizer >= 2 * trained  # two float32 moments (+ the scalar step counters)
-    assert real.activations > 0
-    assert abs(planned.activations - real.activations) <= 0.10 * real.activations
+    params = list(module.model.parameters())
+    trained = sum(p.numel() * 4 for p in params)
+    assert real.params == real.grads == {"model": trained} and real.ema == trained
+    assert real.frozen == {}
+    # two float32 moments per parameter and one float32 step counter per tensor
+    assert real.optimizer == {"model": 2 * trained + 4 * len(params)}
+    assert real.activations["step"] > 0
+    assert abs(planned.activations["step"] - real.activations["step"]) <= 0.10 * real.activations["step"]
     assert abs(planned.peak - real.peak) <= 0.10 * real.peak
+
+
+def test_fsdp2_fake_step_matches_real_step():
+    """FSDP2 over a fake 4-rank process group: rank 0's states (local shards) and its activations
+    with the gathered blocks, fake against real tensors."""
+    from magitrain.parallel import ParallelConfig
+    from magitrain.plan.step import fake_process_group
+
+    out = []
+    for fake in (True, False):
+        module = FlowMatchingModule(get_config("golden_tiny"), parallel=ParallelConfig())
+        with fake_process_group(4) as mesh:
+            out.append(
+                measure_step(
+                    module, 1, (5, 8, 8), 16, "bf16-mixed", fake=fake, autocast_cache=False, mesh=mesh
+                )
+            )
+    planned, real = out
+    for role in ("params", "grads", "optimizer", "ema", "frozen", "buffers"):
+        assert getattr(planned, role) == getattr(real, role), role
+    whole = sum(p.numel() * 4 for p in MagiHumanDiT(get_config("golden_tiny")).parameters())
+    assert real.params["model"] < whole // 3  # a quarter, plus FSDP2's padding of uneven dims
+    assert abs(planned.activations["step"] - real.activations["step"]) <= 0.10 * real.activations["step"]
+    assert abs(planned.peak - real.peak) <= 0.10 * real.peak
+
+
+def test_fsdp2_shards_equal_fsdp_mem_tracker():
+    """The planner's per-rank parameter bytes under FSDP2 are what torch's FSDPMemTracker counts as
+    sharded parameters for the same network on the same fake 4-rank group."""
+    import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from magitrain.parallel import ParallelConfig
+    from magitrain.plan.step import _full_text, fake_mode, fake_process_group, synthetic_batch
+
+    config = get_config("golden_tiny")
+    module = FlowMatchingModule(config, parallel=ParallelConfig())
+    with fake_process_group(4) as mesh:
+        planned = measure_step(
+            module, 1, (5, 8, 8), 16, "bf16-mixed", fake=True, autocast_cache=False, mesh=mesh
+        )
+        with fake_mode():
+            network = FlowMatchingModule(config, parallel=ParallelConfig())
+            network._device_mesh = mesh
+            network.configure_model()
+            batch = synthetic_batch(config, 1, (5, 8, 8), 16)
+            network.model.register_forward_pre_hook(_full_text, with_kwargs=True)
+            tracker = FSDPMemTracker(network.model)
+            with tracker, torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                network.flow_loss(batch)["loss"].backward()
+            peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    sharded = {getattr(k, "value", k): v for k, v in peak.items()}
+    assert planned.params["model"] == sharded["Sharded Param"]
 
 
 def test_checkpointing_lowers_planned_activations():
     off, _ = _measure("golden_tiny", fake=True, checkpointing=False, latent=(5, 8, 8))
     on, _ = _measure("golden_tiny", fake=True, checkpointing=True, latent=(5, 8, 8))
-    assert on.activations < off.activations
+    assert on.activations["step"] < off.activations["step"]
 
 
 def test_plan_shards_states_over_fsdp2_ranks(tmp_path):
     bucket = {"height": 64, "width": 96, "frames": 9, "batch_size": 1}
     one = plan(["model=tiny", "strategy=fsdp2"], 1, 2**30, bucket)
     four = plan(["model=tiny", "strategy=fsdp2"], 4, 2**30, bucket)
-    for role in ("params", "grads", "optimizer", "ema"):
+    # measured on rank 0 of a fake 4-rank group: FSDP2's local shards
+    for role in ("model params", "model grads", "ema"):
         assert four.per_gpu[role] == one.per_gpu[role] // 4
+    # AdamW: two moments of the local shard, and a whole float32 step counter per tensor on every rank
+    tensors = len(list(MagiHumanDiT(get_config("tiny")).parameters()))
+    assert four.per_gpu["model optimizer"] == 2 * four.per_gpu["model params"] + 4 * tensors
     ddp = plan(["model=tiny", "strategy=ddp"], 4, 2**30, bucket)
-    assert ddp.per_gpu["params"] == one.per_gpu["params"]
+    assert ddp.per_gpu["model params"] == one.per_gpu["model params"]
     assert one.fits and one.largest_batch >= 1
     offload = plan(["model=tiny", "strategy=fsdp2", "module.parallel.cpu_offload=true"], 4, 2**30, bucket)
-    assert offload.per_gpu["optimizer"] == offload.per_gpu["params"] == 0
-    assert offload.per_gpu["activations"] == four.per_gpu["activations"]
+    assert (
+        offload.per_gpu["model optimizer"] == offload.per_gpu["model params"] == offload.per_gpu["ema"] == 0
+    )
+    assert offload.host == sum(
+        four.per_gpu[r] for r in ("model params", "model grads", "model optimizer", "ema")
+    )
+    assert offload.activations_by_phase == four.activations_by_phase
     tight = plan(["model=tiny", "strategy=ddp"], 1, one.total // 2, bucket)
     assert not tight.fits and tight.suggestions
 

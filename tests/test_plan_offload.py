@@ -31,7 +31,7 @@ def test_fsdp2_cpu_offload_matches_one_process(four_samples, tmp_path):  # noqa:
 
 def _activations(**parallel) -> int:
     module = FlowMatchingModule(get_config("golden_tiny"), parallel=ParallelConfig(**parallel))
-    return measure_step(module, 1, (9, 16, 16), 16, "bf16-mixed", fake=True).activations
+    return measure_step(module, 1, (9, 16, 16), 16, "bf16-mixed", fake=True).activations["step"]
 
 
 def test_selective_checkpointing_sits_between_none_and_every_block():

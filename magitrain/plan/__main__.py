@@ -49,19 +49,27 @@ def render(p) -> None:
     from rich.table import Table
 
     b = p.bucket
+    cp = f", context parallel {p.context_parallel}" if p.context_parallel > 1 else ""
     table = Table(
-        title=f"{p.recipe} / {p.model} / {p.strategy} on {p.gpus} x {p.gpu_memory / GIB:.0f} GiB — "
+        title=f"{p.recipe} / {p.model} / {p.strategy} on {p.gpus} x {p.gpu_memory / GIB:.0f} GiB{cp} — "
         f"{b['height']}x{b['width']}, {b['frames']} frames, batch {b['batch_size']} per GPU"
     )
-    table.add_column("per GPU")
+    table.add_column(
+        f"per GPU ({p.peak_phase} phase: the peak)" if len(p.activations_by_phase) > 1 else "per GPU"
+    )
     table.add_column("GiB", justify="right")
     table.add_column("MiB", justify="right")
     for role, value in p.per_gpu.items():
         table.add_row(role, f"{value / GIB:.2f}", f"{value / 2**20:.1f}")
-    verdict = "[green]fits[/green]" if p.fits else "[red]does not fit[/red]"
     table.add_row("[bold]total[/bold]", f"[bold]{p.total / GIB:.2f}[/bold]", f"{p.total / 2**20:.1f}")
     console = Console()
     console.print(table)
+    if len(p.activations_by_phase) > 1:
+        phases = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in p.activations_by_phase.items())
+        console.print(f"peak activations by phase: {phases}")
+    if p.host:
+        console.print(f"host memory per GPU (offloaded): {p.host / GIB:.1f} GiB")
+    verdict = "[green]fits[/green]" if p.fits else "[red]does not fit[/red]"
     console.print(f"{verdict}; largest batch per GPU that fits: {p.largest_batch}")
     for s in p.suggestions:
         console.print(f"  - {s}")

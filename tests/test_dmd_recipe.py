@@ -13,7 +13,9 @@ import pytest
 import torch
 from conftest import REPO, compose_train, straight_and_resumed, tiny_run
 from hydra.utils import instantiate
+from lightning.pytorch import Callback
 
+from magitrain.callbacks.nonfinite import TrainingDiverged
 from magitrain.checkpoint import save_official
 from magitrain.checkpoint.export import export
 from magitrain.flow import Guidance, cfg
@@ -235,20 +237,82 @@ def test_image_conditioned_frame_zero_is_clean_and_out_of_both_losses(teacher_ck
     assert x_t.shape == target.shape
 
 
+def _nan_grads(network):
+    for p in network.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+
+
 def test_a_non_finite_update_is_skipped_and_repeated_ones_stop_the_run(teacher_ckpt, tmp_path):
     module = _module(teacher_ckpt, tmp_path, "module.dmd.max_nonfinite_steps=1")
     module.log = lambda *a, **k: None
     opt = torch.optim.AdamW(module.critic.parameters(), lr=1.0)
     before = {k: v.clone() for k, v in module.critic.state_dict().items()}
-    for p in module.critic.parameters():
-        p.grad = torch.full_like(p, float("nan"))
+    _nan_grads(module.critic)
     assert module._update(opt, module.critic, 10.0, "critic") is False
     assert all(torch.equal(before[k], v) for k, v in module.critic.state_dict().items())
-    assert all(p.grad is None for p in module.critic.parameters())
+    assert all(p.grad is None for p in module.critic.parameters()) and not opt.state
     for p in module.critic.parameters():
         p.grad = torch.full_like(p, float("inf"))
-    with pytest.raises(FloatingPointError, match="non-finite critic"):
+    with pytest.raises(TrainingDiverged, match="non-finite critic"):
         module._update(opt, module.critic, 10.0, "critic")
+
+
+def test_an_always_non_finite_student_stops_the_run_although_the_critic_is_finite(teacher_ckpt, tmp_path):
+    """Each network counts its own skips: the critic's finite updates (ttur per generator step)
+    do not reset the student's count."""
+    module = _module(teacher_ckpt, tmp_path, "module.dmd.max_nonfinite_steps=2")
+    module.log = lambda *a, **k: None
+    opt_student = torch.optim.AdamW(module.model.parameters(), lr=1e-3)
+    opt_critic = torch.optim.AdamW(module.critic.parameters(), lr=1e-3)
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite student"):
+        for _ in range(3):  # generator iterations, ttur=2
+            for _ in range(2):
+                for p in module.critic.parameters():
+                    p.grad = torch.ones_like(p)
+                assert module._update(opt_critic, module.critic, 10.0, "critic")
+            _nan_grads(module.model)
+            assert not module._update(opt_student, module.model, 10.0, "student")
+
+
+class _NaNStudentAt(Callback):
+    """Makes the student's gradients NaN in the given generator iterations (counted from 0) and
+    records the student's weights and the EMA after every iteration."""
+
+    def __init__(self, iterations):
+        self.iterations, self.seen, self.after = set(iterations), 0, []
+
+    def on_train_start(self, trainer, pl_module):
+        param = pl_module.model.final_linear_video.weight
+        param.register_hook(lambda g: g * float("nan") if self.seen in self.iterations else g)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        w = "final_linear_video.weight"
+        weights = pl_module.model.state_dict()[w].clone(), pl_module.ema.state_dict()[w].clone()
+        self.after.append((trainer.global_step, *weights))
+        self.seen += 1
+
+
+def test_a_skipped_student_update_still_ends_the_generator_step(latent_shards, teacher_ckpt, tmp_path):
+    """global_step, both schedules, checkpoints (and so signals) advance; weights and EMA do not."""
+    overrides = dmd_run(
+        latent_shards,
+        teacher_ckpt,
+        "trainer.max_steps=4",
+        "module.optim.warmup_steps=8",
+        "callbacks.ema.start_step=0",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    )
+    probe = f"+callbacks.nan_student._target_={__name__}._NaNStudentAt"
+    trainer = train(compose_train([*overrides, probe, "+callbacks.nan_student.iterations=[1,2]"], tmp_path))
+    (probe,) = [c for c in trainer.callbacks if isinstance(c, _NaNStudentAt)]
+    assert [step for step, _, _ in probe.after] == [1, 2, 3, 4]  # 4 iterations: no step is lost
+    (_, w0, e0), (_, w1, e1), (_, w2, e2), (_, w3, e3) = probe.after
+    assert torch.equal(w1, w0) and torch.equal(w2, w0) and not torch.equal(w3, w0)
+    assert torch.equal(e1, e0) and torch.equal(e2, e0) and not torch.equal(e3, e0)
+    assert [c.scheduler.last_epoch for c in trainer.lr_scheduler_configs] == [4, 4]
+    assert trainer.lightning_module._nonfinite == {"student": 0, "critic": 0}
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt"))
+    assert names == ["step00000002.ckpt", "step00000004.ckpt"]
 
 
 def test_a_killed_run_resumes_exactly(latent_shards, teacher_ckpt, tmp_path):

@@ -11,6 +11,13 @@ cadence, the EMA callback (which runs after the student's update, never after a 
 LR schedules and the per-sample noise seeds all count generator steps. The critic's optimiser
 steps directly and is counted in `train/critic_step`.
 
+A non-finite update of either network is skipped (its gradients dropped, so neither the weights
+nor the optimiser state change). A skipped student update still ends the generator step, as the
+base recipe's skipped steps do: `global_step` and both schedules advance together, the EMA leaves
+its shadow alone, and checkpoints and signals see the step (the weights are the last finite
+ones). Each network counts its own consecutive skips; more than `dmd.max_nonfinite_steps` in a
+row stop the run with `TrainingDiverged`.
+
 The losses and the backward simulation are `magitrain.flow.dmd`'s; this module closes the
 conditioning (text, negative prompt, reference frame) into velocity callables.
 """
@@ -107,7 +114,7 @@ class DMD2Module(MagiHumanModule):
         self._negative: tuple[Tensor, Tensor] | None = None
         self.gan: DMDGAN | None = None  # the GAN term's head: trained with the critic
         self._teacher_residency = None  # teacher_offload off FSDP2: a StageResidency
-        self._nonfinite = 0
+        self._nonfinite = {"student": 0, "critic": 0}  # consecutive skipped updates per network
         self._critic_steps = 0
 
     # ----- networks -------------------------------------------------------------------------
@@ -199,24 +206,33 @@ class DMD2Module(MagiHumanModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Grad norms are logged per network by `_update` (the frame's hook would log the student's)."""
 
-    def _update(self, optimizer, network: MagiHumanDiT, clip: float, name: str) -> bool:
-        """Clip, log the norm, and step unless it is non-finite (then zero the grads and skip: the
-        norm is the same on every rank, so all ranks skip together)."""
+    def _update(self, optimizer, network: nn.Module, clip: float, name: str) -> bool:
+        """Clip, log the norm, and step unless it is non-finite: then drop the gradients and step
+        anyway, which changes nothing (AdamW skips parameters without gradients) but lets a
+        Lightning optimiser count the step. The norm is the same on every rank: all skip alike."""
         params = [p for p in network.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.log(f"train/grad_norm_{name}", norm, on_step=True, on_epoch=False)
         finite = bool(torch.isfinite(norm))
         if finite:
-            optimizer.step()
-            self._nonfinite = 0
+            self._nonfinite[name] = 0
         else:
-            self._nonfinite += 1
-            self.log("train/nonfinite_skipped", float(self._nonfinite), on_step=True, on_epoch=False)
-            if self._nonfinite > self.dmd_config.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{self._nonfinite} consecutive non-finite {name} gradients (dmd.max_nonfinite_steps)"
+            optimizer.zero_grad(set_to_none=True)
+            self._nonfinite[name] += 1
+            self.log(
+                f"train/nonfinite_skipped_{name}", float(self._nonfinite[name]), on_step=True, on_epoch=False
+            )
+            if self._nonfinite[name] > self.dmd_config.max_nonfinite_steps:
+                from magitrain.callbacks.nonfinite import TrainingDiverged, _newest_checkpoint
+
+                newest = _newest_checkpoint(self._trainer) if self._trainer is not None else "none"
+                raise TrainingDiverged(
+                    f"training diverged: {self._nonfinite[name]} consecutive non-finite {name} gradients "
+                    f"(module.dmd.max_nonfinite_steps={self.dmd_config.max_nonfinite_steps}); the weights "
+                    f"were not updated by them. Last good checkpoint: {newest}"
                 )
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return finite
 
@@ -378,7 +394,8 @@ class DMD2Module(MagiHumanModule):
             gan_loss, gan_logs = self.gan.generator_loss(critic, x0, s=s, eps=eps)
             loss, logs = loss + gan_loss, logs | {f"gan_{k}": v for k, v in gan_logs.items()}
         self.manual_backward(loss)
-        self._update(opt_student, self.model, cfg.student_clip, "student")
+        # (a Lightning step even when skipped: global_step, both schedules and signals advance alike)
+        self.skipped_optimizer_step = not self._update(opt_student, self.model, cfg.student_clip, "student")
         if self.gan is not None:  # the generator's GAN term reached the critic and head: not theirs
             opt_critic.optimizer.zero_grad(set_to_none=True)
         sched_student.step()
@@ -407,9 +424,11 @@ class DMD2Module(MagiHumanModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["dmd_critic_steps"] = self._critic_steps
+        checkpoint["dmd_nonfinite"] = dict(self._nonfinite)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._critic_steps = int(checkpoint.get("dmd_critic_steps", 0))
+        self._nonfinite = {k: int(v) for k, v in checkpoint.get("dmd_nonfinite", self._nonfinite).items()}
 
 
 def _local(tensor: Tensor) -> Tensor:

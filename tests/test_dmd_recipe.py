@@ -389,3 +389,51 @@ def test_validation_samples_the_student_beside_the_teacher(latent_shards, teache
     assert student.read_bytes() != teacher.read_bytes()
     validations = [c for c in trainer.callbacks if type(c).__name__ == "Validation"]
     assert sorted(c.options["steps"] for c in validations) == [8, 32]
+
+
+def test_the_critic_losses_logged_are_the_mean_over_the_ttur_phases(
+    latent_shards, teacher_ckpt, tmp_path, monkeypatch
+):
+    from magitrain.flow import dmd as core
+
+    losses, real = [], core.critic_loss
+
+    def recorded(*args, **kwargs):
+        loss, logs = real(*args, **kwargs)
+        losses.append(float(logs["loss_video"]))
+        return loss, logs
+
+    monkeypatch.setattr(core, "critic_loss", recorded)
+    overrides = dmd_run(latent_shards, teacher_ckpt, "module.dmd.ttur=3", "trainer.max_steps=1")
+    train(compose_train([*overrides, "trainer.log_every_n_steps=1"], tmp_path))
+    assert len(losses) == 3 and len(set(losses)) == 3
+    (row,) = [r for r in read_metrics(tmp_path / "csv" / "metrics.csv") if r.get("train/critic_loss_video")]
+    assert float(row["train/critic_loss_video"]) == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+
+def _noise_worker(rank: int, store: str, shape: tuple[int, int], out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from magitrain.recipes.module import MagiHumanModule
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    module = MagiHumanModule(tiny())
+    module._device_mesh = init_device_mesh("cpu", shape, mesh_dim_names=("data_parallel", "context_parallel"))
+    gens = module.sample_generators({"text_emb": torch.zeros(2, 5, 64)})  # no keys
+    torch.save({"dp": module.data_parallel_rank, "noise": torch.randn(4, generator=gens[0])}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1)], ids=["cp2", "dp2"])
+def test_keyless_noise_follows_the_data_parallel_rank(shape, tmp_path):
+    """Context-parallel ranks of one group share a batch and so its noise; data-parallel ranks
+    read different batches and draw different noise."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_noise_worker, args=(str(tmp_path / "store"), shape, str(tmp_path / "out")), nprocs=2)
+    a, b = (torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2))
+    if shape == (1, 2):
+        assert a["dp"] == b["dp"] == 0 and torch.equal(a["noise"], b["noise"])
+    else:
+        assert (a["dp"], b["dp"]) == (0, 1) and not torch.equal(a["noise"], b["noise"])

@@ -369,6 +369,7 @@ class DMD2Module(MagiHumanModule):
         critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
 
         start = time.perf_counter()
+        totals: dict[str, Tensor] = {}  # the critic's logs, summed over the ttur phases
         for phase in range(cfg.ttur):
             with torch.no_grad():
                 x0 = self._simulate(ctx, phase)
@@ -381,8 +382,9 @@ class DMD2Module(MagiHumanModule):
             # (not a Lightning step: global_step counts generator steps)
             self._update(opt_critic.optimizer, self._critic_side, cfg.critic_clip, "critic")
             self._critic_steps += 1
-        for k, v in logs.items():
-            self.log(f"train/critic_{k}", v, sync_dist=True, batch_size=B)
+            totals = {k: totals.get(k, 0) + v.detach() for k, v in logs.items()}
+        for k, v in totals.items():
+            self.log(f"train/critic_{k}", v / cfg.ttur, sync_dist=True, batch_size=B)
         critic_time = time.perf_counter() - start
 
         start = time.perf_counter()

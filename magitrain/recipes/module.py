@@ -157,6 +157,14 @@ class MagiHumanModule(L.LightningModule):
         (_, T, H, W), (N, _) = latent_geometry(batch)
         return batch["text_emb"].shape[0], T * (H // 2) * (W // 2) + N + batch["text_emb"].shape[1]
 
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (ranks that read different batches)."""
+        mesh = self.device_mesh
+        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+            return mesh["data_parallel"].get_local_rank()
+        return self.global_rank
+
     def sample_generators(self, batch: dict) -> list[torch.Generator]:
         """One generator per sample, seeded by (seed, step, sample key).
 
@@ -164,7 +172,9 @@ class MagiHumanModule(L.LightningModule):
         process history, so DDP equals one process on the same global batch, and a resumed run
         draws exactly what an uninterrupted one would.
         """
-        keys = batch.get("key") or [f"{self.global_rank}:{i}" for i in range(batch["text_emb"].shape[0])]
+        # without keys: the data-parallel rank (context-parallel ranks of one group share a batch)
+        rank = self.data_parallel_rank
+        keys = batch.get("key") or [f"{rank}:{i}" for i in range(batch["text_emb"].shape[0])]
         device = self.device if self.device.type == "cuda" else "cpu"
         step = self.global_step
         return [

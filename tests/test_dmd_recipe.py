@@ -18,6 +18,7 @@ from lightning.pytorch import Callback
 from magitrain.callbacks.nonfinite import TrainingDiverged
 from magitrain.checkpoint import save_official
 from magitrain.checkpoint.export import export
+from magitrain.checkpoint.safe_load import load_torch_file
 from magitrain.flow import Guidance, cfg
 from magitrain.launch import train
 from magitrain.model import MagiHumanDiT, tiny
@@ -55,8 +56,9 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
         "trainer.log_every_n_steps=1",
         "module.optim.warmup_steps=2",
         "module.critic_optim.warmup_steps=4",
-        "callbacks.ema.start_step=2",
+        "callbacks.ema.start_step=3",
         "callbacks.model_checkpoint.every_n_train_steps=2",
+        *_probe(),
     )
     trainer = train(compose_train(overrides, tmp_path))
     module = trainer.lightning_module
@@ -97,13 +99,22 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
     assert module.teacher.state_dict()[w].dtype == torch.bfloat16
     assert torch.equal(module.teacher.state_dict()[w], initial.bfloat16())
     assert module.teacher.final_linear_video.weight.dtype == torch.float32  # heads stay float32
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_torch_file(tmp_path / "checkpoints" / "last.ckpt")
     roots = {k.split(".")[0] for k in ckpt["state_dict"]}
     assert roots == {"model", "critic", "ema"}
     assert len(ckpt["optimizer_states"]) == 2 and len(ckpt["lr_schedulers"]) == 2
     assert ckpt["dmd_critic_steps"] == 12
-    # EMA of the student only, updated after generator steps: a copy until step 2, then 0.99
-    assert not torch.equal(module.ema.state_dict()[w], module.model.state_dict()[w])
+    # EMA of the student only, updated after generator steps (never after a critic step): a copy
+    # before step 3 (start_step), then lerp with 1 - 0.99 at steps 3 and 4
+    after = {step: (model, ema) for step, model, ema in _probe_of(trainer).after}
+    assert all(torch.equal(after[s][1][k], after[s][0][k]) for s in (1, 2) for k in after[s][0])
+    for k, w2 in after[2][0].items():
+        ema3 = torch.lerp(w2, after[3][0][k], 0.01)
+        torch.testing.assert_close(after[3][1][k], ema3, rtol=1e-6, atol=1e-7, msg=k)
+        ema4 = torch.lerp(ema3, after[4][0][k], 0.01)
+        torch.testing.assert_close(after[4][1][k], ema4, rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(after[4][0][w], after[3][0][w])  # the student moved: the lerp is seen
+    assert torch.equal(module.ema.state_dict()[w], after[4][1][w])
 
 
 def test_the_init_checkpoint_is_read_once(teacher_ckpt, tmp_path, monkeypatch):
@@ -274,22 +285,33 @@ def test_an_always_non_finite_student_stops_the_run_although_the_critic_is_finit
             assert not module._update(opt_student, module.model, 10.0, "student")
 
 
-class _NaNStudentAt(Callback):
-    """Makes the student's gradients NaN in the given generator iterations (counted from 0) and
-    records the student's weights and the EMA after every iteration."""
+class _StudentProbe(Callback):
+    """Records the student's and the EMA's weights after every generator iteration (counted from
+    0), and makes the student's gradients NaN in the iterations `nan_at`."""
 
-    def __init__(self, iterations):
-        self.iterations, self.seen, self.after = set(iterations), 0, []
+    def __init__(self, nan_at=()):
+        self.nan_at, self.seen, self.after = set(nan_at), 0, []
 
     def on_train_start(self, trainer, pl_module):
         param = pl_module.model.final_linear_video.weight
-        param.register_hook(lambda g: g * float("nan") if self.seen in self.iterations else g)
+        param.register_hook(lambda g: g * float("nan") if self.seen in self.nan_at else g)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        w = "final_linear_video.weight"
-        weights = pl_module.model.state_dict()[w].clone(), pl_module.ema.state_dict()[w].clone()
+        weights = (
+            {k: v.clone() for k, v in pl_module.model.state_dict().items()},
+            {k: v.clone() for k, v in pl_module.ema.state_dict().items()},
+        )
         self.after.append((trainer.global_step, *weights))
         self.seen += 1
+
+
+def _probe(*nan_at: int) -> list[str]:
+    return [f"+callbacks.probe._target_={__name__}._StudentProbe", f"+callbacks.probe.nan_at={list(nan_at)}"]
+
+
+def _probe_of(trainer) -> _StudentProbe:
+    (probe,) = [c for c in trainer.callbacks if isinstance(c, _StudentProbe)]
+    return probe
 
 
 def test_a_skipped_student_update_still_ends_the_generator_step(latent_shards, teacher_ckpt, tmp_path):
@@ -302,11 +324,11 @@ def test_a_skipped_student_update_still_ends_the_generator_step(latent_shards, t
         "callbacks.ema.start_step=0",
         "callbacks.model_checkpoint.every_n_train_steps=2",
     )
-    probe = f"+callbacks.nan_student._target_={__name__}._NaNStudentAt"
-    trainer = train(compose_train([*overrides, probe, "+callbacks.nan_student.iterations=[1,2]"], tmp_path))
-    (probe,) = [c for c in trainer.callbacks if isinstance(c, _NaNStudentAt)]
+    trainer = train(compose_train([*overrides, *_probe(1, 2)], tmp_path))
+    probe = _probe_of(trainer)
     assert [step for step, _, _ in probe.after] == [1, 2, 3, 4]  # 4 iterations: no step is lost
-    (_, w0, e0), (_, w1, e1), (_, w2, e2), (_, w3, e3) = probe.after
+    w = "final_linear_video.weight"
+    (w0, e0), (w1, e1), (w2, e2), (w3, e3) = ((m[w], e[w]) for _, m, e in probe.after)
     assert torch.equal(w1, w0) and torch.equal(w2, w0) and not torch.equal(w3, w0)
     assert torch.equal(e1, e0) and torch.equal(e2, e0) and not torch.equal(e3, e0)
     assert [c.scheduler.last_epoch for c in trainer.lr_scheduler_configs] == [4, 4]

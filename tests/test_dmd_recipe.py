@@ -143,6 +143,18 @@ def test_the_init_checkpoint_is_read_once(teacher_ckpt, tmp_path, monkeypatch):
     assert reads == [str(teacher_ckpt), str(other)]
     assert not torch.equal(module.critic.final_linear_video.weight, module.model.final_linear_video.weight)
 
+    # student_init=other: the critic and the teacher both start from the teacher, read once
+    reads.clear()
+    overrides = ["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}", f"student_init={other}"]
+    module = instantiate(compose_train(overrides, tmp_path).module)
+    module.configure_model()
+    assert reads == [str(other), str(teacher_ckpt)]
+    for (name, a), b in zip(
+        module.critic.state_dict().items(), module.teacher.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a.to(b.dtype), b), name
+    assert not torch.equal(module.critic.final_linear_video.weight, module.model.final_linear_video.weight)
+
 
 def test_the_recipe_refuses_a_trainer_clip_value_and_a_missing_teacher(latent_shards, teacher_ckpt, tmp_path):
     with pytest.raises(Exception, match="gradient_clip_val"):  # Lightning's own refusal

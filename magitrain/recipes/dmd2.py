@@ -114,6 +114,7 @@ class DMD2Module(MagiHumanModule):
         self._negative: tuple[Tensor, Tensor] | None = None
         self.gan: DMDGAN | None = None  # the GAN term's head: trained with the critic
         self._teacher_residency = None  # teacher_offload off FSDP2: a StageResidency
+        self._built: dict[str, nn.Module] = {}  # configure_model's networks by source path
         self._nonfinite = {"student": 0, "critic": 0}  # consecutive skipped updates per network
         self._critic_steps = 0
 
@@ -125,10 +126,11 @@ class DMD2Module(MagiHumanModule):
             raise ValueError(
                 "the DMD-2 recipe needs teacher=PATH (a released-layout checkpoint, e.g. /ckpt/base)"
             )
-        # the student comes first and keeps float32; the others copy it when they share its source,
-        # so one checkpoint on disk is read once, not three times
+        # the student comes first and keeps float32; a later network copies the first one built from
+        # its source, so each checkpoint on disk is read once (the teacher's once, whatever inits)
         self.init_path = self.student_init or self.teacher_path
         super().configure_model()
+        self._built = {self.init_path: self.model}
         self.critic = self._sibling(self.critic_init or self.teacher_path, trainable=True)
         if self.dmd_config.gan.enabled:
             self.gan = DMDGAN(self.dmd_config.gan, self.critic, seed=self.seed)
@@ -142,20 +144,22 @@ class DMD2Module(MagiHumanModule):
         parallel = replace(self.parallel_config, cpu_offload=True) if offload else None
         teacher = self._sibling(self.teacher_path, trainable=False, storage_dtype=storage, parallel=parallel)
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
+        self._built = {}
 
     def _sibling(
         self, path: str, trainable: bool, storage_dtype: torch.dtype | None = None, parallel=None
     ) -> MagiHumanDiT:
-        """A network from `path`, copied from the student (same sharding) when that is its source."""
-        if path != self.init_path:
-            return self.build_network(path, trainable, storage_dtype, parallel)
+        """A network from `path`: read from disk the first time, then copied from the network built
+        from it before in `configure_model` (the same sharding)."""
+        source = self._built.get(path)
+        if source is None:
+            self._built[path] = self.build_network(path, trainable, storage_dtype, parallel)
+            return self._built[path]
         network = self.build_network(None, trainable, storage_dtype, parallel)
         with torch.no_grad():
-            for mine, source in zip(
-                network.state_dict().values(), self.model.state_dict().values(), strict=True
-            ):
+            for mine, theirs in zip(network.state_dict().values(), source.state_dict().values(), strict=True):
                 # local shards: an offloaded teacher's live in host memory, the student's on the device
-                _local(mine).copy_(_local(source))
+                _local(mine).copy_(_local(theirs))
         return network
 
     def setup(self, stage: str) -> None:

@@ -471,3 +471,64 @@ def test_keyless_noise_follows_the_data_parallel_rank(shape, tmp_path):
         assert a["dp"] == b["dp"] == 0 and torch.equal(a["noise"], b["noise"])
     else:
         assert (a["dp"], b["dp"]) == (0, 1) and not torch.equal(a["noise"], b["noise"])
+
+
+def _mixed_image_context(module):
+    """A context whose sample 0 is image-conditioned and sample 1 is not."""
+    from magitrain.flow import training as fm
+
+    ctx = module._context(_batch())
+    ctx["mask"] = fm.first_frame_mask(torch.empty(2, 1, 3, 1, 1), torch.tensor([True, False]))
+    return ctx
+
+
+def _grads(network) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+    network.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_image_conditioned_samples_weigh_as_the_mean_over_their_free_frames(teacher_ckpt, tmp_path):
+    """Frame 0 (out of both losses) must not shrink a conditioned sample's weight by (T-1)/T: both
+    gradients equal those of per-sample means over the free frames (the base recipe's masked MSE)."""
+    from magitrain.flow import dmd as core
+    from magitrain.flow.training import velocity_mse
+
+    module = _module(teacher_ckpt, tmp_path, "module.dmd.p_image=0.5")
+    ctx = _mixed_image_context(module)
+    mask = ctx["mask"]
+    with torch.no_grad():
+        x0 = module._simulate(ctx, phase=0)
+    s, eps = module._score_draw(ctx)
+
+    # the critic: per-sample masked video MSE, then the batch mean (audio: no frame 0)
+    core.critic_loss(module._critic_for_loss(ctx), x0, s=s, eps=eps)[0].backward()
+    got = _grads(module.critic)
+    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], mask, ctx["ref"])
+    v = critic(core._noised(x0, s, eps), s)
+    want = velocity_mse(v["video"], eps["video"] - x0["video"], mask).mean()
+    (want + velocity_mse(v["audio"], eps["audio"] - x0["audio"]).mean()).backward()
+    for name, g in _grads(module.critic).items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-8, msg=name)
+
+    # the generator: the core's loss as is == per-sample losses over the free frames, averaged
+    teacher = module._guided_teacher(ctx)
+    x0 = module._simulate(ctx, phase=0)  # (the per-sample generators have moved on: one draw)
+    loss = core.generator_loss(x0, teacher, critic, s=s, eps=eps, weights={"audio": 0.0})[0]
+    loss.backward(retain_graph=True)
+    got = _grads(module.model)
+    with torch.no_grad():
+        x_t = core._noised(x0, s, eps)
+        real, fake = teacher(x_t, s), critic(x_t, s)
+    total = 0.0
+    for b in range(2):
+        free = mask[b, 0, :, 0, 0].bool()  # the sample's free frames
+        x = x0["video"][b][:, free]
+        with torch.no_grad():
+            x0_real = core._x0(x_t["video"][b], s[b], real["video"][b])[:, free]
+            x0_fake = core._x0(x_t["video"][b], s[b], fake["video"][b])[:, free]
+            g = (x0_fake - x0_real) / (x - x0_real).abs().mean()
+        total = total + 0.5 * torch.nn.functional.mse_loss(x, (x - g).detach()) / 2
+    total.backward()
+    for name, g in _grads(module.model).items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-9, msg=name)

@@ -293,9 +293,11 @@ def test_two_step_student_matches_the_64_step_teacher(toy):
 def test_negative_controls_fail_the_criteria(toy, control):
     teacher, t64, t2 = toy
     # a flipped gradient walks away from the data from the first step, and a frozen critic (= the
-    # teacher at CFG 1) gives g = 0 from the first step: 300 steps show either
+    # teacher at CFG 1) gives g = 0 from the first step. They train as long as the positive test:
+    # at 300 steps the positive configuration itself still fails (measured 2026-12-01, seed 0:
+    # in-mode 0.61, SW 0.35), so a shorter control would fail from under-training alone.
     kwargs = {"flipped_sign": {"sign": -1.0}, "frozen_critic": {"train_critic": False}}[control]
-    student = _student_metrics(distill(teacher, steps=300, **kwargs))
+    student = _student_metrics(distill(teacher, **kwargs))
     print(f"{control}: {student}, fails {passes(student, t64, t2)}")
     assert passes(student, t64, t2), f"{control} passed: student {student}"
 

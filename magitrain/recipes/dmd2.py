@@ -270,6 +270,24 @@ class DMD2Module(MagiHumanModule):
 
         return velocity
 
+    def _critic_for_loss(self, ctx: dict):
+        """The critic's velocity callable for its own loss. Image-to-video: frame 0 is exact (zero
+        error), so the batch mean weighs a conditioned sample's video by (T-1)/T; its video gradient
+        is scaled by T/(T-1), so each sample weighs as the mean over its own free frames (the base
+        recipe's masked `velocity_mse`). Values, and so the logged losses, are unchanged. (The
+        generator loss needs no such step: its per-sample normaliser is scaled by the same (T-1)/T
+        and the two cancel exactly in its gradient; docs/training.md.)"""
+        critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+        frames = ctx["mask"].flatten(1)
+        weight = (frames.shape[1] / frames.sum(1)).reshape(-1, 1, 1, 1, 1)
+
+        def velocity(x, s):
+            v = critic(x, s)
+            video = v["video"]
+            return v | {"video": video.detach() + weight * (video - video.detach())}
+
+        return velocity
+
     @property
     def _teacher_bf16(self) -> bool:
         return self.dmd_config.teacher_dtype == "bfloat16"
@@ -371,6 +389,7 @@ class DMD2Module(MagiHumanModule):
         ctx = self._context(batch)
         B = ctx["text"].shape[0]
         critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+        critic_for_loss = self._critic_for_loss(ctx)
 
         start = time.perf_counter()
         totals: dict[str, Tensor] = {}  # the critic's logs, summed over the ttur phases
@@ -379,9 +398,9 @@ class DMD2Module(MagiHumanModule):
                 x0 = self._simulate(ctx, phase)
             s, eps = self._score_draw(ctx)
             if self.gan is None:
-                loss, logs = core.critic_loss(critic, x0, s=s, eps=eps)
+                loss, logs = core.critic_loss(critic_for_loss, x0, s=s, eps=eps)
             else:
-                loss, logs = self._critic_loss_with_gan(critic, ctx, x0, s, eps)
+                loss, logs = self._critic_loss_with_gan(critic_for_loss, ctx, x0, s, eps)
             self.manual_backward(loss)
             # (not a Lightning step: global_step counts generator steps)
             self._update(opt_critic.optimizer, self._critic_side, cfg.critic_clip, "critic")

@@ -16,6 +16,9 @@ bucket size (no crop: the SR sampler stretches the base grid, e.g. 448x256 -> 19
 shards (magitrain/data/prompts.py): text embeddings + the geometry of each --bucket, no video or
 audio, for data-free DMD-2; prompt i gets bucket i mod the number of buckets.
 
+Both modes also write OUT_DIR/negative.safetensors, the codecs' negative prompt encoded once: DMD-2
+runs without codecs read it as the teacher's unconditional prompt.
+
     python data_tools/encode_shards.py 'shards/raw/*.tar' shards/latent/ codecs=magihuman \\
         codecs.video_vae_path=/ckpt/wan22_vae ... --bucket 256x448:5 --bucket 256x448:2
     python data_tools/encode_shards.py --prompts prompts.txt shards/prompts/ codecs=magihuman ...
@@ -39,7 +42,7 @@ from magitrain.data.collate import collate_raw
 from magitrain.data.decode import BadSample, RawOptions, decode_raw, read_meta
 from magitrain.data.encode import encode_raw_batch, resize_video, to_pixels
 from magitrain.data.index import read_index
-from magitrain.data.prompts import read_prompts, write_prompt_shards
+from magitrain.data.prompts import read_prompts, write_negative, write_prompt_shards
 from magitrain.data.shards import expand_urls, index_url, iter_tar
 from magitrain.data.span import AV_MISMATCH, AVPolicy, Unplanned, clip_span
 from magitrain.data.writer import latent_sample, shard_path, write_shard
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     problems: Counter = Counter()
     for number, url in todo:
         encode_shard(url, number, args.out_dir, buckets, job, problems)
+    if rank == 0:  # DMD-2's unconditional prompt for runs without codecs (data/prompts.py)
+        write_negative(args.out_dir, job.codecs.text)
     print(f"rank {rank}: done; skipped samples: {dict(problems) or 'none'}")
 
 

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from safetensors import safe_open
 
 from magitrain.checkpoint import load_official, save_official
+from magitrain.data.prompts import read_negative
 from magitrain.data.shards import iter_tar
 from magitrain.errors import UserError
 from magitrain.launch import train
@@ -69,8 +70,14 @@ def test_prompt_shards_hold_the_encoders_text_and_the_geometry_only(prompt_shard
     with safe_open(str(path), "pt") as f:
         assert list(f.keys()) == ["text_emb"] and f.metadata() == {"latent_shape": "3,4,6"}
         stored = f.get_tensor("text_emb")
-    emb, length = build_tiny_codecs(seed=0).text.encode(["A woman sings"])
+    codecs = build_tiny_codecs(seed=0)
+    emb, length = codecs.text.encode(["A woman sings"])
     torch.testing.assert_close(stored, emb[0, : int(length[0])])
+    # the negative prompt, encoded once beside the shards (DMD-2 runs without codecs read it)
+    emb, length = codecs.text.encode_negative(1)
+    torch.testing.assert_close(
+        read_negative(prompt_shards / "shards" / "negative.safetensors", 64), emb[0, : int(length[0])]
+    )
 
 
 def test_the_recipe_trains_on_prompt_shards_with_the_real_trainer(prompt_shards, tmp_path):

@@ -19,6 +19,8 @@ from magitrain.callbacks.nonfinite import TrainingDiverged
 from magitrain.checkpoint import save_official
 from magitrain.checkpoint.export import export
 from magitrain.checkpoint.safe_load import load_torch_file
+from magitrain.data.prompts import read_negative, save_negative
+from magitrain.errors import UserError
 from magitrain.flow import Guidance, cfg
 from magitrain.launch import train
 from magitrain.model import MagiHumanDiT, tiny
@@ -99,6 +101,10 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
     assert module.teacher.state_dict()[w].dtype == torch.bfloat16
     assert torch.equal(module.teacher.state_dict()[w], initial.bfloat16())
     assert module.teacher.final_linear_video.weight.dtype == torch.float32  # heads stay float32
+    # no codecs: the teacher's unconditional prompt is the negative.safetensors beside the shards
+    negative = read_negative(latent_shards / "negative.safetensors", 64)
+    assert torch.equal(module.negative_prompt(1)[0][0], negative.float())
+    assert module.negative_prompt(1)[1].tolist() == [negative.shape[0]]
     ckpt = load_torch_file(tmp_path / "checkpoints" / "last.ckpt")
     roots = {k.split(".")[0] for k in ckpt["state_dict"]}
     assert roots == {"model", "critic", "ema"}
@@ -190,11 +196,16 @@ def test_deepspeed_is_refused_clearly(teacher_ckpt, tmp_path):
 
 
 def _module(teacher_ckpt, tmp_path, *extra):
-    module = instantiate(
-        compose_train(
-            ["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}", *extra], tmp_path
-        ).module
+    negative = save_negative(
+        tmp_path / "negative", torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
     )
+    overrides = [
+        "recipe=dmd2_distill",
+        "model=tiny",
+        f"teacher={teacher_ckpt}",
+        f"module.dmd.negative_emb={negative}",
+    ]
+    module = instantiate(compose_train([*overrides, *extra], tmp_path).module)
     module.configure_model()
     return module
 
@@ -532,3 +543,24 @@ def test_image_conditioned_samples_weigh_as_the_mean_over_their_free_frames(teac
     total.backward()
     for name, g in _grads(module.model).items():
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_without_codecs_or_a_negative_embedding_the_run_says_how_to_give_one(
+    latent_shards, teacher_ckpt, tmp_path
+):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in latent_shards.iterdir():
+        if f.name != "negative.safetensors":
+            (bare / f.name).write_bytes(f.read_bytes())
+    overrides = dmd_run(bare, teacher_ckpt, "trainer.max_steps=1")
+    with pytest.raises(UserError, match=r"codecs=NAME.*module\.dmd\.negative_emb=PATH"):
+        train(compose_train(overrides, tmp_path / "a"))
+    # module.dmd.negative_emb=PATH: that file, checked by name
+    path = save_negative(tmp_path / "mine", torch.randn(2, 64))
+    trainer = train(compose_train([*overrides, f"module.dmd.negative_emb={path}"], tmp_path / "b"))
+    assert torch.equal(trainer.lightning_module.negative_prompt(1)[0][0], read_negative(path, 64))
+    with pytest.raises(UserError, match=r"mine/negative.safetensors: expected text_emb \[L, 32\]"):
+        read_negative(path, 32)
+    with pytest.raises(UserError, match="nowhere.safetensors does not exist"):
+        read_negative(tmp_path / "nowhere.safetensors", 64)

@@ -9,6 +9,10 @@ that geometry like any latent sample. A batch of prompt samples holds `text_emb`
 
 Written by `data_tools/encode_shards.py --prompts PROMPTS.txt OUT_DIR codecs=...` with the real
 text encoder of the codecs.
+
+Beside the shards (prompt or latent), the encoder also writes `negative.safetensors`: the codecs'
+negative prompt, `text_emb` [L, C], encoded once. DMD-2's guided teacher reads it as its
+unconditional prompt when the run has no codecs (docs/training.md).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_safetensors
 
 from magitrain.data.buckets import VAE_TIME_STRIDE, Bucket
@@ -26,6 +32,7 @@ from magitrain.errors import UserError
 
 ENCODE_BATCH = 32  # prompts encoded together (their embeddings are padded to the longest)
 GEOMETRY_KEY = "latent_shape"  # safetensors metadata of a prompt sample: "T,H,W"
+NEGATIVE_FILE = "negative.safetensors"  # the negative prompt's text embedding, beside the shards
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -123,4 +130,44 @@ def write_prompt_shards(
                     yield prompt_sample(f"{index:09d}", prompts[index], text, buckets[index % len(buckets)])
 
         paths.append(write_shard(out_dir, number, "latent", samples()))
+    write_negative(out_dir, text_encoder)
     return paths
+
+
+def save_negative(out_dir: str | Path, text_emb: torch.Tensor) -> Path:
+    """Write the negative prompt's embedding [L, C] (its real tokens) as `OUT_DIR/negative.safetensors`."""
+    path = Path(out_dir) / NEGATIVE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"text_emb": text_emb.detach().cpu().contiguous()}, str(path))
+    return path
+
+
+def write_negative(out_dir: str | Path, text_encoder) -> Path:
+    """Encode the text encoder's negative prompt once and save it beside the shards."""
+    emb, lengths = text_encoder.encode_negative(1)
+    return save_negative(out_dir, emb[0, : int(lengths[0])])
+
+
+def read_negative(path: str | Path, text_dim: int) -> torch.Tensor:
+    """The negative prompt's embedding [L, text_dim] from a `negative.safetensors`."""
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"negative prompt embedding {path} does not exist") from None
+    except (SafetensorError, OSError) as exn:
+        raise UserError(
+            f"negative prompt embedding {path} is not a readable safetensors file ({exn})"
+        ) from None
+    emb = tensors.get("text_emb")
+    if emb is None or emb.ndim != 2 or emb.shape[1] != text_dim:
+        got = "no text_emb" if emb is None else f"text_emb of shape {list(emb.shape)}"
+        raise UserError(f"negative prompt embedding {path}: expected text_emb [L, {text_dim}], got {got}")
+    return emb
+
+
+def negative_beside(urls: list[str]) -> Path | None:
+    """The `negative.safetensors` in the folder of local shards `urls` (the first folder holding one)."""
+    for folder in dict.fromkeys(Path(u).parent for u in urls if "://" not in u and not u.startswith("pipe:")):
+        if (folder / NEGATIVE_FILE).is_file():
+            return folder / NEGATIVE_FILE
+    return None

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from magitrain.codecs.media import write_mp4
+from magitrain.data.prompts import save_negative
 from magitrain.data.writer import latent_sample, write_shard
 
 LANGUAGES = ("en", "zh", "ja", "ko", "de", "fr", "es", "yue")
@@ -242,6 +243,9 @@ def make_latent_dataset(
             }
             samples.append(latent_sample(f"{number:06d}{i - first:04d}", meta, tensors))
         paths.append(write_shard(out_dir, number, "latent", samples))
+    # the negative prompt's embedding, as encode_shards.py writes it beside latent shards
+    length = int(torch.randint(text_lengths[0], text_lengths[1] + 1, (1,), generator=gen))
+    save_negative(out_dir, torch.randn(length, text_dim, generator=gen).to(torch.bfloat16))
     return paths
 
 

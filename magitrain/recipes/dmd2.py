@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from magitrain.data.prompts import latent_geometry
+from magitrain.data.prompts import NEGATIVE_FILE, latent_geometry, negative_beside, read_negative
 from magitrain.errors import UserError
 from magitrain.flow import Guidance, flow_grid
 from magitrain.flow import dmd as core
@@ -65,6 +65,9 @@ class DMDConfig:
     # the frozen teacher waits in (pinned) host memory and visits the device for its forwards;
     # FSDP2: its shards stay in host memory (CPUOffloadPolicy). Same results, less device memory.
     teacher_offload: bool = False
+    # the teacher's unconditional prompt without codecs: a negative.safetensors (data/prompts.py);
+    # null: the one beside the shards (encode_shards.py writes it). With codecs: theirs, encoded
+    negative_emb: str | None = None
     gan: GANConfig = field(default_factory=GANConfig)  # the optional GAN term (dmd_gan.py)
 
     def __post_init__(self):
@@ -175,6 +178,8 @@ class DMD2Module(MagiHumanModule):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_fit_start(self) -> None:
+        if self.codecs is None:  # a missing negative prompt file stops the run before its first step
+            self.negative_prompt(1)
         if not self.dmd_config.teacher_offload:
             self.teacher.to(self.device)
         elif self.device_mesh is None and self._teacher_residency is None:
@@ -242,18 +247,33 @@ class DMD2Module(MagiHumanModule):
 
     # ----- conditioning ---------------------------------------------------------------------
     def negative_prompt(self, batch: int) -> tuple[Tensor, Tensor]:
-        """The teacher's unconditional branch: the codecs' negative prompt, encoded once and cached
-        (the empty prompt when no codecs are configured)."""
+        """The teacher's unconditional branch, the negative prompt, cached: encoded once by the codecs,
+        or, without codecs, read from `dmd.negative_emb` or the `negative.safetensors` beside the
+        shards (the same prompt the codecs' validation samples use)."""
         if self._negative is None:
             if self.codecs is not None:
                 with self.codecs.on_device():
                     emb, length = self.codecs.text.encode_negative(1)
             else:
-                emb = torch.zeros(1, 1, self.model_config.text_in_channels)
-                length = torch.zeros(1, dtype=torch.long)
+                emb = read_negative(self._negative_path(), self.model_config.text_in_channels)[None]
+                length = torch.tensor([emb.shape[1]])
             self._negative = (emb.float().to(self.device), length.to(self.device))
         emb, length = self._negative
         return emb.expand(batch, -1, -1), length.expand(batch)
+
+    def _negative_path(self) -> str:
+        if self.dmd_config.negative_emb:
+            return self.dmd_config.negative_emb
+        specs = getattr(self._trainer.datamodule, "dataset_specs", []) if self._trainer is not None else []
+        found = negative_beside([url for spec in specs for url in spec.urls])
+        if found is None:
+            raise UserError(
+                "the DMD-2 teacher's unconditional branch needs the negative prompt, and this run has "
+                f"no codecs and no {NEGATIVE_FILE} beside its shards: set codecs=NAME (it is encoded "
+                f"once), or module.dmd.negative_emb=PATH (a {NEGATIVE_FILE}, written by "
+                "data_tools/encode_shards.py beside the shards it encodes)"
+            )
+        return str(found)
 
     def _velocity(self, network, text, text_len, frame_mask, reference, bf16: bool = False):
         """The core's velocity callable of one network. Image-to-video: frame 0 enters as the clean

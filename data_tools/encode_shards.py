@@ -42,7 +42,7 @@ from magitrain.data.collate import collate_raw
 from magitrain.data.decode import BadSample, RawOptions, decode_raw, read_meta
 from magitrain.data.encode import encode_raw_batch, resize_video, to_pixels
 from magitrain.data.index import read_index
-from magitrain.data.prompts import read_prompts, write_negative, write_prompt_shards
+from magitrain.data.prompts import NEGATIVE_FILE, read_prompts, write_negative, write_prompt_shards
 from magitrain.data.shards import expand_urls, index_url, iter_tar
 from magitrain.data.span import AV_MISMATCH, AVPolicy, Unplanned, clip_span
 from magitrain.data.writer import latent_sample, shard_path, write_shard
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     mine = [(n, url) for n, url in enumerate(urls) if n % world == rank]
     todo = [(n, url) for n, url in mine if not shard_path(args.out_dir, n).exists()]
     print(f"rank {rank}/{world}: {len(mine)} shards, {len(mine) - len(todo)} already encoded")
-    if not todo:
+    negative = rank == 0 and not (args.out_dir / NEGATIVE_FILE).exists()
+    if not todo and not negative:
         return
     sr = tuple(int(v) for v in args.sr.lower().split("x")) if args.sr else None
     job = Job(
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     problems: Counter = Counter()
     for number, url in todo:
         encode_shard(url, number, args.out_dir, buckets, job, problems)
-    if rank == 0:  # DMD-2's unconditional prompt for runs without codecs (data/prompts.py)
+    if negative:  # DMD-2's unconditional prompt for runs without codecs (data/prompts.py)
         write_negative(args.out_dir, job.codecs.text)
     print(f"rank {rank}: done; skipped samples: {dict(problems) or 'none'}")
 

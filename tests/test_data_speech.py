@@ -208,6 +208,13 @@ def test_encode_shards_with_tiny_codecs_then_train_a_few_steps(speech, tmp_path)
         for r in read_index(str(url), str(url)[:-4] + ".index.json").rows
     ]
     assert len(rows) == len(CLIPS) + 1 and Counter(r["has_audio"] for r in rows) == {True: 7, False: 1}
+    # DMD-2's negative prompt, encoded once beside the latent shards (data/prompts.py)
+    from hydra.utils import instantiate
+
+    from magitrain.data.prompts import read_negative
+
+    emb, length = instantiate(compose_train(["codecs=tiny"], tmp_path / "cfg").codecs).text.encode_negative(1)
+    torch.testing.assert_close(read_negative(latent / "negative.safetensors", 64), emb[0, : int(length[0])])
     assert {tuple(r["latent_shape"]) for r in rows} == {(7, 2, 4), (7, 4, 2)} and {
         r["audio_len"] for r in rows
     } == {25}

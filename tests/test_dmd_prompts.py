@@ -73,7 +73,8 @@ def test_prompt_shards_hold_the_encoders_text_and_the_geometry_only(prompt_shard
     codecs = build_tiny_codecs(seed=0)
     emb, length = codecs.text.encode(["A woman sings"])
     torch.testing.assert_close(stored, emb[0, : int(length[0])])
-    # the negative prompt, encoded once beside the shards (DMD-2 runs without codecs read it)
+    # the negative prompt of codecs=tiny, encoded once beside the shards (read by runs without codecs)
+    codecs = instantiate(compose_train(["codecs=tiny"], prompt_shards / "cfg").codecs)
     emb, length = codecs.text.encode_negative(1)
     torch.testing.assert_close(
         read_negative(prompt_shards / "shards" / "negative.safetensors", 64), emb[0, : int(length[0])]

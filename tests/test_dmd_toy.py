@@ -42,7 +42,8 @@ from torch import nn
 from magitrain.flow import flow_grid
 from magitrain.flow.dmd import critic_loss, generator_loss, score_sigmas, simulate
 
-pytestmark = pytest.mark.slow  # ~1.5 min CPU time (92 s measured), one torch thread
+pytestmark = pytest.mark.slow  # one torch thread: 92 s measured with 300-step controls; at 1000 steps
+# (2026-12-01, a shared 2-core machine under load) 538 s: positive 201 s, flipped 221 s, frozen 51 s
 
 DIM, SUB, CLASSES = 64, 8, 2
 RADIUS, MODE_STD, OFF_STD = 12.0, 1.0, 0.08  # large enough for shift 5 (module docstring)

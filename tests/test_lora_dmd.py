@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 
 from magitrain.checkpoint import load_official, save_official
 from magitrain.checkpoint.export import export
+from magitrain.data.prompts import save_negative
 from magitrain.errors import UserError
 from magitrain.flow import dmd as core
 from magitrain.launch import train
@@ -177,6 +178,7 @@ def test_activation_checkpointing_recomputes_each_role_with_its_own_adapters(bas
             "recipe=lora_dmd2", "model=tiny", f"teacher={base_ckpt}", f"module.lora.rank={RANK}",
             "module.lora.base_dtype=fp32", f"module.parallel.activation_checkpointing={ac}",
             "module.dmd.student_steps=2",
+            f"module.dmd.negative_emb={save_negative(tmp_path / 'negative', torch.zeros(1, 64))}",
         ]  # fmt: skip
         module = instantiate(compose_train(overrides, tmp_path).module)
         module.configure_model()

@@ -299,7 +299,7 @@ class DMD2Module(MagiHumanModule):
         and the two cancel exactly in its gradient; docs/training.md.)"""
         critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
         frames = ctx["mask"].flatten(1)
-        weight = (frames.shape[1] / frames.sum(1)).reshape(-1, 1, 1, 1, 1)
+        weight = (frames.shape[1] / frames.sum(1).clamp_min(1)).reshape(-1, 1, 1, 1, 1)  # (T=1: 1)
 
         def velocity(x, s):
             v = critic(x, s)

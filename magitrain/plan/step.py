@@ -353,6 +353,11 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
     x0 = simulate()
     s, eps = module._score_draw(ctx)
     weights = {"video": cfg.video_weight, "audio": cfg.audio_weight}
+    if module.codecs is None and module._negative is None:
+        # no codecs nor negative.safetensors here: a stand-in negative prompt as long as the batch's
+        # text (its values do not matter to memory or time)
+        text = ctx["text"]
+        module._negative = (torch.zeros_like(text[:1]), torch.full((1,), text.shape[1], device=text.device))
     loss, _ = core.generator_loss(x0, module._guided_teacher(ctx), critic, s=s, eps=eps, weights=weights)
     if getattr(module, "gan", None) is not None:
         loss = loss + module.gan.generator_loss(critic, x0, s=s, eps=eps)[0]

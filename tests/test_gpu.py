@@ -120,8 +120,21 @@ def test_gpu_checks_dry_run_covers_every_section(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((tmp_path / "gpu_checks.json").read_text())
-    assert set(results) == {"machine", "tests", "slice", "training", "table2", "decode", "step_compile"}
+    sections = {"tests", "slice", "training", "dmd_slice", "plan_vs_gpu", "table2", "decode", "step_compile"}
+    assert set(results) == {"machine"} | sections
     assert all("error" not in v for v in results.values()), results
+    gpu_files = {
+        "tests/test_gpu.py",
+        "tests/test_dmd_offload.py",
+        "tests/test_lora.py",
+        "tests/test_lora_dmd.py",
+    }
+    assert {f"tests/{name}.py" for name in gpu_files} <= set(
+        results["tests"]["result"]["files"]
+    )  # every gpu-marked test of the suite
+    dmd = results["dmd_slice"]["result"]
+    assert dmd["critic_phase_s"] > 0 and dmd["generator_phase_s"] > 0
+    assert results["plan_vs_gpu"]["result"]["plan_gib"] > 0
     assert results["slice"]["result"]["compiled"]["compile"] is True
     assert results["training"]["result"]["fsdp2"]["perf/tokens_per_s"] > 0
     assert [r["output"] for r in results["table2"]["result"]["rows"]] == ["64x64", "128x128"]

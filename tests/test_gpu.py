@@ -123,15 +123,9 @@ def test_gpu_checks_dry_run_covers_every_section(tmp_path):
     sections = {"tests", "slice", "training", "dmd_slice", "plan_vs_gpu", "table2", "decode", "step_compile"}
     assert set(results) == {"machine"} | sections
     assert all("error" not in v for v in results.values()), results
-    gpu_files = {
-        "tests/test_gpu.py",
-        "tests/test_dmd_offload.py",
-        "tests/test_lora.py",
-        "tests/test_lora_dmd.py",
-    }
-    assert {f"tests/{name}.py" for name in gpu_files} <= set(
-        results["tests"]["result"]["files"]
-    )  # every gpu-marked test of the suite
+    gpu_files = {"test_gpu", "test_dmd_offload", "test_lora", "test_lora_dmd", "test_codecs_offload"}
+    found = set(results["tests"]["result"]["files"])
+    assert {f"tests/{name}.py" for name in gpu_files} <= found  # every gpu-marked test of the suite
     dmd = results["dmd_slice"]["result"]
     assert dmd["critic_phase_s"] > 0 and dmd["generator_phase_s"] > 0
     assert results["plan_vs_gpu"]["result"]["plan_gib"] > 0

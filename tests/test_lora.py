@@ -481,3 +481,20 @@ def test_activation_checkpointing_gives_the_same_adapters(latent_shards, base_ck
         runs[ac] = {k: v for k, v in trainer.lightning_module.state_dict().items() if ".lora_" in k}
     for k in runs["false"]:
         torch.testing.assert_close(runs["true"][k], runs["false"][k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_an_fp8_base_run_saves_a_small_checkpoint_and_resumes(latent_shards, base_ckpt, tmp_path):
+    """The checkpoint callbacks see (NonFiniteGuard scans) holds the adapters only, never float8 weights."""
+    pytest.importorskip("torchao")
+    overrides = lora_run(latent_shards, base_ckpt, "module.lora.base_dtype=fp8", "trainer.max_steps=2")
+    train(compose_train(overrides, tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    resumed = lora_run(
+        latent_shards, base_ckpt, "module.lora.base_dtype=fp8", "trainer.max_steps=3", f"ckpt_path={ckpt}"
+    )
+    trainer = train(compose_train(resumed, tmp_path / "b"))
+    assert trainer.global_step == 3
+    got = trainer.lightning_module.state_dict()
+    assert got.keys() == saved.keys()

@@ -130,10 +130,18 @@ class LoraMixin:
         parts = (m.adapter.video_embedder.weight, m.final_linear_video.weight, m.final_linear_audio.weight)
         return float(sum(p.detach().double().sum() for p in parts))
 
+    def state_dict(self, *args, **kwargs) -> dict:
+        """The adapters only: Lightning saves this, and callbacks (NonFiniteGuard) scan it before
+        `on_save_checkpoint` runs, so the frozen base (15B, maybe float8) never enters a checkpoint."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        keep = {prefix + k for k in self.adapter_keys()}
+        for k in [k for k in state if k not in keep]:
+            del state[k]
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        keep = self.adapter_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lora_base"] = {"init": self.init_path, "fingerprint": self.base_fingerprint()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,7 +27,7 @@ from magitrain.model import MagiHumanConfig, MagiHumanDiT
 from magitrain.model.layers import ModalityLinear
 
 from .config import LoraConfig, select_targets
-from .layer import ModalityLoraLinear, SharedALoraLinear, lora_delta
+from .layer import ModalityLoraConfig, ModalityLoraLinear, lora_delta
 
 FORMAT = "magitrain-lora"
 FORMAT_VERSION = "1"
@@ -99,11 +98,15 @@ def block_linears(network: MagiHumanDiT) -> list[str]:
 def add_adapter(network: MagiHumanDiT, cfg: LoraConfig, name: str = "default") -> list[str]:
     """Inject adapter `name` into the targets of `cfg` (PEFT, our layer); returns the target names."""
     targets = select_targets(block_linears(network), cfg, network.config.num_layers)
-    peft_cfg = PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none"
+    peft_cfg = ModalityLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        shared_a=cfg.sandwich == "shared_a",
     )
-    layer = SharedALoraLinear if cfg.sandwich == "shared_a" else ModalityLoraLinear
-    peft_cfg._register_custom_module({ModalityLinear: layer})
+    peft_cfg._register_custom_module({ModalityLinear: ModalityLoraLinear})
     inject_adapter_in_model(peft_cfg, network, adapter_name=name)
     return targets
 

@@ -528,21 +528,29 @@ def test_sharding_strategies_are_refused_for_lora(strategy, message, base_ckpt, 
 
 
 @torch.no_grad()
-def test_per_copy_and_shared_a_adapters_mix_and_equal_their_merge(tmp_path):
-    """`infer.py lora=a,b` with one adapter of each sandwich mode == the base with both merged."""
+def random_adapter(path: Path, config, sandwich: str = "per_copy", seed: int = 3) -> Path:
+    """An adapter file of random (nonzero) weights for a network of `config`."""
     from magitrain.lora.adapters import adapter_tensors, metadata, save_adapter
 
+    network = build_frozen_base(config, None, "fp32")
+    cfg = LoraConfig(rank=RANK, sandwich=sandwich, targets=["attention.linear_qkv", "mlp.down_proj"])
+    targets = add_adapter(network, cfg)
+    _randomise(network, seed)
+    return save_adapter(
+        path, adapter_tensors(network.state_dict(), "default"), metadata(cfg, config, targets)
+    )
+
+
+@torch.no_grad()
+def test_per_copy_and_shared_a_adapters_mix_and_equal_their_merge(tmp_path):
+    """`infer.py lora=a,b` with one adapter of each sandwich mode == the base with both merged."""
     torch.manual_seed(0)
     base = MagiHumanDiT(tiny())
     released = {k: v.clone() for k, v in base.state_dict().items()}
-    files = []
-    for i, mode in enumerate(("shared_a", "per_copy")):
-        network = build_frozen_base(tiny(), None, "fp32")
-        cfg = LoraConfig(rank=RANK, sandwich=mode, targets=["attention.linear_qkv", "mlp.down_proj"])
-        targets = add_adapter(network, cfg)
-        _randomise(network, seed=3 + i)
-        tensors = adapter_tensors(network.state_dict(), "default")
-        files.append(save_adapter(tmp_path / f"{mode}.safetensors", tensors, metadata(cfg, tiny(), targets)))
+    files = [
+        random_adapter(tmp_path / f"{mode}.safetensors", tiny(), mode, 3 + i)
+        for i, mode in enumerate(("shared_a", "per_copy"))
+    ]
     scales = [1.0, 0.5]
     applied = build_frozen_base(tiny(), None, "fp32")
     applied.load_state_dict(released)
@@ -555,3 +563,18 @@ def test_per_copy_and_shared_a_adapters_mix_and_equal_their_merge(tmp_path):
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
     assert (want[0] - base(*inputs())[0]).abs().max() > 1e-3  # the adapters do change the output
+
+
+def test_an_sr_adapter_on_the_base_network_and_vice_versa_is_refused(tmp_path):
+    """SR540 has the base's shapes: only coords_style tells their adapters apart."""
+    base_adapter = random_adapter(tmp_path / "base.safetensors", tiny())
+    sr_adapter = random_adapter(tmp_path / "sr.safetensors", tiny(coords_style="v1"))
+    with pytest.raises(
+        UserError, match=r"sr.safetensors is an adapter for an SR network, not for the base network"
+    ):
+        apply_adapters(MagiHumanDiT(tiny()), str(sr_adapter), 1.0)
+    with pytest.raises(
+        UserError, match=r"base.safetensors is an adapter for the base network, not for an SR"
+    ):
+        apply_adapters(MagiHumanDiT(tiny(coords_style="v1")), str(base_adapter), 1.0)
+    apply_adapters(MagiHumanDiT(tiny(coords_style="v1")), str(sr_adapter), 1.0)  # its own network takes it

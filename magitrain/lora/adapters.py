@@ -31,11 +31,13 @@ from .layer import ModalityLoraConfig, ModalityLoraLinear, lora_delta
 
 FORMAT = "magitrain-lora"
 FORMAT_VERSION = "1"
-# The fields that fix the adapted weights' names and shapes
+# The fields that fix the adapted weights' names and shapes, and coords_style, which tells the base
+# network (v2) from the SR networks (v1) whose weights have the same shapes
 ARCH_FIELDS = (
     "num_layers", "hidden_size", "head_dim", "num_heads_q", "num_heads_kv", "swiglu_hidden",
-    "gelu_hidden", "sandwich_layers", "gelu7_layers", "attn_gating",
+    "gelu_hidden", "sandwich_layers", "gelu7_layers", "attn_gating", "coords_style",
 )  # fmt: skip
+NETWORK_KIND = {"v1": "an SR network", "v2": "the base network"}
 BASE_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -200,6 +202,12 @@ def check_architecture(arch: dict, config: MagiHumanConfig, source: str) -> None
     for f in ARCH_FIELDS:
         want = getattr(config, f)
         got = tuple(arch[f]) if isinstance(want, tuple) and f in arch else arch.get(f)
+        if got != want and f == "coords_style":
+            raise UserError(
+                f"{source} is an adapter for {NETWORK_KIND.get(got, f'coords_style={got}')}, "
+                f"not for {NETWORK_KIND[want]} (coords_style {got} vs {want}): base adapters go to lora=, "
+                "SR adapters to sr_lora="
+            )
         if got != want:
             raise UserError(
                 f"{source} is an adapter for another architecture: its {f} is {got}, the network's is {want}"

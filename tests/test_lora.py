@@ -359,6 +359,11 @@ def test_targets_and_layers_that_match_nothing_are_named():
         ("alpha", "big", "lora.alpha must be a number"),
         ("dropout", 1.5, r"lora.dropout must be in \[0, 1\)"),
         ("layers", "a-b", "lora.layers: 'a-b' is neither an index nor a range"),
+        ("layers", [0, "x"], r"lora.layers\[1\] must be an integer, got 'x'"),
+        ("layers", [], "lora.layers is empty"),
+        ("layers", "3-1", "lora.layers: the range '3-1' is empty"),
+        ("layers", " , ", "names no layer"),
+        ("layers", 1.5, r"lora.layers\[0\] must be an integer, got 1.5"),
         ("targets", ["linear_(qkv"], "'linear_\\(qkv' is not a valid regular expression"),
     ],
 )

@@ -583,3 +583,12 @@ def test_an_sr_adapter_on_the_base_network_and_vice_versa_is_refused(tmp_path):
     ):
         apply_adapters(MagiHumanDiT(tiny(coords_style="v1")), str(base_adapter), 1.0)
     apply_adapters(MagiHumanDiT(tiny(coords_style="v1")), str(sr_adapter), 1.0)  # its own network takes it
+
+
+def test_a_lora_training_checkpoint_as_ckpt_asks_for_an_exported_adapter(trained_fp32, tmp_path):
+    import infer
+
+    ckpt, _ = trained_fp32
+    common = ["model=tiny", "codecs=tiny", "prompt=hi", f"out={tmp_path / 'x.mp4'}"]
+    with pytest.raises(UserError, match=r"ckpt=.*last.ckpt is a LoRA training checkpoint.*export.*lora="):
+        infer.main([f"ckpt={ckpt}", *common])

@@ -99,4 +99,3 @@ class ModalityLoraLinear(PeftLoraLinear):
             return y
 
         return per_modality(x, splits, copies, one_copy)
-

@@ -592,3 +592,24 @@ def test_a_lora_training_checkpoint_as_ckpt_asks_for_an_exported_adapter(trained
     common = ["model=tiny", "codecs=tiny", "prompt=hi", f"out={tmp_path / 'x.mp4'}"]
     with pytest.raises(UserError, match=r"ckpt=.*last.ckpt is a LoRA training checkpoint.*export.*lora="):
         infer.main([f"ckpt={ckpt}", *common])
+
+
+def test_merge_keeps_the_bases_stored_dtype_by_default(trained_fp32, tmp_path):
+    """`--merge` without --dtype writes the block linears in the base's dtype (bf16 as released)."""
+    from magitrain.checkpoint.official import BLOCK_LINEAR
+
+    ckpt, _ = trained_fp32
+    torch.manual_seed(0)
+    bf16_base = save_official(MagiHumanDiT(tiny()), tmp_path / "bf16_base", dtype=torch.bfloat16)
+    for out, extra in (("merged", []), ("wide", ["--dtype", "fp32"])):
+        export_main([str(ckpt), str(tmp_path / out), "--merge", "--base", str(bf16_base), *extra])
+    with (
+        safe_open(tmp_path / "merged" / "model-00001-of-00001.safetensors", framework="pt") as st,
+        safe_open(tmp_path / "wide" / "model-00001-of-00001.safetensors", framework="pt") as wide,
+    ):
+        assert any(BLOCK_LINEAR.fullmatch(k) for k in st.keys())
+        for k in st.keys():
+            got = st.get_tensor(k)
+            assert got.dtype == (torch.bfloat16 if BLOCK_LINEAR.fullmatch(k) else torch.float32), k
+            # the merge adds in float32, then rounds once to the stored dtype
+            assert torch.equal(got, wide.get_tensor(k).to(got.dtype)), k

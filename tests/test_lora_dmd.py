@@ -420,3 +420,17 @@ def test_lora_dmd_under_ddp_matches_one_process(tmp_path):
         assert any(
             float(one[k].abs().max()) > 1e-3 for k in one if k.startswith(f"{root}.") and ".lora_B." in k
         )
+
+
+def test_an_fp8_base_lora_dmd_run_saves_and_resumes(latent_shards, base_ckpt, tmp_path):
+    """The non-finite guard sees only the two adapter sets, never the float8 base."""
+    pytest.importorskip("torchao")
+    fp8 = ("module.lora.base_dtype=fp8", "callbacks.model_checkpoint.every_n_train_steps=2")
+    train(compose_train(lora_dmd_run(latent_shards, base_ckpt, *fp8, "trainer.max_steps=2"), tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert {k.split(".")[0] for k in saved} == {"model", "critic"}
+    resumed = lora_dmd_run(latent_shards, base_ckpt, *fp8, "trainer.max_steps=4", f"ckpt_path={ckpt}")
+    trainer = train(compose_train(resumed, tmp_path / "b"))
+    assert trainer.global_step == 4 and trainer.lightning_module.state_dict().keys() == saved.keys()

@@ -69,6 +69,16 @@ def _shard_files(path: Path) -> dict[str, Path]:
     return names
 
 
+def block_linear_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a released-layout checkpoint stores its block linears in (bf16 in the release)."""
+    where = _shard_files(Path(path))
+    name = next((k for k in where if BLOCK_LINEAR.fullmatch(k)), None)
+    if name is None:
+        raise CheckpointMismatchError(f"{path} holds no block linear weights")
+    with safe_open(where[name], framework="pt") as st:
+        return st.get_slice(name)[:1].dtype  # one row, not the whole weight
+
+
 def _describe(kind: str, keys: list[str]) -> str:
     shown = ", ".join(keys[:_SHOW]) + (", ..." if len(keys) > _SHOW else "")
     return f"{len(keys)} {kind}: {shown}"

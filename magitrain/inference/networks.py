@@ -93,6 +93,12 @@ def _from_training_checkpoint(
         ) from err
     except KeyError as err:
         raise ValueError(f"{field}={path} is a torch file without {err}: not a Lightning checkpoint") from err
+    if hparams.get("lora"):
+        raise ValueError(
+            f"{field}={path} is a LoRA training checkpoint: it holds adapters, not a network. Export the "
+            f"adapter (python -m magitrain.checkpoint.export {path} adapter.safetensors) and pass the base "
+            f"as {field}= and the adapter as lora= (sr_lora= for the SR network), or export with --merge"
+        )
     if "model" in hparams:  # the architecture the run trained, whatever preset was asked for
         config = MagiHumanConfig(**hparams["model"])
     use_ema = weights == "ema" or (weights == "auto" and any(k.startswith("ema.") for k in state))

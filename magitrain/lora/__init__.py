@@ -11,7 +11,7 @@ from .adapters import (
 )
 from .config import LoraConfig
 from .dmd import LoraDMD2Module
-from .layer import ModalityLoraLinear, SharedALoraLinear
+from .layer import ModalityLoraLinear
 from .recipe import LoraFlowMatchingModule, LoraMixin, LoraSRFineTuneModule
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "LoraMixin",
     "LoraSRFineTuneModule",
     "ModalityLoraLinear",
-    "SharedALoraLinear",
     "add_adapter",
     "apply_adapters",
     "build_frozen_base",

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,15 +27,17 @@ from magitrain.model import MagiHumanConfig, MagiHumanDiT
 from magitrain.model.layers import ModalityLinear
 
 from .config import LoraConfig, select_targets
-from .layer import ModalityLoraLinear, SharedALoraLinear, lora_delta
+from .layer import ModalityLoraConfig, ModalityLoraLinear, lora_delta
 
 FORMAT = "magitrain-lora"
 FORMAT_VERSION = "1"
-# The fields that fix the adapted weights' names and shapes
+# The fields that fix the adapted weights' names and shapes, and coords_style, which tells the base
+# network (v2) from the SR networks (v1) whose weights have the same shapes
 ARCH_FIELDS = (
     "num_layers", "hidden_size", "head_dim", "num_heads_q", "num_heads_kv", "swiglu_hidden",
-    "gelu_hidden", "sandwich_layers", "gelu7_layers", "attn_gating",
+    "gelu_hidden", "sandwich_layers", "gelu7_layers", "attn_gating", "coords_style",
 )  # fmt: skip
+NETWORK_KIND = {"v1": "an SR network", "v2": "the base network"}
 BASE_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -99,11 +100,15 @@ def block_linears(network: MagiHumanDiT) -> list[str]:
 def add_adapter(network: MagiHumanDiT, cfg: LoraConfig, name: str = "default") -> list[str]:
     """Inject adapter `name` into the targets of `cfg` (PEFT, our layer); returns the target names."""
     targets = select_targets(block_linears(network), cfg, network.config.num_layers)
-    peft_cfg = PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none"
+    peft_cfg = ModalityLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        shared_a=cfg.sandwich == "shared_a",
     )
-    layer = SharedALoraLinear if cfg.sandwich == "shared_a" else ModalityLoraLinear
-    peft_cfg._register_custom_module({ModalityLinear: layer})
+    peft_cfg._register_custom_module({ModalityLinear: ModalityLoraLinear})
     inject_adapter_in_model(peft_cfg, network, adapter_name=name)
     return targets
 
@@ -197,6 +202,12 @@ def check_architecture(arch: dict, config: MagiHumanConfig, source: str) -> None
     for f in ARCH_FIELDS:
         want = getattr(config, f)
         got = tuple(arch[f]) if isinstance(want, tuple) and f in arch else arch.get(f)
+        if got != want and f == "coords_style":
+            raise UserError(
+                f"{source} is an adapter for {NETWORK_KIND.get(got, f'coords_style={got}')}, "
+                f"not for {NETWORK_KIND[want]} (coords_style {got} vs {want}): base adapters go to lora=, "
+                "SR adapters to sr_lora="
+            )
         if got != want:
             raise UserError(
                 f"{source} is an adapter for another architecture: its {f} is {got}, the network's is {want}"

@@ -31,8 +31,12 @@ class LoraConfig:
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         self.targets = [str(t) for t in self.targets]
+        if isinstance(self.layers, int | float):  # one index, e.g. layers=5 on the command line
+            self.layers = [self.layers]
         if self.layers is not None and not isinstance(self.layers, str):
-            self.layers = [int(i) for i in self.layers]
+            self.layers = [_number("layers", i, int, f"lora.layers[{n}]") for n, i in enumerate(self.layers)]
+            if not self.layers:
+                raise UserError("lora.layers is empty: give indices, a range like 0-3, or null for all")
         self.rank = _number("rank", self.rank, int)
         self.alpha, self.dropout = (
             _number("alpha", self.alpha, float),
@@ -67,19 +71,23 @@ class LoraConfig:
                 if not m:
                     raise UserError(f"lora.layers: {part!r} is neither an index nor a range like 4-35")
                 lo, hi = int(m[1]), int(m[2] or m[1])
+                if hi < lo:
+                    raise UserError(f"lora.layers: the range {part!r} is empty (write it low-high)")
                 indices += range(lo, hi + 1)
+            if not indices:
+                raise UserError(f"lora.layers={self.layers!r} names no layer: give indices or null for all")
         bad = sorted({i for i in indices if not 0 <= i < num_layers})
         if bad:
             raise UserError(f"lora.layers: indices {bad} are outside the model's layers 0-{num_layers - 1}")
         return sorted(set(indices))
 
 
-def _number(name: str, value, kind: type) -> int | float:
+def _number(name: str, value, kind: type, field: str | None = None) -> int | float:
     """`value` as `kind`; a string, a bool or (for an integer) a fraction is an error naming the field."""
     fraction = kind is int and isinstance(value, float) and not value.is_integer()
     if isinstance(value, bool) or not isinstance(value, int | float) or fraction:
         what = "an integer" if kind is int else "a number"
-        raise UserError(f"lora.{name} must be {what}, got {value!r} ({type(value).__name__})")
+        raise UserError(f"{field or 'lora.' + name} must be {what}, got {value!r} ({type(value).__name__})")
     return kind(value)
 
 

@@ -44,11 +44,14 @@ def export_lora(
         raise UserError(
             f"--merge needs the base weights: {source} was trained without init, pass --base PATH"
         )
+    from magitrain.checkpoint.official import block_linear_dtype
     from magitrain.inference.networks import to_inference_dtype
 
+    # --dtype keep: the base's own storage (bf16 as released), not float32 (57 GiB for the 15B model)
+    dtype = dtype or block_linear_dtype(base)
     with torch.device("meta"):
         network = MagiHumanDiT(config)
-    to_inference_dtype(network, dtype or torch.float32)  # block linears in the output dtype, no fp32 detour
+    to_inference_dtype(network, dtype)  # block linears in the output dtype, no fp32 detour
     weights = load_official(network, base).state_dict()
     merge_adapter(weights, tensors, cfg, {f: getattr(config, f) for f in ARCH_FIELDS})
     return save_official(weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config)

@@ -11,15 +11,20 @@ changes what the adapter weights mean:
 - `lora_A` is [copies * r, in] (one A per copy) or [r, in] (one A shared by the copies);
 - copy c's delta is `scaling * B_c @ A_c`, applied only to copy c's token slice.
 
-It is registered with PEFT through `LoraConfig._register_custom_module` (see `adapters.py`).
+The sandwich mode is a property of each adapter (`ModalityLoraConfig.shared_a`), so adapters of
+both modes can sit on one layer (`infer.py lora=a,b`). It is registered with PEFT through
+`LoraConfig._register_custom_module` (see `adapters.py`).
 The frozen base weight may be stored in bf16 or as a torchao float8 tensor: without autocast it
 is cast to the activations' dtype at use, so no float32 copy of the base is ever kept.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import Tensor, nn
 
@@ -45,10 +50,16 @@ def compute_weight(weight: Tensor, x: Tensor) -> Tensor:
     return weight if weight.dtype == x.dtype else weight.to(x.dtype)
 
 
-class ModalityLoraLinear(PeftLoraLinear):
-    """PEFT LoRA layer over a ModalityLinear with one A and one B per modality copy."""
+@dataclass
+class ModalityLoraConfig(PeftLoraConfig):
+    """PEFT's LoRA config plus the adapter's sandwich mode: one A shared by the copies, or one per copy."""
 
-    shared_a = False
+    shared_a: bool = False
+
+
+class ModalityLoraLinear(PeftLoraLinear):
+    """PEFT LoRA layer over a ModalityLinear with one B per modality copy and, per adapter, one A
+    per copy or one A shared by the copies."""
 
     @property
     def copies(self) -> int:
@@ -56,7 +67,8 @@ class ModalityLoraLinear(PeftLoraLinear):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-        if not self.shared_a and self.copies > 1:  # PEFT made A [r, in]: one per copy instead
+        # PEFT made A [r, in]; a per-copy adapter gets one A per copy instead
+        if not getattr(config, "shared_a", False) and self.copies > 1:
             self.lora_A[adapter_name] = nn.Linear(self.in_features, self.copies * r, bias=False)
             self.reset_lora_parameters(adapter_name, config.init_lora_weights)
         # adapters (and so their gradients and optimiser states) are float32 whatever the base is
@@ -87,9 +99,3 @@ class ModalityLoraLinear(PeftLoraLinear):
             return y
 
         return per_modality(x, splits, copies, one_copy)
-
-
-class SharedALoraLinear(ModalityLoraLinear):
-    """One A shared by the modality copies, one B per copy."""
-
-    shared_a = True

@@ -51,11 +51,20 @@ class LoraMixin:
         return parallelize(network, self.parallel_config, None, trainable=True)
 
     def check_lora_strategy(self) -> None:
-        zero3 = self._trainer is not None and getattr(self.trainer.strategy, "zero_stage_3", False)
-        if self.device_mesh is not None or zero3:
+        """One device or DDP only: FSDP2 and DeepSpeed (any ZeRO stage) would shard or wrap the
+        frozen base and the small adapter optimiser in ways these recipes do not handle."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        what = None
+        if isinstance(strategy, DeepSpeedStrategy):
+            what = f"DeepSpeed (ZeRO stage {strategy.config['zero_optimization']['stage']})"
+        elif self.device_mesh is not None or isinstance(strategy, ModelParallelStrategy):
+            what = "FSDP2 sharding"
+        if what:
             raise UserError(
-                "LoRA recipes run on one device or with strategy=ddp (the bf16 base is 28.5 GB); "
-                "FSDP2 / ZeRO-3 sharding of the frozen base is not supported yet"
+                "LoRA recipes run on one device or with strategy=ddp (the bf16 base is 28.5 GB, "
+                f"the fp8 base 15 GB); {what} is not supported for LoRA: use strategy=ddp"
             )
 
     def frozen_base(self):
@@ -130,10 +139,18 @@ class LoraMixin:
         parts = (m.adapter.video_embedder.weight, m.final_linear_video.weight, m.final_linear_audio.weight)
         return float(sum(p.detach().double().sum() for p in parts))
 
+    def state_dict(self, *args, **kwargs) -> dict:
+        """The adapters only: Lightning saves this, and callbacks (NonFiniteGuard) scan it before
+        `on_save_checkpoint` runs, so the frozen base (15B, maybe float8) never enters a checkpoint."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        keep = {prefix + k for k in self.adapter_keys()}
+        for k in [k for k in state if k not in keep]:
+            del state[k]
+        return state
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        keep = self.adapter_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lora_base"] = {"init": self.init_path, "fingerprint": self.base_fingerprint()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -14,7 +14,7 @@ import torch
 from conftest import compose_train, straight_and_resumed, tiny_run
 from test_reliability_nonfinite import BAD, check_probe, probe
 from test_train_base import step_losses
-from test_train_distributed import four_samples, model_weights, run_train  # noqa: F401 (fixture)
+from test_train_distributed import assert_runs_match, four_samples, run_train  # noqa: F401 (fixture)
 
 from magitrain.launch import train
 from magitrain.model import MagiHumanDiT, get_config
@@ -145,11 +145,4 @@ def test_two_gloo_ranks_with_low_precision_states_match_one_process(
     extra = (f"module.optim.states={states}", "module.parallel.param_dtype=float32", *more)
     run_train(single, four_samples, devices=1, strategy="auto", batch_size=4, extra=extra)
     run_train(dist, four_samples, devices=2, strategy=strategy, batch_size=2, extra=extra)
-    want, got = step_losses(single / "csv" / "metrics.csv"), step_losses(dist / "csv" / "metrics.csv")
-    assert sorted(got) == [0, 1]
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-5)
-    w_single = model_weights(single / "checkpoints" / "last.ckpt")
-    w_dist = model_weights(dist / "checkpoints" / "last.ckpt")
-    for k in w_single:
-        torch.testing.assert_close(w_dist[k], w_single[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert_runs_match(single, dist)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from test_train_base import step_losses
-from test_train_distributed import four_samples, model_weights, run_train  # noqa: F401 (fixture)
+from test_train_distributed import assert_runs_match, four_samples, run_train  # noqa: F401 (fixture)
 
 from magitrain.model import get_config
 from magitrain.parallel import ParallelConfig
@@ -19,14 +17,7 @@ def test_fsdp2_cpu_offload_matches_one_process(four_samples, tmp_path):  # noqa:
     run_train(single, four_samples, devices=1, strategy="auto", batch_size=4)
     extra = ("module.parallel.param_dtype=float32", "module.parallel.cpu_offload=true")
     run_train(offload, four_samples, devices=2, strategy="fsdp2", batch_size=2, extra=extra)
-    want, got = step_losses(single / "csv" / "metrics.csv"), step_losses(offload / "csv" / "metrics.csv")
-    assert sorted(got) == [0, 1]
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-5)
-    w_single = model_weights(single / "checkpoints" / "last.ckpt")
-    w_offload = model_weights(offload / "checkpoints" / "last.ckpt")
-    for k in w_single:
-        torch.testing.assert_close(w_offload[k], w_single[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert_runs_match(single, offload)
 
 
 def _activations(**parallel) -> int:

@@ -64,6 +64,20 @@ def run_train(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+def assert_runs_match(single, dist) -> None:
+    """Two runs of train.py agree: the losses of steps 0 and 1, and the weights of last.ckpt."""
+    from test_train_base import step_losses
+
+    want, got = step_losses(single / "csv" / "metrics.csv"), step_losses(dist / "csv" / "metrics.csv")
+    assert sorted(got) == [0, 1]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5)
+    w_single = model_weights(single / "checkpoints" / "last.ckpt")
+    w_dist = model_weights(dist / "checkpoints" / "last.ckpt")
+    for k in w_single:
+        torch.testing.assert_close(w_dist[k], w_single[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 # EMA with decay 0.5 updated at step 2 only: the shadow must be (init + weights after step 2) / 2
 EMA_EVERY_2 = ("callbacks.ema.decay=0.5", "callbacks.ema.every_n_steps=2")
 

@@ -8,3 +8,17 @@ a few lines and exit non-zero; a full traceback comes only with HYDRA_FULL_ERROR
 
 class UserError(Exception):
     """An error in what the user asked for, reported without a traceback."""
+
+
+def causes(err: BaseException):
+    """`err` and every exception behind it: its causes and contexts, and each rank's failure that
+    torch.distributed.checkpoint collected into a `CheckpointException`."""
+    todo, seen = [err], set()
+    while todo:
+        found = todo.pop()
+        if id(found) in seen:
+            continue
+        seen.add(id(found))
+        yield found
+        todo += [e for e in (found.__cause__, found.__context__) if e is not None]
+        todo += [e for e, _trace in getattr(found, "failures", {}).values()]

@@ -5,7 +5,8 @@ Hydra writes each start's composed config, its overrides and its Hydra config to
 one's record. `python train.py hydra.run.dir=RUN ckpt_path=last [overrides]` then restores the
 command line of the run's latest complete start (its config has no missing `???` value) and
 applies the new overrides on top, key by key: resuming needs neither the recipe nor the data
-arguments again.
+arguments again. A restored override that names code to instantiate (`_target_`, `hydra.*`) is
+refused: the current command must give it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from magitrain.errors import UserError
 
 STARTS = "starts"
 
@@ -59,5 +62,22 @@ def with_restored_overrides(args: list[str]) -> list[str]:
     new_keys = {o.key_or_group for o in parser.parse_overrides(given)}
     saved = [str(o) for o in OmegaConf.load(record / "overrides.yaml")]
     kept = [o.input_line for o in parser.parse_overrides(saved) if o.key_or_group not in new_keys]
-    print(f"resuming {run_dir}: the overrides of {record} ({len(kept)} kept) + {given}", file=sys.stderr)
+    for line in kept:
+        _refuse_code(line, record / "overrides.yaml")
+    print(f"resuming {run_dir}: restoring {kept} from {record}, then {given}", file=sys.stderr)
     return [*kept, *args]
+
+
+def _refuse_code(override: str, source: Path) -> None:
+    """A restored override may select the project's options and set values, never choose code.
+
+    A `_target_` (in the key or anywhere in the value) is what Hydra instantiates, and `hydra.*`
+    keys (searchpath) can bring in config files that hold one: a run directory is data, and
+    whoever can write into it must not pick what `train.py` runs.
+    """
+    key = override.split("=", 1)[0].lstrip("+~")
+    if "_target_" in override or key.startswith("hydra.") or key.startswith("hydra/"):
+        raise UserError(
+            f"{source}: the restored override {override!r} chooses code to instantiate; "
+            "resuming restores only options and values. Give it on the command line if you mean it"
+        )

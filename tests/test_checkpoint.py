@@ -91,6 +91,20 @@ def test_missing_paths_are_named(tmp_path):
         load_official(MagiHumanDiT(tiny()), out)
 
 
+def test_an_index_pointing_outside_its_folder_is_refused(tmp_path):
+    """issue 29.11: a released index whose weight_map names `../x` or `/abs/x` was loaded from there."""
+    out = save_official(MagiHumanDiT(tiny()), tmp_path / "ckpt", max_shard_size="40KB")
+    index_file = out / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    (tmp_path / shard).write_bytes((out / shard).read_bytes())  # the same shard, outside the folder
+    for outside in (f"../{shard}", str(tmp_path / shard)):
+        index["weight_map"][name] = outside
+        index_file.write_text(json.dumps(index))
+        with pytest.raises(CheckpointMismatchError, match=f"weight_map.*{name}.*points outside"):
+            load_official(MagiHumanDiT(tiny()), out)
+
+
 def test_bf16_export_uses_the_release_dtype_of_every_tensor(golden_dir, tmp_path):
     """Block linears in bf16, norms / embedders / heads / RoPE in float32: the released tiny table."""
     from safetensors import safe_open

@@ -89,3 +89,26 @@ def test_a_short_run_starts_with_the_default_warmup_and_total_steps_needs_no_plu
         )
     assert trainer.global_step == 2
     assert "optim.warmup_steps=1000 is not shorter than the 2 training steps" in caplog.text
+
+
+def test_restored_overrides_never_choose_code(tmp_path, capsys):
+    """issue 29.10: resuming a run directory re-applied its starts/*/overrides.yaml whole, so a
+    `_target_` written there (torch.load with weights_only false) was instantiated by the resume."""
+    import pytest
+
+    from magitrain.errors import UserError
+    from magitrain.run_records import with_restored_overrides
+
+    record = tmp_path / "starts" / "2026-01-01_00-00-00"
+    record.mkdir(parents=True)
+    (record / "config.yaml").write_text("seed: 1\n")
+    planted = "+callbacks.evil={_target_: torch.load, f: /tmp/x, weights_only: false}"
+    resume = [f"hydra.run.dir={tmp_path}", "ckpt_path=last"]
+    for bad in (planted, "callbacks.ema._target_=torch.load", "hydra.searchpath=[file:///tmp]"):
+        OmegaConf.save(OmegaConf.create(["model=tiny", bad]), record / "overrides.yaml")
+        with pytest.raises(UserError, match=r"overrides.yaml: the restored override .* chooses code"):
+            with_restored_overrides(resume)
+    # the current command may give it: then it is the user's choice, not the run directory's
+    OmegaConf.save(OmegaConf.create(["model=tiny", planted]), record / "overrides.yaml")
+    assert with_restored_overrides([*resume, planted]) == ["model=tiny", *resume, planted]
+    assert "restoring ['model=tiny']" in capsys.readouterr().err

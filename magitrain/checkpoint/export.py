@@ -23,7 +23,7 @@ from magitrain.model import MagiHumanConfig, MagiHumanDiT
 
 from .official import check_layout, save_official
 from .resume import checkpoint_meta
-from .safe_load import load_torch_file
+from .safe_load import WeightsOnlyDCPReader, dcp_user_errors, deepspeed_tag, load_torch_file
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "keep": None}
 
@@ -38,7 +38,8 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         meta = checkpoint_meta(path)
-        return get_fp32_state_dict_from_zero_checkpoint(str(path)), meta.get("hyper_parameters", {})
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=deepspeed_tag(path))
+        return state, meta.get("hyper_parameters", {})
     if (path / ".metadata").is_file():  # torch.distributed.checkpoint (FSDP2)
         meta = checkpoint_meta(path)  # also checks the .metadata pickle before DCP reads it
         return read_dcp_networks(path), meta.get("hyper_parameters", {})
@@ -49,17 +50,19 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
 
 def read_dcp_networks(path: Path, roots: tuple[str, ...] = ("model.", "ema.")) -> dict[str, torch.Tensor]:
     """The network tensors (`state_dict.model.*`, `state_dict.ema.*`) of a distributed checkpoint,
-    read without a process group and without touching the optimiser state (3x the weights at 15B)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    read without a process group and without touching the optimiser state (3x the weights at 15B),
+    and without unpickling anything but plain values (`WeightsOnlyDCPReader`)."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     prefixes = tuple(f"state_dict.{r}" for r in roots)
-    keys = {k for k in FileSystemReader(path).read_metadata().state_dict_metadata if k.startswith(prefixes)}
+    reader = WeightsOnlyDCPReader(path)
+    keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefixes)}
     if not keys:
         raise KeyError(f"the distributed checkpoint {path} holds no network weights under {list(prefixes)}")
     with warnings.catch_warnings():  # one process reading on purpose, not a missing process group
         warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
-        loaded = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
+        with dcp_user_errors():
+            loaded = _load_state_dict_from_keys(keys, storage_reader=reader)
     state = loaded["state_dict"] if "state_dict" in loaded else loaded
     return {k: v for k, v in _flatten(state).items()}
 

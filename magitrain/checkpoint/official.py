@@ -52,6 +52,12 @@ def _shard_files(path: Path) -> dict[str, Path]:
         index = json.loads((path / INDEX_NAME).read_text())
         if "weight_map" not in index:
             raise CheckpointMismatchError(f"{path / INDEX_NAME} has no 'weight_map'")
+        for name, f in index["weight_map"].items():
+            # lexical, not resolve(): a hub snapshot's shards are links into its blob store
+            if Path(f).is_absolute() or ".." in Path(f).parts:
+                raise CheckpointMismatchError(
+                    f"{path / INDEX_NAME}: weight_map[{name!r}] = {f!r} points outside {path}"
+                )
         missing = sorted({f for f in index["weight_map"].values() if not (path / f).is_file()})
         if missing:
             raise FileNotFoundError(f"{path / INDEX_NAME} names shard files that are absent: {missing}")

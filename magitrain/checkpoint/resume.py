@@ -5,21 +5,27 @@ folder, whichever callback wrote them, plus Lightning's SLURM preemption checkpo
 (`<run dir>/hpc_ckpt_N.ckpt`). "Newest" is the largest global step stored in them, not a file
 name or a modification time, so a run directory that was moved or copied resumes where it stopped.
 Reading a step reads the checkpoint's pickle weights-only (tensors are memory-mapped, not read).
+A checkpoint that cannot be read is stepped over, with a warning, to the newest one that can.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from magitrain.errors import UserError
 
 from .safe_load import (
     CorruptCheckpointError,
-    check_dcp_metadata,
+    check_dcp_files,
     check_deepspeed_checkpoint,
     deepspeed_safe_globals,
+    deepspeed_tag,
     load_torch_file,
+    read_dcp_metadata,
 )
+
+log = logging.getLogger("magitrain")
 
 
 def checkpoint_meta(path: str | Path) -> dict:
@@ -31,12 +37,12 @@ def checkpoint_meta(path: str | Path) -> dict:
     path = Path(path)
     if path.is_file():
         meta = load_torch_file(path, mmap=True)
-    elif (path / "meta.pt").is_file():  # torch.distributed.checkpoint (FSDP2)
-        check_dcp_metadata(path)
+    elif (path / "meta.pt").is_file() and (path / ".metadata").is_file():  # torch.distributed.checkpoint
+        check_dcp_files(path, read_dcp_metadata(path))
         meta = load_torch_file(path / "meta.pt")
     elif (path / "latest").is_file():  # DeepSpeed
         check_deepspeed_checkpoint(path)
-        tag = (path / "latest").read_text().strip()
+        tag = deepspeed_tag(path)
         states = sorted((path / tag).glob("mp_rank_*_model_states.pt"))
         if not states:
             raise CorruptCheckpointError(
@@ -45,8 +51,8 @@ def checkpoint_meta(path: str | Path) -> dict:
         meta = load_torch_file(states[0], mmap=True, safe_globals=deepspeed_safe_globals())
     elif path.exists():
         raise CorruptCheckpointError(
-            f"{path} is neither a checkpoint file, an FSDP2 (meta.pt) nor a DeepSpeed (latest) "
-            "checkpoint directory"
+            f"{path} is neither a checkpoint file, an FSDP2 (.metadata, meta.pt) nor a DeepSpeed (latest) "
+            "checkpoint directory: an unfinished save?"
         )
     else:
         raise UserError(f"checkpoint {path} does not exist")
@@ -68,22 +74,17 @@ def run_checkpoints(ckpt_dir: str | Path, run_dir: str | Path | None = None) -> 
 
 
 def newest_checkpoint(ckpt_dir: str | Path, run_dir: str | Path | None = None) -> Path | None:
-    """The run's checkpoint with the largest global step (None if it has none)."""
+    """The run's readable checkpoint with the largest global step (None if it has none).
+
+    One that cannot be read (a save killed midway, a truncated file) is stepped over with a
+    warning naming it: a requeued job resumes from the newest complete step instead of failing.
+    One that holds objects (`UnsafeCheckpointError`) is refused, not stepped over.
+    """
     steps: list[tuple[int, Path]] = []
-    unreadable: list[tuple[Path, UserError]] = []
     for path in run_checkpoints(ckpt_dir, run_dir):
         try:
             steps.append((int(checkpoint_meta(path)["global_step"]), path))
         except CorruptCheckpointError as err:
-            unreadable.append((path, err))
+            log.warning("ckpt_path=last: skipping %s: %s", path, err)
     steps.sort(key=lambda sp: (sp[0], sp[1].parent == Path(ckpt_dir)))
-    if unreadable:
-        path, err = unreadable[0]
-        hint = (
-            f"; resume from the newest readable one with ckpt_path={steps[-1][1]} (step {steps[-1][0]}), "
-            f"or move {path.name} away"
-            if steps
-            else ""
-        )
-        raise CorruptCheckpointError(f"ckpt_path=last: {err}{hint}") from err
     return steps[-1][1] if steps else None

@@ -1,8 +1,25 @@
-"""Lightning strategies as magitrain uses them."""
+"""Lightning strategies as magitrain uses them.
+
+Both directory-checkpoint strategies write a checkpoint under a temporary name and rename it once
+every rank is done (`write_directory_atomically`), so a save killed midway never leaves a
+`stepN.ckpt` that `ckpt_path=last` would pick, and both read checkpoints without running code:
+FSDP2 through `WeightsOnlyDCPReader`, DeepSpeed after `check_deepspeed_checkpoint`.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning.pytorch.strategies as pl_strategies
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+from magitrain.checkpoint.atomic_io import write_directory_atomically
+from magitrain.checkpoint.safe_load import (
+    WeightsOnlyDCPReader,
+    check_deepspeed_checkpoint,
+    dcp_user_errors,
+    load_torch_file,
+)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -45,3 +62,60 @@ class FSDP2Strategy(ModelParallelStrategy):
             mesh_dim_names=("data_parallel", "context_parallel"),
         )
         self.lightning_module._device_mesh = self._device_mesh
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        write_directory_atomically(
+            self,
+            path,
+            lambda tmp: super(FSDP2Strategy, self).save_checkpoint(checkpoint, tmp, storage_options),
+        )
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Lightning's sharded load (ModelParallelStrategy -> fabric's `_load_checkpoint`), reading
+        through `WeightsOnlyDCPReader`: torch's default reader unpickles non-tensor entries freely."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not (path / ".metadata").is_file():  # a single-file checkpoint: Lightning loads it weights-only
+            return super().load_checkpoint(path, weights_only=True)
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        with dcp_user_errors():
+            module_state = {"state_dict": get_model_state_dict(self.model)}
+            load(module_state, storage_reader=WeightsOnlyDCPReader(path))
+            self.model.load_state_dict(
+                module_state["state_dict"], strict=self.lightning_module.strict_loading
+            )
+            for idx, optimizer in enumerate(self.optimizers):
+                key = f"optimizer_{idx}"
+                optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+                load(optim_state, storage_reader=WeightsOnlyDCPReader(path))
+                set_optimizer_state_dict(
+                    self.model, optimizer, optim_state[key], options=StateDictOptions(cpu_offload=True)
+                )
+        return load_torch_file(path / "meta.pt")
+
+
+class DeepSpeedStrategy(pl_strategies.DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy; DeepSpeed reads a checkpoint's files with `weights_only=False`,
+    so each is checked weights-only first (and the tag `latest` names must stay inside it)."""
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        path = Path(self.broadcast(filepath))
+        write_directory_atomically(
+            self,
+            path,
+            lambda tmp: super(DeepSpeedStrategy, self).save_checkpoint(checkpoint, tmp, storage_options),
+        )
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        if Path(checkpoint_path).is_dir():
+            check_deepspeed_checkpoint(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=True)

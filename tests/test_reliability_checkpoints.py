@@ -17,10 +17,9 @@ from conftest import REPO, compose_train, tiny_run
 from magitrain.checkpoint.atomic_io import AtomicCheckpointIO
 from magitrain.checkpoint.resume import checkpoint_meta, newest_checkpoint
 from magitrain.checkpoint.safe_load import (
-    CorruptCheckpointError,
     UnsafeCheckpointError,
-    check_dcp_metadata,
     check_deepspeed_checkpoint,
+    read_dcp_metadata,
 )
 from magitrain.launch import train
 
@@ -137,7 +136,7 @@ def test_distributed_and_deepspeed_checkpoint_directories_are_checked(real_ckpt,
     fsdp = tmp_path / "fsdp.ckpt"
     dcp.save({"state_dict": {"w": torch.ones(2)}}, checkpoint_id=fsdp)
     torch.save({"global_step": 5}, fsdp / "meta.pt")
-    check_dcp_metadata(fsdp)
+    read_dcp_metadata(fsdp)
     assert checkpoint_meta(fsdp)["global_step"] == 5
     (fsdp / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(UnsafeCheckpointError, match=f"{fsdp / '.metadata'} {REFUSED}"):
@@ -160,7 +159,7 @@ def test_distributed_and_deepspeed_checkpoint_directories_are_checked(real_ckpt,
     assert not marker.exists()
 
 
-def test_last_is_the_newest_step_and_a_corrupt_one_names_the_previous(real_ckpt, tmp_path):
+def test_last_is_the_newest_step_and_steps_over_a_corrupt_one(real_ckpt, tmp_path, caplog):
     ckpt_dir = tmp_path / "checkpoints"
     ckpt_dir.mkdir()
     ckpt = torch.load(real_ckpt, map_location="cpu", weights_only=True)
@@ -169,7 +168,76 @@ def test_last_is_the_newest_step_and_a_corrupt_one_names_the_previous(real_ckpt,
     torch.save({**ckpt, "global_step": 7}, tmp_path / "hpc_ckpt_3.ckpt")
     assert newest_checkpoint(ckpt_dir, tmp_path) == ckpt_dir / "a-name-that-sorts-first.ckpt"
     (ckpt_dir / "step00000011.ckpt").write_bytes((ckpt_dir / "step00000002.ckpt").read_bytes()[:1000])
-    with pytest.raises(
-        CorruptCheckpointError, match=r"step00000011.ckpt is not a readable.*ckpt_path=.*sorts"
-    ):
-        newest_checkpoint(ckpt_dir, tmp_path)
+    assert newest_checkpoint(ckpt_dir, tmp_path) == ckpt_dir / "a-name-that-sorts-first.ckpt"
+    assert "skipping" in caplog.text and "step00000011.ckpt is not a readable torch file" in caplog.text
+
+
+def test_a_deepspeed_tag_leaving_its_directory_is_refused(latent_shards, tmp_path, monkeypatch):
+    """issue 29.1: `latest` = "../payload" (or a tag directory that is a link) sent DeepSpeed to files
+    that were never checked, which it loads with weights_only=False. DeepSpeed refuses the CPU, so
+    the check is run through every entry point up to where DeepSpeed would take over."""
+    from magitrain.checkpoint import export
+    from magitrain.parallel.strategies import DeepSpeedStrategy
+
+    monkeypatch.syspath_prepend(str(REPO))
+    import infer
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    torch.save({"module": {"w": torch.ones(2)}, "global_step": 7}, payload / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"optimizer_state_dict": {"loss_scaler": Payload(marker)}}, payload / "zero_pp_rank_0_optim.pt"
+    )
+    escaping, linked = tmp_path / "escaping.ckpt", tmp_path / "linked.ckpt"
+    escaping.mkdir()
+    (escaping / "latest").write_text("../payload")
+    linked.mkdir()
+    (linked / "latest").write_text("checkpoint")
+    (linked / "checkpoint").symlink_to(payload)
+    common = ["model=tiny", "codecs=tiny", "prompt=hi", "seconds=0.36", "resolution=64x32"]
+    for ds in (escaping, linked):
+        refused = f"{ds / 'latest'} names the tag .* not a directory inside"
+        with pytest.raises(UnsafeCheckpointError, match=refused):
+            train(compose_train([*tiny_run(latent_shards), f"ckpt_path={ds}"], tmp_path / "run"))
+        with pytest.raises(UnsafeCheckpointError, match=refused):
+            DeepSpeedStrategy(stage=2).load_checkpoint(ds)  # the strategy's own load, before DeepSpeed's
+        with pytest.raises(UnsafeCheckpointError, match=refused):
+            export.main([str(ds), str(tmp_path / "out")])
+        with pytest.raises(UnsafeCheckpointError, match=refused):
+            infer.main([f"ckpt={ds}", *common, f"out={tmp_path / 'a.mp4'}"])
+    assert not marker.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 9 MiB file system (tmpfs): room for one tiny-model checkpoint (6 MiB), not two."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9M", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_a_short_error_and_keeps_the_earlier_checkpoint(latent_shards, small_disk, tmp_path):
+    """issue 29.13: a disk filling up mid-save ended the run in a 100-line traceback (`unexpected
+    pos`), naming neither the folder nor the space left."""
+    from magitrain.checkpoint.atomic_io import DiskFullError
+    from magitrain.cli import user_message
+
+    ckpt_dir = small_disk / "checkpoints"
+    overrides = tiny_run(
+        latent_shards,
+        "trainer.max_steps=4",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        f"callbacks.model_checkpoint.dirpath={ckpt_dir}",
+    )
+    with pytest.raises(DiskFullError) as failed:
+        train(compose_train(overrides, tmp_path / "run"))
+    message = user_message(failed.value)
+    assert message.startswith(f"no space left to write checkpoint step00000004.ckpt in {ckpt_dir} (")
+    assert "MiB free" in message and len(message.splitlines()) == 1
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt", "step00000002.ckpt"]  # no .tmp
+    assert checkpoint_meta(ckpt_dir / "last.ckpt")["global_step"] == 2

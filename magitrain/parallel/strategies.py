@@ -66,12 +66,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
+        save = super().save_checkpoint
         path = Path(self.broadcast(filepath))
-        write_directory_atomically(
-            self,
-            path,
-            lambda tmp: super(FSDP2Strategy, self).save_checkpoint(checkpoint, tmp, storage_options),
-        )
+        write_directory_atomically(self, path, lambda partial: save(checkpoint, partial, storage_options))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         """Lightning's sharded load (ModelParallelStrategy -> fabric's `_load_checkpoint`), reading
@@ -108,12 +105,9 @@ class DeepSpeedStrategy(pl_strategies.DeepSpeedStrategy):
     so each is checked weights-only first (and the tag `latest` names must stay inside it)."""
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        save = super().save_checkpoint
         path = Path(self.broadcast(filepath))
-        write_directory_atomically(
-            self,
-            path,
-            lambda tmp: super(DeepSpeedStrategy, self).save_checkpoint(checkpoint, tmp, storage_options),
-        )
+        write_directory_atomically(self, path, lambda partial: save(checkpoint, partial, storage_options))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         if Path(checkpoint_path).is_dir():

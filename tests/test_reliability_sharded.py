@@ -24,6 +24,7 @@ import torch
 from conftest import REPO, compose_train, tiny_run
 from test_reliability_checkpoints import REFUSED, Payload
 
+from magitrain.checkpoint.export import read_training_checkpoint
 from magitrain.checkpoint.resume import checkpoint_meta
 from magitrain.checkpoint.safe_load import CorruptCheckpointError, UnsafeCheckpointError
 from magitrain.launch import train
@@ -128,11 +129,14 @@ def test_a_save_killed_midway_and_a_truncated_file_step_back_to_the_previous_che
     for name in (".metadata", "meta.pt"):  # what a kill before DCP's and Lightning's last writes leaves
         (newest / name).unlink()
     assert not list((run / "checkpoints").glob("*.partial"))  # the finished run left none
-    result = _train_py(run, latent_shards, "trainer.max_steps=3", "ckpt_path=last")
+    result = _train_py(run, latent_shards, "trainer.max_steps=4", "ckpt_path=last")
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"ckpt_path=last: skipping {newest}" in result.stdout
     assert f"resuming from {run / 'checkpoints' / 'step00000002.ckpt'}" in result.stdout
-    assert checkpoint_meta(run / "checkpoints" / "step00000003.ckpt")["global_step"] == 3
+    # step 4 again, from step 2 through the weights-only reader: the same as the run straight through
+    want, _ = read_training_checkpoint(fsdp2_run / "checkpoints" / "step00000004.ckpt")
+    got, _ = read_training_checkpoint(newest)
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
     # a single-file run: the newest file truncated
     single = tmp_path / "single"

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from test_data_raw import tool
 
 from magitrain.data.datamodule import MagiDataModule
 from magitrain.data.synthetic import make_latent_dataset
@@ -142,3 +143,20 @@ def test_clips_without_audio_train_video_only(tmp_path):
             assert grads["audio"][2].abs().sum() == 0 and grads["audio"][0].abs().sum() > 0
     assert losses["mask"][2] == 0 and losses["silence"][2] > 0
     torch.testing.assert_close(losses["mask"][:2], losses["silence"][:2])
+
+
+def test_text_embeddings_with_zero_rows_are_flagged_by_validate_and_the_loader(tmp_path, capsys):
+    """A caption whose rows are all zero (what a batched encoder that assumed right padding wrote
+    for a left-padded prompt) is a bad sample `zero_text`: `inspect_shards --validate` lists it and
+    the loader skips and counts it. Caught: without the check both pass it on silently."""
+    zeroed = tensors()
+    zeroed["text_emb"][2:] = 0  # the real rows of a short caption in a left-padded batch
+    samples = [latent_sample(f"good{i}", {"caption": "ok"}, tensors()) for i in range(3)]
+    write_shard(tmp_path, 0, "latent", [*samples, latent_sample("zeroed", {"caption": "lost"}, zeroed)])
+    assert tool("inspect_shards.py", str(tmp_path / "000000.tar"), "--validate", "--json") == 1
+    bad = json.loads(capsys.readouterr().out)["bad"]
+    assert [(key, reason) for _, key, reason in bad] == [
+        ("zeroed", "zero_text: text_emb has 3 of 5 rows all zero")
+    ]
+    dm, keys, _ = run(tmp_path)
+    assert set(keys) == {"good0", "good1", "good2"} and dm.quality.counts == {"zero_text": 1}

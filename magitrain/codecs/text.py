@@ -2,7 +2,8 @@
 
 As in the release: the prompt is tokenised WITHOUT truncation, the whole sequence is encoded, then
 the embedding is trimmed to 640 tokens. Only the first `lengths[b]` rows of sample b are real; the
-rest is zero padding up to the batch's longest prompt.
+rest is zero padding up to the batch's longest prompt, on the right whatever the tokenizer's
+padding side.
 """
 
 import torch
@@ -75,9 +76,18 @@ class TextEncoder:
         return emb.repeat(batch_size, 1, 1), lengths.repeat(batch_size)
 
     def _encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prompt's real tokens, in order, first: whatever side the tokenizer pads on (Gemma
+        tokenizers may pad on the left), a row equals the prompt encoded alone, as the release does."""
         tokens = self.tokenizer(prompts, padding=True, truncation=False, return_tensors="pt").to(self.device)
-        mask = tokens.attention_mask
-        hidden = self.model(input_ids=tokens.input_ids, attention_mask=mask).last_hidden_state
-        mask = mask[:, : self.max_length]
-        emb = hidden[:, : self.max_length] * mask[..., None].to(hidden.dtype)
-        return emb.to(self.output_dtype), mask.sum(1)
+        mask = tokens.attention_mask.bool()
+        # positions count real tokens only, so a left-padded prompt gets the RoPE phases of its own
+        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        hidden = self.model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # real tokens first
+        hidden = hidden.gather(1, order[..., None].expand_as(hidden))[:, : self.max_length]
+        lengths = mask.sum(1).clamp(max=self.max_length)
+        real = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]
+        emb = hidden * real[..., None].to(hidden.dtype)
+        return emb.to(self.output_dtype), lengths

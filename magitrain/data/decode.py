@@ -289,6 +289,7 @@ def decode_latent(
         if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise BadSample("non_finite", f"{name} {tuple(tensor.shape)} has {bad} non-finite values")
+    check_text_rows(out["text_emb"])
     return out | {
         "audio_mask": has_audio or policy.missing_audio == "silence",
         "note": None
@@ -298,6 +299,14 @@ def decode_latent(
         "language": str(meta.get("language", "")),
         "key": sample["__key__"],
     }
+
+
+def check_text_rows(text: torch.Tensor) -> None:
+    """Every stored text row is a real token's hidden state, never all zeros: a zero row is what a
+    batched encoder that assumed right padding wrote for a left-padded prompt (an empty caption)."""
+    zero = text.abs().sum(-1).eq(0)
+    if zero.any():
+        raise BadSample("zero_text", f"text_emb has {int(zero.sum())} of {len(zero)} rows all zero")
 
 
 def decode_prompt(
@@ -310,6 +319,7 @@ def decode_prompt(
     text = text[:text_max_len]
     if text.is_floating_point() and not torch.isfinite(text.sum()):
         raise BadSample("non_finite", f"text_emb {tuple(text.shape)} has non-finite values")
+    check_text_rows(text)
     return {
         "text_emb": text,
         "latent_shape": torch.tensor(bucket.latent_shape, dtype=torch.long),

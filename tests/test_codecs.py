@@ -190,7 +190,7 @@ def test_text_lengths_and_padding(codecs):
 def test_text_batch_rows_equal_prompts_alone_whatever_the_padding_side(codecs, side):
     """A batch row is its prompt encoded alone (the release encodes one at a time), never zero rows.
     Caught: a left-padding tokenizer (Gemma's may pad left) made every shorter prompt's rows all
-    zero (mask-multiply + first-rows trim); the positions must also skip the left padding (RoPE)."""
+    zero (mask-multiply + first-rows trim)."""
     text = codecs.text
     prompts = ["a cat", "a dog barks at the mailman", "", "mid length prompt"]
     alone = [text.encode([p]) for p in prompts]

@@ -79,12 +79,11 @@ class TextEncoder:
         """Each prompt's real tokens, in order, first: whatever side the tokenizer pads on (Gemma
         tokenizers may pad on the left), a row equals the prompt encoded alone, as the release does."""
         tokens = self.tokenizer(prompts, padding=True, truncation=False, return_tensors="pt").to(self.device)
-        mask = tokens.attention_mask.bool()
-        # positions count real tokens only, so a left-padded prompt gets the RoPE phases of its own
-        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        # RoPE is relative, so a left-padded prompt's shifted positions change nothing
         hidden = self.model(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, position_ids=position_ids
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
         ).last_hidden_state
+        mask = tokens.attention_mask.bool()
         order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # real tokens first
         hidden = hidden.gather(1, order[..., None].expand_as(hidden))[:, : self.max_length]
         lengths = mask.sum(1).clamp(max=self.max_length)

@@ -67,7 +67,9 @@ class InferConfig:
     model: str | None = arg(
         None, "architecture preset (default: the folder's config.json, else magihuman_15b)"
     )
-    sr_model: str | None = arg(None, "SR preset (default: config.json, else magihuman_15b_sr540 / _sr1080)")
+    sr_model: str | None = arg(
+        None, "SR architecture: 540p | 1080p | a preset (default: sr_ckpt's config.json, else by output size)"
+    )
     weights: str = arg("auto", "Lightning checkpoints: auto (EMA if saved) | ema | raw")
     codecs: str = arg("magihuman", "conf/codecs/NAME.yaml or a YAML path; benchmark: random too")
     codecs_fields: dict = arg(
@@ -253,6 +255,33 @@ def with_adapters(network, paths: str, scales: str, key: str):
     return apply_adapters(network, convert(paths, list, key), scales, key)
 
 
+SR_MODELS = {"540p": "magihuman_15b_sr540", "1080p": "magihuman_15b_sr1080"}
+
+
+def sr_architecture(sr: str, sr_model: str | None) -> tuple[str | None, str]:
+    """(the preset asked for, the fallback) of the SR network. Decided by the checkpoint, never by how
+    `sr` is spelt: `sr_model=` when given (540p | 1080p | a preset), else the checkpoint's own config
+    (load_network), else the output's size class: a short side of 1024 pixels or more is 1080p's."""
+    from magitrain.inference import parse_resolution
+
+    try:
+        short_side = min(parse_resolution(sr))
+    except ValueError as err:
+        raise UserError(f"sr={sr}: {err}") from None
+    return SR_MODELS.get(sr_model, sr_model), SR_MODELS["1080p" if short_side >= 1024 else "540p"]
+
+
+def load_sr_network(cfg: InferConfig, sr: str, dtype: torch.dtype):
+    """The SR network (see `sr_architecture`), its attention pattern logged."""
+    preset, by_size = sr_architecture(sr, cfg.sr_model)
+    network = load_checked(cfg.sr_ckpt, preset, cfg.weights, "sr_ckpt", dtype, by_size)
+    local, layers = network.config.local_attn_layers, network.config.num_layers
+    source = f"sr_model={cfg.sr_model}" if preset else f"sr_ckpt's config, else {by_size} for sr={sr}"
+    attention = f"local attention in {len(local)} of {layers} layers" if local else "full attention"
+    log.info("SR network (%s): %s", source, attention)
+    return network
+
+
 def check_cp(degree: int, network, key: str) -> None:
     """A CP degree splits the heads: it must divide the network's kv heads."""
     from magitrain.parallel.context_parallel import check_degree
@@ -282,10 +311,7 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
     model = load_checked(cfg.ckpt, cfg.model, cfg.weights, "ckpt", dtype)
     if cfg.lora:
         model = with_adapters(model, cfg.lora, cfg.lora_scale, "lora")
-    sr_preset = "magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b_sr540"
-    sr_model = (
-        load_checked(cfg.sr_ckpt, cfg.sr_model, cfg.weights, "sr_ckpt", dtype, sr_preset) if sr else None
-    )
+    sr_model = load_sr_network(cfg, sr, dtype) if sr else None
     if cfg.sr_lora:
         sr_model = with_adapters(sr_model, cfg.sr_lora, cfg.sr_lora_scale, "sr_lora")
     for network in filter(None, (model, sr_model)):

@@ -16,7 +16,7 @@ from conftest import REPO
 
 from magitrain.checkpoint import CheckpointMismatchError, save_official
 from magitrain.codecs import build_tiny_codecs
-from magitrain.inference import ClipShape, MagiHumanPipeline, StageTimer, load_network
+from magitrain.inference import ClipShape, MagiHumanPipeline, StageTimer, load_network, parse_resolution
 from magitrain.model import MagiHumanDiT, get_config
 
 SIZE, SECONDS = "64x32", 0.32  # 9 frames, a 3 x 2 x 4 latent: the tiny codecs take seconds here
@@ -42,8 +42,12 @@ def test_clip_shapes_follow_the_release():
     assert clip.latent_size == (32, 16, 28) and clip.audio_tokens == 126
     assert clip.with_resolution("540p").latent_size == (32, 32, 56)
     assert clip.with_resolution("1080p").latent_size == (32, 68, 120)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        ClipShape.of(1, "100x64")
+    # floored to multiples of 32 as the release floors them (was refused)
+    assert (ClipShape.of(1, "1280x720").width, ClipShape.of(1, "1280x720").height) == (1280, 704)
+    assert ClipShape.of(1, "480x272").with_resolution("1930x1090").latent_size == (7, 68, 120)
+    assert (parse_resolution("480x272"), parse_resolution("100x64")) == ((480, 256), (96, 64))
+    with pytest.raises(ValueError, match="at least 32 pixels"):
+        ClipShape.of(1, "100x31")
     with pytest.raises(ValueError, match="neither a preset"):
         ClipShape.of(1, "720p")
 

@@ -2,6 +2,7 @@
 
 Frames are resized to *cover* the target and centre-cropped (never letterboxed or stretched),
 resampled to 25 fps by nearest frame, and written as H.264 (yuv420p) + AAC mp4 through PyAV.
+Reference images are prepared as the release prepares them (`reference_image`).
 """
 
 import math
@@ -12,6 +13,9 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.utils import load_image
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
 
 
 def resize_cover_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -36,6 +40,32 @@ def resize_cover_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     if frames.dtype == torch.uint8:
         return x.round().clamp(0, 255).to(torch.uint8)
     return x.to(frames.dtype)
+
+
+def reference_image(image: str | Path | Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """An image (file or PIL) -> `[3, H, W]` float in [-1, 1] at `size = (height, width)`, as released.
+
+    diffusers' `load_image` applies the EXIF orientation (a phone photo tagged "rotate 90" stands
+    upright) and converts to RGB; the centre crop to the target's aspect has integer sides
+    (`aspect_crop_box`), then `VideoProcessor.preprocess` resizes with Lanczos and normalises.
+    """
+    height, width = size
+    image = load_image(str(image) if isinstance(image, Path) else image)
+    image = image.crop(aspect_crop_box(image.width, image.height, height, width))
+    return VideoProcessor(vae_scale_factor=16).preprocess(image, height=height, width=width)[0]
+
+
+def aspect_crop_box(w: int, h: int, th: int, tw: int) -> tuple[int, int, int, int]:
+    """The release's centre crop of a `w` x `h` image to the aspect of `tw` x `th`: the kept side
+    whole, the other `int()`-truncated, the box's float corners rounded (half to even) as PIL does."""
+    if (w, h) == (tw, th):
+        return 0, 0, w, h
+    if h / w > th / tw:
+        new_w, new_h = w, int(w * th / tw)
+    else:
+        new_w, new_h = int(h * tw / th), h
+    corners = ((w - new_w) / 2, (h - new_h) / 2, (w + new_w) / 2, (h + new_h) / 2)
+    return tuple(round(c) for c in corners)
 
 
 def frame_indices(

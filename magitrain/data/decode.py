@@ -21,9 +21,10 @@ import av
 import decord
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from magitrain.codecs.media import frame_indices, resize_cover_crop
+from magitrain.codecs.media import frame_indices, reference_image, resize_cover_crop
 from magitrain.data.buckets import FPS, VAE_TIME_STRIDE, Bucket
 from magitrain.data.index import AUDIO_EXTS
 from magitrain.data.span import AVPolicy, Unplanned, clip_span
@@ -107,13 +108,14 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
 
 
 def decode_image(data: bytes, bucket: Bucket) -> torch.Tensor:
-    """KEY.jpg (the image-to-video reference) -> [3, H, W] uint8, cover-resized to the bucket."""
+    """KEY.jpg (the image-to-video reference) -> [3, H, W] uint8 at the bucket's size, prepared as
+    inference prepares `image=` (`reference_image`: EXIF orientation, aspect crop, Lanczos)."""
     try:
-        with av.open(io.BytesIO(data)) as container:
-            image = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = reference_image(image, (bucket.height, bucket.width))
     except Exception as exn:
         raise BadSample("corrupt_image", first_line(exn)) from None
-    return resize_cover_crop(torch.from_numpy(image).permute(2, 0, 1)[None], (bucket.height, bucket.width))[0]
+    return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def cover_crop(frames: torch.Tensor, bucket: Bucket) -> torch.Tensor:

@@ -17,12 +17,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from magitrain.codecs.media import resize_cover_crop, write_mp4
+from magitrain.codecs.media import reference_image, write_mp4
 from magitrain.flow import initial_latents, sample_base, sample_distilled, sample_super_resolution
 from magitrain.model import MagiHumanDiT
 
@@ -167,11 +166,14 @@ class MagiHumanPipeline:
             *(None if t is None else t.to(self.device) for t in self.ranks.broadcast(encoded, self.device))
         )
 
-    def encode_image(self, image: str | Path | Tensor, clip: ClipShape) -> Tensor:
-        """An image file or uint8 [3, H, W] tensor -> the frame-0 latent [1, 48, 1, h, w] at `clip`'s size."""
-        pixels = load_image(image) if isinstance(image, (str, Path)) else image
-        pixels = resize_cover_crop(pixels.unsqueeze(0), (clip.height, clip.width))[0]
-        pixels = pixels.float() / 127.5 - 1 if pixels.dtype == torch.uint8 else pixels.float()
+    def encode_image(self, image: str | Path | Image.Image | Tensor, clip: ClipShape) -> Tensor:
+        """An image (file, PIL or uint8 [3, H, W] tensor) -> the frame-0 latent [1, 48, 1, h, w] at
+        `clip`'s size, the image prepared as released (`reference_image`: EXIF, crop, Lanczos)."""
+        if isinstance(image, (str, Path)) and not Path(image).is_file():
+            raise FileNotFoundError(f"image={image}: no such file")
+        if isinstance(image, Tensor):
+            image = Image.fromarray(image.permute(1, 2, 0).numpy())
+        pixels = reference_image(image, (clip.height, clip.width))
         latent = None
         if self.ranks.writer:
             with self._stage("image"):
@@ -324,11 +326,3 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
 
-
-def load_image(path: str | Path) -> Tensor:
-    """An image file -> uint8 [3, H, W] RGB."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image={path}: no such file")
-    with Image.open(path) as img:
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from magitrain.codecs.audio import num_latent_frames
+
+log = logging.getLogger("magitrain")
 
 FPS = 25
 # name -> (width, height) in pixels. 1080p is 1088 high: the latent grid must be a whole number
@@ -14,7 +17,8 @@ PIXELS_PER_PATCH = 32
 
 
 def parse_resolution(value: str) -> tuple[int, int]:
-    """'256p' | '540p' | '1080p' | 'WIDTHxHEIGHT' -> (width, height), both multiples of 32."""
+    """'256p' | '540p' | '1080p' | 'WIDTHxHEIGHT' -> (width, height). Sizes are floored to multiples of
+    32 as the release floors them (1280x720 -> 1280x704), and the size used is logged."""
     if value in RESOLUTIONS:
         return RESOLUTIONS[value]
     try:
@@ -23,9 +27,12 @@ def parse_resolution(value: str) -> tuple[int, int]:
         raise ValueError(
             f"resolution {value!r} is neither a preset {sorted(RESOLUTIONS)} nor WIDTHxHEIGHT"
         ) from None
-    if width <= 0 or height <= 0 or width % PIXELS_PER_PATCH or height % PIXELS_PER_PATCH:
-        raise ValueError(f"resolution {value!r}: width and height must be positive multiples of 32")
-    return width, height
+    floored = width // PIXELS_PER_PATCH * PIXELS_PER_PATCH, height // PIXELS_PER_PATCH * PIXELS_PER_PATCH
+    if min(floored) <= 0:
+        raise ValueError(f"resolution {value!r}: width and height must be at least 32 pixels")
+    if floored != (width, height):
+        log.info("resolution %s -> %dx%d (floored to multiples of 32, as released)", value, *floored)
+    return floored
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,6 @@ def test_the_sr_architecture_follows_the_checkpoint_not_the_spelling(tmp_path, m
     1080p preset only for the literal `sr=1080p`)."""
     monkeypatch.syspath_prepend(str(REPO))
     import infer
-
     from magitrain.checkpoint import save_official
 
     assert infer.sr_architecture("1080p", None) == (None, "magihuman_15b_sr1080")

@@ -63,6 +63,23 @@ class InferConfig:
     sampler: str | None = arg(None, "distilled | base (default: from steps)")
     seed: int = arg(0, "noise seed (a CPU generator: the same noise on any device)")
     negative_prompt: str | None = arg(None, "CFG's negative prompt, verbatim (default: the codecs config's)")
+    negative_prompt_file: str | None = arg(None, "CFG's negative prompt read from a UTF-8 text file")
+    guidance_video: float = arg(5.0, "base CFG: video scale while the timestep t > guidance_switch_t")
+    guidance_video_low: float = arg(2.0, "base CFG: video scale from guidance_switch_t on")
+    guidance_switch_t: int = arg(500, "base CFG: the timestep (of 1000) where the video scale switches")
+    guidance_audio: float = arg(5.0, "base CFG: audio scale")
+    sr_steps: int = arg(5, "SR stage: UniPC steps")
+    sr_noise_value: int = arg(220, "SR stage: re-noise at this DDPM step (220: signal 0.8389; 0: none)")
+    sr_cfg: bool = arg(
+        False, "SR stage with CFG against the negative prompt (the release can; off as shipped)"
+    )
+    sr_guidance: float = arg(3.5, "sr_cfg: video scale")
+    sr_cfg_trick: bool = arg(True, "sr_cfg: at most 2.0 on the first 13 latent frames (the release's trick)")
+    generator_device: str = arg("cpu", "where the noise is drawn: cpu (any machine, same noise) | cuda")
+    output_size: str | None = arg(
+        None, "resize the decoded frames to WIDTHxHEIGHT (after Decode, as released)"
+    )
+    upsample_mode: str = arg("bilinear", "output_size's filter: bilinear | nearest | bicubic")
     out: str = arg("outputs/infer/sample.mp4", "the mp4 (prompts=: NAME_000.mp4, ...); benchmark: the JSON")
     model: str | None = arg(
         None, "architecture preset (default: the folder's config.json, else magihuman_15b)"
@@ -223,9 +240,50 @@ def _json_row(file: Path, number: int, line: str) -> dict:
     return row
 
 
+def sampling(cfg: InferConfig):
+    """The pipeline's `Sampling` of the guidance and SR keys (the release's values by default)."""
+    from magitrain.flow import Guidance
+    from magitrain.inference import Sampling
+
+    guidance = Guidance(cfg.guidance_video, cfg.guidance_video_low, cfg.guidance_switch_t, cfg.guidance_audio)
+    trick = Sampling.sr_cfg_trick_value if cfg.sr_cfg_trick else None
+    return Sampling(
+        guidance, cfg.sr_steps, cfg.sr_noise_value, cfg.sr_cfg, cfg.sr_guidance, sr_cfg_trick_value=trick
+    )
+
+
+def negative_prompt(cfg: InferConfig) -> str | None:
+    """`negative_prompt=TEXT`, or the text of `negative_prompt_file=PATH` (one trailing newline dropped)."""
+    if cfg.negative_prompt_file is None:
+        return cfg.negative_prompt
+    if cfg.negative_prompt is not None:
+        raise UserError("give negative_prompt=TEXT or negative_prompt_file=PATH, not both")
+    file = Path(cfg.negative_prompt_file)
+    if not file.is_file():
+        raise UserError(f"negative_prompt_file={file}: no such file")
+    text = file.read_text(encoding="utf-8").removesuffix("\n")
+    if not text.strip():
+        raise UserError(f"negative_prompt_file={file} is empty")
+    return text
+
+
+def check_output(cfg: InferConfig) -> None:
+    """output_size / upsample_mode errors before any network loads."""
+    from magitrain.codecs.media import UPSAMPLE_MODES
+    from magitrain.inference.shapes import parse_output_size
+
+    if cfg.upsample_mode not in UPSAMPLE_MODES:
+        raise UserError(f"upsample_mode={cfg.upsample_mode}: expected one of {', '.join(UPSAMPLE_MODES)}")
+    if cfg.output_size is not None:
+        try:
+            parse_output_size(cfg.output_size)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+
 def jobs(cfg: InferConfig) -> list[dict]:
     """(prompt, seed, image, negative_prompt, out) of every clip to generate."""
-    base = {"seed": cfg.seed, "image": cfg.image, "negative_prompt": cfg.negative_prompt}
+    base = {"seed": cfg.seed, "image": cfg.image, "negative_prompt": negative_prompt(cfg)}
     if cfg.prompts is None:
         return [{**base, "prompt": cfg.prompt, "out": cfg.out}]
     if cfg.prompt is not None:
@@ -302,6 +360,7 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
         raise UserError("infer.py needs ckpt=PATH and prompt=TEXT or prompts=FILE (or benchmark=true)")
     todo = jobs(cfg)
     sr = optional(cfg.sr)
+    check_output(cfg)
     if sr and not cfg.sr_ckpt:
         raise UserError(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
     if cfg.sr_lora and not sr:
@@ -320,13 +379,14 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
         check_cp(cfg.cp, network, key)
     pipe = MagiHumanPipeline(
         model, codecs, sr_model, device=device, precision=cfg.precision, offload=cfg.offload,
-        group=group, compile=cfg.compile,
+        group=group, compile=cfg.compile, generator_device=cfg.generator_device, sampling=sampling(cfg),
     )  # fmt: skip
     rows = []
     for job in todo:
         result = pipe.generate(
             job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=cfg.steps,
             sampler=cfg.sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
+            output_size=cfg.output_size, upsample_mode=cfg.upsample_mode,
         )  # fmt: skip
         if result is None:  # a CP rank other than 0: rank 0 writes
             continue

@@ -116,8 +116,9 @@ def test_distilled_and_cfg_samplers_and_the_sr_stage(pipe, tmp_path):
     )
     torch.testing.assert_close(video[:, :, :1], pipe.encode_image(image, clip.with_resolution("128x64")))
     assert video.shape == (1, 48, 3, 4, 8) and meta["sr"] == "128x64"
-    pixels, wave, rate = pipe.decode(video, audio, timer)
+    pixels, wave, rate, frames = pipe.decode(video, audio, timer)
     assert pixels.shape == (3, 9, 64, 128) and wave.shape == (2, 9 * 1764) and rate == 44100
+    assert frames.shape == (9, 64, 128, 3) and frames.dtype == torch.uint8
     assert set(timer.row("128x64")) >= {"output", "text", "image", "base", "sr", "decode", "total"}
     with pytest.raises(ValueError, match="steps=12 has no default sampler"):
         pipe.generate("x", seconds=SECONDS, resolution=SIZE, steps=12)

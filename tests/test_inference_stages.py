@@ -37,11 +37,11 @@ def _generate(pipe: MagiHumanPipeline):
 
 def test_generation_decodes_with_the_selected_video_decoder(networks, turbo_codecs):
     pipe = MagiHumanPipeline(networks[0], turbo_codecs, networks[1], device="cpu")
-    (video_latent, audio_latent), (video, audio, rate), meta = _generate(pipe)
+    (video_latent, audio_latent), (video, audio, rate, _), meta = _generate(pipe)
     assert isinstance(turbo_codecs.video_decoder, TurboVideoDecoder) and meta["video_decoder"] == "turbo"
     assert video.shape == (3, 9, 64, 128)
     assert torch.equal(video, turbo_codecs.video_decoder.decode(video_latent)[0])
-    wan, _, _ = pipe.decode(video_latent, audio_latent, StageTimer("cpu"), video_decoder=turbo_codecs.video)
+    wan, *_ = pipe.decode(video_latent, audio_latent, StageTimer("cpu"), video_decoder=turbo_codecs.video)
     assert wan.shape == video.shape and not torch.allclose(wan, video)
 
 

@@ -129,10 +129,8 @@ class Validation(Callback):
 
 def _upsampled_base(pipe, prompt: str, options: dict, size, sr_path: Path) -> Path:
     """The same seed's base-stage clip resized (bilinear) to the SR clip's `size`: `sampleI_lr_up.mp4`."""
-    import torch.nn.functional as F
-
-    base = pipe.generate(prompt, **{**options, "sr": None})
-    base.video = F.interpolate(base.video.transpose(0, 1), size=tuple(size), mode="bilinear").transpose(0, 1)
+    height, width = size
+    base = pipe.generate(prompt, **{**options, "sr": None}, output_size=f"{width}x{height}")
     return base.save(sr_path.with_name(f"{sr_path.stem}_lr_up.mp4"))
 
 

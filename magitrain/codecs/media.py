@@ -102,6 +102,20 @@ def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 3, 0).contiguous().cpu()
 
 
+UPSAMPLE_MODES = ("bilinear", "nearest", "bicubic")
+
+
+def upsample_frames(frames: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """`[F, H, W, 3]` uint8 -> `[F, height, width, 3]` uint8, as the release's `upsample_video`:
+    each frame interpolated in [0, 1] (align_corners False), then `* 255` truncated to uint8."""
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
+    x = frames.permute(0, 3, 1, 2).float() / 255
+    align = False if mode in ("bilinear", "bicubic") else None
+    x = F.interpolate(x, size=size, mode=mode, align_corners=align)
+    return (x.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def write_mp4(
     path: str | Path,
     video: torch.Tensor,

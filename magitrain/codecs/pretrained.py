@@ -22,6 +22,7 @@ from magitrain.codecs.container import Codecs, check_video_decoder
 from magitrain.codecs.text import TextEncoder
 from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder
 from magitrain.codecs.video import VideoCodec
+from magitrain.errors import UserError
 
 TURBO_CLASS_NAMES = ("TurboVAED", "AutoencoderKLTurboVAED")  # ours; the name in the released JSON
 
@@ -88,7 +89,10 @@ def load_turbo_vaed(path: str | None, config: str | None, dtype: torch.dtype) ->
     """Turbo-VAED from the release's `.ckpt` (+ JSON) or from a `save_pretrained` folder, strictly."""
     field = "turbo_vaed_path"
     if not path:
-        raise ValueError(f"codecs.{field} is not set (video_decoder: turbo needs the Turbo-VAED checkpoint)")
+        raise UserError(
+            f"codecs.{field} is not set: video_decoder: turbo (the release's default) needs the Turbo-VAED "
+            f"checkpoint (the release's turbo_vae/); codecs.video_decoder=wan decodes with Wan2.2 instead"
+        )
     path = Path(path).expanduser()
     if path.is_file():
         if config is None:

@@ -35,6 +35,17 @@ def parse_resolution(value: str) -> tuple[int, int]:
     return floored
 
 
+def parse_output_size(value: str) -> tuple[int, int]:
+    """`output_size=WIDTHxHEIGHT` (pixels, any even sizes: the frames are resized after decoding)."""
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"output_size {value!r} is not WIDTHxHEIGHT") from None
+    if width <= 0 or height <= 0 or width % 2 or height % 2:
+        raise ValueError(f"output_size {value!r}: width and height must be positive and even (H.264 yuv420p)")
+    return width, height
+
+
 @dataclass(frozen=True)
 class ClipShape:
     """A clip of `seconds` at `width` x `height`: `seconds*25 + 1` frames and as many audio tokens."""

@@ -258,13 +258,12 @@ def negative_prompt(cfg: InferConfig) -> str | None:
         return cfg.negative_prompt
     if cfg.negative_prompt is not None:
         raise UserError("give negative_prompt=TEXT or negative_prompt_file=PATH, not both")
-    file = Path(cfg.negative_prompt_file)
-    if not file.is_file():
-        raise UserError(f"negative_prompt_file={file}: no such file")
-    text = file.read_text(encoding="utf-8").removesuffix("\n")
-    if not text.strip():
-        raise UserError(f"negative_prompt_file={file} is empty")
-    return text
+    from magitrain.codecs.text import read_prompt_file
+
+    try:
+        return read_prompt_file(cfg.negative_prompt_file, "negative_prompt_file")
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
 
 
 def check_output(cfg: InferConfig) -> None:

@@ -155,3 +155,25 @@ def test_infer_py_release_options(tmp_path, monkeypatch, capsys):
 def test_the_clip_shape_of_a_floored_size_matches_the_release():
     """480x272 (the release's default base size) floors to 480x256: a 16 x 30 latent grid."""
     assert ClipShape.of(4, "480x272").latent_size == (26, 16, 30)
+
+
+def test_the_codecs_negative_prompt_file_reaches_every_user_of_the_codecs(tmp_path):
+    """`codecs.negative_prompt_file` replaces the codecs' negative prompt, so inference's CFG, the
+    DMD-2 teacher and encode_shards' negative.safetensors (all `codecs.text.negative_prompt`) follow it."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    file = tmp_path / "release_negative.txt"
+    file.write_text("overexposed, static, hiss, reverb, robotic voice, lisp\n", encoding="utf-8")
+    cfg = OmegaConf.load(REPO / "conf" / "codecs" / "tiny.yaml")
+    assert cfg.negative_prompt_file is None
+    assert "negative_prompt_file" in OmegaConf.load(REPO / "conf" / "codecs" / "magihuman.yaml")
+    cfg.negative_prompt_file = str(file)
+    codecs = instantiate(cfg)
+    assert codecs.text.negative_prompt == "overexposed, static, hiss, reverb, robotic voice, lisp"
+    torch.testing.assert_close(
+        codecs.text.encode_negative(1)[0], codecs.text.encode([file.read_text()[:-1]])[0]
+    )
+    cfg.negative_prompt_file = str(tmp_path / "gone.txt")
+    with pytest.raises(Exception, match="codecs.negative_prompt_file=.*gone.txt: no such file"):
+        instantiate(cfg)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, T5GemmaEncoderModel
 
 from magitrain.codecs.audio import AudioCodec
 from magitrain.codecs.container import Codecs, check_video_decoder
-from magitrain.codecs.text import TextEncoder
+from magitrain.codecs.text import TextEncoder, read_prompt_file
 from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder
 from magitrain.codecs.video import VideoCodec
 from magitrain.errors import UserError
@@ -36,6 +36,7 @@ def build_codecs(
     text_dtype: str = "bfloat16",
     text_output_dtype: str = "float16",
     negative_prompt: str = "",
+    negative_prompt_file: str | None = None,
     decode_tile: int | None = None,
     audio_window_seconds: float = 29.0,
     text_offload: bool = False,
@@ -48,8 +49,11 @@ def build_codecs(
     """Load the three frozen codecs (`local_files_only`: no hub access) and move them to `device`.
 
     `video_decoder: turbo` decodes generated clips with Turbo-VAED from `turbo_vaed_path` (in
-    `vae_dtype`); encoding always uses the Wan2.2 VAE.
+    `vae_dtype`); encoding always uses the Wan2.2 VAE. `negative_prompt_file` replaces
+    `negative_prompt` with a file's text (e.g. the release's long negative prompt).
     """
+    if negative_prompt_file is not None:
+        negative_prompt = read_prompt_file(negative_prompt_file, "codecs.negative_prompt_file")
     check_video_decoder(video_decoder)
     turbo = None
     if video_decoder == "turbo":

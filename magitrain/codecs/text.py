@@ -6,6 +6,8 @@ rest is zero padding up to the batch's longest prompt, on the right whatever the
 padding side.
 """
 
+from pathlib import Path
+
 import torch
 from transformers import PreTrainedTokenizerBase, T5GemmaEncoderModel
 
@@ -90,3 +92,14 @@ class TextEncoder:
         real = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]
         emb = hidden * real[..., None].to(hidden.dtype)
         return emb.to(self.output_dtype), lengths
+
+
+def read_prompt_file(path: str | Path, field: str) -> str:
+    """A prompt kept in a UTF-8 text file (one trailing newline dropped); errors name `field`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{field}={path}: no such file")
+    text = file.read_text(encoding="utf-8").removesuffix("\n")
+    if not text.strip():
+        raise ValueError(f"{field}={path} holds no text")
+    return text

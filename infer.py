@@ -100,7 +100,7 @@ class InferConfig:
     benchmark: bool = arg(False, "time the Table 2 rows with random weights instead of generating")
     bench_rows: list = arg(["none", "540p", "1080p"], "benchmark: the SR targets after a 256p base stage")
     bench_repeats: int = arg(2, "benchmark: timed runs per row (after one warm-up)")
-    text_tokens: int = arg(100, "benchmark: random prompt embedding length")
+    text_tokens: int = arg(300, "benchmark: random prompt embedding length (like a 150-250-word prompt)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(InferConfig)}

@@ -81,7 +81,7 @@ def run_benchmark(
     precision: str = "auto",
     compile: str = "none",
     compile_backend: str = "inductor",
-    text_tokens: int = 100,
+    text_tokens: int = 300,
     repeats: int = 2,
     warmup: int = 1,
     group=None,

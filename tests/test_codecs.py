@@ -275,6 +275,7 @@ def test_magihuman_yaml_instantiates(codecs, saved):
     cfg.video_vae_path, cfg.audio_vae_path, cfg.text_encoder_path = (
         str(saved / "video"), str(saved / "audio"), str(saved / "text"))  # fmt: skip
     cfg.vae_dtype = cfg.text_dtype = "float32"
+    cfg.video_decoder = "wan"  # the default, turbo, needs its checkpoint (tested below)
     loaded = instantiate(cfg)
     assert isinstance(loaded, Codecs) and loaded.text.output_dtype == torch.float16
     assert loaded.text.negative_prompt.startswith("blurry")

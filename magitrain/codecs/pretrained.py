@@ -55,12 +55,12 @@ def build_codecs(
     if negative_prompt_file is not None:
         negative_prompt = read_prompt_file(negative_prompt_file, "codecs.negative_prompt_file")
     check_video_decoder(video_decoder)
-    turbo = None
-    if video_decoder == "turbo":
-        turbo = TurboVideoDecoder(load_turbo_vaed(turbo_vaed_path, turbo_vaed_config, _dtype(vae_dtype)))
     video_dir = checked_dir("video_vae_path", video_vae_path, "_class_name", "AutoencoderKLWan")
     audio_dir = checked_dir("audio_vae_path", audio_vae_path, "_class_name", "AutoencoderOobleck")
     text_dir = checked_dir("text_encoder_path", text_encoder_path, "model_type", "t5gemma")
+    turbo = None
+    if video_decoder == "turbo":
+        turbo = TurboVideoDecoder(load_turbo_vaed(turbo_vaed_path, turbo_vaed_config, _dtype(vae_dtype)))
     video = _load("video_vae_path", AutoencoderKLWan, video_dir, dtype=_dtype(vae_dtype))
     audio = _load("audio_vae_path", AutoencoderOobleck, audio_dir, dtype=_dtype(audio_dtype))
     # The released checkpoint is the full encoder-decoder; load only its encoder half.

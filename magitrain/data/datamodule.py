@@ -54,7 +54,7 @@ class EpochLoader(DataLoader):
             epoch, batch = epoch + 1, 0
 
     def state_dict(self) -> dict:  # tells Lightning this loader resumes mid-epoch: the DataModule's
-        return {}  # state_dict holds the position, restored before the next iter()
+        return {}  # state_dict holds the position, restored at once
 
     def load_state_dict(self, state: dict) -> None:
         pass
@@ -129,7 +129,6 @@ class MagiDataModule(L.LightningDataModule):
         self.quality = BadInputTracker(max_bad_fraction, bad_check_after)
         self.dataset: ShardDataset | None = None
         self.plan_fingerprint: dict = {}  # set by setup(): saved with the position, checked on resume
-        self._restored: dict | None = None
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -183,12 +182,6 @@ class MagiDataModule(L.LightningDataModule):
         )
 
     def _start(self) -> tuple[int, int]:
-        """(epoch, batch) the stream continues with: after the consumed batches, or a restored
-        checkpoint's position (applied here, once the plan is known)."""
-        if self._restored is not None:
-            self.position.load_state_dict(self._restored, self.plan_fingerprint, self.strict_resume)
-            self.quality.load_state_dict(self._restored["quality"])
-            self._restored = None
         return self.position.next_batch(self.dataset.batches_in_epoch)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -214,4 +207,6 @@ class MagiDataModule(L.LightningDataModule):
             return
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {state.get('version')} != {STATE_VERSION}")
-        self._restored = dict(state)  # applied at the next iter(), when the plan is known
+        self.setup()  # the plan: its fingerprint is checked against the saved one
+        self.position.load_state_dict(state, self.plan_fingerprint, self.strict_resume)
+        self.quality.load_state_dict(state["quality"])

@@ -83,7 +83,9 @@ def test_every_epoch_trains_every_sample_and_resumes_exactly(shards, tmp_path):
     gc.collect()
     counts = dm.dataset.ring_counts  # [worker, lent | returned, slot]
     in_flight = (counts[:, 0] - counts[:, 1]).sum(dim=1)
-    assert (in_flight <= dm.loader_options["prefetch_factor"]).all(), counts  # only what the workers held at the end
+    assert (in_flight <= dm.loader_options["prefetch_factor"]).all(), (
+        counts
+    )  # only what the workers held at the end
     assert counts[:, 1].sum() > sum(lengths) // 2  # the ring served most batches: slots came back
 
     # resume at the end of the first epoch, in the tail of a longer one, and at its end

@@ -344,8 +344,10 @@ class ShardDataset(IterableDataset):
         missing. Shards with nothing needed (already consumed before a resume) are not opened."""
         for shard, rows in _runs(part.items):
             want = {part.rows[(shard, r)]["key"]: r for r in rows if needed[(shard, r)]}
+            offsets = [part.rows[(shard, r)].get("offset") for r in want.values()]
+            start = 0 if None in offsets else min(offsets, default=0)  # an index written before offsets: 0
             error = None
-            for sample in iter_tar(part.urls[shard]) if want else ():
+            for sample in iter_tar(part.urls[shard], start, set(want)) if want else ():
                 if "__error__" in sample:
                     error = sample["__error__"]
                     break

@@ -215,8 +215,8 @@ class ShardDataset(IterableDataset):
         """Set the epoch and first batch; with workers, write each worker's part for it to pick up."""
         self.epoch, self.start_batch = epoch, start_batch
         level = logging.INFO if start_batch else logging.DEBUG  # routine each epoch; worth saying on a resume
-        log.log(level, "data epoch %d: %d batches per rank, from batch %d", epoch, self.batches_in_epoch(epoch),
-                start_batch)  # fmt: skip
+        n = self.batches_in_epoch(epoch)
+        log.log(level, "data epoch %d: %d batches per rank, from batch %d", epoch, n, start_batch)
         if self.num_workers == 0:
             return
         if self.ring_counts is None:

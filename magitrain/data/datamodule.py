@@ -54,7 +54,7 @@ class EpochLoader(DataLoader):
             epoch, batch = epoch + 1, 0
 
     def state_dict(self) -> dict:  # tells Lightning this loader resumes mid-epoch: the DataModule's
-        return {}  # state_dict holds the position, restored at once
+        return {}  # state_dict holds the position (MagiDataModule.load_state_dict)
 
     def load_state_dict(self, state: dict) -> None:
         pass

@@ -352,9 +352,8 @@ def test_fsdp2_run_resumes_on_another_number_of_ranks(slurm, latent_shards, tmp_
     log = (run_dir / "logs" / "train.rank0.log").read_text()
     assert "data plan changed (data.world_size: 2 -> 1): restarting data epoch" in log, log
     restored = re.findall(r"Restored all states from the checkpoint at (\S+)", log)
-    assert [Path(p).name for p in restored] == ["step00000004.ckpt"] * 2, (
-        restored
-    )  # the strict try, then this
+    # the strict try stopped while restoring the data state, before Lightning's "Restored all states"
+    assert [Path(p).name for p in restored] == ["step00000004.ckpt"], restored
     final = run_dir / "checkpoints" / "step00000006.ckpt"
     assert final.is_dir() and len(list(final.glob("*.distcp"))) == 1
     resharded = {int(s) for s, _ in logged_losses(run_dir / "csv" / "metrics.csv")}

@@ -4,14 +4,15 @@
 
     {"format": "magitrain.shard-index", "version": 2, "kind": "raw" | "latent",
      "num_samples": 2, "bytes": 81920,
-     "samples": [{"key": "00000000000", "bytes": 40960, "duration": 2.0, "width": 128,
+     "samples": [{"key": "00000000000", "bytes": 40960, "offset": 0, "duration": 2.0, "width": 128,
                   "height": 64, "fps": 25.0, "has_audio": true, "audio_start": 0.0,
                   "audio_duration": 1.93, "language": "en"}, ...]}
 
 Latent rows hold `latent_shape` [T, H, W], `audio_len`, `text_len`, `text_dim` and `has_audio`
 instead of the media fields; SR pairs add `lr_latent_shape` [T, h, w] of their `lr_video_latent`;
 prompt samples (data/prompts.py) add `prompt_only: true` (their latent_shape is the one to generate).
-The rows are in tar order.
+The rows are in tar order; `offset` (optional: indexes written before it have none) is the byte
+position of the sample's first tar header, where a loader slot that starts mid-shard seeks to.
 """
 
 import io
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import av
 
-from magitrain.data.shards import iter_tar, open_url
+from magitrain.data.shards import is_local, iter_tar, open_url, sample_offsets
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +189,13 @@ def build_index(url: str) -> ShardIndex:
         url,
     )
     rows, kind = [], "raw"
+    offsets = sample_offsets(url) if is_local(url) else {}
     for row in scan_shard(url):
         if "error" in row:
             log.warning("shard %s: sample %s left out of the index: %s", url, row["key"], row["error"])
             continue
         kind = "latent" if "latent_shape" in row else "raw"
+        if row["key"] in offsets:
+            row["offset"] = offsets[row["key"]]
         rows.append(row)
     return ShardIndex(url, kind, tuple(rows))

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from magitrain.checkpoint import load_official, save_official
-from magitrain.checkpoint.export import main as export_main
 from magitrain.errors import UserError
+from magitrain.export import main as export_main
 from magitrain.launch import train
 from magitrain.lora import LoraConfig, LoraFlowMatchingModule, add_adapter, apply_adapters, build_frozen_base
 from magitrain.lora.adapters import lora_layers, merge_adapter, read_adapter, set_active

@@ -363,7 +363,7 @@ class Section:
     run: Callable[[Checks], dict]
     # Recorded estimates of the whole section (model builds, compilation, timed runs), seconds: on one
     # H100 guessed from the report's figures and the sizes (no GPU run yet: replace each by the
-    # `seconds` a GPU call records), and on the 2-core CPU VM for the dry run (measured 2026-12-07).
+    # `seconds` a GPU call records), and for the dry run rough ones of the shared 2-core CPU VM.
     estimate_s: float
     dry_estimate_s: float
 
@@ -528,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     stop_at_budget(args.budget_s)
     try:
         run_sections(sections, Checks(out, dry, results), args.budget_s, write)
+    except CutShort:  # between two sections: what finished is written; write once more, whole
+        write()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     print(markdown(results, machine))

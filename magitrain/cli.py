@@ -5,7 +5,7 @@ third-party warnings that are wrong for this project.
         with command_line():
             main()
 
-train.py, infer.py, `python -m magitrain.checkpoint.export` and data_tools/*.py use it.
+train.py, infer.py, `python -m magitrain.export` and data_tools/*.py use it.
 
 - Errors a user causes (`magitrain.errors.UserError`, a missing file, a checkpoint that does not
   match the model, a missing mandatory config value, a Hydra composition or override error) print

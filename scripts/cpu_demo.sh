@@ -13,7 +13,7 @@ python -m magitrain.data.synthetic "$DATA/clips" --num-clips 16 --seconds 1 2 --
 python data_tools/make_shards.py "$DATA/clips" "$DATA/shards" --max-count 4 --workers 2
 python data_tools/encode_shards.py "$DATA/shards/*.tar" "$DATA/latent" codecs=tiny --bucket 32x64:0.32 --dtype float32
 python train.py experiment=cpu_demo trainer.max_steps="$STEPS" hydra.run.dir="$RUN"
-python -m magitrain.checkpoint.export "$RUN/checkpoints/last.ckpt" "$RUN/export" --ema
+python -m magitrain.export "$RUN/checkpoints/last.ckpt" "$RUN/export" --ema
 python infer.py ckpt="$RUN/export" model=tiny codecs=tiny prompt="A white square bounces over a gradient" \
     seconds=0.32 resolution=64x32 steps=8 seed=0 out="$RUN/sample.mp4"
 echo "CPU demo done: losses in $RUN/csv/metrics.csv, released-layout weights in $RUN/export, a sample in $RUN/sample.mp4"

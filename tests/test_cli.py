@@ -73,7 +73,7 @@ def test_infer_and_export_user_errors_are_a_few_lines_naming_the_culprit(release
     assert_short_error(run(*args, f"ckpt={released}", *codecs), "codecs.video_vae_path", str(vae))
 
     ckpt = tmp_path / "no_such.ckpt"
-    assert_short_error(run("-m", "magitrain.checkpoint.export", str(ckpt), str(tmp_path / "out")), str(ckpt))
+    assert_short_error(run("-m", "magitrain.export", str(ckpt), str(tmp_path / "out")), str(ckpt))
 
 
 def test_more_infer_user_errors_in_process(released, tmp_path, monkeypatch, capsys):

@@ -25,8 +25,8 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from magitrain.codecs.media import frame_indices, reference_image, resize_cover_crop
-from magitrain.data.buckets import FPS, VAE_TIME_STRIDE, Bucket
-from magitrain.data.index import AUDIO_EXTS
+from magitrain.data.buckets import AUDIO_CHANNELS, FPS, VAE_TIME_STRIDE, VIDEO_CHANNELS, Bucket
+from magitrain.data.index import AUDIO_EXTS, is_prompt_payload
 from magitrain.data.span import AVPolicy, Unplanned, clip_span
 
 
@@ -240,7 +240,6 @@ def read_audio(data: bytes, in_video: bool, start: float, length: int, rate: int
 
 LATENT_KEYS = ("video_latent", "audio_latent", "text_emb")
 DEFAULT_POLICY = AVPolicy()
-VIDEO_CHANNELS, AUDIO_CHANNELS = 48, 64
 
 
 def decode_latent(
@@ -263,8 +262,6 @@ def decode_latent(
     except Exception as exn:
         raise BadSample("bad_latents", first_line(exn)) from None
     if "video_latent" not in tensors and "text_emb" in tensors:
-        from magitrain.data.prompts import is_prompt_payload
-
         if is_prompt_payload(sample["latents.safetensors"]):
             return decode_prompt(tensors, sample, meta, bucket, text_max_len, text_dim)
     missing = [k for k in LATENT_KEYS if k not in tensors]

@@ -2,7 +2,7 @@
 
 `ckpt` may be
 - a released-layout directory (sharded safetensors + index, or `model.safetensors`), which is also
-  what `python -m magitrain.checkpoint.export` writes, or a single `.safetensors` file: the
+  what `python -m magitrain.export` writes, or a single `.safetensors` file: the
   architecture comes from the `config.json` beside the weights (exports write one), else from the
   `model` preset;
 - a Lightning training checkpoint (a `.ckpt` file, an FSDP2 distributed-checkpoint directory or a
@@ -96,7 +96,7 @@ def _from_training_checkpoint(
     if hparams.get("lora"):
         raise ValueError(
             f"{field}={path} is a LoRA training checkpoint: it holds adapters, not a network. Export the "
-            f"adapter (python -m magitrain.checkpoint.export {path} adapter.safetensors) and pass the base "
+            f"adapter (python -m magitrain.export {path} adapter.safetensors) and pass the base "
             f"as {field}= and the adapter as lora= (sr_lora= for the SR network), or export with --merge"
         )
     if "model" in hparams:  # the architecture the run trained, whatever preset was asked for

@@ -21,6 +21,8 @@ from magitrain.recipes.flow_matching import FlowMatchingModule
 from magitrain.recipes.sr import SRFineTuneModule
 
 from .adapters import (
+    EMA,
+    TRAINED,
     add_adapter,
     build_frozen_base,
     is_adapter_key,
@@ -29,8 +31,6 @@ from .adapters import (
     set_active,
 )
 from .config import LoraConfig
-
-TRAINED, EMA = "default", "ema"
 
 
 class LoraMixin:

@@ -113,7 +113,10 @@ def export(
         with torch.device("meta"):
             network = MagiHumanDiT(config)
         check_layout(network, {k: tuple(v.shape) for k, v in weights.items()}, str(ckpt))
-    return save_official(weights, out, dtype=DTYPES[dtype], max_shard_size=max_shard_size, config=config)
+    return save_official(
+        weights, out, dtype=DTYPES[dtype], max_shard_size=max_shard_size, config=config,
+        sampling=hparams.get("sampling"),
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

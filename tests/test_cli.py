@@ -56,6 +56,13 @@ def test_train_user_errors_are_a_few_lines_naming_the_culprit(latent_shards, tmp
     assert_short_error(run(*tiny_train(latent_shards, tmp_path / "c", "trainer.max_steps=[[")), "[[")
     missing = tmp_path / "no_such_init"
     assert_short_error(run(*tiny_train(latent_shards, tmp_path / "d", f"init={missing}")), str(missing))
+    # a missing teacher was reported after Lightning's start-up lines and without naming teacher=
+    no_teacher = run(*tiny_train(latent_shards, tmp_path / "t", "recipe=dmd2_distill", f"teacher={missing}"))
+    assert_short_error(no_teacher, f"teacher={missing}")
+    assert "GPU available" not in no_teacher.stdout + no_teacher.stderr
+    # Hydra's advice was to append +trainer.max_step
+    typo = run(*tiny_train(latent_shards, tmp_path / "m", "trainer.max_step=5"))
+    assert_short_error(typo, "unknown key trainer.max_step; did you mean trainer.max_steps?")
     ckpt = tmp_path / "no_such.ckpt"
     assert_short_error(run(*tiny_train(latent_shards, tmp_path / "e", f"ckpt_path={ckpt}")), str(ckpt))
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, compose_train, tiny_run
 from hydra.utils import instantiate
@@ -120,3 +121,19 @@ def test_the_readme_demo_runs_compose_warmups_shorter_than_their_steps(tmp_path)
         cfg = compose_train(["experiment=cpu_demo", f"recipe={recipe}", f"trainer.max_steps={steps}"], tmp_path)
         optim = instantiate(cfg.module.optim)
         assert 0 < warmup_length(optim, steps) < steps, recipe
+
+
+def test_a_fresh_start_into_a_folder_holding_checkpoints_is_refused_in_one_line(tmp_path):
+    """A fresh start overwrote some of an earlier run's checkpoints and kept others; a later
+    `ckpt_path=last` then resumed the earlier run (step 330 after a rerun that ended at 300)."""
+    from magitrain.errors import UserError
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step00000330.ckpt").write_bytes(b"an earlier run's")
+    (tmp_path / "config.yaml").write_text("the earlier run's\n")
+    with pytest.raises(UserError) as refused:
+        train(compose_train(tiny_run(tmp_path), tmp_path))
+    message = str(refused.value)
+    assert "\n" not in message and "step00000330.ckpt" in message, message
+    assert "ckpt_path=last" in message and "hydra.run.dir=" in message, message
+    assert (tmp_path / "config.yaml").read_text() == "the earlier run's\n"  # nothing was touched

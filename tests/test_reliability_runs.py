@@ -118,7 +118,9 @@ def test_the_readme_demo_runs_compose_warmups_shorter_than_their_steps(tmp_path)
     from magitrain.recipes.optim import warmup_length
 
     for recipe, steps in (("base_pretrain", 300), ("dmd2_distill", 10), ("sr_finetune_540p", 20)):
-        cfg = compose_train(["experiment=cpu_demo", f"recipe={recipe}", f"trainer.max_steps={steps}"], tmp_path)
+        cfg = compose_train(
+            ["experiment=cpu_demo", f"recipe={recipe}", f"trainer.max_steps={steps}"], tmp_path
+        )
         optim = instantiate(cfg.module.optim)
         assert 0 < warmup_length(optim, steps) < steps, recipe
 

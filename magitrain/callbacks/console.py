@@ -40,8 +40,10 @@ class ModelSummary(LightningModelSummary):
     ) -> None:
         columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
         widths = [max(len(name), *(len(v) for v in values)) for name, values in columns]
-        rows = [[name for name, _ in columns], *zip(*(values for _, values in columns))]
-        lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip() for row in rows]
+        rows = [[name for name, _ in columns], *zip(*(values for _, values in columns), strict=True)]
+        lines = [
+            "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
         frozen = total_parameters - trainable_parameters
         lines.append(
             f"params: {get_human_readable_count(trainable_parameters)} trainable, "

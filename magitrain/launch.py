@@ -7,10 +7,12 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as L
+from lightning.pytorch.callbacks.progress import ProgressBar as ProgressBarBase
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from magitrain.callbacks.checkpoint import EXIT_CODE_SIGNALLED, RunCheckpoint
+from magitrain.callbacks.console import ProgressBar
 from magitrain.checkpoint.atomic_io import AtomicCheckpointIO
 from magitrain.checkpoint.resume import checkpoint_meta, newest_checkpoint, run_checkpoints
 from magitrain.errors import UserError
@@ -27,6 +29,17 @@ def build_strategy(cfg: DictConfig):
     if cfg.name == "auto":
         return "auto"
     return hydra.utils.instantiate({k: v for k, v in cfg.items() if k != "name"})
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    """The config's callbacks; where it names no progress bar, ours in place of Lightning's default
+    rich bar, which titled a run bounded by max_steps `Epoch 37/-2` (magitrain/callbacks/console.py)."""
+    callbacks = _instantiate_group(cfg.callbacks)
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBarBase) for c in callbacks
+    ):
+        callbacks.append(ProgressBar())
+    return callbacks
 
 
 def _instantiate_group(cfg: DictConfig | None) -> list:
@@ -103,7 +116,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         strategy=build_strategy(cfg.strategy),
-        callbacks=_instantiate_group(cfg.callbacks),
+        callbacks=build_callbacks(cfg),
         logger=_instantiate_group(cfg.logger) or False,
         plugins=plugins,
     )

@@ -2,6 +2,8 @@
 
 - Lightning's rich progress bar titles each epoch `Epoch N/{max_epochs - 1}`: a run bounded by
   `trainer.max_steps` has `max_epochs=-1` and read `Epoch 37/-2`. Such a run shows `Epoch N`.
+  A config that names no progress bar (`callbacks.progress_bar=null`) gets this one too, in place
+  of Lightning's default rich bar (`magitrain.launch.build_callbacks`).
 - Lightning's model summary has a FLOPs column and a `Total FLOPs` line, counted only by running
   the module's `example_input_array`; magitrain's modules define none (a real batch needs the
   data), so every count read 0. The summary here leaves them out; the `Throughput` callback logs

@@ -59,8 +59,10 @@ class InferConfig:
     lora_scale: str = arg("1.0", "LoRA scale: one for all adapters, or [S1,S2,...] one per adapter")
     sr_lora: str | None = arg(None, "LoRA adapter file(s) applied to the SR network (recipe=lora_sr_*)")
     sr_lora_scale: str = arg("1.0", "SR LoRA scale(s), like lora_scale")
-    steps: int = arg(8, "8: distilled sampler; 32: UniPC with CFG")
-    sampler: str | None = arg(None, "distilled | base (default: from steps)")
+    steps: int | None = arg(None, "denoising steps (default: what ckpt was trained for, else 8)")
+    sampler: str | None = arg(
+        None, "distilled | base (default: ckpt's; else 8 steps: distilled, 32: UniPC with CFG)"
+    )
     seed: int = arg(0, "noise seed (a CPU generator: the same noise on any device)")
     negative_prompt: str | None = arg(None, "CFG's negative prompt, verbatim (default: the codecs config's)")
     negative_prompt_file: str | None = arg(None, "CFG's negative prompt read from a UTF-8 text file")
@@ -351,6 +353,24 @@ def check_cp(degree: int, network, key: str) -> None:
         raise UserError(f"cp={degree} does not fit the {key} network: {err}") from err
 
 
+def sampling_for(cfg: InferConfig) -> tuple[int, str]:
+    """(steps, sampler): the ones given, else those ckpt was trained for (its config.json or
+    hyper-parameters: a DMD-2 student's 8 distilled steps), else the released defaults."""
+    from magitrain.inference.networks import recorded_sampling
+    from magitrain.inference.pipeline import DEFAULT_SAMPLER, SAMPLERS
+
+    recorded = recorded_sampling(cfg.ckpt) or {}
+    sampler = cfg.sampler or recorded.get("sampler")
+    if sampler is None:
+        sampler = DEFAULT_SAMPLER.get(cfg.steps) if cfg.steps else "distilled"
+    if sampler not in SAMPLERS:
+        given = f"sampler={cfg.sampler}" if cfg.sampler else f"steps={cfg.steps} has no default sampler"
+        raise UserError(f"{given}: pass sampler= one of {', '.join(SAMPLERS)}")
+    default_steps = {name: steps for steps, name in DEFAULT_SAMPLER.items()}[sampler]
+    steps = cfg.steps or (recorded.get("steps") if recorded.get("sampler") == sampler else default_steps)
+    return steps, sampler
+
+
 def generate(cfg: InferConfig, device: torch.device, group) -> None:
     from magitrain.inference import MagiHumanPipeline, format_table, write_json
     from magitrain.inference.pipeline import uses_bf16
@@ -367,6 +387,7 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
     dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32
     codecs = build_codecs(cfg.codecs, cfg.codecs_fields, dtype)  # before the networks: its errors are cheap
     model = load_checked(cfg.ckpt, cfg.model, cfg.weights, "ckpt", dtype)
+    steps, sampler = sampling_for(cfg)
     if cfg.lora:
         model = with_adapters(model, cfg.lora, cfg.lora_scale, "lora")
     sr_model = load_sr_network(cfg, sr, dtype) if sr else None
@@ -383,8 +404,8 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
     rows = []
     for job in todo:
         result = pipe.generate(
-            job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=cfg.steps,
-            sampler=cfg.sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
+            job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=steps,
+            sampler=sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
             output_size=cfg.output_size, upsample_mode=cfg.upsample_mode,
         )  # fmt: skip
         if result is None:  # a CP rank other than 0: rank 0 writes

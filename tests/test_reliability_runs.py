@@ -9,8 +9,10 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, compose_train, tiny_run
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_train_base import read_metrics
 
@@ -89,3 +91,51 @@ def test_a_short_run_starts_with_the_default_warmup_and_total_steps_needs_no_plu
         )
     assert trainer.global_step == 2
     assert "optim.warmup_steps=1000 is not shorter than the 2 training steps" in caplog.text
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_for_every_schedule_with_one_warning(caplog):
+    """The clamp was cosine-only: the DMD-2 demo (10 steps, warmup 20, constant schedule) never
+    reached its learning rate."""
+    from magitrain.recipes.optim import OptimConfig, lr_lambda
+
+    for schedule in ("constant", "cosine"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="magitrain"):
+            multiplier = lr_lambda(OptimConfig(warmup_steps=20, schedule=schedule), total_steps=10)
+        assert multiplier(8) == 1.0, schedule  # the run reaches its learning rate before its end
+        assert [r.getMessage() for r in caplog.records] == [
+            "optim.warmup_steps=20 is not shorter than the 10 training steps: warming up over 9"
+        ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="magitrain"):
+        assert lr_lambda(OptimConfig(warmup_steps=5), total_steps=10)(4) == 1.0
+    assert not caplog.records
+
+
+def test_the_readme_demo_runs_compose_warmups_shorter_than_their_steps(tmp_path):
+    """The README's DMD-2 (10 steps) and SR (20 steps) demo commands warned about their own
+    settings: the demo experiment's 20 warm-up steps."""
+    from magitrain.recipes.optim import warmup_length
+
+    for recipe, steps in (("base_pretrain", 300), ("dmd2_distill", 10), ("sr_finetune_540p", 20)):
+        cfg = compose_train(
+            ["experiment=cpu_demo", f"recipe={recipe}", f"trainer.max_steps={steps}"], tmp_path
+        )
+        optim = instantiate(cfg.module.optim)
+        assert 0 < warmup_length(optim, steps) < steps, recipe
+
+
+def test_a_fresh_start_into_a_folder_holding_checkpoints_is_refused_in_one_line(tmp_path):
+    """A fresh start overwrote some of an earlier run's checkpoints and kept others; a later
+    `ckpt_path=last` then resumed the earlier run (step 330 after a rerun that ended at 300)."""
+    from magitrain.errors import UserError
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step00000330.ckpt").write_bytes(b"an earlier run's")
+    (tmp_path / "config.yaml").write_text("the earlier run's\n")
+    with pytest.raises(UserError) as refused:
+        train(compose_train(tiny_run(tmp_path), tmp_path))
+    message = str(refused.value)
+    assert "\n" not in message and "step00000330.ckpt" in message, message
+    assert "ckpt_path=last" in message and "hydra.run.dir=" in message, message
+    assert (tmp_path / "config.yaml").read_text() == "the earlier run's\n"  # nothing was touched

@@ -111,7 +111,10 @@ def export_network(
         with torch.device("meta"):
             network = MagiHumanDiT(config)
         check_layout(network, {k: tuple(v.shape) for k, v in weights.items()}, source)
-    return save_official(weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config)
+    return save_official(
+        weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config,
+        sampling=hparams.get("sampling"),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":  # the command moved up, to the room that knows every recipe's export

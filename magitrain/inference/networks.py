@@ -20,7 +20,8 @@ import torch
 
 from magitrain.checkpoint import CheckpointMismatchError, check_layout, load_official
 from magitrain.checkpoint.export import network_state, read_training_checkpoint
-from magitrain.checkpoint.official import read_config
+from magitrain.checkpoint.official import read_config, read_sampling
+from magitrain.checkpoint.resume import checkpoint_meta
 from magitrain.checkpoint.safe_load import CorruptCheckpointError
 from magitrain.model import MagiHumanConfig, MagiHumanDiT, get_config
 from magitrain.model.layers import ModalityLinear
@@ -73,6 +74,15 @@ def load_network(
         return load_official(network, path)
     except (FileNotFoundError, CheckpointMismatchError) as err:
         raise type(err)(f"{field}: {err}") from err
+
+
+def recorded_sampling(ckpt: str | Path) -> dict | None:
+    """`{"sampler", "steps"}` the network of `ckpt` was trained for (an export's config.json, a
+    training checkpoint's hyper-parameters); None for released folders and SR networks."""
+    path = Path(ckpt).expanduser()
+    if is_training_checkpoint(path):
+        return checkpoint_meta(path).get("hyper_parameters", {}).get("sampling")
+    return read_sampling(path)
 
 
 def _meta_network(config: MagiHumanConfig, dtype: torch.dtype) -> MagiHumanDiT:

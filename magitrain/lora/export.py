@@ -53,4 +53,7 @@ def export_lora(
     to_inference_dtype(network, dtype)  # block linears in the output dtype, no fp32 detour
     weights = load_official(network, base).state_dict()
     merge_adapter(weights, tensors, cfg, {f: getattr(config, f) for f in ARCH_FIELDS})
-    return save_official(weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config)
+    return save_official(
+        weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config,
+        sampling=hparams.get("sampling"),
+    )  # fmt: skip

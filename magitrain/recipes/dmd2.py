@@ -111,6 +111,8 @@ class DMD2Module(MagiHumanModule):
             critic_init=critic_init,
             critic_optim=asdict(self.critic_optim_config),
             dmd=asdict(self.dmd_config),
+            # the student's sampler (export's config.json, infer.py's default)
+            sampling={"sampler": "distilled", "steps": self.dmd_config.student_steps},
         )
         self.critic: MagiHumanDiT | None = None
         object.__setattr__(self, "teacher", None)  # frozen, rebuilt from its path: not in checkpoints

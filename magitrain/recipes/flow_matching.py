@@ -40,7 +40,10 @@ class FlowMatchingModule(MagiHumanModule):
         super().__init__(*args, **kwargs)
         self.flow_config = flow or FlowMatchingConfig()
         self.hparams["flow"] = asdict(self.flow_config)
+        # what the trained network is sampled with (export's config.json, infer.py's default)
+        self.hparams["sampling"] = {"sampler": "base", "steps": 32}
         self._s_window: Tensor | None = None  # loss sums and counts of the logging window
+        self._window_step = 0  # the global step the window's last micro-batch saw
 
     def _draw(self, batch: dict) -> dict[str, Tensor]:
         """Per-sample draws (`draw_sample`) from the per-sample generators, stacked on the device."""
@@ -127,25 +130,38 @@ class FlowMatchingModule(MagiHumanModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.flow_loss(batch)
         self.log("train/loss", out["loss"], prog_bar=True, logger=False)  # this rank's, for the bar
-        self._log_window(out, batch_idx)
+        self._add_to_window(out)
         return out["loss"]
 
-    def _log_window(self, out: dict[str, Tensor], batch_idx: int) -> None:
+    def _add_to_window(self, out: dict[str, Tensor]) -> None:
         """Losses (overall, per modality, per s-interval) summed over the logging window on each
-        rank, then reduced across ranks in ONE collective on logging steps and logged as means.
-
-        Written to the loggers directly: a bucket that gets no sample in a window must show no
-        value, not the stale one Lightning's step metrics would repeat.
-        """
+        rank; `on_train_batch_end` reduces and logs them."""
         n = self.flow_config.s_buckets
         sums, counts = fm.sigma_bucket_stats(out["s"], out["per_sample"], n)
         totals = torch.stack([out["per_sample"].sum(), out["video"].sum(), out["audio"].sum()]).detach()
         samples = torch.full((1,), float(out["s"].shape[0]), device=totals.device)
         window = torch.cat([totals.float(), samples, sums, counts])
         self._s_window = window if self._s_window is None else self._s_window + window
-        every = self.trainer.log_every_n_steps * self.trainer.accumulate_grad_batches  # in micro-batches
-        if (batch_idx + 1) % every:
+
+    def on_train_start(self) -> None:
+        self._window_step = self.global_step  # a resumed run's windows end on the same steps
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After an optimiser step that ends a logging window (every `log_every_n_steps` global
+        steps, across data epochs): the window's sums reduced across ranks in ONE collective and
+        logged as means at the step's index.
+
+        Keyed on the global step, not `batch_idx`: that restarts every data epoch, and an epoch
+        shorter than the interval (the CPU demo's 8 batches, logging every 10) never logged.
+        Written to the loggers directly: a bucket that gets no sample in a window must show no
+        value, not the stale one Lightning's step metrics would repeat.
+        """
+        if self.global_step == self._window_step or self._s_window is None:
+            return  # an accumulation micro-batch (or a skipped step): the window goes on
+        self._window_step = self.global_step
+        if self.global_step % self.trainer.log_every_n_steps:
             return
+        n = self.flow_config.s_buckets
         window = self.trainer.strategy.reduce(self._s_window, reduce_op="sum").tolist()
         self._s_window = None
         (loss, video, audio, count), sums, counts = window[:4], window[4 : 4 + n], window[4 + n :]
@@ -159,4 +175,4 @@ class FlowMatchingModule(MagiHumanModule):
         }
         if self.trainer.is_global_zero:
             for logger in self.loggers:
-                logger.log_metrics(means, step=self.global_step)
+                logger.log_metrics(means, step=self.global_step - 1)  # the step that ran

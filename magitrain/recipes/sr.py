@@ -103,6 +103,7 @@ class SRFineTuneModule(FlowMatchingModule):
             raise ValueError("flow.audio_weight must be 0 for SR: its audio output is discarded")
         self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
         self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
+        self.hparams["sampling"] = None  # the SR stage has its own sampler: no base-stage default
         try:  # (height, width) of the on-the-fly LR clip; a bad size is refused now, not at step 1
             self._lr_hw = parse_resolution(cfg.lr_size)[::-1]
         except ValueError as err:

@@ -21,6 +21,7 @@ import av
 import decord
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from magitrain.codecs.media import frame_indices, resize_cover_crop
@@ -50,6 +51,7 @@ class RawOptions:
     policy: AVPolicy = AVPolicy()  # noqa: RUF009 (frozen): av_mismatch, av_tolerance, missing_audio (span.py)
     random_offset: bool = False  # cut the bucket span at a seeded random start instead of 0
     decode_threads: int = 1  # per worker: the DataLoader workers are the parallelism
+    max_pixels: int = 7680 * 4320  # larger videos and images are bad samples (too_large), not decoded
 
 
 def read_meta(sample: dict) -> dict:
@@ -81,6 +83,10 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
         raise BadSample(exn.reason, str(exn)) from None
     if span.frames < bucket.frames:
         raise BadSample("too_short", f"the usable span has {span.frames} frames at 25 fps < {bucket.frames}")
+    if row["width"] * row["height"] > opts.max_pixels:  # the mp4's header, as the index recorded it
+        raise BadSample(
+            "too_large", f"the video is {row['width']}x{row['height']} > data.max_pixels={opts.max_pixels}"
+        )
     first = span.first + (rng.randrange(span.frames - bucket.frames + 1) if opts.random_offset else 0)
     frames = decode_frames(sample["mp4"], row, bucket, first, opts.decode_threads)
     video = cover_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3).contiguous()
@@ -102,18 +108,32 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
         "note": note,
     }
     if "jpg" in sample:
-        out["ref_image"] = decode_image(sample["jpg"], bucket)
+        out["ref_image"] = decode_image(sample["jpg"], bucket, opts.max_pixels)
     return out
 
 
-def decode_image(data: bytes, bucket: Bucket) -> torch.Tensor:
-    """KEY.jpg (the image-to-video reference) -> [3, H, W] uint8, cover-resized to the bucket."""
+def decode_image(data: bytes, bucket: Bucket, max_pixels: int) -> torch.Tensor:
+    """KEY.jpg (the image-to-video reference) -> [3, H, W] uint8, cover-resized to the bucket.
+
+    The size is read from the header first: a small file can declare a huge image (a 2 MB solid
+    12000x12000 JPEG decodes to 432 MB and costs 2 GB on the way to the bucket), so one above
+    `max_pixels` is refused (too_large) before anything is decoded. A JPEG is decoded at the
+    smallest DCT scale that still covers the bucket (PIL's draft), not at full size."""
     try:
-        with av.open(io.BytesIO(data)) as container:
-            image = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise BadSample(
+                "too_large", f"KEY.jpg is {image.width}x{image.height} > data.max_pixels={max_pixels}"
+            )
+        scale = max(bucket.width / image.width, bucket.height / image.height)
+        image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        pixels = np.asarray(image.convert("RGB"))
+    except BadSample:
+        raise
     except Exception as exn:
         raise BadSample("corrupt_image", first_line(exn)) from None
-    return resize_cover_crop(torch.from_numpy(image).permute(2, 0, 1)[None], (bucket.height, bucket.width))[0]
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    return resize_cover_crop(image, (bucket.height, bucket.width))[0]
 
 
 def cover_crop(frames: torch.Tensor, bucket: Bucket) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Turn one shard sample (a dict of member bytes) into tensors cut to its bucket.
 
 Raw: the clip is cut from the span both tracks cover (span.py). decord decodes the mp4 at 25 fps
-(nearest frame), frames are resized to cover the bucket and centre-cropped, the clip is cut to the
-bucket's F = 4k+1 frames and the audio to the F/25 s they cover, placed by its timestamps and
-resampled by PyAV (FFmpeg) to `sample_rate`, mono, then copied to `channels`; an optional KEY.jpg
-reference image is cover-cropped to the bucket too.
+(the frame nearest in presentation time, so variable-frame-rate clips stay in sync), frames are
+resized to cover the bucket and centre-cropped, the clip is cut to the bucket's F = 4k+1 frames
+and the audio to the F/25 s they cover, placed by its timestamps and resampled by PyAV (FFmpeg)
+to `sample_rate`, mono, then copied to `channels`; an optional KEY.jpg reference image is
+cover-cropped to the bucket too.
 Latent: the safetensors payload is checked against the data contract and the bucket, then cut to
 the bucket's T (and N = 4(T-1)+1 audio steps).
 
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from magitrain.codecs.media import frame_indices, resize_cover_crop
+from magitrain.codecs.media import nearest_frames, resize_cover_crop
 from magitrain.data.buckets import FPS, VAE_TIME_STRIDE, Bucket
 from magitrain.data.index import AUDIO_EXTS
 from magitrain.data.span import AVPolicy, Unplanned, clip_span
@@ -168,8 +169,9 @@ def decoder_size(row: dict, bucket: Bucket) -> tuple[int, int] | None:
 
 
 def decode_frames(data: bytes, row: dict, bucket: Bucket, first: int, threads: int) -> np.ndarray:
-    """[F, h, w, 3] uint8: the bucket's F frames at 25 fps from frame `first` (nearest source frame),
-    scaled by the decoder when it can (decoder_size), else at native size."""
+    """[F, h, w, 3] uint8: the bucket's F frames at 25 fps from frame `first` (the source frame
+    nearest in presentation time), scaled by the decoder when it can (decoder_size), else at
+    native size."""
     size = decoder_size(row, bucket)
     if size is not None and size not in _SCALER_FAILS:
         try:
@@ -190,12 +192,16 @@ def decode_frames(data: bytes, row: dict, bucket: Bucket, first: int, threads: i
 def _read_frames(data: bytes, bucket: Bucket, first: int, threads: int, size) -> np.ndarray:
     scaled = {} if size is None else {"height": size[0], "width": size[1]}
     reader = decord.VideoReader(io.BytesIO(data), num_threads=threads, **scaled)
-    indices = frame_indices(len(reader), reader.get_avg_fps(), FPS)
-    if len(indices) < first + bucket.frames:
+    # [start, end) presentation times; the first frame's start is the clip's time 0, as for the audio
+    shown = reader.get_frame_timestamp(range(len(reader)))
+    times = (first + np.arange(bucket.frames)) / FPS
+    if times[-1] >= shown[-1, 1] - shown[0, 0]:
         raise BadSample(
-            "too_short", f"{len(indices)} frames at 25 fps < {first} + {bucket.frames} that the plan cuts"
+            "too_short",
+            f"the video ends at {shown[-1, 1] - shown[0, 0]:.3f} s, before frame {first} + {bucket.frames} "
+            f"at 25 fps that the plan cuts",
         )
-    return reader.get_batch(indices[first : first + bucket.frames]).asnumpy()
+    return reader.get_batch(nearest_frames(shown[:, 0] - shown[0, 0], times).tolist()).asnumpy()
 
 
 def decode_audio(sample: dict, row: dict, start: float, length: int, rate: int) -> tuple[torch.Tensor, bool]:

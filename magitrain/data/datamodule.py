@@ -161,6 +161,10 @@ class MagiDataModule(L.LightningDataModule):
             self._begin_epoch,
             num_workers=self.num_workers,
             worker_init_fn=_init_worker,
+            # the workers' base seed from a generator of its own, not a draw from the global RNG:
+            # a resume restores that RNG before this loader's first iter(), so a draw there would
+            # put training one draw ahead of the uninterrupted run (dropout, other global draws)
+            generator=torch.Generator().manual_seed(self.seed),
             **self.loader_options,
         )
 

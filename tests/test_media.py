@@ -10,7 +10,7 @@ from PIL import Image
 
 from magitrain.codecs.media import (
     aspect_crop_box,
-    frame_indices,
+    nearest_frames,
     reference_image,
     resize_cover_crop,
     video_to_uint8,
@@ -44,18 +44,16 @@ def test_resize_cover_crop_rejects_bad_shapes():
         resize_cover_crop(torch.zeros(3, 64, 64), (32, 32))
 
 
-def test_frame_indices_nearest_frame():
-    assert frame_indices(10, 25.0) == list(range(10))
-    assert frame_indices(10, 50.0) == [0, 2, 4, 6, 8]
-    idx = frame_indices(150, 30.0)  # 5 s at 30 fps
-    assert len(idx) == 125 and idx[:6] == [0, 1, 2, 4, 5, 6] and idx[-1] == 149  # 124 * 1.2 = 148.8
-    assert frame_indices(60, 24.0, num_dst_frames=9) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
-    assert frame_indices(60, 24.0, num_dst_frames=5) == frame_indices(60, 24.0)[:5]
-
-
-def test_frame_indices_refuses_to_run_past_the_source():
-    with pytest.raises(ValueError, match="only 125 frames"):
-        frame_indices(125, 25.0, num_dst_frames=126)
+def test_nearest_frames_by_presentation_time():
+    out = np.arange(10) / 25.0  # 25 fps output times
+    assert nearest_frames(np.arange(10) / 25.0, out).tolist() == list(range(10))
+    assert nearest_frames(np.arange(20) / 50.0, out).tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]
+    idx = nearest_frames(np.arange(150) / 30.0, np.arange(125) / 25.0)  # 5 s at 30 fps
+    assert idx[:6].tolist() == [0, 1, 2, 4, 5, 6] and idx[-1] == 149  # 124 * 1.2 = 148.8
+    # 1 s at 10 fps, then 50 fps: the frame shown at each time, not index k of the 30 fps average
+    vfr = np.concatenate([np.arange(10) / 10.0, 1.0 + np.arange(50) / 50.0])
+    assert nearest_frames(vfr, np.array([0.44, 0.5, 1.0, 1.5])).tolist() == [4, 5, 10, 35]
+    assert nearest_frames(np.array([0.0]), out).tolist() == [0] * 10
 
 
 def test_video_to_uint8():

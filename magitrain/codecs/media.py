@@ -1,8 +1,8 @@
 """Media helpers shared by the codecs, the data pipeline and inference.
 
 Frames are resized to *cover* the target and centre-cropped (never letterboxed or stretched),
-resampled to 25 fps by nearest frame, and written as H.264 (yuv420p) + AAC mp4 through PyAV.
-Reference images are prepared as the release prepares them (`reference_image`).
+resampled to 25 fps by the frame nearest in presentation time, and written as H.264 (yuv420p) +
+AAC mp4 through PyAV. Reference images are prepared as the release prepares them (`reference_image`).
 """
 
 import math
@@ -68,30 +68,23 @@ def aspect_crop_box(w: int, h: int, th: int, tw: int) -> tuple[int, int, int, in
     return tuple(round(c) for c in corners)
 
 
-def frame_indices(
-    num_src_frames: int, src_fps: float, dst_fps: float = 25.0, num_dst_frames: int | None = None
-) -> list[int]:
-    """Source frame index for each output frame at `dst_fps` (nearest frame in time).
-
-    Output frame i sits at time i / dst_fps and takes source frame round(i * src_fps / dst_fps).
-    Without `num_dst_frames`, every output frame whose time lies inside the source is returned.
-    Asking for more frames than the source covers raises instead of silently repeating the end.
-    """
-    if num_src_frames <= 0 or src_fps <= 0 or dst_fps <= 0:
+def nearest_frames(src_times: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Index of the source frame nearest in time for each of `times` (seconds, same origin as the
+    sorted presentation times `src_times`); a tie goes to the later frame. Times, not the average
+    rate, pick the frames: in a variable-frame-rate clip (10 fps, then 50 fps) frame k of the
+    average rate is not the frame shown at time k / rate."""
+    src_times, times = np.asarray(src_times, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    if src_times.ndim != 1 or src_times.size == 0:
         raise ValueError(
-            f"frame_indices: need positive counts and rates, got {num_src_frames=}, {src_fps=}, {dst_fps=}"
+            f"nearest_frames: need the times of at least one source frame, got {src_times.shape}"
         )
-    ratio = src_fps / dst_fps
-    if num_dst_frames is None:
-        num_dst_frames = math.floor((num_src_frames - 1) / ratio + 1e-9) + 1
-    # floor(x + 0.5): round half up, not Python's round-half-to-even
-    indices = [math.floor(i * ratio + 0.5) for i in range(num_dst_frames)]
-    if indices and indices[-1] >= num_src_frames:
-        raise ValueError(
-            f"frame_indices: {num_dst_frames} frames at {dst_fps} fps need source frame {indices[-1]}, "
-            f"but the source has only {num_src_frames} frames at {src_fps} fps"
-        )
-    return indices
+    if src_times.size == 1:
+        return np.zeros(times.shape, np.int64)
+    after = np.clip(np.searchsorted(src_times, times, side="right"), 1, src_times.size - 1)
+    before = after - 1
+    # 1e-9: times that tie up to float error (pts x time_base vs i / fps) still go to the later frame
+    later = src_times[after] - times <= times - src_times[before] + 1e-9
+    return np.where(later, after, before)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,7 @@ class MagiDataModule(L.LightningDataModule):
     shards: brace pattern / glob / list of them; or datasets: [{shards, weight, name}] to mix.
     buckets: [{height, width, seconds | frames, batch_size}].
     missing_audio, av_mismatch, av_tolerance: the audio policies (magitrain.data.span.AVPolicy).
+    max_pixels: raw videos and reference images with more pixels (from their headers) are bad samples.
     pin_memory: None pins batches when CUDA is available.
     rank / world_size: taken from the Trainer when attached, else torch.distributed, else these.
     The defaults are conf/data/latent.yaml's (a test keeps them equal).
@@ -100,6 +101,7 @@ class MagiDataModule(L.LightningDataModule):
         av_mismatch: str = "crop",
         av_tolerance: float = 0.5,
         random_offset: bool = False,
+        max_pixels: int = 33177600,
         max_bad_fraction: float = 0.05,
         bad_check_after: int = 100,
         prefetch_factor: int = 2,
@@ -119,7 +121,7 @@ class MagiDataModule(L.LightningDataModule):
             "text_max_len": text_max_len,
         }
         policy = AVPolicy(av_mismatch, av_tolerance, missing_audio)
-        self.raw = RawOptions(sample_rate, audio_channels, policy, random_offset)
+        self.raw = RawOptions(sample_rate, audio_channels, policy, random_offset, max_pixels=max_pixels)
         self.loader_options = {
             "prefetch_factor": prefetch_factor if num_workers else None,
             "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
@@ -178,6 +180,10 @@ class MagiDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             endless=self.trainer is not None,
             worker_init_fn=_init_worker,
+            # the workers' base seed from a generator of its own, not a draw from the global RNG:
+            # a resume restores that RNG before this loader's first iter(), so a draw there would
+            # put training one draw ahead of the uninterrupted run (dropout, other global draws)
+            generator=torch.Generator().manual_seed(self.seed),
             **self.loader_options,
         )
 

@@ -144,6 +144,24 @@ def test_a_portrait_sr_clip_runs_a_portrait_base_stage(pipe):
     assert grids == {"base": {(4, 2)}, "sr": {(8, 4)}} and video.shape[-2:] == (8, 4)
 
 
+def test_sr_validation_upsamples_the_base_stage_the_portrait_sr_clip_refined(pipe, tmp_path):
+    """The validation callback's `sampleI_lr_up.mp4` beside a portrait SR clip is the base stage that
+    clip refined (portrait, the same seed), not a landscape one generated at `resolution` as given.
+    Catches `_upsampled_base` ignoring the orientation rule (checked by planting it: this test then
+    fails)."""
+    from magitrain.callbacks.validation import _upsampled_base
+
+    options = dict(seconds=SECONDS, resolution=SIZE, sr="64x128", seed=3)
+    grids = []
+    hook = pipe.model.register_forward_pre_hook(lambda m, args: grids.append(args[0].shape[-2:]))
+    try:
+        path = _upsampled_base(pipe, "a dog barks", options, (128, 64), tmp_path / "sample0.mp4")
+    finally:
+        hook.remove()
+    assert path.name == "sample0_lr_up.mp4" and path.is_file()
+    assert set(grids) == {(4, 2)}  # a 32x64 (WxH) base stage, as the SR generation ran
+
+
 def test_checkpoint_errors_name_the_file(tiny_ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ckpt=.*nowhere: no such file"):
         load_network(tmp_path / "nowhere", "tiny")

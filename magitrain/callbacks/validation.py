@@ -128,10 +128,14 @@ class Validation(Callback):
 
 
 def _upsampled_base(pipe, prompt: str, options: dict, size, sr_path: Path) -> Path:
-    """The same seed's base-stage clip resized (bilinear) to the SR clip's `size`: `sampleI_lr_up.mp4`."""
+    """The same seed's base-stage clip resized (bilinear) to the SR clip's `size`: `sampleI_lr_up.mp4`
+    (at the base size the SR generation used: turned to the SR clip's orientation)."""
     import torch.nn.functional as F
 
-    base = pipe.generate(prompt, **{**options, "sr": None})
+    from magitrain.inference import ClipShape
+
+    clip, _ = ClipShape.stages(options["seconds"], options["resolution"], options["sr"])
+    base = pipe.generate(prompt, **{**options, "sr": None, "resolution": f"{clip.width}x{clip.height}"})
     base.video = F.interpolate(base.video.transpose(0, 1), size=tuple(size), mode="bilinear").transpose(0, 1)
     return base.save(sr_path.with_name(f"{sr_path.stem}_lr_up.mp4"))
 

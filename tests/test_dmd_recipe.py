@@ -574,3 +574,68 @@ def test_without_codecs_or_a_negative_embedding_the_run_says_how_to_give_one(
         read_negative(path, 32)
     with pytest.raises(UserError, match="nowhere.safetensors does not exist"):
         read_negative(tmp_path / "nowhere.safetensors", 64)
+
+
+class _CriticGradients(Callback):
+    """Before the first generator step: the batch, copies of the student and critic, and hooks that
+    keep each critic gradient as its backward leaves it (the critic's optimiser steps outside
+    Lightning, so no optimiser hook sees it)."""
+
+    def __init__(self):
+        self.batch, self.networks, self.grads = None, None, {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        import copy
+
+        self.batch = batch
+        self.networks = {"model": copy.deepcopy(module.model), "critic": copy.deepcopy(module.critic)}
+        for name, p in module.critic.named_parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda p, name=name: self.grads.setdefault(name, []).append(p.grad.clone())
+            )
+
+
+def test_a_real_step_weighs_the_critic_loss_of_image_conditioned_samples(
+    latent_shards, teacher_ckpt, tmp_path
+):
+    """One real DMD-2 `training_step` (ttur=1, p_image=1: every sample image-conditioned): the
+    critic's gradients equal those of the weighted loss (per-sample video MSE over the free frames,
+    then the batch mean; audio as is) recomputed on copies of the networks from before the step.
+    Catches a `training_step` that calls the core's unweighted critic loss (the helper alone is
+    tested above; its video gradient is then (T-1)/T = 2/3 of this); checked by planting that bug:
+    this test then fails."""
+    from magitrain.flow import dmd as core
+    from magitrain.flow.training import velocity_mse
+
+    overrides = tiny_run(
+        latent_shards,
+        "recipe=dmd2_distill",
+        f"teacher={teacher_ckpt}",
+        "trainer.max_steps=1",
+        "module.dmd.ttur=1",
+        "module.dmd.p_image=1.0",
+        "callbacks.ema=null",
+        f"+callbacks.grads._target_={__name__}._CriticGradients",
+    )
+    cfg = compose_train(overrides, tmp_path)
+    (spy,) = [c for c in train(cfg).callbacks if isinstance(c, _CriticGradients)]
+    assert set(spy.grads) == {n for n, _ in spy.networks["critic"].named_parameters()}
+    assert all(len(g) == 1 for g in spy.grads.values())  # one critic backward
+
+    again = instantiate(cfg.module)  # step 0 again: the same per-sample draws and exit step
+    again.configure_model()
+    again.model.load_state_dict(spy.networks["model"].state_dict())
+    again.critic.load_state_dict(spy.networks["critic"].state_dict())
+    ctx = again._context(spy.batch)
+    mask = ctx["mask"]
+    assert mask[:, 0, 0].eq(0).all() and mask[:, 0, 1:].eq(1).all()
+    with torch.no_grad():
+        x0 = again._simulate(ctx, phase=0)
+    s, eps = again._score_draw(ctx)
+    v = again._velocity(again.critic, ctx["text"], ctx["text_len"], mask, ctx["ref"])(
+        core._noised(x0, s, eps), s
+    )
+    video = velocity_mse(v["video"], eps["video"] - x0["video"], mask).mean()
+    (video + velocity_mse(v["audio"], eps["audio"] - x0["audio"]).mean()).backward()
+    for name, p in again.critic.named_parameters():
+        torch.testing.assert_close(spy.grads[name][0], p.grad, rtol=1e-4, atol=1e-8, msg=name)

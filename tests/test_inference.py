@@ -48,6 +48,11 @@ def test_clip_shapes_follow_the_release():
     assert (parse_resolution("480x272"), parse_resolution("100x64")) == ((480, 256), (96, 64))
     with pytest.raises(ValueError, match="at least 32 pixels"):
         ClipShape.of(1, "100x31")
+    # the base stage takes the SR clip's orientation: a portrait SR clip gets a portrait base stage
+    base, high = ClipShape.stages(5, "256p", "1088x1920")
+    assert (base.width, base.height, base.frames, high.width, high.height) == (256, 448, 126, 1088, 1920)
+    assert ClipShape.stages(5, "256p", "1080p") == (clip, clip.with_resolution("1080p"))
+    assert ClipShape.stages(5, "256x448", None) == (ClipShape(256, 448, 126), None)
     with pytest.raises(ValueError, match="neither a preset"):
         ClipShape.of(1, "720p")
 
@@ -122,6 +127,44 @@ def test_distilled_and_cfg_samplers_and_the_sr_stage(pipe, tmp_path):
     assert set(timer.row("128x64")) >= {"output", "text", "image", "base", "sr", "decode", "total"}
     with pytest.raises(ValueError, match="steps=12 has no default sampler"):
         pipe.generate("x", seconds=SECONDS, resolution=SIZE, steps=12)
+
+
+def test_a_portrait_sr_clip_runs_a_portrait_base_stage(pipe):
+    """resolution=64x32 (the landscape base preset) with sr=64x128 (portrait): the base network runs
+    on a 32x64 (WxH) latent grid, the SR network on 64x128; a landscape base stretched onto the
+    portrait clip would distort it. Catches the base stage ignoring the SR clip's orientation
+    (checked by planting it: this test then fails)."""
+    grids = {}
+    hooks = [
+        network.register_forward_pre_hook(
+            lambda m, args, name=name: grids.setdefault(name, set()).add(args[0].shape[-2:])
+        )
+        for name, network in (("base", pipe.model), ("sr", pipe.sr_model))
+    ]
+    try:
+        (video, _), _, _ = pipe.generate_latents("a dog barks", seconds=SECONDS, resolution=SIZE, sr="64x128")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert grids == {"base": {(4, 2)}, "sr": {(8, 4)}} and video.shape[-2:] == (8, 4)
+
+
+def test_sr_validation_upsamples_the_base_stage_the_portrait_sr_clip_refined(pipe, tmp_path):
+    """The validation callback's `sampleI_lr_up.mp4` beside a portrait SR clip is the base stage that
+    clip refined (portrait, the same seed), not a landscape one generated at `resolution` as given.
+    Catches `_upsampled_base` ignoring the orientation rule (checked by planting it: this test then
+    fails)."""
+    from magitrain.callbacks.validation import _upsampled_base
+
+    options = dict(seconds=SECONDS, resolution=SIZE, sr="64x128", seed=3)
+    grids = []
+    hook = pipe.model.register_forward_pre_hook(lambda m, args: grids.append(args[0].shape[-2:]))
+    try:
+        path = _upsampled_base(pipe, "a dog barks", options, (128, 64), tmp_path / "sample0.mp4")
+    finally:
+        hook.remove()
+    assert path.name == "sample0_lr_up.mp4" and path.is_file()
+    assert set(grids) == {(4, 2)}  # a 32x64 (WxH) base stage, as the SR generation ran
 
 
 def test_checkpoint_errors_name_the_file(tiny_ckpt, tmp_path):

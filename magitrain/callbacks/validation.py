@@ -128,9 +128,16 @@ class Validation(Callback):
 
 
 def _upsampled_base(pipe, prompt: str, options: dict, size, sr_path: Path) -> Path:
-    """The same seed's base-stage clip resized (bilinear) to the SR clip's `size`: `sampleI_lr_up.mp4`."""
+    """The same seed's base-stage clip resized (bilinear) to the SR clip's `size`: `sampleI_lr_up.mp4`
+    (at the base size the SR generation used: turned to the SR clip's orientation)."""
+    from magitrain.inference import ClipShape
+
+    clip, _ = ClipShape.stages(options["seconds"], options["resolution"], options["sr"])
     height, width = size
-    base = pipe.generate(prompt, **{**options, "sr": None}, output_size=f"{width}x{height}")
+    base = pipe.generate(
+        prompt, **{**options, "sr": None, "resolution": f"{clip.width}x{clip.height}"},
+        output_size=f"{width}x{height}",
+    )  # fmt: skip
     return base.save(sr_path.with_name(f"{sr_path.stem}_lr_up.mp4"))
 
 

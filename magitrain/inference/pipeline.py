@@ -334,13 +334,13 @@ class MagiHumanPipeline:
     ) -> tuple[tuple[Tensor, Tensor], StageTimer, dict]:
         """Text, image, base and SR stages: ((video latent, audio latent), their timer, the settings).
 
-        `sr` ('540p', '1080p' or WxH) adds the SR stage; `sampler` defaults to the one of `steps`.
+        `sr` ('540p', '1080p' or WxH) adds the SR stage, and the base stage takes its orientation
+        (`ClipShape.stages`); `sampler` defaults to the one of `steps`.
         """
         sampler = sampler or DEFAULT_SAMPLER.get(steps)
         if sampler not in SAMPLERS:
             raise ValueError(f"steps={steps} has no default sampler: pass sampler= one of {SAMPLERS}")
-        clip = ClipShape.of(seconds, resolution)
-        sr_clip = clip.with_resolution(sr) if sr else None
+        clip, sr_clip = ClipShape.stages(seconds, resolution, sr)
         self._plan = [
             "text",
             *(["image"] if image is not None else []),

@@ -46,6 +46,17 @@ def parse_output_size(value: str) -> tuple[int, int]:
     return width, height
 
 
+def oriented_like(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """`size` (width, height) turned to the orientation of `target` (width, height); a square
+    target keeps it. The base stage of an SR clip, which the SR stage stretches to the SR grid, is
+    portrait when the SR clip is (256x448 under 1088x1920): a landscape grid stretched onto a
+    portrait clip would distort it. Inference sizes its base stage so, SR training its LR clip."""
+    (width, height), (target_width, target_height) = size, target
+    if (width - height) * (target_width - target_height) < 0:
+        return height, width
+    return width, height
+
+
 @dataclass(frozen=True)
 class ClipShape:
     """A clip of `seconds` at `width` x `height`: `seconds*25 + 1` frames and as many audio tokens."""
@@ -60,6 +71,16 @@ class ClipShape:
             raise ValueError(f"seconds must be positive, got {seconds}")
         width, height = parse_resolution(resolution)
         return cls(width, height, num_latent_frames(seconds))
+
+    @classmethod
+    def stages(cls, seconds: float, resolution: str, sr: str | None) -> tuple[ClipShape, ClipShape | None]:
+        """The base-stage clip at `resolution` and the SR clip at `sr` (None without an SR stage);
+        the base stage takes the SR clip's orientation (`oriented_like`)."""
+        base = cls.of(seconds, resolution)
+        if not sr:
+            return base, None
+        high = base.with_resolution(sr)
+        return cls(*oriented_like((base.width, base.height), (high.width, high.height)), base.frames), high
 
     @property
     def latent_frames(self) -> int:

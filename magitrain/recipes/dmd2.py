@@ -370,6 +370,8 @@ class DMD2Module(MagiHumanModule):
             "ref": ref.expand(B, C, 1, H, W),
             "shapes": {"video": (C, T, H, W), "audio": audio_shape},
             "real": {"video": batch["video_latent"], "audio": batch["audio_latent"]} if real else None,
+            # the GAN's audio pools leave out clips without audio (data.missing_audio=mask)
+            "heard": batch["audio_mask"].to(self.device) if "audio_mask" in batch else None,
         }
 
     def _draw(self, ctx: dict) -> dict[str, Tensor]:
@@ -438,7 +440,7 @@ class DMD2Module(MagiHumanModule):
         weights = {"video": cfg.video_weight, "audio": cfg.audio_weight}
         loss, logs = core.generator_loss(x0, self._guided_teacher(ctx), critic, s=s, eps=eps, weights=weights)
         if self.gan is not None:
-            gan_loss, gan_logs = self.gan.generator_loss(critic, x0, s=s, eps=eps)
+            gan_loss, gan_logs = self.gan.generator_loss(critic, x0, s=s, eps=eps, heard=ctx["heard"])
             loss, logs = loss + gan_loss, logs | {f"gan_{k}": v for k, v in gan_logs.items()}
         self.manual_backward(loss)
         # (a Lightning step even when skipped: global_step, both schedules and signals advance alike)
@@ -460,11 +462,11 @@ class DMD2Module(MagiHumanModule):
         of the batch's latents noised to the same s with the same eps."""
         with self.gan.tap.capture() as features:
             loss, logs = core.critic_loss(critic, x0, s=s, eps=eps)
-        fake = self.gan.logits(features, x0)
+        fake = self.gan.logits(features, x0, ctx["heard"])
         perturbation = self._draw(ctx) if self.gan.cfg.r1_weight > 0 else None
         real = {m: v.to(self.device) for m, v in ctx["real"].items()}
         d_loss, d_logs = self.gan.discriminator_loss(
-            critic, fake, real, s=s, eps=eps, perturbation=perturbation
+            critic, fake, real, s=s, eps=eps, perturbation=perturbation, heard=ctx["heard"]
         )
         return loss + d_loss, logs | {f"gan_{k}": v for k, v in d_logs.items()}
 

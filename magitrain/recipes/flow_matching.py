@@ -115,15 +115,19 @@ class FlowMatchingModule(MagiHumanModule):
             loss_audio = torch.zeros_like(loss_video)
         else:
             loss_audio = fm.velocity_mse(v_audio, target_audio)
-        if "audio_mask" in batch:  # clips without audio (data.missing_audio=mask) train video only
-            loss_audio = loss_audio * batch["audio_mask"].to(loss_audio)
+        # clips without audio (data.missing_audio=mask) train video only, and leave the audio mean:
+        # it averages over the clips that have audio, so silent ones do not dilute it
+        heard = batch["audio_mask"].to(loss_audio) if "audio_mask" in batch else torch.ones_like(loss_audio)
+        loss_audio = loss_audio * heard
         cfg = self.flow_config
-        per_sample = cfg.video_weight * loss_video + cfg.audio_weight * loss_audio
+        audio_mean = loss_audio.sum() / heard.sum().clamp_min(1)  # 0 when no clip has audio
+        loss = cfg.video_weight * loss_video.mean() + cfg.audio_weight * audio_mean
         return {
-            "loss": per_sample.mean(),
+            "loss": loss,
             "video": loss_video,
             "audio": loss_audio,
-            "per_sample": per_sample,
+            "heard": heard,
+            "per_sample": cfg.video_weight * loss_video + cfg.audio_weight * loss_audio,
             "s": s,
         }
 
@@ -138,7 +142,7 @@ class FlowMatchingModule(MagiHumanModule):
         rank; `on_train_batch_end` reduces and logs them."""
         n = self.flow_config.s_buckets
         sums, counts = fm.sigma_bucket_stats(out["s"], out["per_sample"], n)
-        totals = torch.stack([out["per_sample"].sum(), out["video"].sum(), out["audio"].sum()]).detach()
+        totals = torch.stack([out["video"].sum(), out["audio"].sum(), out["heard"].sum()]).detach()
         samples = torch.full((1,), float(out["s"].shape[0]), device=totals.device)
         window = torch.cat([totals.float(), samples, sums, counts])
         self._s_window = window if self._s_window is None else self._s_window + window
@@ -164,11 +168,13 @@ class FlowMatchingModule(MagiHumanModule):
         n = self.flow_config.s_buckets
         window = self.trainer.strategy.reduce(self._s_window, reduce_op="sum").tolist()
         self._s_window = None
-        (loss, video, audio, count), sums, counts = window[:4], window[4 : 4 + n], window[4 + n :]
+        (video, audio, heard, count), sums, counts = window[:4], window[4 : 4 + n], window[4 + n :]
+        video, audio = video / count, audio / max(heard, 1.0)  # audio: over the clips that have audio
+        cfg = self.flow_config
         means = {
-            "train/loss": loss / count,
-            "train/loss_video": video / count,
-            "train/loss_audio": audio / count,
+            "train/loss": cfg.video_weight * video + cfg.audio_weight * audio,
+            "train/loss_video": video,
+            "train/loss_audio": audio,
         }
         means |= {
             f"train/loss_s{i / n:.2f}-{(i + 1) / n:.2f}": sums[i] / c for i, c in enumerate(counts) if c

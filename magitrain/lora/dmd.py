@@ -70,5 +70,6 @@ class LoraDMD2Module(LoraMixin, DMD2Module):
         return {"model": self.model, "critic": self.critic}
 
     def _velocity(self, *args, **kwargs):
-        # a bf16 / fp8 base computes its block matmuls in bf16 in every role, not only the teacher's
-        return super()._velocity(*args, **{**kwargs, "bf16": self._teacher_bf16})
+        # a bf16 / fp8 base computes its block matmuls in bf16 in every role, not only the teacher's;
+        # an fp32 base in the step's precision in every role, as recipe=lora_base's does
+        return super()._velocity(*args, **{**kwargs, "bf16": True if self._teacher_bf16 else None})

@@ -399,7 +399,7 @@ def test_adapter_files_for_another_architecture_or_rank_are_refused(trained_fp32
         model=tiny(), init=str(base_ckpt), lora=LoraConfig(rank=8, sandwich="shared_a", init=str(adapter))
     )
     with pytest.raises(UserError, match=r"lora.init=.* rank=4, this run has 8"):
-        module.build_lora_network()
+        module.build_lora_networks()
     # a file whose metadata rank does not match its tensors
     tensors, _, _ = read_adapter(adapter)
     with safe_open(adapter, framework="pt") as st:
@@ -541,7 +541,7 @@ def test_sharding_strategies_are_refused_for_lora(strategy, message, base_ckpt, 
     module._trainer = _Trainer()
     module._trainer.strategy = built
     with pytest.raises(UserError, match=rf"one device or with strategy=ddp.*{message}"):
-        module.build_lora_network()
+        module.build_lora_networks()
 
 
 @torch.no_grad()

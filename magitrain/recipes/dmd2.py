@@ -277,14 +277,22 @@ class DMD2Module(MagiHumanModule):
             )
         return str(found)
 
-    def _velocity(self, network, text, text_len, frame_mask, reference, bf16: bool = False):
+    def _velocity(self, network, text, text_len, frame_mask, reference, bf16: bool | None = None):
         """The core's velocity callable of one network. Image-to-video: frame 0 enters as the clean
         reference, and its velocity is the exact `(x_t - ref) / s`, so every x0 prediction holds the
-        reference there: the frame carries no gradient and no loss in both losses."""
+        reference there: the frame carries no gradient and no loss in both losses.
+
+        `bf16`: None runs the network in the step's own precision (trainer.precision's autocast,
+        which an `autocast(enabled=False)` would switch off); True under bf16 autocast, False in
+        float32 whatever the trainer's precision (a float32 teacher: exact)."""
 
         def velocity(x: dict[str, Tensor], s: Tensor) -> dict[str, Tensor]:
             video = torch.where(frame_mask == 0, reference, x["video"])
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+            autocast = (
+                nullcontext()
+                if bf16 is None
+                else torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+            )
             with autocast:
                 v_video, v_audio = network(video, x["audio"], text, text_len=text_len)
             exact = (x["video"] - reference) / s.reshape(-1, 1, 1, 1, 1)

@@ -564,3 +564,35 @@ def test_without_codecs_or_a_negative_embedding_the_run_says_how_to_give_one(
         read_negative(path, 32)
     with pytest.raises(UserError, match="nowhere.safetensors does not exist"):
         read_negative(tmp_path / "nowhere.safetensors", 64)
+
+
+@pytest.mark.parametrize("recipe", ["dmd2_distill", "lora_dmd2"])
+def test_the_cpu_demo_sets_the_rates_of_both_optimisers(recipe, tmp_path):
+    """Issue 31: `experiment=cpu_demo` set `module.optim.lr` alone, which reached only the student
+    (1e-3 against the critic's 4e-7: 2500:1 for a 5:1 recipe), and the README demo's student
+    diverged. The demo now gives both optimisers its rates, in the recipe's ratio, and the same
+    warmup; the base recipe keeps the demo's own rate."""
+    cfg = compose_train(["experiment=cpu_demo", f"recipe={recipe}"], tmp_path)
+    student, critic = cfg.module.optim, cfg.module.critic_optim
+    assert critic.lr / student.lr == pytest.approx(cfg.module.dmd.critic_lr_ratio)
+    assert student.warmup_steps == critic.warmup_steps == 0
+    assert compose_train(["experiment=cpu_demo"], tmp_path).module.optim.lr == 1e-3
+
+
+def test_rates_far_off_the_configured_ratio_give_one_warning(teacher_ckpt, tmp_path, caplog):
+    """Issue 31: an override of the student's rate silently left the critic's behind; the recipe
+    now warns (once) when critic lr / student lr is more than 10x off `dmd.critic_lr_ratio`."""
+    import logging
+
+    def warnings(*extra):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="magitrain"):
+            overrides = ["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}", *extra]
+            instantiate(compose_train(overrides, tmp_path).module)
+        return [r.getMessage() for r in caplog.records if "critic_lr_ratio" in r.getMessage()]
+
+    assert warnings() == []  # the recipe's own 2e-6 / 4e-7
+    assert warnings("module.optim.lr=1e-5", "module.critic_optim.lr=1e-5") == []  # 5x off: tolerated
+    (message,) = warnings("module.optim.lr=1e-3")  # the old demo: 4e-7 / 1e-3
+    assert "module.critic_optim.lr=4e-07" in message and "module.optim.lr=0.001" in message
+    assert len(warnings("module.critic_optim.lr=1e-3")) == 1  # the critic far ahead

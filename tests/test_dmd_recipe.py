@@ -60,6 +60,7 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
         "module.critic_optim.warmup_steps=4",
         "callbacks.ema.start_step=3",
         "callbacks.model_checkpoint.every_n_train_steps=2",
+        "module.dmd.monitor_every=2",
         *_probe(),
     )
     trainer = train(compose_train(overrides, tmp_path))
@@ -121,6 +122,17 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
         torch.testing.assert_close(after[4][1][k], ema4, rtol=1e-6, atol=1e-7, msg=k)
     assert not torch.equal(after[4][0][w], after[3][0][w])  # the student moved: the lerp is seen
     assert torch.equal(module.ema.state_dict()[w], after[4][1][w])
+    # issue 31's divergence signals: each network's update norm every monitor_every=2 generator
+    # steps (the student's: the change of its weights by that step), the teacher gap every step
+    norms = {int(r["step"]): r for r in rows if r.get("train/update_norm_student")}
+    assert sorted(norms) == [0, 2]
+    change = sum((after[3][0][k] - after[2][0][k]).double().pow(2).sum() for k in after[2][0]).sqrt()
+    assert float(norms[2]["train/update_norm_student"]) == pytest.approx(float(change), rel=1e-4)
+    critic = [float(r["train/update_norm_critic"]) for r in rows if r.get("train/update_norm_critic")]
+    assert len(critic) == 2 and all(n > 0 for n in critic)
+    for m in ("video", "audio"):
+        gaps = [float(r[f"train/generator_teacher_gap_{m}"]) for r in rows if r.get(f"train/generator_teacher_gap_{m}")]
+        assert len(gaps) == 4 and all(g > 0 for g in gaps)
 
 
 def test_the_init_checkpoint_is_read_once(teacher_ckpt, tmp_path, monkeypatch):
@@ -434,6 +446,13 @@ def test_validation_samples_the_student_beside_the_teacher(latent_shards, teache
     assert student.read_bytes() != teacher.read_bytes()
     validations = [c for c in trainer.callbacks if type(c).__name__ == "Validation"]
     assert sorted(c.options["steps"] for c in validations) == [8, 32]
+    # issue 31: validation shows how far the student's latents are from the teacher's (same noise)
+    (row,) = [r for r in read_metrics(tmp_path / "csv" / "metrics.csv") if r.get("val/teacher_rms_to_student_video")]
+    student_latents, teacher_latents = (c.latents[0] for c in validations)
+    for i, m in enumerate(("video", "audio")):
+        want = (student_latents[i] - teacher_latents[i]).pow(2).mean().sqrt()
+        assert float(row[f"val/teacher_rms_to_student_{m}"]) == pytest.approx(float(want), rel=1e-5)
+        assert float(want) > 0
 
 
 def test_the_critic_losses_logged_are_the_mean_over_the_ttur_phases(

@@ -135,6 +135,7 @@ class DMD2Module(MagiHumanModule):
         self._built: dict[str, nn.Module] = {}  # configure_model's networks by source path
         self._nonfinite = {"student": 0, "critic": 0}  # consecutive skipped updates per network
         self._critic_steps = 0
+        self._update_norms: dict[str, float] = {}  # of this generator step, when it is measured
         _check_lr_ratio(self.optim_config.lr, self.critic_optim_config.lr, self.dmd_config.critic_lr_ratio)
 
     # ----- networks -------------------------------------------------------------------------
@@ -235,7 +236,7 @@ class DMD2Module(MagiHumanModule):
         """Clip, log the norm, and step unless it is non-finite: then drop the gradients and step
         anyway, which changes nothing (AdamW skips parameters without gradients) but lets a
         Lightning optimiser count the step. The norm is the same on every rank: all skip alike.
-        `measure`: also log the norm of the step's change of the weights (`train/update_norm_NAME`)."""
+        `measure`: also keep the norm of the step's change of the weights in `self._update_norms`."""
         params = [p for p in network.parameters() if p.grad is not None]
         before = _host_copy(params) if measure else None
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -262,8 +263,16 @@ class DMD2Module(MagiHumanModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if before is not None:
-            self.log(f"train/update_norm_{name}", _change_norm(params, before), on_step=True, on_epoch=False)
+            self._update_norms[f"train/update_norm_{name}"] = float(_change_norm(params, before))
         return finite
+
+    def _log_update_norms(self, step: int) -> None:
+        """Straight to the loggers, on this generator step's row: `self.log` would repeat the last
+        value on every step between two measured ones. (The norms are global: rank zero logs.)"""
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(self._update_norms, step=step)
+        self._update_norms = {}
 
     # ----- conditioning ---------------------------------------------------------------------
     def negative_prompt(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -430,7 +439,8 @@ class DMD2Module(MagiHumanModule):
         B = ctx["text"].shape[0]
         critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
         critic_for_loss = self._critic_for_loss(ctx)
-        measure = cfg.monitor_every > 0 and self.global_step % cfg.monitor_every == 0
+        step = self.global_step
+        measure = cfg.monitor_every > 0 and step % cfg.monitor_every == 0
 
         start = time.perf_counter()
         totals: dict[str, Tensor] = {}  # the critic's logs, summed over the ttur phases
@@ -471,6 +481,8 @@ class DMD2Module(MagiHumanModule):
         for k, v in logs.items():
             self.log(f"train/generator_{k}", v, sync_dist=True, batch_size=B)
         self.log("train/generator_loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=B)
+        if measure:
+            self._log_update_norms(step)
         self.log("train/generator_step", float(self.global_step), on_step=True, on_epoch=False)
         self.log("train/critic_step", float(self._critic_steps), on_step=True, on_epoch=False)
         self.log("perf/critic_phase_s", critic_time, on_step=True, on_epoch=False)

@@ -50,7 +50,9 @@ def tiny_codecs():
 def readme_dmd2_lines() -> tuple[list[str], list[str]]:
     """The README's DMD-2 train overrides and export arguments (the two lines after `python`)."""
     lines = (REPO / "README.md").read_text().splitlines()
-    train = next(line for line in lines if line.startswith("python train.py") and "recipe=dmd2_distill" in line)
+    train = next(
+        line for line in lines if line.startswith("python train.py") and "recipe=dmd2_distill" in line
+    )
     export = lines[lines.index(train) + 1]
     if not export.startswith("python -m magitrain.checkpoint.export"):
         raise ValueError(f"README.md: the line after the DMD-2 command is not its export: {export!r}")
@@ -68,7 +70,9 @@ def run_train(overrides: list[str]) -> None:
     overrides = [o for o in overrides if not o.startswith("hydra.run.dir=")]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "callbacks.progress_bar=null", f"paths.output_dir={output_dir}"])
+        cfg = compose(
+            "train", overrides=[*overrides, "callbacks.progress_bar=null", f"paths.output_dir={output_dir}"]
+        )
     train(cfg)
 
 
@@ -139,7 +143,9 @@ def run(out: Path, base_steps: int, dmd_steps: int | None, extra: list[str], see
     timings = {}
     start = time.perf_counter()
     if not (out / "outputs/cpu_demo/export").is_dir():  # (a rerun into OUT keeps its base)
-        run_train(["experiment=cpu_demo", f"trainer.max_steps={base_steps}", "hydra.run.dir=outputs/cpu_demo"])
+        run_train(
+            ["experiment=cpu_demo", f"trainer.max_steps={base_steps}", "hydra.run.dir=outputs/cpu_demo"]
+        )
         run_export(["outputs/cpu_demo/checkpoints/last.ckpt", "outputs/cpu_demo/export", "--ema"])
     timings["base_s"] = time.perf_counter() - start
     train, export = readme_dmd2_lines()
@@ -158,7 +164,9 @@ def run(out: Path, base_steps: int, dmd_steps: int | None, extra: list[str], see
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path, help="an empty folder: the toy's demo_data/ and outputs/ go here")
     parser.add_argument("--base-steps", type=int, default=600)
     parser.add_argument("--dmd-steps", type=int, default=None, help="default: the README's trainer.max_steps")

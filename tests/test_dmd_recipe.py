@@ -131,7 +131,11 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
     critic = [float(r["train/update_norm_critic"]) for r in rows if r.get("train/update_norm_critic")]
     assert len(critic) == 2 and all(n > 0 for n in critic)
     for m in ("video", "audio"):
-        gaps = [float(r[f"train/generator_teacher_gap_{m}"]) for r in rows if r.get(f"train/generator_teacher_gap_{m}")]
+        gaps = [
+            float(r[f"train/generator_teacher_gap_{m}"])
+            for r in rows
+            if r.get(f"train/generator_teacher_gap_{m}")
+        ]
         assert len(gaps) == 4 and all(g > 0 for g in gaps)
 
 
@@ -447,7 +451,9 @@ def test_validation_samples_the_student_beside_the_teacher(latent_shards, teache
     validations = [c for c in trainer.callbacks if type(c).__name__ == "Validation"]
     assert sorted(c.options["steps"] for c in validations) == [8, 32]
     # issue 31: validation shows how far the student's latents are from the teacher's (same noise)
-    (row,) = [r for r in read_metrics(tmp_path / "csv" / "metrics.csv") if r.get("val/teacher_rms_to_student_video")]
+    (row,) = [
+        r for r in read_metrics(tmp_path / "csv" / "metrics.csv") if r.get("val/teacher_rms_to_student_video")
+    ]
     student_latents, teacher_latents = (c.latents[0] for c in validations)
     for i, m in enumerate(("video", "audio")):
         want = (student_latents[i] - teacher_latents[i]).pow(2).mean().sqrt()

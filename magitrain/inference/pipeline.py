@@ -55,7 +55,7 @@ class Generation:
     sample_rate: int
     timings: dict  # a Table 2 row (see timing.StageTimer.row)
     meta: dict = field(default_factory=dict)
-    latents: tuple[Tensor, Tensor] | None = None  # what was decoded: (video [1, 48, T, h, w], audio [1, N, 64])
+    latents: tuple[Tensor, Tensor] | None = None  # what was decoded: video [1, 48, T, h, w], audio [1, N, 64]
 
     def save(self, path: str | Path) -> Path:
         """Write `path` (mp4) and `path` with suffix .json (the timings, mux time included)."""

@@ -20,6 +20,7 @@ docs/benchmarks.md ("DMD-2 demo on a learnable toy") has the figures.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -131,6 +132,15 @@ def closer_or_equal(student: dict, teacher: dict) -> list[str]:
     return worse + [k for k in ("video_distance", "audio_distance") if student[k] > teacher[k]]
 
 
+def signals(run: str) -> dict[str, list[float]]:
+    """The DMD-2 run's divergence signals from its metrics.csv: each one's first and last value."""
+    with open(Path(run) / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = ("train/update_norm_student", "train/update_norm_critic", "train/generator_teacher_gap_video")
+    logged = {k: [float(r[k]) for r in rows if r.get(k)] for k in keys}
+    return {k: [v[0], v[-1]] for k, v in logged.items() if v}
+
+
 def run(out: Path, base_steps: int, dmd_steps: int | None, extra: list[str], seeds: int) -> dict:
     """Toy, base, student, scores; the README's paths are relative to `out` (the working directory)."""
     from magitrain.data.synthetic import make_class_latent_dataset
@@ -154,13 +164,18 @@ def run(out: Path, base_steps: int, dmd_steps: int | None, extra: list[str], see
     run_train(with_steps(train, dmd_steps) + list(extra))
     run_export(export)
     timings["dmd2_s"] = time.perf_counter() - start
+    first_last = signals(run_dir(train))
     start = time.perf_counter()
     results = {
         "teacher": score(out / "outputs/cpu_demo/export", codecs, prototypes, 32, seeds),
         "student": score(Path(export[1]).resolve(), codecs, prototypes, 8, seeds),
     }
     timings["score_s"] = time.perf_counter() - start
-    return results | {"timings": timings, "dmd2_overrides": with_steps(train, dmd_steps) + list(extra)}
+    return results | {
+        "signals_first_last": first_last,
+        "timings": timings,
+        "dmd2_overrides": with_steps(train, dmd_steps) + list(extra),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

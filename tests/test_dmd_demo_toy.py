@@ -9,7 +9,7 @@ recipe's 4e-7, and this test fails so (checked with the run's settings given as 
 conf/experiment_recipe/cpu_demo/dmd2_distill.yaml removed): after the README's 30 generator steps
 the student is worse than its teacher in class accuracy, pairing and both distances (figures in
 docs/benchmarks.md, "DMD-2 demo on a learnable toy"; at 10 steps the old rates had not diverged yet,
-hence the README's 30). ~65 s of CPU time.
+hence the README's 30). ~70 s of CPU time (measured on a 2-core VM).
 """
 
 from __future__ import annotations

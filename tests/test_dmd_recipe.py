@@ -61,6 +61,7 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
         "module.critic_optim.warmup_steps=3",  # (shorter than the 4 steps: a longer one is clamped)
         "callbacks.ema.start_step=3",
         "callbacks.model_checkpoint.every_n_train_steps=2",
+        "module.dmd.monitor_every=2",
         *_probe(),
     )
     trainer = train(compose_train(overrides, tmp_path))
@@ -122,6 +123,21 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
         torch.testing.assert_close(after[4][1][k], ema4, rtol=1e-6, atol=1e-7, msg=k)
     assert not torch.equal(after[4][0][w], after[3][0][w])  # the student moved: the lerp is seen
     assert torch.equal(module.ema.state_dict()[w], after[4][1][w])
+    # issue 31's divergence signals: each network's update norm every monitor_every=2 generator
+    # steps (the student's: the change of its weights by that step), the teacher gap every step
+    norms = {int(r["step"]): r for r in rows if r.get("train/update_norm_student")}
+    assert sorted(norms) == [0, 2]
+    change = sum((after[3][0][k] - after[2][0][k]).double().pow(2).sum() for k in after[2][0]).sqrt()
+    assert float(norms[2]["train/update_norm_student"]) == pytest.approx(float(change), rel=1e-4)
+    critic = [float(r["train/update_norm_critic"]) for r in rows if r.get("train/update_norm_critic")]
+    assert len(critic) == 2 and all(n > 0 for n in critic)
+    for m in ("video", "audio"):
+        gaps = [
+            float(r[f"train/generator_teacher_gap_{m}"])
+            for r in rows
+            if r.get(f"train/generator_teacher_gap_{m}")
+        ]
+        assert len(gaps) == 4 and all(g > 0 for g in gaps)
 
 
 def test_the_init_checkpoint_is_read_once(teacher_ckpt, tmp_path, monkeypatch):
@@ -444,6 +460,15 @@ def test_validation_samples_the_student_beside_the_teacher(latent_shards, teache
     assert student.read_bytes() != teacher.read_bytes()
     validations = [c for c in trainer.callbacks if type(c).__name__ == "Validation"]
     assert sorted(c.options["steps"] for c in validations) == [8, 32]
+    # issue 31: validation shows how far the student's latents are from the teacher's (same noise)
+    (row,) = [
+        r for r in read_metrics(tmp_path / "csv" / "metrics.csv") if r.get("val/teacher_rms_to_student_video")
+    ]
+    student_latents, teacher_latents = (c.latents[0] for c in validations)
+    for i, m in enumerate(("video", "audio")):
+        want = (student_latents[i] - teacher_latents[i]).pow(2).mean().sqrt()
+        assert float(row[f"val/teacher_rms_to_student_{m}"]) == pytest.approx(float(want), rel=1e-5)
+        assert float(want) > 0
 
 
 def test_the_critic_losses_logged_are_the_mean_over_the_ttur_phases(
@@ -639,3 +664,35 @@ def test_a_real_step_weighs_the_critic_loss_of_image_conditioned_samples(
     (video + velocity_mse(v["audio"], eps["audio"] - x0["audio"]).mean()).backward()
     for name, p in again.critic.named_parameters():
         torch.testing.assert_close(spy.grads[name][0], p.grad, rtol=1e-4, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("recipe", ["dmd2_distill", "lora_dmd2"])
+def test_the_cpu_demo_sets_the_rates_of_both_optimisers(recipe, tmp_path):
+    """Issue 31: `experiment=cpu_demo` set `module.optim.lr` alone, which reached only the student
+    (1e-3 against the critic's 4e-7: 2500:1 for a 5:1 recipe), and the README demo's student
+    diverged. The demo now gives both optimisers its rates, in the recipe's ratio, and the same
+    warmup; the base recipe keeps the demo's own rate."""
+    cfg = compose_train(["experiment=cpu_demo", f"recipe={recipe}"], tmp_path)
+    student, critic = cfg.module.optim, cfg.module.critic_optim
+    assert critic.lr / student.lr == pytest.approx(cfg.module.dmd.critic_lr_ratio)
+    assert student.warmup_steps == critic.warmup_steps == 0
+    assert compose_train(["experiment=cpu_demo"], tmp_path).module.optim.lr == 1e-3
+
+
+def test_rates_far_off_the_configured_ratio_give_one_warning(teacher_ckpt, tmp_path, caplog):
+    """Issue 31: an override of the student's rate silently left the critic's behind; the recipe
+    now warns (once) when critic lr / student lr is more than 10x off `dmd.critic_lr_ratio`."""
+    import logging
+
+    def warnings(*extra):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="magitrain"):
+            overrides = ["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}", *extra]
+            instantiate(compose_train(overrides, tmp_path).module)
+        return [r.getMessage() for r in caplog.records if "critic_lr_ratio" in r.getMessage()]
+
+    assert warnings() == []  # the recipe's own 2e-6 / 4e-7
+    assert warnings("module.optim.lr=1e-5", "module.critic_optim.lr=1e-5") == []  # 5x off: tolerated
+    (message,) = warnings("module.optim.lr=1e-3")  # the old demo: 4e-7 / 1e-3
+    assert "module.critic_optim.lr=4e-07" in message and "module.optim.lr=0.001" in message
+    assert len(warnings("module.critic_optim.lr=1e-3")) == 1  # the critic far ahead

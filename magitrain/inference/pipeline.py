@@ -84,6 +84,7 @@ class Generation:
     frames: Tensor  # [F, H', W', 3] uint8: what the mp4 holds (upsampled when output_size was given)
     timings: dict  # a Table 2 row (see timing.StageTimer.row)
     meta: dict = field(default_factory=dict)
+    latents: tuple[Tensor, Tensor] | None = None  # what was decoded: video [1, 48, T, h, w], audio [1, N, 64]
 
     def save(self, path: str | Path) -> Path:
         """Write `path` (mp4) and `path` with suffix .json (the timings, mux time included)."""
@@ -317,7 +318,7 @@ class MagiHumanPipeline:
         if size is not None:  # after the timed stages, as released
             frames = upsample_frames(frames, size[::-1], upsample_mode)
             meta.update(output_size=output_size, upsample_mode=upsample_mode)
-        return Generation(video, audio, rate, frames, row, meta)
+        return Generation(video, audio, rate, frames, row, meta, latents=latents)
 
     def generate_latents(
         self,

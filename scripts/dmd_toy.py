@@ -55,7 +55,7 @@ def readme_dmd2_lines() -> tuple[list[str], list[str]]:
         line for line in lines if line.startswith("python train.py") and "recipe=dmd2_distill" in line
     )
     export = lines[lines.index(train) + 1]
-    if not export.startswith("python -m magitrain.checkpoint.export"):
+    if not export.startswith("python -m magitrain.export"):
         raise ValueError(f"README.md: the line after the DMD-2 command is not its export: {export!r}")
     return shlex.split(train, comments=True)[2:], shlex.split(export, comments=True)[3:]
 
@@ -82,10 +82,10 @@ def run_dir(overrides: list[str]) -> str:
 
 
 def run_export(args: list[str]) -> None:
-    """`python -m magitrain.checkpoint.export CKPT OUT [--ema]`, in this process."""
-    from magitrain.checkpoint.export import export
+    """`python -m magitrain.export CKPT OUT [--ema] ...`, in this process."""
+    from magitrain.export import main
 
-    export(args[0], args[1], ema="--ema" in args[2:])
+    main(args)
 
 
 def with_steps(overrides: list[str], steps: int | None) -> list[str]:

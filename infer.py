@@ -59,15 +59,36 @@ class InferConfig:
     lora_scale: str = arg("1.0", "LoRA scale: one for all adapters, or [S1,S2,...] one per adapter")
     sr_lora: str | None = arg(None, "LoRA adapter file(s) applied to the SR network (recipe=lora_sr_*)")
     sr_lora_scale: str = arg("1.0", "SR LoRA scale(s), like lora_scale")
-    steps: int = arg(8, "8: distilled sampler; 32: UniPC with CFG")
-    sampler: str | None = arg(None, "distilled | base (default: from steps)")
+    steps: int | None = arg(None, "denoising steps (default: what ckpt was trained for, else 8)")
+    sampler: str | None = arg(
+        None, "distilled | base (default: ckpt's; else 8 steps: distilled, 32: UniPC with CFG)"
+    )
     seed: int = arg(0, "noise seed (a CPU generator: the same noise on any device)")
     negative_prompt: str | None = arg(None, "CFG's negative prompt, verbatim (default: the codecs config's)")
+    negative_prompt_file: str | None = arg(None, "CFG's negative prompt read from a UTF-8 text file")
+    guidance_video: float = arg(5.0, "base CFG: video scale while the timestep t > guidance_switch_t")
+    guidance_video_low: float = arg(2.0, "base CFG: video scale from guidance_switch_t on")
+    guidance_switch_t: int = arg(500, "base CFG: the timestep (of 1000) where the video scale switches")
+    guidance_audio: float = arg(5.0, "base CFG: audio scale")
+    sr_steps: int = arg(5, "SR stage: UniPC steps")
+    sr_noise_value: int = arg(220, "SR stage: re-noise at this DDPM step (220: signal 0.8389; 0: none)")
+    sr_cfg: bool = arg(
+        False, "SR stage with CFG against the negative prompt (the release can; off as shipped)"
+    )
+    sr_guidance: float = arg(3.5, "sr_cfg: video scale")
+    sr_cfg_trick: bool = arg(True, "sr_cfg: at most 2.0 on the first 13 latent frames (the release's trick)")
+    generator_device: str = arg("cpu", "where the noise is drawn: cpu (any machine, same noise) | cuda")
+    output_size: str | None = arg(
+        None, "resize the decoded frames to WIDTHxHEIGHT (after Decode, as released)"
+    )
+    upsample_mode: str = arg("bilinear", "output_size's filter: bilinear | nearest | bicubic")
     out: str = arg("outputs/infer/sample.mp4", "the mp4 (prompts=: NAME_000.mp4, ...); benchmark: the JSON")
     model: str | None = arg(
         None, "architecture preset (default: the folder's config.json, else magihuman_15b)"
     )
-    sr_model: str | None = arg(None, "SR preset (default: config.json, else magihuman_15b_sr540 / _sr1080)")
+    sr_model: str | None = arg(
+        None, "SR architecture: 540p | 1080p | a preset (default: sr_ckpt's config.json, else by output size)"
+    )
     weights: str = arg("auto", "Lightning checkpoints: auto (EMA if saved) | ema | raw")
     codecs: str = arg("magihuman", "conf/codecs/NAME.yaml or a YAML path; benchmark: random too")
     codecs_fields: dict = arg(
@@ -81,7 +102,7 @@ class InferConfig:
     benchmark: bool = arg(False, "time the Table 2 rows with random weights instead of generating")
     bench_rows: list = arg(["none", "540p", "1080p"], "benchmark: the SR targets after a 256p base stage")
     bench_repeats: int = arg(2, "benchmark: timed runs per row (after one warm-up)")
-    text_tokens: int = arg(100, "benchmark: random prompt embedding length")
+    text_tokens: int = arg(300, "benchmark: random prompt embedding length (like a 150-250-word prompt)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(InferConfig)}
@@ -221,9 +242,49 @@ def _json_row(file: Path, number: int, line: str) -> dict:
     return row
 
 
+def sampling(cfg: InferConfig):
+    """The pipeline's `Sampling` of the guidance and SR keys (the release's values by default)."""
+    from magitrain.flow import Guidance
+    from magitrain.inference import Sampling
+
+    guidance = Guidance(cfg.guidance_video, cfg.guidance_video_low, cfg.guidance_switch_t, cfg.guidance_audio)
+    trick = Sampling.sr_cfg_trick_value if cfg.sr_cfg_trick else None
+    return Sampling(
+        guidance, cfg.sr_steps, cfg.sr_noise_value, cfg.sr_cfg, cfg.sr_guidance, sr_cfg_trick_value=trick
+    )
+
+
+def negative_prompt(cfg: InferConfig) -> str | None:
+    """`negative_prompt=TEXT`, or the text of `negative_prompt_file=PATH` (one trailing newline dropped)."""
+    if cfg.negative_prompt_file is None:
+        return cfg.negative_prompt
+    if cfg.negative_prompt is not None:
+        raise UserError("give negative_prompt=TEXT or negative_prompt_file=PATH, not both")
+    from magitrain.codecs.text import read_prompt_file
+
+    try:
+        return read_prompt_file(cfg.negative_prompt_file, "negative_prompt_file")
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+
+
+def check_output(cfg: InferConfig) -> None:
+    """output_size / upsample_mode errors before any network loads."""
+    from magitrain.codecs.media import UPSAMPLE_MODES
+    from magitrain.inference.shapes import parse_output_size
+
+    if cfg.upsample_mode not in UPSAMPLE_MODES:
+        raise UserError(f"upsample_mode={cfg.upsample_mode}: expected one of {', '.join(UPSAMPLE_MODES)}")
+    if cfg.output_size is not None:
+        try:
+            parse_output_size(cfg.output_size)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+
 def jobs(cfg: InferConfig) -> list[dict]:
     """(prompt, seed, image, negative_prompt, out) of every clip to generate."""
-    base = {"seed": cfg.seed, "image": cfg.image, "negative_prompt": cfg.negative_prompt}
+    base = {"seed": cfg.seed, "image": cfg.image, "negative_prompt": negative_prompt(cfg)}
     if cfg.prompts is None:
         return [{**base, "prompt": cfg.prompt, "out": cfg.out}]
     if cfg.prompt is not None:
@@ -253,6 +314,33 @@ def with_adapters(network, paths: str, scales: str, key: str):
     return apply_adapters(network, convert(paths, list, key), scales, key)
 
 
+SR_MODELS = {"540p": "magihuman_15b_sr540", "1080p": "magihuman_15b_sr1080"}
+
+
+def sr_architecture(sr: str, sr_model: str | None) -> tuple[str | None, str]:
+    """(the preset asked for, the fallback) of the SR network. Decided by the checkpoint, never by how
+    `sr` is spelt: `sr_model=` when given (540p | 1080p | a preset), else the checkpoint's own config
+    (load_network), else the output's size class: a short side of 1024 pixels or more is 1080p's."""
+    from magitrain.inference import parse_resolution
+
+    try:
+        short_side = min(parse_resolution(sr))
+    except ValueError as err:
+        raise UserError(f"sr={sr}: {err}") from None
+    return SR_MODELS.get(sr_model, sr_model), SR_MODELS["1080p" if short_side >= 1024 else "540p"]
+
+
+def load_sr_network(cfg: InferConfig, sr: str, dtype: torch.dtype):
+    """The SR network (see `sr_architecture`), its attention pattern logged."""
+    preset, by_size = sr_architecture(sr, cfg.sr_model)
+    network = load_checked(cfg.sr_ckpt, preset, cfg.weights, "sr_ckpt", dtype, by_size)
+    local, layers = network.config.local_attn_layers, network.config.num_layers
+    source = f"sr_model={cfg.sr_model}" if preset else f"sr_ckpt's config, else {by_size} for sr={sr}"
+    attention = f"local attention in {len(local)} of {layers} layers" if local else "full attention"
+    log.info("SR network (%s): %s", source, attention)
+    return network
+
+
 def check_cp(degree: int, network, key: str) -> None:
     """A CP degree splits the heads: it must divide the network's kv heads."""
     from magitrain.parallel.context_parallel import check_degree
@@ -265,6 +353,24 @@ def check_cp(degree: int, network, key: str) -> None:
         raise UserError(f"cp={degree} does not fit the {key} network: {err}") from err
 
 
+def sampling_for(cfg: InferConfig) -> tuple[int, str]:
+    """(steps, sampler): the ones given, else those ckpt was trained for (its config.json or
+    hyper-parameters: a DMD-2 student's 8 distilled steps), else the released defaults."""
+    from magitrain.inference.networks import recorded_sampling
+    from magitrain.inference.pipeline import DEFAULT_SAMPLER, SAMPLERS
+
+    recorded = recorded_sampling(cfg.ckpt) or {}
+    sampler = cfg.sampler or recorded.get("sampler")
+    if sampler is None:
+        sampler = DEFAULT_SAMPLER.get(cfg.steps) if cfg.steps else "distilled"
+    if sampler not in SAMPLERS:
+        given = f"sampler={cfg.sampler}" if cfg.sampler else f"steps={cfg.steps} has no default sampler"
+        raise UserError(f"{given}: pass sampler= one of {', '.join(SAMPLERS)}")
+    default_steps = {name: steps for steps, name in DEFAULT_SAMPLER.items()}[sampler]
+    steps = cfg.steps or (recorded.get("steps") if recorded.get("sampler") == sampler else default_steps)
+    return steps, sampler
+
+
 def generate(cfg: InferConfig, device: torch.device, group) -> None:
     from magitrain.inference import MagiHumanPipeline, format_table, write_json
     from magitrain.inference.pipeline import uses_bf16
@@ -273,6 +379,7 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
         raise UserError("infer.py needs ckpt=PATH and prompt=TEXT or prompts=FILE (or benchmark=true)")
     todo = jobs(cfg)
     sr = optional(cfg.sr)
+    check_output(cfg)
     if sr and not cfg.sr_ckpt:
         raise UserError(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
     if cfg.sr_lora and not sr:
@@ -280,12 +387,10 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
     dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32
     codecs = build_codecs(cfg.codecs, cfg.codecs_fields, dtype)  # before the networks: its errors are cheap
     model = load_checked(cfg.ckpt, cfg.model, cfg.weights, "ckpt", dtype)
+    steps, sampler = sampling_for(cfg)
     if cfg.lora:
         model = with_adapters(model, cfg.lora, cfg.lora_scale, "lora")
-    sr_preset = "magihuman_15b_sr1080" if sr == "1080p" else "magihuman_15b_sr540"
-    sr_model = (
-        load_checked(cfg.sr_ckpt, cfg.sr_model, cfg.weights, "sr_ckpt", dtype, sr_preset) if sr else None
-    )
+    sr_model = load_sr_network(cfg, sr, dtype) if sr else None
     if cfg.sr_lora:
         sr_model = with_adapters(sr_model, cfg.sr_lora, cfg.sr_lora_scale, "sr_lora")
     for network in filter(None, (model, sr_model)):
@@ -294,13 +399,14 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
         check_cp(cfg.cp, network, key)
     pipe = MagiHumanPipeline(
         model, codecs, sr_model, device=device, precision=cfg.precision, offload=cfg.offload,
-        group=group, compile=cfg.compile,
+        group=group, compile=cfg.compile, generator_device=cfg.generator_device, sampling=sampling(cfg),
     )  # fmt: skip
     rows = []
     for job in todo:
         result = pipe.generate(
-            job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=cfg.steps,
-            sampler=cfg.sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
+            job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=steps,
+            sampler=sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
+            output_size=cfg.output_size, upsample_mode=cfg.upsample_mode,
         )  # fmt: skip
         if result is None:  # a CP rank other than 0: rank 0 writes
             continue

@@ -67,6 +67,8 @@ def load_codecs(overrides: list[str], device: str):
     cfg = OmegaConf.load(path)
     fields = [o.removeprefix("codecs.") for o in overrides if o.startswith("codecs.")]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(fields))
+    if "video_decoder" in cfg:
+        cfg.video_decoder = "wan"  # encoding never decodes: no Turbo-VAED to load
     return instantiate(cfg).to(device)
 
 

@@ -5,7 +5,7 @@ third-party warnings that are wrong for this project.
         with command_line():
             main()
 
-train.py, infer.py, `python -m magitrain.checkpoint.export` and data_tools/*.py use it.
+train.py, infer.py, `python -m magitrain.export` and data_tools/*.py use it.
 
 - Errors a user causes (`magitrain.errors.UserError`, a missing file, a checkpoint that does not
   match the model, a missing mandatory config value, a Hydra composition or override error) print
@@ -13,12 +13,13 @@ train.py, infer.py, `python -m magitrain.checkpoint.export` and data_tools/*.py 
   the full traceback instead; any other exception keeps its traceback.
 - Lightning adds its own console handler to the `lightning` logger, which also propagates to the
   root handler (Hydra's job logging or `logging.basicConfig`): every line would print twice.
-- A few warnings are filtered, each by its exact message (and module where the warning names one),
-  with the reason next to it. Nothing is silenced by category.
+- A few warnings and library log lines are filtered, each by its exact message (and module or
+  logger), with the reason next to it. Nothing is silenced by category.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -62,6 +63,40 @@ IGNORED_WARNINGS = (
         "",
         "inside Lightning's own pytree helper with torch 2.11; nothing a user can act on",
     ),
+    (
+        r"The `srun` command is available on your system but is not used",
+        "",
+        "magitrain runs Slurm jobs through slurm/*.sbatch (cluster=slurm), which call srun; a command "
+        "typed on a machine that has Slurm installed (a login node, the planner) is not a mistaken job",
+    ),
+    (
+        r"Checkpoint directory .* exists and is not empty",
+        "",
+        "a fresh start into a checkpoint folder holding checkpoints is refused before Lightning starts "
+        "(magitrain.launch.refuse_stale_checkpoints); the one that reaches here is a resume (ckpt_path=)",
+    ),
+)
+# (logger name, start of the message, why the log line is wrong for magitrain): filtered by
+# `_DropLines`, for lines that libraries log rather than warn
+IGNORED_LOG_LINES = (
+    (
+        "diffusers.quantizers.torchao.torchao_quantizer",
+        "Unable to import `torchao` Tensor objects",
+        "diffusers registers torchao's tensor classes for loading torchao-serialised checkpoints and "
+        "looks for classes torchao 0.18 moved; magitrain loads none (an fp8 LoRA base is quantised "
+        "after loading bf16 weights)",
+    ),
+    (
+        "lightning.pytorch.utilities.rank_zero",
+        "💡 Tip: For seamless cloud logging",
+        "an advertisement Lightning prints whenever LitLogger is not among the loggers",
+    ),
+    (
+        "hydra.core.utils",
+        "Error executing job with overrides",
+        "the error follows as `error: ...` naming what to change (or its traceback); the overrides "
+        "are the command just typed",
+    ),
 )
 
 
@@ -91,6 +126,9 @@ def user_message(err: BaseException) -> str | None:
             options = ", ".join(err.options or [])
             first = str(err).split("\n")[0]
             return first + (f"; choose one of: {options}" if options else "")
+        unknown = unknown_key(err)
+        if unknown:
+            return unknown
         if isinstance(err, (OverrideParseException, ConfigCompositionException)):
             cause = f"\n{str(err.__cause__).splitlines()[0]}" if err.__cause__ is not None else ""
             return (str(err).split("\nConfig search path")[0].strip() + cause).strip()
@@ -98,6 +136,47 @@ def user_message(err: BaseException) -> str | None:
             return str(err)
         err = err.__cause__ or err.__context__
     return None
+
+
+def unknown_key(err: BaseException) -> str | None:
+    """`unknown key trainer.max_step; did you mean trainer.max_steps?` for an override of a key the
+    composed config does not have (Hydra's own advice, to append `+trainer.max_step`, hides a typo)."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    if not isinstance(err, ConfigCompositionException):
+        return None
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or cause.full_key is None:
+        return None
+    parent = cause.parent_node
+    siblings = [str(k) for k in parent.keys()] if hasattr(parent, "keys") else []
+    close = difflib.get_close_matches(str(cause.key), siblings, n=1)
+    prefix = cause.full_key.rpartition(".")[0]
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    return f"unknown key {cause.full_key}{hint} (a new key is added with +{cause.full_key}=...)"
+
+
+class _DropLines(logging.Filter):
+    """Drops a logger's records that start with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def drop_log_lines() -> None:
+    """Install the filters of IGNORED_LOG_LINES (once per logger, before the libraries log)."""
+    by_logger: dict[str, tuple[str, ...]] = {}
+    for name, prefix, _why in IGNORED_LOG_LINES:
+        by_logger[name] = (*by_logger.get(name, ()), prefix)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(prefixes))
 
 
 def route_lightning_logs() -> None:
@@ -119,6 +198,7 @@ def command_line():
     # traceback; with HYDRA_FULL_ERROR=1 it raises them instead, so they are reported here once.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # Hydra's job logging replaces it
+    drop_log_lines()
     if not {"-h", "--help"} & set(sys.argv[1:]):  # help answers without the seconds Lightning takes to import
         route_lightning_logs()
     with warnings.catch_warnings():

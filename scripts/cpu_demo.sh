@@ -12,8 +12,11 @@ STEPS=${STEPS:-300}
 python -m magitrain.data.synthetic "$DATA/clips" --num-clips 16 --seconds 1 2 --size 64x128
 python data_tools/make_shards.py "$DATA/clips" "$DATA/shards" --max-count 4 --workers 2
 python data_tools/encode_shards.py "$DATA/shards/*.tar" "$DATA/latent" codecs=tiny --bucket 32x64:0.32 --dtype float32
+if [ -e "$RUN" ]; then  # a fresh start into an earlier run's checkpoints is refused: keep that run aside
+    rm -rf "$RUN.previous" && mv "$RUN" "$RUN.previous" && echo "moved the previous demo run to $RUN.previous"
+fi
 python train.py experiment=cpu_demo trainer.max_steps="$STEPS" hydra.run.dir="$RUN"
-python -m magitrain.checkpoint.export "$RUN/checkpoints/last.ckpt" "$RUN/export" --ema
+python -m magitrain.export "$RUN/checkpoints/last.ckpt" "$RUN/export" --ema
 python infer.py ckpt="$RUN/export" model=tiny codecs=tiny prompt="A white square bounces over a gradient" \
     seconds=0.32 resolution=64x32 steps=8 seed=0 out="$RUN/sample.mp4"
 echo "CPU demo done: losses in $RUN/csv/metrics.csv, released-layout weights in $RUN/export, a sample in $RUN/sample.mp4"

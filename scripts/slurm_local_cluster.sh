@@ -76,9 +76,10 @@ SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# no cgroups in containers: plain process tracking, no task binding
+# no cgroups in containers: plain process tracking; tasks are bound to their CPUs by affinity
+# (sched_setaffinity), as task/affinity or task/cgroup do on a real cluster
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none

@@ -25,6 +25,10 @@ echo "magitrain: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}" \
 # preemption signal to the batch shell) arrives here and is passed on: srun forwards it to the tasks.
 trap 'echo "magitrain: SIGUSR1 -> tasks"; kill -USR1 "${srun_pid:-}" 2>/dev/null || true' USR1
 
+# Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without this, task/affinity
+# or task/cgroup binds each rank and its DataLoader workers to one CPU.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+
 # cluster=slurm: Lightning's SLURMEnvironment (auto-requeue on SIGUSR1), this run directory, one
 # log file per rank (conf/cluster/slurm.yaml); ckpt_path=last: resume from the run's newest checkpoint;
 # run_name: W&B names the run after the job.

@@ -186,6 +186,27 @@ def test_text_lengths_and_padding(codecs):
     torch.testing.assert_close(alone[0], emb[0, :6], atol=1e-5, rtol=1e-5)  # padding is masked
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_text_batch_rows_equal_prompts_alone_whatever_the_padding_side(codecs, side):
+    """A batch row is its prompt encoded alone (the release encodes one at a time), never zero rows.
+    Caught: a left-padding tokenizer (Gemma's may pad left) made every shorter prompt's rows all
+    zero (mask-multiply + first-rows trim)."""
+    text = codecs.text
+    prompts = ["a cat", "a dog barks at the mailman", "", "mid length prompt"]
+    alone = [text.encode([p]) for p in prompts]
+    text.tokenizer.padding_side = side
+    try:
+        emb, lengths = text.encode(prompts)
+    finally:
+        text.tokenizer.padding_side = "right"
+    assert lengths.tolist() == [int(n) for _, n in alone]
+    for row, (ref, n) in zip(emb, alone, strict=True):
+        n = int(n)
+        assert row[:n].abs().sum(-1).gt(0).all(), "a real token encoded to a zero row"
+        torch.testing.assert_close(row[:n], ref[0], atol=1e-4, rtol=1e-4)
+        assert not row[n:].any()
+
+
 def test_text_micro_batches_match_one_batch(codecs):
     prompts = ["short", "a much longer prompt than the first", "mid length"]
     text = codecs.text
@@ -254,6 +275,7 @@ def test_magihuman_yaml_instantiates(codecs, saved):
     cfg.video_vae_path, cfg.audio_vae_path, cfg.text_encoder_path = (
         str(saved / "video"), str(saved / "audio"), str(saved / "text"))  # fmt: skip
     cfg.vae_dtype = cfg.text_dtype = "float32"
+    cfg.video_decoder = "wan"  # the default, turbo, needs its checkpoint (tested below)
     loaded = instantiate(cfg)
     assert isinstance(loaded, Codecs) and loaded.text.output_dtype == torch.float16
     assert loaded.text.negative_prompt.startswith("blurry")
@@ -319,12 +341,11 @@ def test_magihuman_yaml_selects_turbo_vaed(codecs, saved, tmp_path):
     turbo = tiny_turbo_vaed()
     turbo.save_pretrained(tmp_path / "turbo")
     cfg = OmegaConf.load("conf/codecs/magihuman.yaml")
-    assert cfg.video_decoder == "wan"
+    assert cfg.video_decoder == "turbo"  # the release's default decoder
     cfg.video_vae_path, cfg.audio_vae_path, cfg.text_encoder_path = (
         str(saved / "video"), str(saved / "audio"), str(saved / "text"))  # fmt: skip
     cfg.vae_dtype = cfg.text_dtype = "float32"
-    cfg.video_decoder = "turbo"
-    with pytest.raises(Exception, match="codecs.turbo_vaed_path is not set"):
+    with pytest.raises(Exception, match="codecs.turbo_vaed_path is not set.*codecs.video_decoder=wan"):
         instantiate(cfg)
     cfg.turbo_vaed_path = str(tmp_path / "turbo")
     loaded = instantiate(cfg)

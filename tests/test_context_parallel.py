@@ -1,6 +1,6 @@
-"""Ulysses context parallelism on two gloo CPU processes equals one process: the model's forward
-and backward (local mask, padded text, slices of unequal length), and SR training
-steps with dp=1 x cp=2."""
+"""Ulysses context parallelism on gloo CPU processes equals one process: the model's forward
+and backward (local mask, padded text, slices of unequal length) with cp=2 and with dp=2 x cp=2,
+and SR training steps with dp=1 x cp=2."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def _config():
     return tiny(local_attn_layers=(0, 2), frame_window=1, coords_style="v1")
 
 
-def _inputs(audio_tokens: int):
-    g = torch.Generator().manual_seed(0)
+def _inputs(audio_tokens: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
     video = torch.randn(2, 48, 3, 4, 6, generator=g)  # 3 x 2 x 3 = 18 video tokens
     audio = torch.randn(2, audio_tokens, 64, generator=g)
     text = torch.randn(2, 6, 64, generator=g)
@@ -41,9 +41,9 @@ def _forward_backward(model, inputs):
     return (v_video.detach(), v_audio.detach()), grads
 
 
-def _init(rank: int, store: str) -> None:
+def _init(rank: int, store: str, world_size: int = CP) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=CP)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
 
 
 def _model_worker(rank: int, store: str, audio_tokens: int) -> None:
@@ -71,6 +71,42 @@ def _model_worker(rank: int, store: str, audio_tokens: int) -> None:
 def test_cp2_forward_and_backward_equal_one_process(audio_tokens, tmp_path):
     # 18 video + 9 audio + 6 text = 33 tokens: slices of 16 and 17 (8 + 8 audio tokens: 16 and 16)
     mp.spawn(_model_worker, args=(str(tmp_path / "store"), audio_tokens), nprocs=CP)
+
+
+DP = 2
+
+
+def _dp_cp_worker(rank: int, store: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _init(rank, store, DP * CP)
+    try:
+        mesh = init_device_mesh("cpu", (DP, CP), mesh_dim_names=("data_parallel", "context_parallel"))
+        torch.manual_seed(0)
+        model = MagiHumanDiT(_config())
+        reference = MagiHumanDiT(_config())
+        reference.load_state_dict(model.state_dict())
+        expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        for replica in range(DP):  # one process: the mean gradient of both replicas' batches
+            reference.zero_grad(set_to_none=True)
+            for name, grad in _forward_backward(reference, _inputs(9, seed=replica))[1].items():
+                expected[name] += grad / DP
+
+        enable_context_parallel(model, mesh["context_parallel"].get_group())
+        _forward_backward(model, _inputs(9, seed=mesh["data_parallel"].get_local_rank()))
+        average_gradients(model, mesh["context_parallel"].get_group())
+        average_gradients(model, mesh["data_parallel"].get_group())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dp2_cp2_backward_equals_one_process(tmp_path):
+    """Four gloo ranks, two CP groups ({0, 1} and {2, 3}): the backward of the final all-gather
+    must not take group ranks for global ones (torch.distributed.nn's all_gather did off NCCL:
+    "Global rank 0 is not part of group" on the second group's first backward)."""
+    mp.spawn(_dp_cp_worker, args=(str(tmp_path / "store"),), nprocs=DP * CP)
 
 
 def _sr_steps(module, batch, steps: int, group=None) -> dict[str, torch.Tensor]:

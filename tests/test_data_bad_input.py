@@ -1,5 +1,6 @@
 """Corrupt, truncated and incomplete input is skipped and counted per reason; good samples still arrive."""
 
+import io
 import json
 import tarfile
 from collections import Counter
@@ -80,3 +81,33 @@ def test_validate_lists_every_bad_sample(bad_shards, capsys):
     assert {k for k, _ in bad} == {"000000.tar", "000001.tar"}
     reasons = Counter(reason.split(":")[0] for reason in bad.values())
     assert reasons == {"corrupt_video": 2, "bad_json": 1, "truncated_tar": 1, "missing_in_tar": 2}
+
+
+def test_oversized_images_and_videos_are_bad_samples_not_decoded(tmp_path):
+    """Image bombs: a 12000x12000 KEY.jpg (1.7 MB, one grey) was decoded whole, 2.2 GB on its way to
+    the bucket, and a worker killed for memory ends the run. Sizes are read from the headers (the
+    JPEG's, and the mp4's as its index row recorded it): above data.max_pixels the sample is
+    counted as bad (too_large) and the others still arrive."""
+    from PIL import Image
+
+    from magitrain.data.buckets import Bucket
+    from magitrain.data.decode import BadSample, RawOptions, decode_image
+    from magitrain.data.index import probe_media
+
+    bomb = io.BytesIO()
+    Image.new("L", (12000, 12000), 128).save(bomb, "JPEG", quality=50)
+    with pytest.raises(BadSample, match=r"too_large: KEY.jpg is 12000x12000 > data.max_pixels=33177600"):
+        decode_image(bomb.getvalue(), Bucket(64, 128, 25, 1), RawOptions().max_pixels)  # the default
+    samples = []
+    for i, size in enumerate([(64, 128), (64, 128), (128, 256), (64, 128)]):
+        make_clip(tmp_path / "clip.mp4", seconds=1.2, size=size, audio="tone", seed=i)
+        sample = members(f"clip{i}", (tmp_path / "clip.mp4").read_bytes())
+        if i == 1:
+            sample["jpg"] = bomb.getvalue()
+        samples.append((sample, {**probe_media(sample["mp4"]), "language": "en"}))
+    write_shard(tmp_path, 0, "raw", samples)
+    keys, dm = run(str(tmp_path / "000000.tar"), max_bad_fraction=1.0, max_pixels=128 * 256 - 1)
+    assert set(keys) == {"clip0", "clip3"}
+    assert dm.quality.counts == {"too_large": 2}
+    assert "12000x12000 > data.max_pixels" in dm.quality.summary()
+    assert "256x128 > data.max_pixels" in dm.quality.summary()

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from test_data_raw import tool
 
 from magitrain.data.datamodule import MagiDataModule
 from magitrain.data.synthetic import make_latent_dataset
@@ -142,3 +143,53 @@ def test_clips_without_audio_train_video_only(tmp_path):
             assert grads["audio"][2].abs().sum() == 0 and grads["audio"][0].abs().sum() > 0
     assert losses["mask"][2] == 0 and losses["silence"][2] > 0
     torch.testing.assert_close(losses["mask"][:2], losses["silence"][:2])
+
+
+def test_text_embeddings_with_zero_rows_are_flagged_by_validate_and_the_loader(tmp_path, capsys):
+    """A caption whose rows are all zero (what a batched encoder that assumed right padding wrote
+    for a left-padded prompt) is a bad sample `zero_text`: `inspect_shards --validate` lists it and
+    the loader skips and counts it. Caught: without the check both pass it on silently."""
+    zeroed = tensors()
+    zeroed["text_emb"][2:] = 0  # the real rows of a short caption in a left-padded batch
+    samples = [latent_sample(f"good{i}", {"caption": "ok"}, tensors()) for i in range(3)]
+    write_shard(tmp_path, 0, "latent", [*samples, latent_sample("zeroed", {"caption": "lost"}, zeroed)])
+    assert tool("inspect_shards.py", str(tmp_path / "000000.tar"), "--validate", "--json") == 1
+    bad = json.loads(capsys.readouterr().out)["bad"]
+    assert [(key, reason) for _, key, reason in bad] == [
+        ("zeroed", "zero_text: text_emb has 3 of 5 rows all zero")
+    ]
+    dm, keys, _ = run(tmp_path)
+    assert set(keys) == {"good0", "good1", "good2"} and dm.quality.counts == {"zero_text": 1}
+
+
+def test_the_logged_audio_loss_is_the_mean_over_the_clips_that_have_audio(tmp_path):
+    """A real run on [two clips + one without audio] logs train/loss_audio as the audio loss summed
+    over the step's clips / 2 (the clips with audio), and train/loss with it. Catches the logging
+    window dividing by all 3 clips (checked by planting it: this test then fails)."""
+    import csv
+
+    from conftest import compose_train, tiny_run
+
+    from magitrain.launch import train
+    from magitrain.recipes import FlowMatchingModule
+
+    make_latent_dataset(tmp_path, num_samples=2, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64)
+    mute = latent_sample("mute", {"caption": "no", "has_audio": False}, tensors(t=3, h=4, w=6, text_dim=64))
+    write_shard(tmp_path, 1, "latent", [mute])
+    overrides = tiny_run(tmp_path, "trainer.max_steps=1", "trainer.log_every_n_steps=1", "data.shuffle=false")
+    overrides = [o.replace("batch_size: 2", "batch_size: 3") for o in overrides]
+    seen = []
+    original = FlowMatchingModule.flow_loss
+    FlowMatchingModule.flow_loss = lambda self, batch: seen.append(original(self, batch)) or seen[-1]
+    try:
+        train(compose_train([*overrides, "module.flow.audio_weight=0.5"], tmp_path / "run"))
+    finally:
+        FlowMatchingModule.flow_loss = original
+    (out,) = seen
+    assert out["heard"].tolist() == [1.0, 1.0, 0.0]
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        (row,) = [r for r in csv.DictReader(f) if r.get("train/loss_audio")]
+    audio, video = out["audio"].sum().item() / 2, out["video"].mean().item()
+    assert float(row["train/loss_audio"]) == pytest.approx(audio, rel=1e-5)
+    assert float(row["train/loss"]) == pytest.approx(video + 0.5 * audio, rel=1e-5)
+    assert float(row["train/loss"]) == pytest.approx(out["loss"].item(), rel=1e-5)

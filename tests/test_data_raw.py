@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load
@@ -211,3 +212,61 @@ def test_decoder_scaling_never_turns_a_good_clip_corrupt(tmp_path, source, bucke
     native = decord.VideoReader(str(tmp_path / "clip.mp4")).get_batch(list(range(9))).asnumpy()
     expected = resize_cover_crop(torch.from_numpy(native).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3)
     assert (out["video"].float() - expected.float()).abs().mean() < 6  # of 255: scaler vs ours
+
+
+VFR_TIMES = np.concatenate([np.arange(10) / 10, 1 + np.arange(50) / 50])  # 10 fps, then 50 fps
+
+
+def write_vfr_clip(path: Path, size: int = 64, rate: int = 48000) -> None:
+    """2 s: 1 s at 10 fps, then 1 s at 50 fps (VFR_TIMES, pts set per frame, 1 ms time base). Each
+    frame's grey level is 20 + 100 x its time in s; the mono AAC track is a 440 Hz tone whose
+    amplitude is 0.1 + 0.2 x the time, so both tracks show their own time."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=50)
+        video.width = video.height = size
+        video.pix_fmt, video.time_base = "yuv420p", Fraction(1, 1000)
+        video.codec_context.time_base = Fraction(1, 1000)
+        video.options = {"crf": "0", "preset": "veryfast"}  # lossless: the grey levels survive
+        audio = container.add_stream("aac", rate=rate)
+        audio.layout = "mono"
+        for t in VFR_TIMES:
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 20 + round(100 * t), np.uint8))
+            frame.pts, frame.time_base = round(float(t) * 1000), Fraction(1, 1000)
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        t = np.arange(2 * rate) / rate
+        wave = ((0.1 + 0.2 * t) * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+        for start in range(0, wave.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(wave[:, start : start + 1024], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+
+
+def test_variable_frame_rate_clip_stays_in_sync(tmp_path):
+    """Frames were picked by index at the average rate (30 fps here) while the audio is cut by time:
+    at 0.5 s the loader showed the frame of 1.1 s. Each frame of the cut must be the source frame
+    nearest its 25 fps time, and show the time its audio slice does."""
+    from magitrain.data.index import probe_media
+
+    write_vfr_clip(tmp_path / "vfr.mp4")
+    sample = {"__key__": "vfr", "mp4": (tmp_path / "vfr.mp4").read_bytes(), "json": b'{"caption": "c"}'}
+    row = probe_media(sample["mp4"])
+    assert abs(row["duration"] - 2.0) < 0.03 and 20 < row["fps"] < 40, row  # an average rate
+    bucket = Bucket(64, 64, 45, 1)
+    opts = RawOptions(sample_rate=51200, channels=1, random_offset=True)
+    for seed in range(3):  # random starts within the 2 s span
+        out = decode_raw(sample, row, bucket, opts, random.Random(seed))
+        shown = (out["video"].float().mean(dim=(0, 2, 3)).numpy() - 20) / 100  # each frame's time
+        slices = out["audio"][0].reshape(bucket.frames, -1).numpy()  # the 1/25 s of each frame
+        heard = (np.sqrt(2 * (slices**2).mean(axis=1)) - 0.1) / 0.2  # the time in its middle
+        # where the audio cut starts (FFmpeg's AAC encoder leaves a loud blip or two: the median)
+        start = float(np.median(heard - 0.02 - np.arange(bucket.frames) / 25))
+        assert abs(start - round(start * 25) / 25) < 0.015, start  # on the 25 fps grid
+        times = round(start * 25) / 25 + np.arange(bucket.frames) / 25
+        want = VFR_TIMES[np.abs(VFR_TIMES[None] - times[:, None]).argmin(axis=1)]  # the nearest frames
+        assert np.abs(shown - want).max() < 0.025, (seed, start, np.round(shown - want, 2))

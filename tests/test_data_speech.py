@@ -230,3 +230,35 @@ def test_encode_shards_with_tiny_codecs_then_train_a_few_steps(speech, tmp_path)
     ]
     trainer = train(compose_train(overrides, tmp_path / "run"))
     assert trainer.global_step == 3 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_random_offsets_cut_the_audio_at_the_drawn_first_frame(speech):
+    """`random_offset=True` on a real speech clip whose track starts 0.5 s late (its span starts at
+    frame 12): over several seeds the drawn first frame (span start + rng.randrange) varies, and
+    the decoded audio is the track from that frame's time, first / 25 s, found by matching it
+    against the whole decoded track frame by frame (speech does not repeat). Catches the audio cut
+    at the span start (or at frame 0) instead of the drawn offset; checked by planting the former:
+    this test then fails."""
+    from magitrain.data.decode import read_audio
+    from magitrain.data.span import clip_span
+
+    sample, row = sample_of(speech[1], "en_offset")
+    bucket, rate = Bucket(32, 64, 25, 1), 51200
+    span = clip_span(row, AVPolicy())
+    assert span.first == 12 and span.frames > bucket.frames + 4
+    step = rate // 25
+    whole = span.first + span.frames
+    track, _ = read_audio(sample["mp4"], True, 0.0, whole * step, rate)  # from the first video frame
+    firsts = []
+    for seed in range(6):
+        decoded = decode_raw(sample, row, bucket, RawOptions(random_offset=True), random.Random(seed))
+        first = span.first + random.Random(seed).randrange(span.frames - bucket.frames + 1)
+        audio = decoded["audio"][0]
+        errors = [
+            (audio - track[0, k * step : k * step + audio.shape[-1]]).abs().mean().item()
+            for k in range(whole - bucket.frames + 1)
+        ]
+        assert min(range(len(errors)), key=errors.__getitem__) == first, (seed, first, errors)
+        assert errors[first] < 0.1 * sorted(errors)[1], (seed, errors)  # an unambiguous match
+        firsts.append(first)
+    assert len(set(firsts)) >= 3, firsts

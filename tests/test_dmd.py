@@ -44,6 +44,7 @@ def test_generator_gradient_equals_a_hand_computation():
     for m, x in x0.items():
         grad = torch.zeros_like(x)
         g_all = torch.zeros_like(x)
+        gap = 0.0  # the mean |x0 - x0_real| per element, averaged over the samples
         for b in range(2):
             sb = s[b].item()
             xt = (1 - sb) * x[b] + sb * eps[m][b]
@@ -51,11 +52,13 @@ def test_generator_gradient_equals_a_hand_computation():
             x_fake = xt - sb * (-0.4 * xt + 0.3)
             g = (x_fake - x_real) / (x[b] - x_real).abs().mean()
             g_all[b] = g
+            gap += (x[b] - x_real).abs().mean() / 2
             grad[b] = weights[m] * g / x.numel()  # d/dx 0.5 mean((x - (x - g))^2) with g constant
         torch.testing.assert_close(leaf[m].grad, grad, rtol=1e-5, atol=1e-7)
         want_m = 0.5 * g_all.pow(2).mean()
         torch.testing.assert_close(logs[f"loss_{m}"], want_m)
         torch.testing.assert_close(logs[f"dmd_grad_{m}"], g_all.pow(2).mean().sqrt())
+        torch.testing.assert_close(logs[f"teacher_gap_{m}"], gap)
         want_loss += weights[m] * want_m
     torch.testing.assert_close(loss.detach(), want_loss)
 

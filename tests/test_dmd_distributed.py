@@ -4,6 +4,7 @@ per sample key or seeded by (seed, generator step), so losses and all three netw
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -140,3 +141,22 @@ def assert_match(single, multi, four_samples, strategy, keys, roots, sign_flips:
         diff = (w_multi[k].float() - w_single[k].float()).abs()
         off = diff > 5e-5 + 1e-4 * w_single[k].float().abs()
         assert off.float().mean() <= sign_flips and diff.max() <= 2.1e-3, (k, int(off.sum()), diff.max())
+
+
+@pytest.mark.parametrize(("devices", "strategy"), [(1, "auto"), (2, "ddp"), (2, "fsdp2")])
+def test_bf16_mixed_runs_the_student_and_the_critic_in_bf16(devices, strategy, four_samples, tmp_path):
+    """trainer.precision=bf16-mixed: the student's and the critic's block linears compute in bf16
+    under every strategy. `_velocity` wrapped them in `torch.autocast(enabled=False)`, which
+    switched the trainer's autocast off: float32 on one device and under DDP (FSDP2's bf16
+    parameters hid it). A float32 teacher (`dmd.teacher_dtype=float32`) stays float32 off FSDP2."""
+    probe = (
+        "+callbacks.probe._target_=tests.precision_probe.BlockLinearDtypes",
+        f"+callbacks.probe.out={tmp_path}",
+    )
+    extra = ("trainer.precision=bf16-mixed", "trainer.max_steps=1", "module.dmd.ttur=1", *probe)
+    run_dmd(tmp_path / "run", four_samples, devices, strategy, batch_size=2, extra=extra)
+    for rank in range(devices):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["model"] == seen["critic"] == ["torch.bfloat16"], seen
+        if strategy != "fsdp2":  # (FSDP2 gathers every network's blocks in module.parallel.param_dtype)
+            assert seen["teacher"] == ["torch.float32"], seen

@@ -244,3 +244,49 @@ def test_a_killed_run_with_the_gan_term_resumes_exactly(latent_shards, teacher_c
         if r.get(key)
     }
     assert b and all(a[step] == b[step] for step in b)
+
+
+def test_a_clip_without_audio_has_no_audio_pool_real_or_fake(teacher_ckpt, tmp_path):
+    """`audio_mask` false (data.missing_audio=mask: the clip's audio is silence, not real audio): D's
+    audio pool of that clip is left out for the real and the fake logits, in the recipe's critic
+    phase and in the generator term. Shown by moving the tapped layer's audio-token features of one
+    clip: the logits of a masked clip do not move, those of a clip with audio do. Catches the pool
+    counting the masked clip's audio (the head ignoring `heard`, or the recipe not passing the
+    batch's `audio_mask`); checked by planting each: this test then fails."""
+    from test_dmd_recipe import _batch
+
+    module = gan_module(teacher_ckpt, tmp_path)
+    ctx = module._context(_batch() | {"audio_mask": torch.tensor([True, False])})
+    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+    with torch.no_grad():
+        x0 = module._simulate(ctx, phase=0)
+    s, eps = module._score_draw(ctx)
+    n_video, n_audio = module.gan._tokens(x0)
+    (layer,) = [
+        module.critic.block.layers[i] for i in module.gan.cfg.layer_indices(len(module.critic.block.layers))
+    ]
+
+    def logits(moved: int | None) -> list[torch.Tensor]:
+        def move(m, args, out):  # before the tap's hook: the head sees the moved features
+            if moved is None:
+                return out
+            out = out.clone()
+            out[moved, n_video : n_video + n_audio] += torch.linspace(
+                -3, 3, out.shape[-1]
+            )  # (not a constant: layer-normalised)
+            return out
+
+        handle = layer.register_forward_hook(move, prepend=True)
+        try:
+            with torch.no_grad():
+                _, critic_logs = module._critic_loss_with_gan(critic, ctx, x0, s, eps)
+                _, generator_logs = module.gan.generator_loss(critic, x0, s=s, eps=eps, heard=ctx["heard"])
+        finally:
+            handle.remove()
+        return [critic_logs["gan_d_real"], critic_logs["gan_d_fake"], generator_logs["g_d_fake"]]
+
+    plain = logits(None)
+    for got, want in zip(logits(1), plain, strict=True):  # the masked clip: its audio is not judged
+        torch.testing.assert_close(got, want)
+    for got, want in zip(logits(0), plain, strict=True):  # the clip with audio: it is
+        assert not torch.allclose(got, want)

@@ -118,7 +118,7 @@ def test_a_bad_prompts_file_is_a_short_error_naming_it(content, message, tmp_pat
 
 
 def test_missing_fields_are_errors_naming_them(prompt_shards, tmp_path):
-    from magitrain.data.prompts import prompt_row
+    from magitrain.data.index import prompt_row
 
     with pytest.raises(ValueError, match="'latent_shape' in its safetensors metadata"):
         prompt_row({"text_emb": {"shape": [4, 64]}})

@@ -4,6 +4,7 @@ networks by role, step semantics, losses and conditioning, exact resume, export 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -57,9 +58,10 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
         "trainer.max_steps=4",
         "trainer.log_every_n_steps=1",
         "module.optim.warmup_steps=2",
-        "module.critic_optim.warmup_steps=4",
+        "module.critic_optim.warmup_steps=3",  # (shorter than the 4 steps: a longer one is clamped)
         "callbacks.ema.start_step=3",
         "callbacks.model_checkpoint.every_n_train_steps=2",
+        "module.dmd.monitor_every=2",
         *_probe(),
     )
     trainer = train(compose_train(overrides, tmp_path))
@@ -84,10 +86,10 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
     assert "perf/critic_phase_s" in keys and "perf/generator_phase_s" in keys
     logged = {int(r["step"]): r for r in rows if r.get("train/critic_step")}
     assert [float(logged[s]["train/critic_step"]) for s in range(4)] == [3.0, 6.0, 9.0, 12.0]
-    # both schedules count generator steps: warmup 2 and 4 generator steps
+    # both schedules count generator steps: warmup 2 and 3 generator steps
     lrs = {int(r["step"]): r for r in rows if r.get("lr-AdamW")}
     assert [float(lrs[s]["lr-AdamW"]) for s in range(3)] == pytest.approx([5e-4, 1e-3, 1e-3])
-    assert [float(lrs[s]["lr-AdamW-1"]) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert [float(lrs[s]["lr-AdamW-1"]) for s in range(4)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
 
     # networks by role: the student and critic moved, the teacher is frozen, bf16 and not saved
     start = MagiHumanDiT(tiny())
@@ -121,6 +123,21 @@ def test_fast_run_steps_in_generator_updates_and_logs_per_network(latent_shards,
         torch.testing.assert_close(after[4][1][k], ema4, rtol=1e-6, atol=1e-7, msg=k)
     assert not torch.equal(after[4][0][w], after[3][0][w])  # the student moved: the lerp is seen
     assert torch.equal(module.ema.state_dict()[w], after[4][1][w])
+    # issue 31's divergence signals: each network's update norm every monitor_every=2 generator
+    # steps (the student's: the change of its weights by that step), the teacher gap every step
+    norms = {int(r["step"]): r for r in rows if r.get("train/update_norm_student")}
+    assert sorted(norms) == [0, 2]
+    change = sum((after[3][0][k] - after[2][0][k]).double().pow(2).sum() for k in after[2][0]).sqrt()
+    assert float(norms[2]["train/update_norm_student"]) == pytest.approx(float(change), rel=1e-4)
+    critic = [float(r["train/update_norm_critic"]) for r in rows if r.get("train/update_norm_critic")]
+    assert len(critic) == 2 and all(n > 0 for n in critic)
+    for m in ("video", "audio"):
+        gaps = [
+            float(r[f"train/generator_teacher_gap_{m}"])
+            for r in rows
+            if r.get(f"train/generator_teacher_gap_{m}")
+        ]
+        assert len(gaps) == 4 and all(g > 0 for g in gaps)
 
 
 def test_the_init_checkpoint_is_read_once(teacher_ckpt, tmp_path, monkeypatch):
@@ -394,10 +411,17 @@ def test_a_killed_run_resumes_exactly(latent_shards, teacher_ckpt, tmp_path):
 
 
 def test_export_ema_gives_a_student_that_infer_py_samples_in_8_steps(latent_shards, teacher_ckpt, tmp_path):
-    trainer = train(
-        compose_train(dmd_run(latent_shards, teacher_ckpt, "callbacks.ema.start_step=0"), tmp_path / "run")
+    """Also: the export's config.json says it is an 8-step distilled student and infer.py samples
+    it so without steps= or sampler= (it took steps=8 to mean the distilled sampler by chance); and
+    the run logs its losses although a data epoch (2 batches) is shorter than the logging interval."""
+    bucket = "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 8}]"
+    overrides = dmd_run(
+        latent_shards, teacher_ckpt, "callbacks.ema.start_step=0", bucket, "trainer.log_every_n_steps=3"
     )
+    trainer = train(compose_train(overrides, tmp_path / "run"))
+    assert any(r.get("train/generator_loss") for r in read_metrics(tmp_path / "run" / "csv" / "metrics.csv"))
     out = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "export", ema=True)
+    assert json.loads((out / "config.json").read_text())["sampling"] == {"sampler": "distilled", "steps": 8}
     from magitrain.checkpoint import load_official
 
     loaded = load_official(MagiHumanDiT(tiny()), out)
@@ -405,13 +429,15 @@ def test_export_ema_gives_a_student_that_infer_py_samples_in_8_steps(latent_shar
         assert torch.equal(loaded.state_dict()[k], v), k
     mp4 = tmp_path / "sample.mp4"
     cmd = [sys.executable, str(REPO / "infer.py"), f"ckpt={out}", "model=tiny", "codecs=tiny",
-           "prompt=A man says hello", "seconds=0.32", "resolution=64x32", "steps=8", "seed=0",
+           "prompt=A man says hello", "seconds=0.32", "resolution=64x32", "seed=0",
            f"out={mp4}"]  # fmt: skip
     result = subprocess.run(
         cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert mp4.stat().st_size > 1000
+    sampled = json.loads(mp4.with_suffix(".json").read_text())
+    assert (sampled["sampler"], sampled["steps"]) == ("distilled", 8)
 
 
 def test_validation_samples_the_student_beside_the_teacher(latent_shards, teacher_ckpt, tmp_path):
@@ -434,6 +460,15 @@ def test_validation_samples_the_student_beside_the_teacher(latent_shards, teache
     assert student.read_bytes() != teacher.read_bytes()
     validations = [c for c in trainer.callbacks if type(c).__name__ == "Validation"]
     assert sorted(c.options["steps"] for c in validations) == [8, 32]
+    # issue 31: validation shows how far the student's latents are from the teacher's (same noise)
+    (row,) = [
+        r for r in read_metrics(tmp_path / "csv" / "metrics.csv") if r.get("val/teacher_rms_to_student_video")
+    ]
+    student_latents, teacher_latents = (c.latents[0] for c in validations)
+    for i, m in enumerate(("video", "audio")):
+        want = (student_latents[i] - teacher_latents[i]).pow(2).mean().sqrt()
+        assert float(row[f"val/teacher_rms_to_student_{m}"]) == pytest.approx(float(want), rel=1e-5)
+        assert float(want) > 0
 
 
 def test_the_critic_losses_logged_are_the_mean_over_the_ttur_phases(
@@ -564,3 +599,100 @@ def test_without_codecs_or_a_negative_embedding_the_run_says_how_to_give_one(
         read_negative(path, 32)
     with pytest.raises(UserError, match="nowhere.safetensors does not exist"):
         read_negative(tmp_path / "nowhere.safetensors", 64)
+
+
+class _CriticGradients(Callback):
+    """Before the first generator step: the batch, copies of the student and critic, and hooks that
+    keep each critic gradient as its backward leaves it (the critic's optimiser steps outside
+    Lightning, so no optimiser hook sees it)."""
+
+    def __init__(self):
+        self.batch, self.networks, self.grads = None, None, {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        import copy
+
+        self.batch = batch
+        self.networks = {"model": copy.deepcopy(module.model), "critic": copy.deepcopy(module.critic)}
+        for name, p in module.critic.named_parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda p, name=name: self.grads.setdefault(name, []).append(p.grad.clone())
+            )
+
+
+def test_a_real_step_weighs_the_critic_loss_of_image_conditioned_samples(
+    latent_shards, teacher_ckpt, tmp_path
+):
+    """One real DMD-2 `training_step` (ttur=1, p_image=1: every sample image-conditioned): the
+    critic's gradients equal those of the weighted loss (per-sample video MSE over the free frames,
+    then the batch mean; audio as is) recomputed on copies of the networks from before the step.
+    Catches a `training_step` that calls the core's unweighted critic loss (the helper alone is
+    tested above; its video gradient is then (T-1)/T = 2/3 of this); checked by planting that bug:
+    this test then fails."""
+    from magitrain.flow import dmd as core
+    from magitrain.flow.training import velocity_mse
+
+    overrides = tiny_run(
+        latent_shards,
+        "recipe=dmd2_distill",
+        f"teacher={teacher_ckpt}",
+        "trainer.max_steps=1",
+        "module.dmd.ttur=1",
+        "module.dmd.p_image=1.0",
+        "callbacks.ema=null",
+        f"+callbacks.grads._target_={__name__}._CriticGradients",
+    )
+    cfg = compose_train(overrides, tmp_path)
+    (spy,) = [c for c in train(cfg).callbacks if isinstance(c, _CriticGradients)]
+    assert set(spy.grads) == {n for n, _ in spy.networks["critic"].named_parameters()}
+    assert all(len(g) == 1 for g in spy.grads.values())  # one critic backward
+
+    again = instantiate(cfg.module)  # step 0 again: the same per-sample draws and exit step
+    again.configure_model()
+    again.model.load_state_dict(spy.networks["model"].state_dict())
+    again.critic.load_state_dict(spy.networks["critic"].state_dict())
+    ctx = again._context(spy.batch)
+    mask = ctx["mask"]
+    assert mask[:, 0, 0].eq(0).all() and mask[:, 0, 1:].eq(1).all()
+    with torch.no_grad():
+        x0 = again._simulate(ctx, phase=0)
+    s, eps = again._score_draw(ctx)
+    v = again._velocity(again.critic, ctx["text"], ctx["text_len"], mask, ctx["ref"])(
+        core._noised(x0, s, eps), s
+    )
+    video = velocity_mse(v["video"], eps["video"] - x0["video"], mask).mean()
+    (video + velocity_mse(v["audio"], eps["audio"] - x0["audio"]).mean()).backward()
+    for name, p in again.critic.named_parameters():
+        torch.testing.assert_close(spy.grads[name][0], p.grad, rtol=1e-4, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("recipe", ["dmd2_distill", "lora_dmd2"])
+def test_the_cpu_demo_sets_the_rates_of_both_optimisers(recipe, tmp_path):
+    """Issue 31: `experiment=cpu_demo` set `module.optim.lr` alone, which reached only the student
+    (1e-3 against the critic's 4e-7: 2500:1 for a 5:1 recipe), and the README demo's student
+    diverged. The demo now gives both optimisers its rates, in the recipe's ratio, and the same
+    warmup; the base recipe keeps the demo's own rate."""
+    cfg = compose_train(["experiment=cpu_demo", f"recipe={recipe}"], tmp_path)
+    student, critic = cfg.module.optim, cfg.module.critic_optim
+    assert critic.lr / student.lr == pytest.approx(cfg.module.dmd.critic_lr_ratio)
+    assert student.warmup_steps == critic.warmup_steps == 0
+    assert compose_train(["experiment=cpu_demo"], tmp_path).module.optim.lr == 1e-3
+
+
+def test_rates_far_off_the_configured_ratio_give_one_warning(teacher_ckpt, tmp_path, caplog):
+    """Issue 31: an override of the student's rate silently left the critic's behind; the recipe
+    now warns (once) when critic lr / student lr is more than 10x off `dmd.critic_lr_ratio`."""
+    import logging
+
+    def warnings(*extra):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="magitrain"):
+            overrides = ["recipe=dmd2_distill", "model=tiny", f"teacher={teacher_ckpt}", *extra]
+            instantiate(compose_train(overrides, tmp_path).module)
+        return [r.getMessage() for r in caplog.records if "critic_lr_ratio" in r.getMessage()]
+
+    assert warnings() == []  # the recipe's own 2e-6 / 4e-7
+    assert warnings("module.optim.lr=1e-5", "module.critic_optim.lr=1e-5") == []  # 5x off: tolerated
+    (message,) = warnings("module.optim.lr=1e-3")  # the old demo: 4e-7 / 1e-3
+    assert "module.critic_optim.lr=4e-07" in message and "module.optim.lr=0.001" in message
+    assert len(warnings("module.critic_optim.lr=1e-3")) == 1  # the critic far ahead

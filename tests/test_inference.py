@@ -16,7 +16,7 @@ from conftest import REPO
 
 from magitrain.checkpoint import CheckpointMismatchError, save_official
 from magitrain.codecs import build_tiny_codecs
-from magitrain.inference import ClipShape, MagiHumanPipeline, StageTimer, load_network
+from magitrain.inference import ClipShape, MagiHumanPipeline, StageTimer, load_network, parse_resolution
 from magitrain.model import MagiHumanDiT, get_config
 
 SIZE, SECONDS = "64x32", 0.32  # 9 frames, a 3 x 2 x 4 latent: the tiny codecs take seconds here
@@ -42,8 +42,17 @@ def test_clip_shapes_follow_the_release():
     assert clip.latent_size == (32, 16, 28) and clip.audio_tokens == 126
     assert clip.with_resolution("540p").latent_size == (32, 32, 56)
     assert clip.with_resolution("1080p").latent_size == (32, 68, 120)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        ClipShape.of(1, "100x64")
+    # floored to multiples of 32 as the release floors them (was refused)
+    assert (ClipShape.of(1, "1280x720").width, ClipShape.of(1, "1280x720").height) == (1280, 704)
+    assert ClipShape.of(1, "480x272").with_resolution("1930x1090").latent_size == (7, 68, 120)
+    assert (parse_resolution("480x272"), parse_resolution("100x64")) == ((480, 256), (96, 64))
+    with pytest.raises(ValueError, match="at least 32 pixels"):
+        ClipShape.of(1, "100x31")
+    # the base stage takes the SR clip's orientation: a portrait SR clip gets a portrait base stage
+    base, high = ClipShape.stages(5, "256p", "1088x1920")
+    assert (base.width, base.height, base.frames, high.width, high.height) == (256, 448, 126, 1088, 1920)
+    assert ClipShape.stages(5, "256p", "1080p") == (clip, clip.with_resolution("1080p"))
+    assert ClipShape.stages(5, "256x448", None) == (ClipShape(256, 448, 126), None)
     with pytest.raises(ValueError, match="neither a preset"):
         ClipShape.of(1, "720p")
 
@@ -112,11 +121,50 @@ def test_distilled_and_cfg_samplers_and_the_sr_stage(pipe, tmp_path):
     )
     torch.testing.assert_close(video[:, :, :1], pipe.encode_image(image, clip.with_resolution("128x64")))
     assert video.shape == (1, 48, 3, 4, 8) and meta["sr"] == "128x64"
-    pixels, wave, rate = pipe.decode(video, audio, timer)
+    pixels, wave, rate, frames = pipe.decode(video, audio, timer)
     assert pixels.shape == (3, 9, 64, 128) and wave.shape == (2, 9 * 1764) and rate == 44100
+    assert frames.shape == (9, 64, 128, 3) and frames.dtype == torch.uint8
     assert set(timer.row("128x64")) >= {"output", "text", "image", "base", "sr", "decode", "total"}
     with pytest.raises(ValueError, match="steps=12 has no default sampler"):
         pipe.generate("x", seconds=SECONDS, resolution=SIZE, steps=12)
+
+
+def test_a_portrait_sr_clip_runs_a_portrait_base_stage(pipe):
+    """resolution=64x32 (the landscape base preset) with sr=64x128 (portrait): the base network runs
+    on a 32x64 (WxH) latent grid, the SR network on 64x128; a landscape base stretched onto the
+    portrait clip would distort it. Catches the base stage ignoring the SR clip's orientation
+    (checked by planting it: this test then fails)."""
+    grids = {}
+    hooks = [
+        network.register_forward_pre_hook(
+            lambda m, args, name=name: grids.setdefault(name, set()).add(args[0].shape[-2:])
+        )
+        for name, network in (("base", pipe.model), ("sr", pipe.sr_model))
+    ]
+    try:
+        (video, _), _, _ = pipe.generate_latents("a dog barks", seconds=SECONDS, resolution=SIZE, sr="64x128")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert grids == {"base": {(4, 2)}, "sr": {(8, 4)}} and video.shape[-2:] == (8, 4)
+
+
+def test_sr_validation_upsamples_the_base_stage_the_portrait_sr_clip_refined(pipe, tmp_path):
+    """The validation callback's `sampleI_lr_up.mp4` beside a portrait SR clip is the base stage that
+    clip refined (portrait, the same seed), not a landscape one generated at `resolution` as given.
+    Catches `_upsampled_base` ignoring the orientation rule (checked by planting it: this test then
+    fails)."""
+    from magitrain.callbacks.validation import _upsampled_base
+
+    options = dict(seconds=SECONDS, resolution=SIZE, sr="64x128", seed=3)
+    grids = []
+    hook = pipe.model.register_forward_pre_hook(lambda m, args: grids.append(args[0].shape[-2:]))
+    try:
+        path = _upsampled_base(pipe, "a dog barks", options, (128, 64), tmp_path / "sample0.mp4")
+    finally:
+        hook.remove()
+    assert path.name == "sample0_lr_up.mp4" and path.is_file()
+    assert set(grids) == {(4, 2)}  # a 32x64 (WxH) base stage, as the SR generation ran
 
 
 def test_checkpoint_errors_name_the_file(tiny_ckpt, tmp_path):

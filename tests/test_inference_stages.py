@@ -37,11 +37,11 @@ def _generate(pipe: MagiHumanPipeline):
 
 def test_generation_decodes_with_the_selected_video_decoder(networks, turbo_codecs):
     pipe = MagiHumanPipeline(networks[0], turbo_codecs, networks[1], device="cpu")
-    (video_latent, audio_latent), (video, audio, rate), meta = _generate(pipe)
+    (video_latent, audio_latent), (video, audio, rate, _), meta = _generate(pipe)
     assert isinstance(turbo_codecs.video_decoder, TurboVideoDecoder) and meta["video_decoder"] == "turbo"
     assert video.shape == (3, 9, 64, 128)
     assert torch.equal(video, turbo_codecs.video_decoder.decode(video_latent)[0])
-    wan, _, _ = pipe.decode(video_latent, audio_latent, StageTimer("cpu"), video_decoder=turbo_codecs.video)
+    wan, *_ = pipe.decode(video_latent, audio_latent, StageTimer("cpu"), video_decoder=turbo_codecs.video)
     assert wan.shape == video.shape and not torch.allclose(wan, video)
 
 
@@ -174,3 +174,26 @@ def test_offload_codecs_with_an_image_and_the_wan_decoder_in_two_stages(networks
     assert loads == [("load", "text"), ("prefetch", "image"), ("load", "image"), ("prefetch", "decode"),
                      ("load", "decode")]  # fmt: skip
     assert pipe.residency.resident() == set()
+
+
+def test_the_sr_architecture_follows_the_checkpoint_not_the_spelling(tmp_path, monkeypatch, caplog):
+    """`sr=1920x1088` with a 1080p SR checkpoint runs its local attention as `sr=1080p` does: the
+    checkpoint's config.json decides, else `sr_model=`, else the output's size class (was: the
+    1080p preset only for the literal `sr=1080p`)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import infer
+    from magitrain.checkpoint import save_official
+
+    assert infer.sr_architecture("1080p", None) == (None, "magihuman_15b_sr1080")
+    assert infer.sr_architecture("1920x1088", None) == (None, "magihuman_15b_sr1080")
+    assert infer.sr_architecture("1088x1920", None) == (None, "magihuman_15b_sr1080")  # portrait
+    assert infer.sr_architecture("896x512", None) == (None, "magihuman_15b_sr540")
+    assert infer.sr_architecture("1920x1088", "540p") == ("magihuman_15b_sr540", "magihuman_15b_sr1080")
+    assert infer.sr_architecture("540p", "tiny_sr1080")[0] == "tiny_sr1080"
+    save_official(MagiHumanDiT(get_config("tiny_sr1080")), tmp_path / "sr1080")
+    for sr in ("1080p", "1920x1088", "128x64"):
+        cfg = infer.InferConfig(sr_ckpt=str(tmp_path / "sr1080"), sr=sr)
+        with caplog.at_level("INFO", logger="magitrain"):
+            network = infer.load_sr_network(cfg, sr, torch.float32)
+        assert network.config.local_attn_layers == get_config("tiny_sr1080").local_attn_layers
+        assert "SR network (sr_ckpt's config" in caplog.text and "local attention in 3 of 4" in caplog.text

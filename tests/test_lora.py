@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from magitrain.checkpoint import load_official, save_official
-from magitrain.checkpoint.export import main as export_main
 from magitrain.errors import UserError
+from magitrain.export import main as export_main
 from magitrain.launch import train
 from magitrain.lora import LoraConfig, LoraFlowMatchingModule, add_adapter, apply_adapters, build_frozen_base
 from magitrain.lora.adapters import lora_layers, merge_adapter, read_adapter, set_active
@@ -251,6 +251,18 @@ def trained_fp32(latent_shards, base_ckpt, tmp_path_factory):
     return out / "checkpoints" / "last.ckpt", trainer.lightning_module
 
 
+def test_the_network_export_of_checkpoint_io_names_the_command_for_a_lora_checkpoint(trained_fp32, tmp_path):
+    """Checkpoint I/O imports no recipe (issue 22): the command above it, `python -m magitrain.export`,
+    sends LoRA checkpoints to the adapter export; the network export below refuses one, naming the
+    command, rather than writing the base with stray adapter tensors."""
+    from magitrain.checkpoint.export import export
+
+    ckpt, _ = trained_fp32
+    with pytest.raises(UserError, match=r"last.ckpt is a LoRA run's checkpoint: .*magitrain.export"):
+        export(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_adapter_file_has_released_names_and_metadata(trained_fp32, tmp_path):
     ckpt, module = trained_fp32
     export_main([str(ckpt), str(tmp_path / "adapter.safetensors")])
@@ -387,7 +399,7 @@ def test_adapter_files_for_another_architecture_or_rank_are_refused(trained_fp32
         model=tiny(), init=str(base_ckpt), lora=LoraConfig(rank=8, sandwich="shared_a", init=str(adapter))
     )
     with pytest.raises(UserError, match=r"lora.init=.* rank=4, this run has 8"):
-        module.build_lora_network()
+        module.build_lora_networks()
     # a file whose metadata rank does not match its tensors
     tensors, _, _ = read_adapter(adapter)
     with safe_open(adapter, framework="pt") as st:
@@ -529,7 +541,7 @@ def test_sharding_strategies_are_refused_for_lora(strategy, message, base_ckpt, 
     module._trainer = _Trainer()
     module._trainer.strategy = built
     with pytest.raises(UserError, match=rf"one device or with strategy=ddp.*{message}"):
-        module.build_lora_network()
+        module.build_lora_networks()
 
 
 @torch.no_grad()

@@ -15,9 +15,9 @@ from conftest import REPO, compose_train, straight_and_resumed, tiny_run
 from hydra.utils import instantiate
 
 from magitrain.checkpoint import load_official, save_official
-from magitrain.checkpoint.export import export
 from magitrain.data.prompts import save_negative
 from magitrain.errors import UserError
+from magitrain.export import export
 from magitrain.flow import dmd as core
 from magitrain.launch import train
 from magitrain.lora import LoraConfig, LoraDMD2Module, LoraSRFineTuneModule, build_frozen_base

@@ -6,8 +6,16 @@ import decord
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from magitrain.codecs.media import frame_indices, resize_cover_crop, video_to_uint8, write_mp4
+from magitrain.codecs.media import (
+    aspect_crop_box,
+    nearest_frames,
+    reference_image,
+    resize_cover_crop,
+    video_to_uint8,
+    write_mp4,
+)
 
 
 def test_resize_cover_crop_is_a_centre_crop_when_no_scaling_is_needed():
@@ -36,18 +44,16 @@ def test_resize_cover_crop_rejects_bad_shapes():
         resize_cover_crop(torch.zeros(3, 64, 64), (32, 32))
 
 
-def test_frame_indices_nearest_frame():
-    assert frame_indices(10, 25.0) == list(range(10))
-    assert frame_indices(10, 50.0) == [0, 2, 4, 6, 8]
-    idx = frame_indices(150, 30.0)  # 5 s at 30 fps
-    assert len(idx) == 125 and idx[:6] == [0, 1, 2, 4, 5, 6] and idx[-1] == 149  # 124 * 1.2 = 148.8
-    assert frame_indices(60, 24.0, num_dst_frames=9) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
-    assert frame_indices(60, 24.0, num_dst_frames=5) == frame_indices(60, 24.0)[:5]
-
-
-def test_frame_indices_refuses_to_run_past_the_source():
-    with pytest.raises(ValueError, match="only 125 frames"):
-        frame_indices(125, 25.0, num_dst_frames=126)
+def test_nearest_frames_by_presentation_time():
+    out = np.arange(10) / 25.0  # 25 fps output times
+    assert nearest_frames(np.arange(10) / 25.0, out).tolist() == list(range(10))
+    assert nearest_frames(np.arange(20) / 50.0, out).tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]
+    idx = nearest_frames(np.arange(150) / 30.0, np.arange(125) / 25.0)  # 5 s at 30 fps
+    assert idx[:6].tolist() == [0, 1, 2, 4, 5, 6] and idx[-1] == 149  # 124 * 1.2 = 148.8
+    # 1 s at 10 fps, then 50 fps: the frame shown at each time, not index k of the 30 fps average
+    vfr = np.concatenate([np.arange(10) / 10.0, 1.0 + np.arange(50) / 50.0])
+    assert nearest_frames(vfr, np.array([0.44, 0.5, 1.0, 1.5])).tolist() == [4, 5, 10, 35]
+    assert nearest_frames(np.array([0.0]), out).tolist() == [0] * 10
 
 
 def test_video_to_uint8():
@@ -117,3 +123,38 @@ def test_write_mp4_rejects_bad_input(tmp_path):
         write_mp4(tmp_path / "x.mp4", torch.zeros(2, 33, 48, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"\[channels"):
         write_mp4(tmp_path / "x.mp4", torch.zeros(2, 32, 48, 3, dtype=torch.uint8), audio=torch.zeros(100))
+
+
+def _odd_image(width: int = 101, height: int = 77) -> Image.Image:
+    g = np.random.default_rng(0)
+    return Image.fromarray(g.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_reference_image_crops_and_resizes_as_the_release():
+    """The release's arithmetic on an odd-sized image: a 101x77 image for a 96x64 target keeps its
+    width and crops int(101 * 64 / 96) = 67 rows from row 5, then Lanczos to 96x64, then [-1, 1].
+    Caught: the earlier cover-resize (ceil, bilinear) then crop (PSNR 27-30 dB against this)."""
+    image = _odd_image()
+    assert aspect_crop_box(101, 77, 64, 96) == (0, 5, 101, 72)
+    assert aspect_crop_box(77, 101, 64, 96) == (0, 25, 77, 76)  # portrait source: 51 of 101 rows
+    assert aspect_crop_box(101, 77, 96, 64) == (25, 0, 76, 77)  # 51.33 -> 51 columns, box rounded
+    expected = np.asarray(image.crop((0, 5, 101, 72)).resize((96, 64), Image.LANCZOS), dtype=np.float32)
+    expected = torch.from_numpy(expected / 255 * 2 - 1).permute(2, 0, 1)
+    out = reference_image(image, (64, 96))
+    assert out.shape == (3, 64, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_reference_image_applies_the_exif_orientation(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view") conditions on
+    the upright picture, as the release's diffusers `load_image` does. Caught: Image.open + convert
+    ignored the tag and fed the sideways image."""
+    stored = _odd_image(60, 40)
+    upright = stored.transpose(Image.Transpose.ROTATE_270)  # what a viewer shows: 40 wide, 60 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(tmp_path / "phone.png", exif=exif)
+    upright.save(tmp_path / "upright.png")
+    out = reference_image(tmp_path / "phone.png", (64, 32))
+    torch.testing.assert_close(out, reference_image(tmp_path / "upright.png", (64, 32)), atol=0, rtol=0)
+    assert not torch.allclose(out, reference_image(stored, (64, 32)))

@@ -124,12 +124,11 @@ def test_plan_shards_states_over_fsdp2_ranks(tmp_path):
 
 
 def test_cli_json(capsys):
-    assert (
-        main(["model=tiny", "gpus=2", "gpu_memory=1GB", "height=64", "width=96", "seconds=0.4", "--json"])
-        == 0
-    )
+    """Also: "does not fit" exits 1 (it exited 0), so scripts can test it."""
+    args = ["model=tiny", "gpus=2", "height=64", "width=96", "seconds=0.4", "--json"]
+    assert main([*args, "gpu_memory=0.001GB"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert out["gpus"] == 2 and out["bucket"]["frames"] == 9
+    assert out["gpus"] == 2 and out["bucket"]["frames"] == 9 and not out["fits"]
     assert out["total"] == sum(out["per_gpu"].values())
 
 
@@ -151,3 +150,28 @@ def test_cli_rejects_bad_sizes():
         )
         assert proc.returncode == 2, proc.stderr
         assert "error:" in proc.stderr and key in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_help_and_a_one_line_title_with_the_memory_as_given():
+    """`--help` reached Hydra as an override (LexerNoViableAltException); the table's title
+    wrapped; gpu_memory=80GB printed as "80 GiB", not as the user gave it."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from rich.console import Console
+
+    from magitrain.plan.__main__ import render, title
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    helped = subprocess.run(
+        [sys.executable, "-m", "magitrain.plan", "--help"], cwd=REPO, capture_output=True, text=True, env=env
+    )
+    assert helped.returncode == 0 and "gpu_memory" in helped.stdout, helped.stderr[-2000:]
+    p = plan(["model=tiny"], 8, 80 * 2**30, {"height": 64, "width": 96, "frames": 9, "batch_size": 1})
+    console = Console(width=60, record=True)
+    render(p, "80GB", console)
+    heading = title(p, "80GB")
+    assert "on 8 x 80GB (80.00 GiB)" in heading and len(heading) > 60
+    assert heading in console.export_text().splitlines()  # one line, however narrow the terminal

@@ -160,3 +160,14 @@ def test_sr_fake_step_matches_real_step():
         assert getattr(planned, role) == getattr(real, role), role
     assert _within(planned.activations["step"], real.activations["step"])
     assert _within(planned.peak, real.peak)
+
+
+def test_sr_plans_a_portrait_clip_with_a_portrait_lr_latent():
+    """The planned SR step's LR latent takes the clip's orientation, as the recipe's LR clip does:
+    256p (448x256) is a 16x28 latent under a landscape clip and 28x16 under a portrait one. Catches
+    the planner keeping the landscape LR (checked by planting it: this test then fails)."""
+    from magitrain.plan.step import _lr_latent_hw
+
+    module = hydra.utils.instantiate(compose(["recipe=sr_finetune_540p", "model=tiny"]).module)
+    assert _lr_latent_hw(module, (3, 32, 56)) == (16, 28)
+    assert _lr_latent_hw(module, (3, 56, 32)) == (28, 16)

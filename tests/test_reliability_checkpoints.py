@@ -91,7 +91,7 @@ def test_lightnings_own_load_is_weights_only(crafted):
 
 
 def test_export_cli_refuses_a_crafted_checkpoint(crafted, tmp_path):
-    from magitrain.checkpoint import export
+    from magitrain import export
 
     path, marker = crafted
     with pytest.raises(UnsafeCheckpointError, match=f"{path} {REFUSED}"):

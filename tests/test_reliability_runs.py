@@ -9,8 +9,10 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, compose_train, tiny_run
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_train_base import read_metrics
 
@@ -112,3 +114,126 @@ def test_restored_overrides_never_choose_code(tmp_path, capsys):
     OmegaConf.save(OmegaConf.create(["model=tiny", planted]), record / "overrides.yaml")
     assert with_restored_overrides([*resume, planted]) == ["model=tiny", *resume, planted]
     assert "restoring ['model=tiny']" in capsys.readouterr().err
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_for_every_schedule_with_one_warning(caplog):
+    """The clamp was cosine-only: the DMD-2 demo (10 steps, warmup 20, constant schedule) never
+    reached its learning rate."""
+    from magitrain.recipes.optim import OptimConfig, lr_lambda
+
+    for schedule in ("constant", "cosine"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="magitrain"):
+            multiplier = lr_lambda(OptimConfig(warmup_steps=20, schedule=schedule), total_steps=10)
+        assert multiplier(8) == 1.0, schedule  # the run reaches its learning rate before its end
+        assert [r.getMessage() for r in caplog.records] == [
+            "optim.warmup_steps=20 is not shorter than the 10 training steps: warming up over 9"
+        ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="magitrain"):
+        assert lr_lambda(OptimConfig(warmup_steps=5), total_steps=10)(4) == 1.0
+    assert not caplog.records
+
+
+def test_the_readme_demo_runs_compose_warmups_shorter_than_their_steps(tmp_path):
+    """The README's DMD-2 (10 steps) and SR (20 steps) demo commands warned about their own
+    settings: the demo experiment's 20 warm-up steps."""
+    from magitrain.recipes.optim import warmup_length
+
+    for recipe, steps in (("base_pretrain", 300), ("dmd2_distill", 10), ("sr_finetune_540p", 20)):
+        cfg = compose_train(
+            ["experiment=cpu_demo", f"recipe={recipe}", f"trainer.max_steps={steps}"], tmp_path
+        )
+        optim = instantiate(cfg.module.optim)
+        assert 0 < warmup_length(optim, steps) < steps, recipe
+
+
+def test_a_fresh_start_into_a_folder_holding_checkpoints_is_refused_in_one_line(tmp_path):
+    """A fresh start overwrote some of an earlier run's checkpoints and kept others; a later
+    `ckpt_path=last` then resumed the earlier run (step 330 after a rerun that ended at 300)."""
+    from magitrain.errors import UserError
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step00000330.ckpt").write_bytes(b"an earlier run's")
+    (tmp_path / "config.yaml").write_text("the earlier run's\n")
+    with pytest.raises(UserError) as refused:
+        train(compose_train(tiny_run(tmp_path), tmp_path))
+    message = str(refused.value)
+    assert "\n" not in message and "step00000330.ckpt" in message, message
+    assert "ckpt_path=last" in message and "hydra.run.dir=" in message, message
+    assert (tmp_path / "config.yaml").read_text() == "the earlier run's\n"  # nothing was touched
+
+
+@pytest.mark.slow
+def test_a_two_rank_resume_with_dropout_is_bit_exact(latent_shards, tmp_path):
+    """LoRA dropout draws from each rank's global RNG. The restored RNG state was one draw ahead
+    (the DataLoader took its base seed from the global RNG after the restore, where the
+    uninterrupted run had taken it before the save), so a resume mid-epoch dropped other units.
+    Two gloo DDP ranks, 4 steps per epoch: resumed from step 2, steps 2-5 and the weights at step
+    6 must be the uninterrupted run's, bit for bit."""
+    from test_train_base import step_losses
+
+    from magitrain.checkpoint import save_official
+    from magitrain.model import MagiHumanDiT, tiny
+
+    torch.manual_seed(0)
+    base = save_official(MagiHumanDiT(tiny()), tmp_path / "base")
+    run = tiny_run(
+        latent_shards,
+        "recipe=lora_base",
+        f"init={base}",
+        "module.lora.rank=4",
+        "module.lora.dropout=0.5",
+        "module.lora.base_dtype=fp32",
+        "module.optim.lr=1e-2",
+        "trainer.devices=2",
+        "strategy=ddp",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train_py([*run, f"hydra.run.dir={straight}"])
+    step2 = straight / "checkpoints" / "step00000002.ckpt"
+    _train_py([*run, f"hydra.run.dir={resumed}", f"ckpt_path={step2}"])
+
+    want, got = step_losses(straight / "csv" / "metrics.csv"), step_losses(resumed / "csv" / "metrics.csv")
+    assert sorted(got) == [2, 3, 4, 5] and all(got[s] == want[s] for s in got), (want, got)
+    a, b = _weights(straight / "checkpoints" / "last.ckpt"), _weights(resumed / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _save_then_restore_rng(rank: int, init: str, ckpt: str) -> None:
+    """One rank of test_each_rank_restores_its_own_rng_states."""
+    import random
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from magitrain.callbacks import RNGState
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(100 + rank), random.seed(100 + rank), np.random.seed(100 + rank)
+        state = RNGState().state_dict()  # called on every rank; the checkpoint is rank 0's
+        if rank == 0:
+            torch.save(state, ckpt)
+        want = (torch.rand(4), random.random(), np.random.rand())
+        dist.barrier()
+        torch.manual_seed(0), random.seed(0), np.random.seed(0)  # a restarted process: seeded alike
+        RNGState().load_state_dict(torch.load(ckpt, weights_only=True))
+        got = (torch.rand(4), random.random(), np.random.rand())
+        assert torch.equal(got[0], want[0]) and got[1:] == want[1:], f"rank {rank}: {got} != {want}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_restores_its_own_rng_states(tmp_path):
+    """Only rank 0's RNG states were saved, and loaded into every rank: with states that differ per
+    rank (CUDA generators of other devices, any rank-dependent draw), rank 1 continued rank 0's
+    stream. Two gloo processes save through the checkpoint's path (rank 0 writes) and restore."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_save_then_restore_rng, args=(str(tmp_path / "init"), str(tmp_path / "rng.pt")), nprocs=2)

@@ -9,6 +9,7 @@ they are missing, except under CI (CI=true), where that is a failure.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -352,10 +353,51 @@ def test_fsdp2_run_resumes_on_another_number_of_ranks(slurm, latent_shards, tmp_
     log = (run_dir / "logs" / "train.rank0.log").read_text()
     assert "data plan changed (data.world_size: 2 -> 1): restarting data epoch" in log, log
     restored = re.findall(r"Restored all states from the checkpoint at (\S+)", log)
-    assert [Path(p).name for p in restored] == ["step00000004.ckpt"] * 2, (
-        restored
-    )  # the strict try, then this
+    # the strict try stopped while restoring the data state, before Lightning's "Restored all states"
+    assert [Path(p).name for p in restored] == ["step00000004.ckpt"], restored
     final = run_dir / "checkpoints" / "step00000006.ckpt"
     assert final.is_dir() and len(list(final.glob("*.distcp"))) == 1
     resharded = {int(s) for s, _ in logged_losses(run_dir / "csv" / "metrics.csv")}
     assert resharded == set(range(6)), resharded
+
+
+PROBE = """import json, os, sys
+rank = os.environ["SLURM_PROCID"]
+with open(os.path.join(os.environ["MAGITRAIN_RUN_DIR"], f"probe{rank}.json"), "w") as f:
+    cpus = {"affinity": sorted(os.sched_getaffinity(0)), "srun": os.environ.get("SRUN_CPUS_PER_TASK")}
+    json.dump({**cpus, "argv": sys.argv[1:]}, f)
+"""
+
+
+def test_each_rank_gets_the_cpus_per_task_of_the_job(slurm, tmp_path):
+    """Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: slurm/job.sh's srun bound
+    every rank (and its loader workers) to one CPU of the --cpus-per-task=12 the job asked for.
+    The real train.sbatch and job.sh run a probe `train.py` that reads the CPUs its task may use
+    (the local Slurm binds tasks with task/affinity) and the per-task count srun was given. On 2
+    cores a single task gets the whole allocation either way (srun's per-task default shows from
+    two tasks of two CPUs each), so the count srun read is what tells here."""
+    root = tmp_path / "root"  # MAGITRAIN_ROOT: the repo's slurm/ scripts, a probe train.py
+    root.mkdir()
+    (root / "slurm").symlink_to(REPO / "slurm")
+    (root / "train.py").write_text(PROBE)
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    env = {
+        **slurm.env,
+        "MAGITRAIN_ROOT": str(root),
+        "RUN_DIR": str(run_dir),
+        "MAGITRAIN_PYTHON": sys.executable,
+    }
+    cmd = ["sbatch", "--parsable", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2"]
+    done = subprocess.run(
+        [*cmd, "--time=5", f"--output={out}", str(TEMPLATE)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    job_id = int(done.stdout.strip().split(";")[0])
+    wait_until(lambda: slurm.job(job_id)["JobState"] == "COMPLETED", 60, "the probe job", slurm, job_id, out)
+    probe = json.loads((run_dir / "probe0.json").read_text())
+    assert probe["argv"][:2] == ["cluster=slurm", "ckpt_path=last"], probe
+    assert probe["srun"] == "2", f"srun was not given the job's --cpus-per-task=2: {probe}"
+    assert len(probe["affinity"]) == 2, f"rank 0 may use CPUs {probe['affinity']} of the job's 2"

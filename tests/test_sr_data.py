@@ -67,18 +67,24 @@ def test_the_on_the_fly_lr_clip_is_the_base_grid_the_sampler_upsamples(recipe, t
     SR sampler upsamples, whatever the HR/LR ratio (1920/448 is not a whole number)."""
     cfg = compose_train([f"recipe={recipe}", "model=tiny"], tmp_path)
     module = SRFineTuneModule(tiny(), flow=instantiate(cfg.module.flow))
-    assert module._lr_hw[::-1] == RESOLUTIONS["256p"]
+    assert module._lr_size == RESOLUTIONS["256p"]
     with pytest.raises(ValueError, match="flow.lr_size"):
-        SRFineTuneModule(tiny(), flow=SRConfig(lr_size="480x270"))
+        SRFineTuneModule(tiny(), flow=SRConfig(lr_size="480x20"))  # under 32 pixels (480x270 floors)
 
 
-def test_sr_recipe_on_raw_shards_makes_the_lr_latent_on_the_fly(tmp_path):
+@pytest.mark.parametrize("hr", [(64, 128), (128, 64)], ids=["landscape", "portrait"])
+def test_sr_recipe_on_raw_shards_makes_the_lr_latent_on_the_fly(hr, tmp_path):
     """The LR latent is the real tiny video VAE's encoding of the HR pixels resized to lr_size (a
-    pooled HR latent, or pixels resized to another size, would not match)."""
+    pooled HR latent, or pixels resized to another size, would not match), turned to the bucket's
+    orientation as inference turns its base stage: a portrait 64x128 (WxH) bucket gets a 32x64 LR
+    clip, not a stretched 64x32 one. The portrait case catches an LR size that ignores orientation
+    (checked by planting it: the portrait case then fails)."""
     from magitrain.launch import train
 
+    height, width = hr
+    low = (height // 2, width // 2)  # lr_size=64x32 turned to the bucket's orientation
     clips = tmp_path / "clips"
-    make_demo_dataset(clips, num_clips=2, seconds=0.5, size=(64, 128), seed=3)
+    make_demo_dataset(clips, num_clips=2, seconds=0.5, size=hr, seed=3)
     shards = tmp_path / "shards"
     tool("make_shards.py", str(clips), str(shards), "--max-count", "2", "--workers", "1")
     cfg = compose_train(
@@ -93,7 +99,7 @@ def test_sr_recipe_on_raw_shards_makes_the_lr_latent_on_the_fly(tmp_path):
             "callbacks.progress_bar=null",
             f"data.shards={shards}/*.tar",
             "data.num_workers=0",
-            "data.buckets=[{height: 64, width: 128, frames: 9, batch_size: 2}]",
+            f"data.buckets=[{{height: {height}, width: {width}, frames: 9, batch_size: 2}}]",
             "module.flow.lr_size=64x32",
         ],
         tmp_path / "run",
@@ -105,12 +111,12 @@ def test_sr_recipe_on_raw_shards_makes_the_lr_latent_on_the_fly(tmp_path):
 
     def spy(self, batch, idx):
         out = original(self, batch, idx)
-        B, C, n, H, W = batch["video"].shape  # uint8 HR pixels: resize each frame to 32x64 here
+        B, C, n, H, W = batch["video"].shape  # uint8 HR pixels: resize each frame to `low` here
         frames = batch["video"].permute(0, 2, 1, 3, 4).reshape(B * n, C, H, W).float()
-        low = F.interpolate(frames, size=(32, 64), mode="bilinear", antialias=True).round().clamp(0, 255)
-        low = low.reshape(B, n, C, 32, 64).permute(0, 2, 1, 3, 4)
+        pixels = F.interpolate(frames, size=low, mode="bilinear", antialias=True).round().clamp(0, 255)
+        pixels = pixels.reshape(B, n, C, *low).permute(0, 2, 1, 3, 4)
         with torch.no_grad():
-            want = self.codecs.video.encode(low / 127.5 - 1)
+            want = self.codecs.video.encode(pixels / 127.5 - 1)
         seen.append((out["lr_video_latent"], want, out["video_latent"].shape))
         return out
 
@@ -121,5 +127,6 @@ def test_sr_recipe_on_raw_shards_makes_the_lr_latent_on_the_fly(tmp_path):
         Module.on_after_batch_transfer = original
     assert trainer.global_step == 2 and seen
     for lr, want, hr_shape in seen:
-        assert lr.shape == (*hr_shape[:3], 2, 4) and hr_shape[3:] == (4, 8)
+        assert lr.shape == (*hr_shape[:3], low[0] // 16, low[1] // 16)
+        assert hr_shape[3:] == (height // 16, width // 16)
         torch.testing.assert_close(lr, want, atol=1e-4, rtol=1e-4)

@@ -3,6 +3,8 @@ variant, observed at the real model's inputs; both recipes end to end on generat
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from conftest import compose_train, tiny_run
@@ -150,9 +152,14 @@ def test_recipe_runs_a_few_steps_on_generated_pairs(recipe, tmp_path):
     make_latent_dataset(
         shards, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2
     )
-    cfg = compose_train(tiny_run(shards, f"recipe={recipe}", f"model={RECIPES[recipe]}"), tmp_path / "run")
-    trainer = train(cfg)
+    # 2 batches per data epoch, logging every 3 steps: the losses were never logged (keyed on batch_idx)
+    overrides = tiny_run(
+        shards, f"recipe={recipe}", f"model={RECIPES[recipe]}", "trainer.log_every_n_steps=3"
+    )
+    trainer = train(compose_train(overrides, tmp_path / "run"))
     assert trainer.global_step == 3
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f) if r.get("train/loss")] == ["2"]
     module = trainer.lightning_module
     assert isinstance(module, SRFineTuneModule)
     local = module.model_config.local_attn_layers

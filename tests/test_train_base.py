@@ -97,6 +97,15 @@ def test_fast_run_logs_every_metric_and_checkpoints(latent_shards, tmp_path):
     assert any(k.startswith("train/loss_s") for k in keys)
 
 
+def test_losses_are_logged_when_a_data_epoch_is_shorter_than_the_logging_interval(latent_shards, tmp_path):
+    """The CPU demo's metrics.csv had no loss: logging was keyed on batch_idx, which restarts every
+    data epoch (8 batches there, 4 here), so logging every 10 (5 here) steps never fired."""
+    bucket = "data.buckets=[{height: 64, width: 96, frames: 9, batch_size: 4}]"  # 4 batches per epoch
+    overrides = [*tiny_run(latent_shards), bucket, "trainer.max_steps=5", "trainer.log_every_n_steps=5"]
+    train(compose_train([*overrides, "callbacks.ema=null"], tmp_path))
+    assert list(step_losses(tmp_path / "csv" / "metrics.csv")) == [4]  # the 5th step, 0-based
+
+
 def _probe_loss(model, batch) -> float:
     """Flow loss on fixed noise levels and noise: a deterministic measure of fit to one batch."""
     x0_v, x0_a = batch["video_latent"].float(), batch["audio_latent"].float()

@@ -17,6 +17,7 @@ from magitrain.codecs.pretrained import load_turbo_vaed
 from magitrain.codecs.tiny import tiny_turbo_vaed
 from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder, Upsampler, window_plan
 from magitrain.codecs.video import LATENTS_MEAN, LATENTS_STD
+from magitrain.errors import UserError
 
 # §1.1: the released JSON, training-only keys included (diffusers must drop them).
 RELEASED_JSON = {
@@ -292,7 +293,7 @@ def test_release_checkpoint_errors_name_the_keys(tiny, tmp_path):
     (tmp_path / "x" / "other.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="holds 2 .json files.*turbo_vaed_config"):
         load_turbo_vaed(str(tmp_path / "x" / "junk.ckpt"), None, torch.float32)
-    with pytest.raises(ValueError, match="turbo_vaed_path is not set"):
+    with pytest.raises(UserError, match="turbo_vaed_path is not set.*codecs.video_decoder=wan"):
         load_turbo_vaed(None, None, torch.float32)
 
 

@@ -3,7 +3,7 @@
 The shadow weights live in the LightningModule as a frozen copy of the network (`module.ema`),
 built in `configure_model` and sharded by the same plan as the network. That way they are part
 of the model state dict under every strategy: sharded with FSDP2 (saved through distributed
-checkpoints), replicated with DDP, and exported with `magitrain.checkpoint.export --ema`.
+checkpoints), replicated with DDP, and exported with `python -m magitrain.export --ema`.
 
 The shadow is float32 under every strategy. DeepSpeed's bf16 mode casts every parameter of the
 module, the shadow included, to bf16, where `lerp_` with a weight of 1e-4 rounds away: the

@@ -33,8 +33,12 @@ class Validation(Callback):
         dirpath: str | None = None,
         log_key: str = "val/samples",
         network: str | None = None,
+        compare_with: str | None = None,
     ):
-        """network: a module attribute to sample instead of the trained one (e.g. DMD-2's "teacher")."""
+        """network: a module attribute to sample instead of the trained one (e.g. DMD-2's "teacher").
+        compare_with: the log_key of a Validation callback before this one (same prompts and seeds):
+        each validation step logs the RMS distance of this one's latents from its latents per
+        modality, `{log_key}_rms_to_{its name}_{video,audio}` (DMD-2: the student's from the teacher's)."""
         if every_n_steps <= 0:
             raise ValueError(f"callbacks.validation.every_n_steps must be positive, got {every_n_steps}")
         if not prompts:
@@ -43,8 +47,10 @@ class Validation(Callback):
         self.options = dict(seconds=seconds, resolution=resolution, seed=seed)
         self.sampling = {k: v for k, v in dict(steps=steps, sampler=sampler).items() if v is not None}
         self.use_ema, self.precision, self.log_key = use_ema, precision, log_key
-        self.dirpath, self.network = dirpath, network
+        self.dirpath, self.network, self.compare_with = dirpath, network, compare_with
         self._last_step = -1
+        self.latents: list[tuple[torch.Tensor, torch.Tensor]] = []  # per prompt, of the last step
+        self._partner: Validation | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if getattr(pl_module, "codecs", None) is None:
@@ -54,6 +60,18 @@ class Validation(Callback):
             )
         self.dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "validation")
         self.options.update(self.sampling_for(pl_module))
+        if self.compare_with:
+            self._partner = self._find_partner(trainer.callbacks)
+
+    def _find_partner(self, callbacks: list) -> Validation:
+        earlier = callbacks[: callbacks.index(self)]
+        for callback in earlier:
+            if isinstance(callback, Validation) and callback.log_key == self.compare_with:
+                return callback
+        raise ValueError(
+            f"callbacks: the validation with log_key {self.log_key} compares with {self.compare_with}, "
+            "and no validation callback before it has that log_key"
+        )
 
     def sampling_for(self, pl_module) -> dict:
         """{steps, sampler}: this callback's when set (the pipeline picks the sampler of `steps`),
@@ -92,6 +110,19 @@ class Validation(Callback):
             network.train(was_training)
         if trainer.is_global_zero:
             self._log(trainer, paths, step)
+            if self._partner is not None and self._partner._last_step == step:
+                self._log_distances(trainer, step)
+
+    def _log_distances(self, trainer, step: int) -> None:
+        """RMS distance of this callback's latents from its partner's, per modality, over the prompts."""
+        name = self._partner.log_key.rsplit("/", 1)[-1]
+        metrics = {}
+        for i, m in enumerate(("video", "audio")):
+            squares = [(mine[i] - theirs[i]).float().pow(2).mean() for mine, theirs in zip(
+                self.latents, self._partner.latents, strict=True)]  # fmt: skip
+            metrics[f"{self.log_key}_rms_to_{name}_{m}"] = float(torch.stack(squares).mean().sqrt())
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def _generate(self, trainer, network, pl_module, step: int) -> list[Path]:
         from magitrain.inference import MagiHumanPipeline
@@ -103,11 +134,12 @@ class Validation(Callback):
             pipe = MagiHumanPipeline(
                 network, pl_module.codecs, device=pl_module.device, precision=self.precision, offload=offload
             )
-        paths = []
+        paths, self.latents = [], []
         for i, prompt in enumerate(self.prompts):
             if trainer.is_global_zero:
                 path = self.dirpath / f"step{step:08d}" / f"sample{i}.mp4"
                 clip = pipe.generate(prompt, **self.options)
+                self.latents.append(tuple(x.cpu() for x in clip.latents))
                 paths.append(clip.save(path))
                 if self.options.get("sr"):  # beside it: the base stage upsampled to the SR size
                     paths.append(_upsampled_base(pipe, prompt, self.options, clip.video.shape[-2:], path))
@@ -128,11 +160,16 @@ class Validation(Callback):
 
 
 def _upsampled_base(pipe, prompt: str, options: dict, size, sr_path: Path) -> Path:
-    """The same seed's base-stage clip resized (bilinear) to the SR clip's `size`: `sampleI_lr_up.mp4`."""
-    import torch.nn.functional as F
+    """The same seed's base-stage clip resized (bilinear) to the SR clip's `size`: `sampleI_lr_up.mp4`
+    (at the base size the SR generation used: turned to the SR clip's orientation)."""
+    from magitrain.inference import ClipShape
 
-    base = pipe.generate(prompt, **{**options, "sr": None})
-    base.video = F.interpolate(base.video.transpose(0, 1), size=tuple(size), mode="bilinear").transpose(0, 1)
+    clip, _ = ClipShape.stages(options["seconds"], options["resolution"], options["sr"])
+    height, width = size
+    base = pipe.generate(
+        prompt, **{**options, "sr": None, "resolution": f"{clip.width}x{clip.height}"},
+        output_size=f"{width}x{height}",
+    )  # fmt: skip
     return base.save(sr_path.with_name(f"{sr_path.stem}_lr_up.mp4"))
 
 

@@ -1,18 +1,13 @@
-"""Export a training checkpoint to the released layout.
-
-    python -m magitrain.checkpoint.export CKPT OUT [--ema] [--dtype bf16] [--max-shard-size 5GB]
-    python -m magitrain.checkpoint.export LORA_CKPT OUT.safetensors [--ema]       # adapter file
-    python -m magitrain.checkpoint.export LORA_CKPT OUT --merge [--base DIR] [--ema] [--dtype bf16]
+"""Read a training checkpoint of any strategy and export its network in the released layout.
 
 CKPT is a Lightning checkpoint: one file (single device, DDP), a distributed-checkpoint directory
-(FSDP2) or a DeepSpeed directory. OUT loads with `load_official` and the released inference code.
-A LoRA run's checkpoint (recipe=lora_*) exports its adapter file, or with --merge the base (the
-run's init, or --base) with the adapter merged in, in the released layout (magitrain/lora/export.py).
+(FSDP2) or a DeepSpeed directory. The export loads with `load_official` and the released inference
+code. The command, `python -m magitrain.export`, sends a LoRA run's checkpoint to
+magitrain/lora/export.py instead: checkpoint I/O serves every recipe and imports none.
 """
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
@@ -89,54 +84,41 @@ def network_state(state: dict[str, torch.Tensor], ema: bool) -> dict[str, torch.
 
 
 def export(
-    ckpt: str | Path,
-    out: str | Path,
-    ema: bool = False,
-    dtype: str = "keep",
-    max_shard_size: str = "5GB",
-    merge: bool = False,
-    base: str | None = None,
+    ckpt: str | Path, out: str | Path, ema: bool = False, dtype: str = "keep", max_shard_size: str = "5GB"
 ) -> Path:
+    """The network (or its EMA shadow) of a full-network training checkpoint, in the released layout."""
     state, hparams = read_training_checkpoint(ckpt)
-    if "lora" in hparams:
-        from magitrain.lora.export import export_lora
+    return export_network(state, hparams, out, str(ckpt), ema, DTYPES[dtype], max_shard_size)
 
-        return export_lora(state, hparams, out, str(ckpt), ema, merge, base, DTYPES[dtype], max_shard_size)
-    if merge or base:
-        raise UserError(f"--merge and --base apply to LoRA checkpoints; {ckpt} is not one")
+
+def export_network(
+    state: dict[str, torch.Tensor],
+    hparams: dict,
+    out: str | Path,
+    source: str,
+    ema: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    if "lora" in hparams:
+        raise UserError(f"{source} is a LoRA run's checkpoint: export it with python -m magitrain.export")
     weights = network_state(state, ema)
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(
-                f"{ckpt}: {'ema' if ema else 'model'}.{name} is not finite; refusing to export it"
+                f"{source}: {'ema' if ema else 'model'}.{name} is not finite; refusing to export it"
             )
     config = None
     if "model" in hparams:  # check the layout against the architecture the run trained
         config = MagiHumanConfig(**hparams["model"])
         with torch.device("meta"):
             network = MagiHumanDiT(config)
-        check_layout(network, {k: tuple(v.shape) for k, v in weights.items()}, str(ckpt))
-    return save_official(weights, out, dtype=DTYPES[dtype], max_shard_size=max_shard_size, config=config)
+        check_layout(network, {k: tuple(v.shape) for k, v in weights.items()}, source)
+    return save_official(
+        weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config,
+        sampling=hparams.get("sampling"),
+    )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="Lightning checkpoint file or directory")
-    p.add_argument("out", help="output directory (released layout)")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="keep", help="of the block linears; the rest stays float32"
-    )
-    p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--merge", action="store_true", help="LoRA: merge the adapter into the base weights")
-    p.add_argument("--base", help="LoRA --merge: the base checkpoint (default: the run's init)")
-    args = p.parse_args(argv)
-    out = export(args.ckpt, args.out, args.ema, args.dtype, args.max_shard_size, args.merge, args.base)
-    print(f"exported {'EMA' if args.ema else 'model'} weights of {args.ckpt} to {out}")
-
-
-if __name__ == "__main__":
-    from magitrain.cli import command_line
-
-    with command_line():
-        main()
+if __name__ == "__main__":  # the command moved up, to the room that knows every recipe's export
+    raise SystemExit("the export command is now: python -m magitrain.export CKPT OUT [--ema] ...")

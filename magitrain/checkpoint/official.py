@@ -6,7 +6,9 @@ mismatches, which silently trains a half-initialised model; ours fails loudly in
 
 `save_official` writes the release's per-tensor dtypes (block linears in the export dtype, norms,
 embedders, heads and the RoPE buffer in float32) and, as diffusers and the release's folders do, a
-`config.json` with the architecture (`MagiHumanConfig` fields) that `read_config` reads back.
+`config.json` with the architecture (`MagiHumanConfig` fields) that `read_config` reads back, and
+the sampler the network was trained for (`"sampling": {"sampler": ..., "steps": ...}`, a DMD-2
+student's `distilled` 8 steps) that `read_sampling` reads back for infer.py's defaults.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ BLOCK_LINEAR = re.compile(
     r"block\.layers\.\d+\.(attention\.linear_(qkv|proj)|mlp\.(up_gate|down)_proj)\.weight"
 )
 TRAINING_ONLY = ("activation_checkpointing", "attn_backend")  # run settings, not architecture
+SAMPLING = "sampling"  # config.json's key of the sampler and steps a network was trained for
 _SHOW = 5  # keys listed per kind of mismatch
 log = logging.getLogger(__name__)
 
@@ -163,20 +166,26 @@ def release_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) ->
     return dtype if BLOCK_LINEAR.fullmatch(name) else torch.float32
 
 
-def write_config(config, path: str | Path) -> Path:
-    """`config.json`: the MagiHumanConfig fields that define the architecture."""
+def write_config(config, path: str | Path, sampling: dict | None = None) -> Path:
+    """`config.json`: the MagiHumanConfig fields that define the architecture, and `sampling` (the
+    sampler and steps the network was trained for) when known."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in TRAINING_ONLY}
+    if sampling:
+        fields[SAMPLING] = {"sampler": sampling["sampler"], "steps": int(sampling["steps"])}
     out = Path(path) / CONFIG_NAME
     out.write_text(json.dumps({"_class_name": CONFIG_CLASS, **fields}, indent=2, sort_keys=True))
     return out
 
 
-def read_config(path: str | Path):
-    """The MagiHumanConfig of a checkpoint directory's `config.json`, or None when it has none."""
-    from magitrain.model import MagiHumanConfig
-
+def _config_file(path: str | Path) -> Path:
+    """The `config.json` of a checkpoint directory, or the one beside a weight file."""
     path = Path(path)
-    file = path / CONFIG_NAME if path.is_dir() else path.parent / CONFIG_NAME
+    return path / CONFIG_NAME if path.is_dir() else path.parent / CONFIG_NAME
+
+
+def _our_config(path: str | Path) -> dict | None:
+    """The fields of a checkpoint's `config.json` when it is one of ours, else None."""
+    file = _config_file(path)
     if not file.is_file():
         return None
     try:
@@ -185,10 +194,27 @@ def read_config(path: str | Path):
         raise ValueError(f"{file} is not valid JSON: {err}") from err
     if data.pop("_class_name", None) != CONFIG_CLASS:
         return None  # some other tool's config (not a MagiHumanDiT architecture)
+    return data
+
+
+def read_sampling(path: str | Path) -> dict | None:
+    """`{"sampler", "steps"}` the network of `path` was trained for (its config.json), else None."""
+    data = _our_config(path)
+    return data.get(SAMPLING) if data else None
+
+
+def read_config(path: str | Path):
+    """The MagiHumanConfig of a checkpoint directory's `config.json`, or None when it has none."""
+    from magitrain.model import MagiHumanConfig
+
+    data = _our_config(path)
+    if data is None:
+        return None
+    data.pop(SAMPLING, None)
     known = {f.name for f in dataclasses.fields(MagiHumanConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{file} has fields MagiHumanConfig does not know: {unknown}")
+        raise ValueError(f"{_config_file(path)} has fields MagiHumanConfig does not know: {unknown}")
     return MagiHumanConfig(**data)
 
 
@@ -205,9 +231,11 @@ def save_official(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     config=None,
+    sampling: dict | None = None,
 ) -> Path:
     """Write the released layout: `model-0000i-of-0000n.safetensors` shards, the index json and,
-    with the architecture known (`config`, or the model's own), `config.json`.
+    with the architecture known (`config`, or the model's own), `config.json` (with `sampling`, the
+    sampler and steps the network was trained for, when given).
 
     `dtype` is the storage dtype of the block linears; the other floating tensors are written in
     float32, as released (None keeps every tensor's dtype). Returns the directory.
@@ -241,5 +269,5 @@ def save_official(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
     if config is not None:
-        write_config(config, path)
+        write_config(config, path, sampling)
     return path

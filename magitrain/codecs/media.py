@@ -1,7 +1,8 @@
 """Media helpers shared by the codecs, the data pipeline and inference.
 
 Frames are resized to *cover* the target and centre-cropped (never letterboxed or stretched),
-resampled to 25 fps by nearest frame, and written as H.264 (yuv420p) + AAC mp4 through PyAV.
+resampled to 25 fps by the frame nearest in presentation time, and written as H.264 (yuv420p) +
+AAC mp4 through PyAV. Reference images are prepared as the release prepares them (`reference_image`).
 """
 
 import math
@@ -12,6 +13,9 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.utils import load_image
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
 
 
 def resize_cover_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -38,30 +42,49 @@ def resize_cover_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return x.to(frames.dtype)
 
 
-def frame_indices(
-    num_src_frames: int, src_fps: float, dst_fps: float = 25.0, num_dst_frames: int | None = None
-) -> list[int]:
-    """Source frame index for each output frame at `dst_fps` (nearest frame in time).
+def reference_image(image: str | Path | Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """An image (file or PIL) -> `[3, H, W]` float in [-1, 1] at `size = (height, width)`, as released.
 
-    Output frame i sits at time i / dst_fps and takes source frame round(i * src_fps / dst_fps).
-    Without `num_dst_frames`, every output frame whose time lies inside the source is returned.
-    Asking for more frames than the source covers raises instead of silently repeating the end.
+    diffusers' `load_image` applies the EXIF orientation (a phone photo tagged "rotate 90" stands
+    upright) and converts to RGB; the centre crop to the target's aspect has integer sides
+    (`aspect_crop_box`), then `VideoProcessor.preprocess` resizes with Lanczos and normalises.
     """
-    if num_src_frames <= 0 or src_fps <= 0 or dst_fps <= 0:
+    height, width = size
+    image = load_image(str(image) if isinstance(image, Path) else image)
+    image = image.crop(aspect_crop_box(image.width, image.height, height, width))
+    return VideoProcessor(vae_scale_factor=16).preprocess(image, height=height, width=width)[0]
+
+
+def aspect_crop_box(w: int, h: int, th: int, tw: int) -> tuple[int, int, int, int]:
+    """The release's centre crop of a `w` x `h` image to the aspect of `tw` x `th`: the kept side
+    whole, the other `int()`-truncated, the box's float corners rounded (half to even) as PIL does."""
+    if (w, h) == (tw, th):
+        return 0, 0, w, h
+    if h / w > th / tw:
+        new_w, new_h = w, int(w * th / tw)
+    else:
+        new_w, new_h = int(h * tw / th), h
+    corners = ((w - new_w) / 2, (h - new_h) / 2, (w + new_w) / 2, (h + new_h) / 2)
+    return tuple(round(c) for c in corners)
+
+
+def nearest_frames(src_times: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Index of the source frame nearest in time for each of `times` (seconds, same origin as the
+    sorted presentation times `src_times`); a tie goes to the later frame. Times, not the average
+    rate, pick the frames: in a variable-frame-rate clip (10 fps, then 50 fps) frame k of the
+    average rate is not the frame shown at time k / rate."""
+    src_times, times = np.asarray(src_times, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    if src_times.ndim != 1 or src_times.size == 0:
         raise ValueError(
-            f"frame_indices: need positive counts and rates, got {num_src_frames=}, {src_fps=}, {dst_fps=}"
+            f"nearest_frames: need the times of at least one source frame, got {src_times.shape}"
         )
-    ratio = src_fps / dst_fps
-    if num_dst_frames is None:
-        num_dst_frames = math.floor((num_src_frames - 1) / ratio + 1e-9) + 1
-    # floor(x + 0.5): round half up, not Python's round-half-to-even
-    indices = [math.floor(i * ratio + 0.5) for i in range(num_dst_frames)]
-    if indices and indices[-1] >= num_src_frames:
-        raise ValueError(
-            f"frame_indices: {num_dst_frames} frames at {dst_fps} fps need source frame {indices[-1]}, "
-            f"but the source has only {num_src_frames} frames at {src_fps} fps"
-        )
-    return indices
+    if src_times.size == 1:
+        return np.zeros(times.shape, np.int64)
+    after = np.clip(np.searchsorted(src_times, times, side="right"), 1, src_times.size - 1)
+    before = after - 1
+    # 1e-9: times that tie up to float error (pts x time_base vs i / fps) still go to the later frame
+    later = src_times[after] - times <= times - src_times[before] + 1e-9
+    return np.where(later, after, before)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -70,6 +93,20 @@ def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"video_to_uint8 expects [3, F, H, W], got {tuple(video.shape)}")
     x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 3, 0).contiguous().cpu()
+
+
+UPSAMPLE_MODES = ("bilinear", "nearest", "bicubic")
+
+
+def upsample_frames(frames: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """`[F, H, W, 3]` uint8 -> `[F, height, width, 3]` uint8, as the release's `upsample_video`:
+    each frame interpolated in [0, 1] (align_corners False), then `* 255` truncated to uint8."""
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
+    x = frames.permute(0, 3, 1, 2).float() / 255
+    align = False if mode in ("bilinear", "bicubic") else None
+    x = F.interpolate(x, size=size, mode=mode, align_corners=align)
+    return (x.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def write_mp4(

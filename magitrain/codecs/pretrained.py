@@ -19,9 +19,10 @@ from transformers import AutoTokenizer, T5GemmaEncoderModel
 
 from magitrain.codecs.audio import AudioCodec
 from magitrain.codecs.container import Codecs, check_video_decoder
-from magitrain.codecs.text import TextEncoder
+from magitrain.codecs.text import TextEncoder, read_prompt_file
 from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder
 from magitrain.codecs.video import VideoCodec
+from magitrain.errors import UserError
 
 TURBO_CLASS_NAMES = ("TurboVAED", "AutoencoderKLTurboVAED")  # ours; the name in the released JSON
 
@@ -35,6 +36,7 @@ def build_codecs(
     text_dtype: str = "bfloat16",
     text_output_dtype: str = "float16",
     negative_prompt: str = "",
+    negative_prompt_file: str | None = None,
     decode_tile: int | None = None,
     audio_window_seconds: float = 29.0,
     text_offload: bool = False,
@@ -47,15 +49,18 @@ def build_codecs(
     """Load the three frozen codecs (`local_files_only`: no hub access) and move them to `device`.
 
     `video_decoder: turbo` decodes generated clips with Turbo-VAED from `turbo_vaed_path` (in
-    `vae_dtype`); encoding always uses the Wan2.2 VAE.
+    `vae_dtype`); encoding always uses the Wan2.2 VAE. `negative_prompt_file` replaces
+    `negative_prompt` with a file's text (e.g. the release's long negative prompt).
     """
+    if negative_prompt_file is not None:
+        negative_prompt = read_prompt_file(negative_prompt_file, "codecs.negative_prompt_file")
     check_video_decoder(video_decoder)
-    turbo = None
-    if video_decoder == "turbo":
-        turbo = TurboVideoDecoder(load_turbo_vaed(turbo_vaed_path, turbo_vaed_config, _dtype(vae_dtype)))
     video_dir = checked_dir("video_vae_path", video_vae_path, "_class_name", "AutoencoderKLWan")
     audio_dir = checked_dir("audio_vae_path", audio_vae_path, "_class_name", "AutoencoderOobleck")
     text_dir = checked_dir("text_encoder_path", text_encoder_path, "model_type", "t5gemma")
+    turbo = None
+    if video_decoder == "turbo":
+        turbo = TurboVideoDecoder(load_turbo_vaed(turbo_vaed_path, turbo_vaed_config, _dtype(vae_dtype)))
     video = _load("video_vae_path", AutoencoderKLWan, video_dir, dtype=_dtype(vae_dtype))
     audio = _load("audio_vae_path", AutoencoderOobleck, audio_dir, dtype=_dtype(audio_dtype))
     # The released checkpoint is the full encoder-decoder; load only its encoder half.
@@ -88,7 +93,10 @@ def load_turbo_vaed(path: str | None, config: str | None, dtype: torch.dtype) ->
     """Turbo-VAED from the release's `.ckpt` (+ JSON) or from a `save_pretrained` folder, strictly."""
     field = "turbo_vaed_path"
     if not path:
-        raise ValueError(f"codecs.{field} is not set (video_decoder: turbo needs the Turbo-VAED checkpoint)")
+        raise UserError(
+            f"codecs.{field} is not set: video_decoder: turbo (the release's default) needs the Turbo-VAED "
+            f"checkpoint (the release's turbo_vae/); codecs.video_decoder=wan decodes with Wan2.2 instead"
+        )
     path = Path(path).expanduser()
     if path.is_file():
         if config is None:

@@ -2,8 +2,11 @@
 
 As in the release: the prompt is tokenised WITHOUT truncation, the whole sequence is encoded, then
 the embedding is trimmed to 640 tokens. Only the first `lengths[b]` rows of sample b are real; the
-rest is zero padding up to the batch's longest prompt.
+rest is zero padding up to the batch's longest prompt, on the right whatever the tokenizer's
+padding side.
 """
+
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase, T5GemmaEncoderModel
@@ -75,9 +78,28 @@ class TextEncoder:
         return emb.repeat(batch_size, 1, 1), lengths.repeat(batch_size)
 
     def _encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prompt's real tokens, in order, first: whatever side the tokenizer pads on (Gemma
+        tokenizers may pad on the left), a row equals the prompt encoded alone, as the release does."""
         tokens = self.tokenizer(prompts, padding=True, truncation=False, return_tensors="pt").to(self.device)
-        mask = tokens.attention_mask
-        hidden = self.model(input_ids=tokens.input_ids, attention_mask=mask).last_hidden_state
-        mask = mask[:, : self.max_length]
-        emb = hidden[:, : self.max_length] * mask[..., None].to(hidden.dtype)
-        return emb.to(self.output_dtype), mask.sum(1)
+        # RoPE is relative, so a left-padded prompt's shifted positions change nothing
+        hidden = self.model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        ).last_hidden_state
+        mask = tokens.attention_mask.bool()
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # real tokens first
+        hidden = hidden.gather(1, order[..., None].expand_as(hidden))[:, : self.max_length]
+        lengths = mask.sum(1).clamp(max=self.max_length)
+        real = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]
+        emb = hidden * real[..., None].to(hidden.dtype)
+        return emb.to(self.output_dtype), lengths
+
+
+def read_prompt_file(path: str | Path, field: str) -> str:
+    """A prompt kept in a UTF-8 text file (one trailing newline dropped); errors name `field`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{field}={path}: no such file")
+    text = file.read_text(encoding="utf-8").removesuffix("\n")
+    if not text.strip():
+        raise ValueError(f"{field}={path} holds no text")
+    return text

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaEncoderM
 
 from magitrain.codecs.audio import AudioCodec
 from magitrain.codecs.container import Codecs, check_video_decoder
-from magitrain.codecs.text import TextEncoder
+from magitrain.codecs.text import TextEncoder, read_prompt_file
 from magitrain.codecs.turbo_vaed import TurboVAED, TurboVideoDecoder
 from magitrain.codecs.video import VideoCodec
 
@@ -69,6 +69,7 @@ def tiny_text_model(vocab_size: int) -> T5GemmaEncoderModel:
 def build_tiny_codecs(
     seed: int = 0,
     negative_prompt: str = "blurry, distorted",
+    negative_prompt_file: str | None = None,
     audio_window_seconds: float = 29.0,
     video_decoder: str = "wan",
     offload: bool = False,
@@ -76,6 +77,8 @@ def build_tiny_codecs(
     """Random but deterministic (`seed`) tiny codecs on the CPU, float32. `video_decoder: turbo`
     adds a tiny Turbo-VAED (drawn after the others: the Wan, audio and text weights do not change)."""
     check_video_decoder(video_decoder)
+    if negative_prompt_file is not None:
+        negative_prompt = read_prompt_file(negative_prompt_file, "codecs.negative_prompt_file")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         video, audio = tiny_video_vae(), tiny_audio_vae()

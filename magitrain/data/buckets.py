@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 FPS = 25.0
 VAE_TIME_STRIDE = 4
+VIDEO_CHANNELS, AUDIO_CHANNELS = 48, 64  # of the video and audio latents
 VAE_SPACE_STRIDE = 16
 
 

@@ -28,23 +28,33 @@ STATE_VERSION = 1
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that asks the DataModule for the epoch and start batch at every iter(), before
-    its (persistent) workers restart: the dataset then hands each worker its part of that epoch."""
+    """A DataLoader over the data stream from the DataModule's position on: at every iter() it asks
+    where the stream stands (`start() -> (epoch, batch)`), then runs data epochs, each one pass of
+    its (persistent) workers, to their end: one epoch when `endless` is false, else epoch after
+    epoch. Under a Trainer the stream is endless and has no len(): Lightning sees a single epoch
+    that `trainer.max_steps` ends, so it never cuts a data epoch to the length of another (their
+    batch counts differ when there are several buckets) nor restarts one after a resume."""
 
-    def __init__(self, dataset: ShardDataset, begin_epoch, num_workers: int, **kwargs):
+    def __init__(self, dataset: ShardDataset, start, num_workers: int, endless: bool, **kwargs):
         super().__init__(
             dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs
         )
-        self.begin_epoch = begin_epoch
+        self.start, self.endless = start, endless
 
     def __iter__(self):
-        self.begin_epoch()
-        if not self.num_workers:
-            return super().__iter__()
-        return map(self.dataset.track, super().__iter__())
+        epoch, batch = self.start()
+        while True:
+            self.dataset.prepare_epoch(epoch, batch)
+            batches = super().__iter__()
+            # every batch of the pass is taken (none is discarded by a restart of the workers),
+            # so every shared-memory slot a worker lends comes back (ShardDataset.track)
+            yield from map(self.dataset.track, batches) if self.num_workers else batches
+            if not self.endless:
+                return
+            epoch, batch = epoch + 1, 0
 
     def state_dict(self) -> dict:  # tells Lightning this loader resumes mid-epoch: the DataModule's
-        return {}  # state_dict holds the position, restored before the next iter()
+        return {}  # state_dict holds the position (MagiDataModule.load_state_dict)
 
     def load_state_dict(self, state: dict) -> None:
         pass
@@ -68,6 +78,7 @@ class MagiDataModule(L.LightningDataModule):
     shards: brace pattern / glob / list of them; or datasets: [{shards, weight, name}] to mix.
     buckets: [{height, width, seconds | frames, batch_size}].
     missing_audio, av_mismatch, av_tolerance: the audio policies (magitrain.data.span.AVPolicy).
+    max_pixels: raw videos and reference images with more pixels (from their headers) are bad samples.
     pin_memory: None pins batches when CUDA is available.
     rank / world_size: taken from the Trainer when attached, else torch.distributed, else these.
     The defaults are conf/data/latent.yaml's (a test keeps them equal).
@@ -90,6 +101,7 @@ class MagiDataModule(L.LightningDataModule):
         av_mismatch: str = "crop",
         av_tolerance: float = 0.5,
         random_offset: bool = False,
+        max_pixels: int = 33177600,
         max_bad_fraction: float = 0.05,
         bad_check_after: int = 100,
         prefetch_factor: int = 2,
@@ -109,7 +121,7 @@ class MagiDataModule(L.LightningDataModule):
             "text_max_len": text_max_len,
         }
         policy = AVPolicy(av_mismatch, av_tolerance, missing_audio)
-        self.raw = RawOptions(sample_rate, audio_channels, policy, random_offset)
+        self.raw = RawOptions(sample_rate, audio_channels, policy, random_offset, max_pixels=max_pixels)
         self.loader_options = {
             "prefetch_factor": prefetch_factor if num_workers else None,
             "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
@@ -118,7 +130,7 @@ class MagiDataModule(L.LightningDataModule):
         self.position = DataPosition()
         self.quality = BadInputTracker(max_bad_fraction, bad_check_after)
         self.dataset: ShardDataset | None = None
-        self._restored: dict | None = None
+        self.plan_fingerprint: dict = {}  # set by setup(): saved with the position, checked on resume
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -151,45 +163,39 @@ class MagiDataModule(L.LightningDataModule):
             **self.plan_options,
         )
         self.quality.unplanned = self.dataset.unplanned_summary()
+        self.plan_fingerprint = self.dataset.fingerprint()
 
     def train_dataloader(self) -> EpochLoader:
+        """The training stream: endless under a Trainer (which `trainer.max_steps` stops), else the
+        rest of the current data epoch per iter()."""
         self.setup()
+        if self.trainer is not None and self.trainer.max_steps < 0:
+            raise ValueError(
+                "the training data stream is endless (data epochs follow each other within one "
+                "Lightning epoch): set trainer.max_steps"
+            )
         return EpochLoader(
             self.dataset,
-            self._begin_epoch,
+            self._start,
             num_workers=self.num_workers,
+            endless=self.trainer is not None,
             worker_init_fn=_init_worker,
+            # the workers' base seed from a generator of its own, not a draw from the global RNG:
+            # a resume restores that RNG before this loader's first iter(), so a draw there would
+            # put training one draw ahead of the uninterrupted run (dropout, other global draws)
+            generator=torch.Generator().manual_seed(self.seed),
             **self.loader_options,
         )
 
-    def _begin_epoch(self) -> None:
-        if self._restored is not None:
-            self.position.load_state_dict(self._restored, self._plan_identity(), self.strict_resume)
-            self.quality.load_state_dict(self._restored["quality"])
-            self._restored = None
-        epoch, start = self.position.begin_epoch(self._batches_in_epoch)
-        self.dataset.prepare_epoch(epoch, start)
-        level = logging.INFO if start else logging.DEBUG  # routine at each epoch; worth saying on a resume
-        log.log(level, "data epoch %d: %d batches per rank, from batch %d", epoch, len(self.dataset), start)
-
-    def _batches_in_epoch(self, epoch: int) -> int:
-        self.dataset.epoch = epoch
-        return len(self.dataset)
-
-    def _plan_identity(self) -> dict:
-        return {"seed": self.seed, "world_size": self.dataset.world_size, "num_workers": self.num_workers}
+    def _start(self) -> tuple[int, int]:
+        return self.position.next_batch(self.dataset.batches_in_epoch)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Count a consumed training batch and its bad samples; strip the private `_data` entry."""
         if isinstance(batch, dict) and "_data" in batch:
             batch = dict(batch)
             meta = batch.pop("_data")
-            if meta["epoch"] != self.position.epoch:
-                raise RuntimeError(
-                    f"batch of data epoch {meta['epoch']} arrived during epoch "
-                    f"{self.position.epoch}: two iterators over the train loader?"
-                )
-            self.position.consumed += 1
+            self.position.take(meta["epoch"], meta["batch"])
             self.quality.update(meta["bad"], meta["notes"], meta["seen"])
         return batch
 
@@ -198,7 +204,7 @@ class MagiDataModule(L.LightningDataModule):
             return {}
         return {
             "version": STATE_VERSION,
-            **self.position.state_dict(self._plan_identity()),
+            **self.position.state_dict(self.plan_fingerprint),
             "quality": self.quality.state_dict(),
         }
 
@@ -207,4 +213,6 @@ class MagiDataModule(L.LightningDataModule):
             return
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {state.get('version')} != {STATE_VERSION}")
-        self._restored = dict(state)  # applied at the next iter(), when the plan is known
+        self.setup()  # the plan: its fingerprint is checked against the saved one
+        self.position.load_state_dict(state, self.plan_fingerprint, self.strict_resume)
+        self.quality.load_state_dict(state["quality"])

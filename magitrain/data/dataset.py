@@ -12,6 +12,8 @@ attempted); the DataModule pops it in the main process to track the resume posit
 bad-input fraction, so the training step never sees it.
 """
 
+import hashlib
+import json
 import logging
 import os
 import pickle
@@ -97,6 +99,7 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
         self.epoch, self.start_batch = 0, 0
         self._lengths: dict[int, int] = {}
+        self.datasets = list(datasets)
         self.urls = [url for d in datasets for url in d.urls]
         self.indexes = load_indexes(self.urls)
         for index in self.indexes:
@@ -163,13 +166,36 @@ class ShardDataset(IterableDataset):
     def workers(self) -> int:
         return max(1, self.num_workers)
 
-    def __len__(self) -> int:
-        """Batches this rank yields in the current epoch (the same on every rank)."""
-        if self.epoch not in self._lengths:  # Lightning asks often; the plan is O(samples)
-            stream = self.planner.stream(self.epoch)
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches this rank yields in data epoch `epoch` (the same on every rank; it differs
+        between epochs when there are several buckets)."""
+        if epoch not in self._lengths:  # asked at every resume and epoch; the plan is O(samples)
+            stream = self.planner.stream(epoch)
             per_slot = self.planner.batches_per_slot(stream, self.world_size * self.workers)
-            self._lengths = {self.epoch: self.workers * per_slot}
-        return self._lengths[self.epoch]
+            self._lengths = {epoch: self.workers * per_slot}
+        return self._lengths[epoch]
+
+    def fingerprint(self) -> dict[str, object]:
+        """Everything the plan depends on, as plain values (saved with the data position): a
+        resume under a different plan cannot continue at the saved batch."""
+        p = self.planner
+        shards = hashlib.sha256()
+        for url, index in zip(self.urls, self.indexes, strict=True):
+            shards.update(json.dumps([url.rsplit("/", 1)[-1], [row["key"] for row in index.rows]]).encode())
+        planned = hashlib.sha256(json.dumps(p.shard_buckets).encode()).hexdigest()[:12]
+        return {
+            "seed": p.seed,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "shuffle": p.shuffle,
+            "shuffle_buffer": p.shuffle_buffer,
+            "buckets": [f"{b.name} batch_size={b.batch_size}" for b in p.buckets],
+            "datasets": [f"{d.name} weight={d.weight} ({len(d.urls)} shards)" for d in self.datasets],
+            "shards": f"{len(self.urls)} shards, sha256 {shards.hexdigest()[:12]} of their names and keys",
+            # which samples the buckets and the audio policies (missing_audio, av_mismatch,
+            # av_tolerance) admit, and into which bucket
+            "planned_samples": f"{sum(b >= 0 for row in p.shard_buckets for b in row)}, sha256 {planned}",
+        }
 
     def part(self, worker: int) -> WorkerPart:
         """The part of the current epoch that worker `worker` of this rank runs.
@@ -188,6 +214,9 @@ class ShardDataset(IterableDataset):
     def prepare_epoch(self, epoch: int, start_batch: int) -> None:
         """Set the epoch and first batch; with workers, write each worker's part for it to pick up."""
         self.epoch, self.start_batch = epoch, start_batch
+        level = logging.INFO if start_batch else logging.DEBUG  # routine each epoch; worth saying on a resume
+        n = self.batches_in_epoch(epoch)
+        log.log(level, "data epoch %d: %d batches per rank, from batch %d", epoch, n, start_batch)
         if self.num_workers == 0:
             return
         if self.ring_counts is None:
@@ -267,11 +296,11 @@ class ShardDataset(IterableDataset):
                 continue
             else:
                 repeats = 1  # keep the batch count (every rank must step equally): reuse the last batch
-            for _ in range(repeats):
+            for r in range(i - repeats + 1, i + 1):
                 meta = {
                     "epoch": part.epoch,
                     "slot": part.slot,
-                    "index": i,
+                    "batch": r * self.workers + part.slot % self.workers,  # in the rank's epoch
                     "bad": bad,
                     "notes": notes,
                     "seen": seen,
@@ -315,8 +344,10 @@ class ShardDataset(IterableDataset):
         missing. Shards with nothing needed (already consumed before a resume) are not opened."""
         for shard, rows in _runs(part.items):
             want = {part.rows[(shard, r)]["key"]: r for r in rows if needed[(shard, r)]}
+            offsets = [part.rows[(shard, r)].get("offset") for r in want.values()]
+            start = 0 if None in offsets else min(offsets, default=0)  # an index written before offsets: 0
             error = None
-            for sample in iter_tar(part.urls[shard]) if want else ():
+            for sample in iter_tar(part.urls[shard], start, set(want)) if want else ():
                 if "__error__" in sample:
                     error = sample["__error__"]
                     break

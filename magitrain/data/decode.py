@@ -1,10 +1,11 @@
 """Turn one shard sample (a dict of member bytes) into tensors cut to its bucket.
 
 Raw: the clip is cut from the span both tracks cover (span.py). decord decodes the mp4 at 25 fps
-(nearest frame), frames are resized to cover the bucket and centre-cropped, the clip is cut to the
-bucket's F = 4k+1 frames and the audio to the F/25 s they cover, placed by its timestamps and
-resampled by PyAV (FFmpeg) to `sample_rate`, mono, then copied to `channels`; an optional KEY.jpg
-reference image is cover-cropped to the bucket too.
+(the frame nearest in presentation time, so variable-frame-rate clips stay in sync), frames are
+resized to cover the bucket and centre-cropped, the clip is cut to the bucket's F = 4k+1 frames
+and the audio to the F/25 s they cover, placed by its timestamps and resampled by PyAV (FFmpeg)
+to `sample_rate`, mono, then copied to `channels`; an optional KEY.jpg reference image is
+cover-cropped to the bucket too.
 Latent: the safetensors payload is checked against the data contract and the bucket, then cut to
 the bucket's T (and N = 4(T-1)+1 audio steps).
 
@@ -21,11 +22,12 @@ import av
 import decord
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from magitrain.codecs.media import frame_indices, resize_cover_crop
-from magitrain.data.buckets import FPS, VAE_TIME_STRIDE, Bucket
-from magitrain.data.index import AUDIO_EXTS
+from magitrain.codecs.media import nearest_frames, reference_image, resize_cover_crop
+from magitrain.data.buckets import AUDIO_CHANNELS, FPS, VAE_TIME_STRIDE, VIDEO_CHANNELS, Bucket
+from magitrain.data.index import AUDIO_EXTS, is_prompt_payload
 from magitrain.data.span import AVPolicy, Unplanned, clip_span
 
 
@@ -50,6 +52,7 @@ class RawOptions:
     policy: AVPolicy = AVPolicy()  # noqa: RUF009 (frozen): av_mismatch, av_tolerance, missing_audio (span.py)
     random_offset: bool = False  # cut the bucket span at a seeded random start instead of 0
     decode_threads: int = 1  # per worker: the DataLoader workers are the parallelism
+    max_pixels: int = 7680 * 4320  # larger videos and images are bad samples (too_large), not decoded
 
 
 def read_meta(sample: dict) -> dict:
@@ -81,6 +84,10 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
         raise BadSample(exn.reason, str(exn)) from None
     if span.frames < bucket.frames:
         raise BadSample("too_short", f"the usable span has {span.frames} frames at 25 fps < {bucket.frames}")
+    if row["width"] * row["height"] > opts.max_pixels:  # the mp4's header, as the index recorded it
+        raise BadSample(
+            "too_large", f"the video is {row['width']}x{row['height']} > data.max_pixels={opts.max_pixels}"
+        )
     first = span.first + (rng.randrange(span.frames - bucket.frames + 1) if opts.random_offset else 0)
     frames = decode_frames(sample["mp4"], row, bucket, first, opts.decode_threads)
     video = cover_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), bucket).permute(1, 0, 2, 3).contiguous()
@@ -102,18 +109,33 @@ def decode_raw(sample: dict, row: dict, bucket: Bucket, opts: RawOptions, rng: r
         "note": note,
     }
     if "jpg" in sample:
-        out["ref_image"] = decode_image(sample["jpg"], bucket)
+        out["ref_image"] = decode_image(sample["jpg"], bucket, opts.max_pixels)
     return out
 
 
-def decode_image(data: bytes, bucket: Bucket) -> torch.Tensor:
-    """KEY.jpg (the image-to-video reference) -> [3, H, W] uint8, cover-resized to the bucket."""
+def decode_image(data: bytes, bucket: Bucket, max_pixels: int) -> torch.Tensor:
+    """KEY.jpg (the image-to-video reference) -> [3, H, W] uint8 at the bucket's size, prepared as
+    inference prepares `image=` (`reference_image`: EXIF orientation, aspect crop, Lanczos).
+
+    The size is read from the header first: a small file can declare a huge image (a 2 MB solid
+    12000x12000 JPEG decodes to 432 MB and costs 2 GB on the way to the bucket), so one above
+    `max_pixels` is refused (too_large) before anything is decoded. A JPEG is decoded at the
+    smallest DCT scale that still covers the bucket in either orientation (PIL's draft; the EXIF
+    tag may turn it), not at full size."""
     try:
-        with av.open(io.BytesIO(data)) as container:
-            image = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise BadSample(
+                "too_large", f"KEY.jpg is {image.width}x{image.height} > data.max_pixels={max_pixels}"
+            )
+        scale = max(bucket.width, bucket.height) / min(image.width, image.height)
+        image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+        pixels = reference_image(image, (bucket.height, bucket.width))
+    except BadSample:
+        raise
     except Exception as exn:
         raise BadSample("corrupt_image", first_line(exn)) from None
-    return resize_cover_crop(torch.from_numpy(image).permute(2, 0, 1)[None], (bucket.height, bucket.width))[0]
+    return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def cover_crop(frames: torch.Tensor, bucket: Bucket) -> torch.Tensor:
@@ -148,8 +170,9 @@ def decoder_size(row: dict, bucket: Bucket) -> tuple[int, int] | None:
 
 
 def decode_frames(data: bytes, row: dict, bucket: Bucket, first: int, threads: int) -> np.ndarray:
-    """[F, h, w, 3] uint8: the bucket's F frames at 25 fps from frame `first` (nearest source frame),
-    scaled by the decoder when it can (decoder_size), else at native size."""
+    """[F, h, w, 3] uint8: the bucket's F frames at 25 fps from frame `first` (the source frame
+    nearest in presentation time), scaled by the decoder when it can (decoder_size), else at
+    native size."""
     size = decoder_size(row, bucket)
     if size is not None and size not in _SCALER_FAILS:
         try:
@@ -170,12 +193,16 @@ def decode_frames(data: bytes, row: dict, bucket: Bucket, first: int, threads: i
 def _read_frames(data: bytes, bucket: Bucket, first: int, threads: int, size) -> np.ndarray:
     scaled = {} if size is None else {"height": size[0], "width": size[1]}
     reader = decord.VideoReader(io.BytesIO(data), num_threads=threads, **scaled)
-    indices = frame_indices(len(reader), reader.get_avg_fps(), FPS)
-    if len(indices) < first + bucket.frames:
+    # [start, end) presentation times; the first frame's start is the clip's time 0, as for the audio
+    shown = reader.get_frame_timestamp(range(len(reader)))
+    times = (first + np.arange(bucket.frames)) / FPS
+    if times[-1] >= shown[-1, 1] - shown[0, 0]:
         raise BadSample(
-            "too_short", f"{len(indices)} frames at 25 fps < {first} + {bucket.frames} that the plan cuts"
+            "too_short",
+            f"the video ends at {shown[-1, 1] - shown[0, 0]:.3f} s, before frame {first} + {bucket.frames} "
+            f"at 25 fps that the plan cuts",
         )
-    return reader.get_batch(indices[first : first + bucket.frames]).asnumpy()
+    return reader.get_batch(nearest_frames(shown[:, 0] - shown[0, 0], times).tolist()).asnumpy()
 
 
 def decode_audio(sample: dict, row: dict, start: float, length: int, rate: int) -> tuple[torch.Tensor, bool]:
@@ -238,7 +265,6 @@ def read_audio(data: bytes, in_video: bool, start: float, length: int, rate: int
 
 LATENT_KEYS = ("video_latent", "audio_latent", "text_emb")
 DEFAULT_POLICY = AVPolicy()
-VIDEO_CHANNELS, AUDIO_CHANNELS = 48, 64
 
 
 def decode_latent(
@@ -261,8 +287,6 @@ def decode_latent(
     except Exception as exn:
         raise BadSample("bad_latents", first_line(exn)) from None
     if "video_latent" not in tensors and "text_emb" in tensors:
-        from magitrain.data.prompts import is_prompt_payload
-
         if is_prompt_payload(sample["latents.safetensors"]):
             return decode_prompt(tensors, sample, meta, bucket, text_max_len, text_dim)
     missing = [k for k in LATENT_KEYS if k not in tensors]
@@ -289,6 +313,7 @@ def decode_latent(
         if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise BadSample("non_finite", f"{name} {tuple(tensor.shape)} has {bad} non-finite values")
+    check_text_rows(out["text_emb"])
     return out | {
         "audio_mask": has_audio or policy.missing_audio == "silence",
         "note": None
@@ -298,6 +323,14 @@ def decode_latent(
         "language": str(meta.get("language", "")),
         "key": sample["__key__"],
     }
+
+
+def check_text_rows(text: torch.Tensor) -> None:
+    """Every stored text row is a real token's hidden state, never all zeros: a zero row is what a
+    batched encoder that assumed right padding wrote for a left-padded prompt (an empty caption)."""
+    zero = text.abs().sum(-1).eq(0)
+    if zero.any():
+        raise BadSample("zero_text", f"text_emb has {int(zero.sum())} of {len(zero)} rows all zero")
 
 
 def decode_prompt(
@@ -310,6 +343,7 @@ def decode_prompt(
     text = text[:text_max_len]
     if text.is_floating_point() and not torch.isfinite(text.sum()):
         raise BadSample("non_finite", f"text_emb {tuple(text.shape)} has non-finite values")
+    check_text_rows(text)
     return {
         "text_emb": text,
         "latent_shape": torch.tensor(bucket.latent_shape, dtype=torch.long),

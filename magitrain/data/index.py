@@ -4,14 +4,15 @@
 
     {"format": "magitrain.shard-index", "version": 2, "kind": "raw" | "latent",
      "num_samples": 2, "bytes": 81920,
-     "samples": [{"key": "00000000000", "bytes": 40960, "duration": 2.0, "width": 128,
+     "samples": [{"key": "00000000000", "bytes": 40960, "offset": 0, "duration": 2.0, "width": 128,
                   "height": 64, "fps": 25.0, "has_audio": true, "audio_start": 0.0,
                   "audio_duration": 1.93, "language": "en"}, ...]}
 
 Latent rows hold `latent_shape` [T, H, W], `audio_len`, `text_len`, `text_dim` and `has_audio`
 instead of the media fields; SR pairs add `lr_latent_shape` [T, h, w] of their `lr_video_latent`;
 prompt samples (data/prompts.py) add `prompt_only: true` (their latent_shape is the one to generate).
-The rows are in tar order.
+The rows are in tar order; `offset` (optional: indexes written before it have none) is the byte
+position of the sample's first tar header, where a loader slot that starts mid-shard seeks to.
 """
 
 import io
@@ -23,13 +24,15 @@ from dataclasses import dataclass
 
 import av
 
-from magitrain.data.shards import iter_tar, open_url
+from magitrain.data.buckets import VAE_TIME_STRIDE
+from magitrain.data.shards import is_local, iter_tar, open_url, sample_offsets
 
 log = logging.getLogger(__name__)
 
 FORMAT = "magitrain.shard-index"
 VERSION = 2  # 2 added the audio extent of raw rows and text_dim of latent rows; 1 still reads
 AUDIO_EXTS = ("wav", "flac", "m4a")
+GEOMETRY_KEY = "latent_shape"  # safetensors metadata of a prompt sample (data/prompts.py): "T,H,W"
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,6 @@ def latent_row(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     if "video_latent" not in header:  # a prompt sample (data-free DMD-2): text + target geometry
-        from magitrain.data.prompts import prompt_row
-
         return prompt_row(header)
     shape = header["video_latent"]["shape"]
     row = {
@@ -165,6 +166,32 @@ def latent_row(data: bytes) -> dict:
     if "lr_video_latent" in header:  # an SR pair (encode_shards.py --sr)
         row["lr_latent_shape"] = header["lr_video_latent"]["shape"][1:]
     return row
+
+
+def prompt_row(header: dict) -> dict:
+    """The index row of a prompt sample from its safetensors header (`latent_row`'s prompt case)."""
+    geometry = header.get("__metadata__", {}).get(GEOMETRY_KEY)
+    if geometry is None:
+        raise ValueError(
+            f"a latent sample without video_latent must be a prompt sample with {GEOMETRY_KEY!r} "
+            "in its safetensors metadata (data_tools/encode_shards.py --prompts writes them)"
+        )
+    t, h, w = (int(v) for v in geometry.split(","))
+    return {
+        "latent_shape": [t, h, w],
+        "audio_len": VAE_TIME_STRIDE * (t - 1) + 1,
+        "text_len": header["text_emb"]["shape"][0],
+        "text_dim": header["text_emb"]["shape"][-1],
+        "prompt_only": True,
+    }
+
+
+def is_prompt_payload(data: bytes) -> bool:
+    """Whether a `KEY.latents.safetensors` payload is a prompt sample's (its header names the
+    geometry): a latent sample that lost its video stays a bad sample, not a prompt."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return GEOMETRY_KEY in header.get("__metadata__", {}) and "video_latent" not in header
 
 
 def scan_shard(url: str) -> Iterator[dict]:
@@ -188,10 +215,13 @@ def build_index(url: str) -> ShardIndex:
         url,
     )
     rows, kind = [], "raw"
+    offsets = sample_offsets(url) if is_local(url) else {}
     for row in scan_shard(url):
         if "error" in row:
             log.warning("shard %s: sample %s left out of the index: %s", url, row["key"], row["error"])
             continue
         kind = "latent" if "latent_shape" in row else "raw"
+        if row["key"] in offsets:
+            row["offset"] = offsets[row["key"]]
         rows.append(row)
     return ShardIndex(url, kind, tuple(rows))

@@ -25,13 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_safetensors
 
-from magitrain.data.buckets import VAE_TIME_STRIDE, Bucket
-from magitrain.data.decode import AUDIO_CHANNELS, VIDEO_CHANNELS
+from magitrain.data.buckets import AUDIO_CHANNELS, VAE_TIME_STRIDE, VIDEO_CHANNELS, Bucket
+from magitrain.data.index import GEOMETRY_KEY, latent_row
 from magitrain.data.writer import write_shard
 from magitrain.errors import UserError
 
 ENCODE_BATCH = 32  # prompts encoded together (their embeddings are padded to the longest)
-GEOMETRY_KEY = "latent_shape"  # safetensors metadata of a prompt sample: "T,H,W"
 NEGATIVE_FILE = "negative.safetensors"  # the negative prompt's text embedding, beside the shards
 
 
@@ -53,8 +52,6 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def prompt_sample(key: str, caption: str, text_emb: torch.Tensor, bucket: Bucket) -> tuple[dict, dict]:
     """(members, index row) of one prompt sample, for `write_shard`."""
-    from magitrain.data.index import latent_row
-
     shape = bucket.latent_shape
     payload = save_safetensors(
         {"text_emb": text_emb.contiguous()}, metadata={GEOMETRY_KEY: ",".join(map(str, shape))}
@@ -72,32 +69,6 @@ def prompt_sample(key: str, caption: str, text_emb: torch.Tensor, bucket: Bucket
         "json": json.dumps(meta, ensure_ascii=False).encode(),
     }
     return members, {**latent_row(payload), "language": "", "has_audio": True}
-
-
-def prompt_row(header: dict) -> dict:
-    """The index row of a prompt sample from its safetensors header (`latent_row`'s prompt case)."""
-    geometry = header.get("__metadata__", {}).get(GEOMETRY_KEY)
-    if geometry is None:
-        raise ValueError(
-            f"a latent sample without video_latent must be a prompt sample with {GEOMETRY_KEY!r} "
-            "in its safetensors metadata (data_tools/encode_shards.py --prompts writes them)"
-        )
-    t, h, w = (int(v) for v in geometry.split(","))
-    return {
-        "latent_shape": [t, h, w],
-        "audio_len": VAE_TIME_STRIDE * (t - 1) + 1,
-        "text_len": header["text_emb"]["shape"][0],
-        "text_dim": header["text_emb"]["shape"][-1],
-        "prompt_only": True,
-    }
-
-
-def is_prompt_payload(data: bytes) -> bool:
-    """Whether a `KEY.latents.safetensors` payload is a prompt sample's (its header names the
-    geometry): a latent sample that lost its video stays a bad sample, not a prompt."""
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return GEOMETRY_KEY in header.get("__metadata__", {}) and "video_latent" not in header
 
 
 def latent_geometry(batch: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from magitrain.codecs.media import write_mp4
-from magitrain.data.prompts import save_negative
+from magitrain.data.prompts import save_negative, write_negative
 from magitrain.data.writer import latent_sample, write_shard
 
 LANGUAGES = ("en", "zh", "ja", "ko", "de", "fr", "es", "yue")
@@ -247,6 +247,46 @@ def make_latent_dataset(
     length = int(torch.randint(text_lengths[0], text_lengths[1] + 1, (1,), generator=gen))
     save_negative(out_dir, torch.randn(length, text_dim, generator=gen).to(torch.bfloat16))
     return paths
+
+
+def make_class_latent_dataset(
+    out_dir: str | Path,
+    prompts: list[str],
+    text_encoder,
+    samples_per_class: int = 16,
+    per_shard: int = 8,
+    latent_shape: tuple[int, int, int] = (3, 2, 4),
+    spread: float = 0.1,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A learnable toy in latent shards: class c is named by `prompts[c]` (its embedding from
+    `text_encoder`, so `infer.py` and the pipeline can ask for it by that prompt) and its samples are
+    the class's video and audio prototypes (standard normal, drawn once) plus `spread` Gaussian noise:
+    a model that learned the data answers each prompt with its own class's pair. Classes alternate
+    sample by sample, so every shard mixes them; the negative prompt is written beside the shards.
+
+    Returns the prototypes: {"video": [K, 48, T, H, W], "audio": [K, N, 64]}, N = 4(T-1)+1.
+    """
+    t, h, w = latent_shape
+    gen = torch.Generator().manual_seed(seed)
+    protos = {
+        "video": torch.randn(len(prompts), 48, t, h, w, generator=gen),
+        "audio": torch.randn(len(prompts), 4 * (t - 1) + 1, 64, generator=gen),
+    }
+    emb, lengths = text_encoder.encode(list(prompts))
+    total = samples_per_class * len(prompts)
+    for number, first in enumerate(range(0, total, per_shard)):
+        samples = []
+        for i in range(first, min(first + per_shard, total)):
+            c = i % len(prompts)
+            tensors = {m: p[c] + spread * torch.randn(p[c].shape, generator=gen) for m, p in protos.items()}
+            tensors = {f"{m}_latent": v for m, v in tensors.items()}
+            tensors["text_emb"] = emb[c, : int(lengths[c])].to(torch.bfloat16)
+            meta = {"caption": prompts[c], "duration": 4 * (t - 1) / 25, "width": 16 * w, "height": 16 * h}
+            samples.append(latent_sample(f"{number:06d}{i - first:04d}", meta, tensors))
+        write_shard(out_dir, number, "latent", samples)
+    write_negative(out_dir, text_encoder)
+    return protos
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,16 +23,17 @@ def shard_path(out_dir: str | Path, number: int) -> Path:
 
 def write_shard(out_dir: str | Path, number: int, kind: str, samples: Iterable[tuple[dict, dict]]) -> Path:
     """`samples` yields (members, row): members `{"__key__": KEY, EXT: bytes, ...}` go into the tar,
-    row is the sample's index row (docs/data.md); its "key" and "bytes" are filled in here."""
+    row is the sample's index row (docs/data.md); its "key", "bytes" and "offset" are filled in here."""
     final = shard_path(out_dir, number)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     rows = []
     with TarWriter(str(tmp), encoder=False, mtime=0) as writer:
         for members, row in samples:
+            offset = writer.tarstream.offset  # where the sample's first member header starts
             writer.write(members)
             size = sum(len(v) for k, v in members.items() if not k.startswith("__"))
-            rows.append({"key": members["__key__"], "bytes": size, **row})
+            rows.append({"key": members["__key__"], "bytes": size, "offset": offset, **row})
     write_index(str(final.with_suffix(".index.json")), kind, rows, tmp.stat().st_size)
     os.replace(tmp, final)
     return final

@@ -131,8 +131,10 @@ def generator_loss(
     modality pull x0 along `-g`, `g = (x0_fake - x0_real) / mean_per_sample|x0 - x0_real|`, through
     `loss_m = 0.5 mse(x0, stopgrad(x0 - g))` (whose gradient is g / numel).
 
-    Returns the weighted sum (weights default 1) and logs per modality: `loss_{m}` and
-    `dmd_grad_{m}`, the root-mean-square of g.
+    Returns the weighted sum (weights default 1) and logs per modality: `loss_{m}`,
+    `dmd_grad_{m}`, the root-mean-square of g, and `teacher_gap_{m}`, the mean |x0 - x0_real| per
+    element: how far the student's samples are from the teacher's denoising of them (a student
+    that drifts off the teacher's data shows here first, at no extra cost).
     """
     weights = weights or {}
     with torch.no_grad():
@@ -150,6 +152,7 @@ def generator_loss(
         total = total + weights.get(m, 1.0) * loss
         logs[f"loss_{m}"] = loss.detach()
         logs[f"dmd_grad_{m}"] = g.pow(2).mean().sqrt()
+        logs[f"teacher_gap_{m}"] = normaliser.mean()
     return total, logs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -23,3 +24,15 @@ class Guidance:
 
     def video(self, timestep: int) -> float:
         return self.video_high if timestep > self.switch_t else self.video_low
+
+
+def sr_guidance_scales(
+    latent_frames: int, scale: float = 3.5, trick_frames: int = 13, trick_value: float | None = 2.0
+) -> Tensor:
+    """[1, 1, T, 1, 1] video guidance of the SR stage with CFG, as released (`sr_cfg_number=2`):
+    `scale` on every latent frame, at most `trick_value` on the first `trick_frames` (the release's
+    "CFG trick" against over-exposure, on by default; None turns it off)."""
+    scales = torch.full((1, 1, latent_frames, 1, 1), float(scale))
+    if trick_value is not None:
+        scales[:, :, :trick_frames] = min(trick_value, scale)
+    return scales

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import guided_velocity
 from .conditioning import condition_on_image
 from .noise import gaussian
 from .schedules import DEFAULT_SHIFT, sr_renoise_coefficient
@@ -54,6 +55,9 @@ def sample_super_resolution(
     noise_value: int = 220,
     audio_noise_scale: float = 0.7,
     image_latent: Tensor | None = None,
+    negative_text: Tensor | None = None,
+    negative_text_len: Tensor | None = None,
+    guidance_scale: Tensor | None = None,
     step_fn=None,
 ) -> Tensor:
     """Refine the clean base video latent [B,48,T,H,W] at the SR grid `size`; returns the SR video latent.
@@ -61,10 +65,16 @@ def sample_super_resolution(
     `velocity_fn` is the SR model with its text coordinates (v1). The audio input
     `0.7 eps + 0.3 audio` is held fixed and the SR model's audio output is discarded: the
     base-stage audio is the final audio. Noise draws: video re-noise, then audio. `image_latent`
-    is the reference image encoded at the SR resolution. No guidance. `step_fn` replaces
-    `conditioned_velocity` over `velocity_fn` (e.g. a compiled one); UniPC updates stay outside.
+    is the reference image encoded at the SR resolution. No guidance (the release's shipped
+    configs), unless `guidance_scale` (per latent frame, `sr_guidance_scales`) is given: then CFG
+    against the negative prompt, as the release's `sr_cfg_number=2`. `step_fn` replaces
+    `conditioned_velocity` (`guided_velocity` with guidance) over `velocity_fn` (e.g. a compiled
+    one); UniPC updates stay outside.
     """
-    step_fn = step_fn or functools.partial(conditioned_velocity, velocity_fn)
+    guided = guidance_scale is not None
+    if guided and negative_text is None:
+        raise ValueError("SR guidance needs the negative prompt's embedding (negative_text)")
+    step_fn = step_fn or functools.partial(guided_velocity if guided else conditioned_velocity, velocity_fn)
     x = upsample_latent(video, size)
     if noise_value:  # 0: no re-noise (and no draw), as released
         a = sr_renoise_coefficient(noise_value).to(x.device)
@@ -72,7 +82,14 @@ def sample_super_resolution(
     eps_audio = gaussian(audio.shape, generator, audio.device)
     audio_in = audio_noise_scale * eps_audio + (1 - audio_noise_scale) * audio
     solver = unipc_scheduler(steps, shift)
+    if guided:
+        scale, one = guidance_scale.to(x.device), torch.ones((), device=x.device)  # audio output unused
     for t in solver.timesteps:
-        x, v_video = step_fn(x, audio_in, text, text_len, image_latent)
+        if guided:
+            x, v_video, _ = step_fn(
+                x, audio_in, text, text_len, negative_text, negative_text_len, scale, one, image_latent
+            )
+        else:
+            x, v_video = step_fn(x, audio_in, text, text_len, image_latent)
         x = solver.step(v_video, t, x).prev_sample
     return condition_on_image(x, image_latent)

@@ -1,7 +1,7 @@
 """Inference: the generation pipeline, checkpoint loading, output sizes, stage timings, benchmark."""
 
 from .networks import load_network, random_network, to_inference_dtype
-from .pipeline import Generation, MagiHumanPipeline, TextInputs, load_image
+from .pipeline import Generation, MagiHumanPipeline, Sampling, TextInputs
 from .shapes import RESOLUTIONS, ClipShape, parse_resolution
 from .timing import StageTimer, format_table, write_json
 
@@ -11,9 +11,9 @@ __all__ = [
     "Generation",
     "MagiHumanPipeline",
     "StageTimer",
+    "Sampling",
     "TextInputs",
     "format_table",
-    "load_image",
     "load_network",
     "parse_resolution",
     "random_network",

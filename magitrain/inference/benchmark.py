@@ -52,10 +52,12 @@ def random_codecs(dtype: torch.dtype, decode_tile: int | None = None, video_deco
     )
 
 
-def video_decoders(codecs: Codecs) -> dict:
-    """The decoders to time: the selected one first, then the full Wan2.2 VAE if that is another."""
+def video_decoders(codecs: Codecs, wan_beside: bool = True) -> dict:
+    """The decoders to time: the selected one first, then (`wan_beside`) the full Wan2.2 VAE if that
+    is another."""
     decoders = {codecs.video_decoder_name: codecs.video_decoder}
-    decoders.setdefault("wan", codecs.video)
+    if wan_beside:
+        decoders.setdefault("wan", codecs.video)
     return decoders
 
 
@@ -81,14 +83,16 @@ def run_benchmark(
     precision: str = "auto",
     compile: str = "none",
     compile_backend: str = "inductor",
-    text_tokens: int = 100,
+    text_tokens: int = 300,
     repeats: int = 2,
     warmup: int = 1,
     group=None,
+    wan_beside: bool = True,
 ) -> list[dict] | None:
     """Table 2 rows, one per (output, video decoder): seconds per stage, the mean of `repeats`
     timed runs after `warmup` runs; `peak_gib` per stage on CUDA (the maximum over the runs).
-    `compile`: none | blocks | step (see `steps.py`). Under CP only rank 0 returns the rows."""
+    `compile`: none | blocks | step (see `steps.py`). `wan_beside=False` times the selected video
+    decoder only (a 1080p Wan2.2 decode takes minutes). Under CP only rank 0 returns the rows."""
     device = torch.device(device)
     dtype = torch.bfloat16 if uses_bf16(precision, device) else torch.float32
     model = random_network(get_config(preset), device, dtype)
@@ -96,7 +100,7 @@ def run_benchmark(
     generator = torch.Generator("cpu").manual_seed(0)
     emb = torch.randn(1, text_tokens, model.config.text_in_channels, generator=generator).to(device)
     text = TextInputs(emb, torch.tensor([text_tokens], device=device))
-    decoders = video_decoders(codecs)
+    decoders = video_decoders(codecs, wan_beside)
     if compile != "none" and "turbo" in decoders:  # as the release, which compiles the per-window decoder
         decoders["turbo"].model.decoder.compile()
     results = []

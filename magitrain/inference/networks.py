@@ -2,7 +2,7 @@
 
 `ckpt` may be
 - a released-layout directory (sharded safetensors + index, or `model.safetensors`), which is also
-  what `python -m magitrain.checkpoint.export` writes, or a single `.safetensors` file: the
+  what `python -m magitrain.export` writes, or a single `.safetensors` file: the
   architecture comes from the `config.json` beside the weights (exports write one), else from the
   `model` preset;
 - a Lightning training checkpoint (a `.ckpt` file, an FSDP2 distributed-checkpoint directory or a
@@ -20,7 +20,8 @@ import torch
 
 from magitrain.checkpoint import CheckpointMismatchError, check_layout, load_official
 from magitrain.checkpoint.export import network_state, read_training_checkpoint
-from magitrain.checkpoint.official import read_config
+from magitrain.checkpoint.official import read_config, read_sampling
+from magitrain.checkpoint.resume import checkpoint_meta
 from magitrain.checkpoint.safe_load import CorruptCheckpointError
 from magitrain.model import MagiHumanConfig, MagiHumanDiT, get_config
 from magitrain.model.layers import ModalityLinear
@@ -75,6 +76,15 @@ def load_network(
         raise type(err)(f"{field}: {err}") from err
 
 
+def recorded_sampling(ckpt: str | Path) -> dict | None:
+    """`{"sampler", "steps"}` the network of `ckpt` was trained for (an export's config.json, a
+    training checkpoint's hyper-parameters); None for released folders and SR networks."""
+    path = Path(ckpt).expanduser()
+    if is_training_checkpoint(path):
+        return checkpoint_meta(path).get("hyper_parameters", {}).get("sampling")
+    return read_sampling(path)
+
+
 def _meta_network(config: MagiHumanConfig, dtype: torch.dtype) -> MagiHumanDiT:
     with torch.device("meta"):
         network = MagiHumanDiT(config.replace(activation_checkpointing=False))
@@ -96,7 +106,7 @@ def _from_training_checkpoint(
     if hparams.get("lora"):
         raise ValueError(
             f"{field}={path} is a LoRA training checkpoint: it holds adapters, not a network. Export the "
-            f"adapter (python -m magitrain.checkpoint.export {path} adapter.safetensors) and pass the base "
+            f"adapter (python -m magitrain.export {path} adapter.safetensors) and pass the base "
             f"as {field}= and the adapter as lora= (sr_lora= for the SR network), or export with --merge"
         )
     if "model" in hparams:  # the architecture the run trained, whatever preset was asked for

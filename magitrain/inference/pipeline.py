@@ -17,18 +17,30 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from magitrain.codecs.media import resize_cover_crop, write_mp4
-from magitrain.flow import initial_latents, sample_base, sample_distilled, sample_super_resolution
+from magitrain.codecs.media import (
+    UPSAMPLE_MODES,
+    reference_image,
+    upsample_frames,
+    video_to_uint8,
+    write_mp4,
+)
+from magitrain.flow import (
+    Guidance,
+    initial_latents,
+    sample_base,
+    sample_distilled,
+    sample_super_resolution,
+    sr_guidance_scales,
+)
 from magitrain.model import MagiHumanDiT
 
 from .distributed import Ranks
 from .residency import StageResidency
-from .shapes import FPS, ClipShape
+from .shapes import FPS, ClipShape, parse_output_size
 from .steps import build_steps
 from .timing import StageTimer, format_table, write_json
 
@@ -36,6 +48,22 @@ SAMPLERS = ("distilled", "base")
 DEFAULT_SAMPLER = {8: "distilled", 32: "base"}  # the released distilled and base step counts
 PRECISIONS = ("auto", "bf16", "fp32")
 OFFLOADS = ("none", "codecs", "stages")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The release's sampling settings, its values as defaults: base CFG (`guidance`: video 5 while
+    t > 500, then 2; audio 5), SR steps and re-noise index (DDPM step 220: a = 0.8389), and SR
+    CFG, off as in the shipped configs (`sr_cfg`: video scale 3.5, at most 2.0 on the first 13
+    latent frames, the release's "CFG trick"; `sr_cfg_trick_value=None` turns the trick off)."""
+
+    guidance: Guidance = Guidance()
+    sr_steps: int = 5
+    sr_noise_value: int = 220
+    sr_cfg: bool = False
+    sr_guidance: float = 3.5
+    sr_cfg_trick_frames: int = 13
+    sr_cfg_trick_value: float | None = 2.0
 
 
 @dataclass
@@ -50,18 +78,20 @@ class TextInputs:
 
 @dataclass
 class Generation:
-    video: Tensor  # [3, F, H, W] float in [-1, 1], CPU
+    video: Tensor  # [3, F, H, W] float in [-1, 1], CPU: the decoder's output
     audio: Tensor  # [2, S] float, CPU
     sample_rate: int
+    frames: Tensor  # [F, H', W', 3] uint8: what the mp4 holds (upsampled when output_size was given)
     timings: dict  # a Table 2 row (see timing.StageTimer.row)
     meta: dict = field(default_factory=dict)
+    latents: tuple[Tensor, Tensor] | None = None  # what was decoded: video [1, 48, T, h, w], audio [1, N, 64]
 
     def save(self, path: str | Path) -> Path:
         """Write `path` (mp4) and `path` with suffix .json (the timings, mux time included)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        write_mp4(path, self.video, fps=FPS, audio=self.audio, sample_rate=self.sample_rate)
+        write_mp4(path, self.frames, fps=FPS, audio=self.audio, sample_rate=self.sample_rate)
         self.timings["mux"] = time.perf_counter() - start
         write_json(path.with_suffix(".json"), [self.timings], **self.meta)
         return path
@@ -85,6 +115,7 @@ class MagiHumanPipeline:
     the clip, the other ranks return None from `generate` and `decode`.
     `compile`: "blocks" compiles each network's transformer layers, "step" each sampler's whole
     denoising step (`steps.py`; compilation is timed as warm-up, apart from the stages).
+    `sampling`: guidance scales, SR steps, re-noise and SR CFG (`Sampling`: the release's values).
     """
 
     def __init__(
@@ -100,10 +131,12 @@ class MagiHumanPipeline:
         group=None,
         compile: str = "none",
         compile_backend: str = "inductor",
+        sampling: Sampling | None = None,
     ):
         if offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
         self.model, self.codecs, self.sr_model = model, codecs, sr_model
+        self.sampling = sampling or Sampling()
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.bf16 = uses_bf16(precision, self.device)
         self.generator_device = generator_device
@@ -167,11 +200,14 @@ class MagiHumanPipeline:
             *(None if t is None else t.to(self.device) for t in self.ranks.broadcast(encoded, self.device))
         )
 
-    def encode_image(self, image: str | Path | Tensor, clip: ClipShape) -> Tensor:
-        """An image file or uint8 [3, H, W] tensor -> the frame-0 latent [1, 48, 1, h, w] at `clip`'s size."""
-        pixels = load_image(image) if isinstance(image, (str, Path)) else image
-        pixels = resize_cover_crop(pixels.unsqueeze(0), (clip.height, clip.width))[0]
-        pixels = pixels.float() / 127.5 - 1 if pixels.dtype == torch.uint8 else pixels.float()
+    def encode_image(self, image: str | Path | Image.Image | Tensor, clip: ClipShape) -> Tensor:
+        """An image (file, PIL or uint8 [3, H, W] tensor) -> the frame-0 latent [1, 48, 1, h, w] at
+        `clip`'s size, the image prepared as released (`reference_image`: EXIF, crop, Lanczos)."""
+        if isinstance(image, (str, Path)) and not Path(image).is_file():
+            raise FileNotFoundError(f"image={image}: no such file")
+        if isinstance(image, Tensor):
+            image = Image.fromarray(image.permute(1, 2, 0).numpy())
+        pixels = reference_image(image, (clip.height, clip.width))
         latent = None
         if self.ranks.writer:
             with self._stage("image"):
@@ -209,42 +245,68 @@ class MagiHumanPipeline:
             else:
                 video, audio = sample_base(
                     self.model, video, audio, text.emb, text.length, text.negative, text.negative_length,
-                    steps=steps, image_latent=base_image, step_fn=self.steps.get("base"),
+                    steps=steps, guidance=self.sampling.guidance, image_latent=base_image,
+                    step_fn=self.steps.get("base"),
                 )  # fmt: skip
         if sr_clip is None:
             return video, audio
         if self.sr_model is None:
             raise ValueError("an SR stage was asked for but the pipeline has no SR model (sr_ckpt)")
+        options = self.sampling
+        scales = None
+        if options.sr_cfg:
+            scales = sr_guidance_scales(
+                sr_clip.latent_frames,
+                options.sr_guidance,
+                options.sr_cfg_trick_frames,
+                options.sr_cfg_trick_value,
+            )
         with timer("sr"), self._stage("sr"), self._autocast():
             video = sample_super_resolution(
                 functools.partial(self.sr_model, coords_style="v1"), video, audio, text.emb, text.length,
-                size=sr_clip.latent_size, generator=generator, image_latent=sr_image,
-                step_fn=self.steps.get("sr"),
+                size=sr_clip.latent_size, generator=generator, steps=options.sr_steps,
+                noise_value=options.sr_noise_value, image_latent=sr_image, negative_text=text.negative,
+                negative_text_len=text.negative_length, guidance_scale=scales,
+                step_fn=self.steps.get("sr_cfg" if options.sr_cfg else "sr"),
             )  # fmt: skip
         return video, audio
 
     def decode(self, video_latent: Tensor, audio_latent: Tensor, timer: StageTimer, video_decoder=None):
-        """Latents -> (video [3, F, H, W] in [-1, 1], stereo audio [2, S], sample rate), on the CPU.
+        """Latents -> (video [3, F, H, W] in [-1, 1], stereo audio [2, S], sample rate, uint8 frames
+        [F, H, W, 3]), on the CPU.
 
-        The video decoder is the codecs' `video_decoder` (Wan2.2 or Turbo-VAED); the benchmark
-        passes another one (`codecs.video`) to time both on the same latents. Under CP only rank 0
-        decodes; the others return None."""
+        Decode times what the release's timer does: the video decode, the host copy and the uint8
+        frames (`decode_video`; its on-device part alone is `decode_video_device`), then the audio
+        decode and its resampling to 44.1 kHz (`decode_audio`). The video decoder is the codecs'
+        `video_decoder` (Wan2.2 or Turbo-VAED); the benchmark passes another one (`codecs.video`)
+        to time both on the same latents. Under CP only rank 0 decodes; the others return None."""
         if not self.ranks.writer:
             self._plan = []
             return None
         decoder = self.codecs.video_decoder if video_decoder is None else video_decoder
         with timer("decode"), self._stage("decode"):
             with timer("decode_video"):
-                video = decoder.decode(video_latent)[0]
+                with timer("decode_video_device"):
+                    video = decoder.decode(video_latent)[0]
+                video = video.cpu()
+                frames = video_to_uint8(video)
             with timer("decode_audio"):
                 audio, rate = self.codecs.audio.decode(audio_latent)
+                audio = audio[0].cpu()
         self._plan = []
-        return video.cpu(), audio[0].cpu(), rate
+        return video, audio, rate, frames
 
     # ----- all together -----------------------------------------------------------------------
-    def generate(self, prompt: str, **options) -> Generation | None:
+    def generate(
+        self, prompt: str, *, output_size: str | None = None, upsample_mode: str = "bilinear", **options
+    ) -> Generation | None:
         """One clip for `prompt`: `generate_latents(prompt, **options)`, then the decode stage.
+        `output_size` ('WxH') resizes the decoded frames with `upsample_mode` (bilinear | nearest |
+        bicubic), as the release's `--output_width/--output_height/--upsample_mode`.
         Under CP: rank 0's clip, whose timings hold every rank's peak memory; None on the others."""
+        size = parse_output_size(output_size) if output_size is not None else None
+        if upsample_mode not in UPSAMPLE_MODES:  # before the stages, not after them
+            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}")
         latents, timer, meta = self.generate_latents(prompt, **options)
         decoded = self.decode(*latents, timer)
         row = timer.row(meta["sr"] or meta["resolution"])
@@ -252,7 +314,11 @@ class MagiHumanPipeline:
             row["peak_gib_ranks"] = self.ranks.gather(timer.peak_gib)
         if decoded is None:
             return None
-        return Generation(*decoded, row, meta)
+        video, audio, rate, frames = decoded
+        if size is not None:  # after the timed stages, as released
+            frames = upsample_frames(frames, size[::-1], upsample_mode)
+            meta.update(output_size=output_size, upsample_mode=upsample_mode)
+        return Generation(video, audio, rate, frames, row, meta, latents=latents)
 
     def generate_latents(
         self,
@@ -269,13 +335,13 @@ class MagiHumanPipeline:
     ) -> tuple[tuple[Tensor, Tensor], StageTimer, dict]:
         """Text, image, base and SR stages: ((video latent, audio latent), their timer, the settings).
 
-        `sr` ('540p', '1080p' or WxH) adds the SR stage; `sampler` defaults to the one of `steps`.
+        `sr` ('540p', '1080p' or WxH) adds the SR stage, and the base stage takes its orientation
+        (`ClipShape.stages`); `sampler` defaults to the one of `steps`.
         """
         sampler = sampler or DEFAULT_SAMPLER.get(steps)
         if sampler not in SAMPLERS:
             raise ValueError(f"steps={steps} has no default sampler: pass sampler= one of {SAMPLERS}")
-        clip = ClipShape.of(seconds, resolution)
-        sr_clip = clip.with_resolution(sr) if sr else None
+        clip, sr_clip = ClipShape.stages(seconds, resolution, sr)
         self._plan = [
             "text",
             *(["image"] if image is not None else []),
@@ -285,7 +351,8 @@ class MagiHumanPipeline:
         ]
         timer = StageTimer(self.device)
         with timer("text"):
-            text = self.encode_prompt(prompt, guidance=sampler == "base", negative_prompt=negative_prompt)
+            guided = sampler == "base" or bool(sr and self.sampling.sr_cfg)
+            text = self.encode_prompt(prompt, guidance=guided, negative_prompt=negative_prompt)
         image_latents = None
         if image is not None:
             with timer("image"):
@@ -323,12 +390,3 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
-
-
-def load_image(path: str | Path) -> Tensor:
-    """An image file -> uint8 [3, H, W] RGB."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image={path}: no such file")
-    with Image.open(path) as img:
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()

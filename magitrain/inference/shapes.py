@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from magitrain.codecs.audio import num_latent_frames
+
+log = logging.getLogger("magitrain")
 
 FPS = 25
 # name -> (width, height) in pixels. 1080p is 1088 high: the latent grid must be a whole number
@@ -14,7 +17,8 @@ PIXELS_PER_PATCH = 32
 
 
 def parse_resolution(value: str) -> tuple[int, int]:
-    """'256p' | '540p' | '1080p' | 'WIDTHxHEIGHT' -> (width, height), both multiples of 32."""
+    """'256p' | '540p' | '1080p' | 'WIDTHxHEIGHT' -> (width, height). Sizes are floored to multiples of
+    32 as the release floors them (1280x720 -> 1280x704), and the size used is logged."""
     if value in RESOLUTIONS:
         return RESOLUTIONS[value]
     try:
@@ -23,8 +27,33 @@ def parse_resolution(value: str) -> tuple[int, int]:
         raise ValueError(
             f"resolution {value!r} is neither a preset {sorted(RESOLUTIONS)} nor WIDTHxHEIGHT"
         ) from None
-    if width <= 0 or height <= 0 or width % PIXELS_PER_PATCH or height % PIXELS_PER_PATCH:
-        raise ValueError(f"resolution {value!r}: width and height must be positive multiples of 32")
+    floored = width // PIXELS_PER_PATCH * PIXELS_PER_PATCH, height // PIXELS_PER_PATCH * PIXELS_PER_PATCH
+    if min(floored) <= 0:
+        raise ValueError(f"resolution {value!r}: width and height must be at least 32 pixels")
+    if floored != (width, height):
+        log.info("resolution %s -> %dx%d (floored to multiples of 32, as released)", value, *floored)
+    return floored
+
+
+def parse_output_size(value: str) -> tuple[int, int]:
+    """`output_size=WIDTHxHEIGHT` (pixels, any even sizes: the frames are resized after decoding)."""
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"output_size {value!r} is not WIDTHxHEIGHT") from None
+    if width <= 0 or height <= 0 or width % 2 or height % 2:
+        raise ValueError(f"output_size {value!r}: width and height must be positive and even (H.264 yuv420p)")
+    return width, height
+
+
+def oriented_like(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """`size` (width, height) turned to the orientation of `target` (width, height); a square
+    target keeps it. The base stage of an SR clip, which the SR stage stretches to the SR grid, is
+    portrait when the SR clip is (256x448 under 1088x1920): a landscape grid stretched onto a
+    portrait clip would distort it. Inference sizes its base stage so, SR training its LR clip."""
+    (width, height), (target_width, target_height) = size, target
+    if (width - height) * (target_width - target_height) < 0:
+        return height, width
     return width, height
 
 
@@ -42,6 +71,16 @@ class ClipShape:
             raise ValueError(f"seconds must be positive, got {seconds}")
         width, height = parse_resolution(resolution)
         return cls(width, height, num_latent_frames(seconds))
+
+    @classmethod
+    def stages(cls, seconds: float, resolution: str, sr: str | None) -> tuple[ClipShape, ClipShape | None]:
+        """The base-stage clip at `resolution` and the SR clip at `sr` (None without an SR stage);
+        the base stage takes the SR clip's orientation (`oriented_like`)."""
+        base = cls.of(seconds, resolution)
+        if not sr:
+            return base, None
+        high = base.with_resolution(sr)
+        return cls(*oriented_like((base.width, base.height), (high.width, high.height)), base.frames), high
 
     @property
     def latent_frames(self) -> int:

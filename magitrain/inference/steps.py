@@ -71,5 +71,6 @@ def build_steps(model, sr_model, mode: str, backend: str = "inductor") -> dict:
 
     steps = {"distilled": step("distilled", model, "base"), "base": step("base", model, "base")}
     if sr_model is not None:
-        steps["sr"] = step("sr", functools.partial(sr_model, coords_style="v1"), "sr")
+        sr_velocity = functools.partial(sr_model, coords_style="v1")
+        steps["sr"], steps["sr_cfg"] = step("sr", sr_velocity, "sr"), step("base", sr_velocity, "sr")
     return steps

@@ -39,6 +39,7 @@ ARCH_FIELDS = (
 )  # fmt: skip
 NETWORK_KIND = {"v1": "an SR network", "v2": "the base network"}
 BASE_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp32": torch.float32}
+TRAINED, EMA = "default", "ema"  # the trained adapter's name and its EMA shadow's
 
 
 def build_frozen_base(

@@ -52,9 +52,8 @@ class LoraDMD2Module(LoraMixin, DMD2Module):
         self.init_path = self.teacher_path  # the base: resume checks it, export --merge uses it
         self.hparams["init"] = self.teacher_path
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def build_lora_networks(self) -> None:
+        """`model`, `critic` and `teacher`: three module trees over one frozen base."""
         if not self.teacher_path:
             raise UserError("recipe=lora_dmd2 needs teacher=PATH (the frozen base, e.g. /ckpt/base)")
         self.check_lora_strategy()
@@ -66,11 +65,11 @@ class LoraDMD2Module(LoraMixin, DMD2Module):
         self.critic = parallelize(critic, self.parallel_config, None, trainable=True)
         teacher = parallelize(base, self.parallel_config, None, trainable=False)
         object.__setattr__(self, "teacher", teacher.eval())
-        self.start_ema()
 
     def adapter_networks(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, "critic": self.critic}
 
     def _velocity(self, *args, **kwargs):
-        # a bf16 / fp8 base computes its block matmuls in bf16 in every role, not only the teacher's
-        return super()._velocity(*args, **{**kwargs, "bf16": self._teacher_bf16})
+        # a bf16 / fp8 base computes its block matmuls in bf16 in every role, not only the teacher's;
+        # an fp32 base in the step's precision in every role, as recipe=lora_base's does
+        return super()._velocity(*args, **{**kwargs, "bf16": True if self._teacher_bf16 else None})

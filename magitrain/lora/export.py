@@ -1,6 +1,6 @@
 """Export a LoRA training checkpoint: the adapter file, or the base with the adapter merged in.
 
-Called by `python -m magitrain.checkpoint.export` when the checkpoint's hyper-parameters say LoRA.
+Called by `python -m magitrain.export` when the checkpoint's hyper-parameters say LoRA.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from magitrain.checkpoint import load_official, save_official
 from magitrain.errors import UserError
 from magitrain.model import MagiHumanConfig, MagiHumanDiT
 
-from .adapters import ARCH_FIELDS, adapter_tensors, merge_adapter, metadata, save_adapter
+from .adapters import ARCH_FIELDS, EMA, TRAINED, adapter_tensors, merge_adapter, metadata, save_adapter
 from .config import LoraConfig
-from .recipe import EMA, TRAINED
 
 
 def export_lora(
@@ -54,4 +53,7 @@ def export_lora(
     to_inference_dtype(network, dtype)  # block linears in the output dtype, no fp32 detour
     weights = load_official(network, base).state_dict()
     merge_adapter(weights, tensors, cfg, {f: getattr(config, f) for f in ARCH_FIELDS})
-    return save_official(weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config)
+    return save_official(
+        weights, out, dtype=dtype, max_shard_size=max_shard_size, config=config,
+        sampling=hparams.get("sampling"),
+    )  # fmt: skip

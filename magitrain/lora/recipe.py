@@ -9,11 +9,13 @@ the callbacks save; not the frozen base, which is rebuilt from `init` on resume)
 
 from __future__ import annotations
 
+import itertools
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from magitrain.errors import UserError
 from magitrain.parallel import parallelize
@@ -21,6 +23,8 @@ from magitrain.recipes.flow_matching import FlowMatchingModule
 from magitrain.recipes.sr import SRFineTuneModule
 
 from .adapters import (
+    EMA,
+    TRAINED,
     add_adapter,
     build_frozen_base,
     is_adapter_key,
@@ -29,8 +33,6 @@ from .adapters import (
     set_active,
 )
 from .config import LoraConfig
-
-TRAINED, EMA = "default", "ema"
 
 
 class LoraMixin:
@@ -43,12 +45,12 @@ class LoraMixin:
         self.strict_loading = False
 
     # ----- networks -------------------------------------------------------------------------
-    def build_lora_network(self):
-        """The frozen base (from `init`) with the trained adapter (and its EMA shadow) injected."""
+    def build_lora_networks(self) -> None:
+        """`model`: the frozen base (from `init`) with the trained adapter (and its EMA shadow) injected."""
         self.check_lora_strategy()
         network = self.frozen_base()
         self.lora_targets = self.adapt(network, self.lora_config.init, ema=self._ema_requested)
-        return parallelize(network, self.parallel_config, None, trainable=True)
+        self.model = parallelize(network, self.parallel_config, None, trainable=True)
 
     def check_lora_strategy(self) -> None:
         """One device or DDP only: FSDP2 and DeepSpeed (any ZeRO stage) would shard or wrap the
@@ -97,8 +99,9 @@ class LoraMixin:
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this more than once
             return
-        self.model = self.build_lora_network()
+        self.build_lora_networks()
         self.start_ema()
+        self.keep_frozen_out_of_ddp()
 
     def start_ema(self) -> None:
         """The EMA shadow starts as a copy of the trained adapter."""
@@ -106,6 +109,17 @@ class LoraMixin:
             with torch.no_grad():
                 for shadow, param in zip(*self.ema_parameters(), strict=True):
                     shadow.copy_(param)
+
+    def keep_frozen_out_of_ddp(self) -> None:
+        """Name every tensor but the adapters for DDP to ignore (Lightning wraps this module after
+        `configure_model`): DDP would broadcast them all from rank 0 at start, and torchao's float8
+        weights cannot be flattened for that; every rank builds the same frozen base anyway (from
+        `init`, or from the same seed)."""
+        named = itertools.chain(
+            self.named_parameters(remove_duplicate=False), self.named_buffers(remove_duplicate=False)
+        )
+        frozen = sorted({n for n, _ in named if not is_adapter_key(n)})
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, frozen)
 
     def ema_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
         """(shadow, live) parameters the EMA callback averages: the trained adapter's only."""

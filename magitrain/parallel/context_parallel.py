@@ -8,8 +8,8 @@ unchanged), and a second all-to-all turns them back. What else assumes the whole
   - RoPE: the table is computed for the whole sequence and sliced like the tokens;
   - length: the slices may differ in length (the all-to-alls take per-rank split sizes), so no
     sequence length needs padding;
-  - the output: the final hidden states are all-gathered, so every CP rank computes the same loss
-    (and, sampling, the same next latent). The all-gather's backward sums the cp identical
+  - the output: the final hidden states are gathered, so every CP rank computes the same loss
+    (and, sampling, the same next latent). The gather's backward sums the cp identical
     losses' gradients, so parameter gradients are right once averaged over the CP group: FSDP2
     sharding over dp x cp (as torchtitan does), or `average_gradients` without it.
 
@@ -34,9 +34,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed.nn.functional import all_gather, all_to_all_single
+from torch.distributed.nn.functional import all_to_all_single
 
 # A CPU matmul of fewer rows takes another kernel (last-bit differences): no slice makes such pieces.
 MIN_ROWS = 4
@@ -100,12 +99,22 @@ class ContextParallel:
         return recv.view(cp, B, h, s, d).transpose(0, 1).reshape(B, cp * h, s, d)  # [cp: head chunk]
 
     def gather(self, x: Tensor) -> Tensor:
-        """[B, s, D] on each rank -> [B, S, D] on every rank (autograd: gradients flow back). The
-        slices are padded to the longest for the all-gather and trimmed after."""
-        longest = max(self.sizes)
-        padded = F.pad(x, (0, 0, 0, longest - x.shape[1])).contiguous()
-        parts = all_gather(padded, group=self.group)
-        return torch.cat([part[:, :n] for part, n in zip(parts, self.sizes, strict=True)], dim=1)
+        """[B, s, D] on each rank -> [B, S, D] on every rank (autograd: gradients flow back).
+
+        An all-to-all that sends every rank this rank's slice: its backward is the reverse
+        all-to-all (each rank gets every rank's gradient of its slice), summed by `expand`'s
+        backward. torch.distributed.nn's `all_gather` is not used: off NCCL its backward takes
+        group ranks for global ranks and fails in any CP group without global rank 0 (dp x cp).
+        """
+        B, s, D = x.shape
+        send = x.unsqueeze(0).expand(self.size, B, s, D).reshape(-1)
+        counts = [B * n * D for n in self.sizes]
+        recv = all_to_all_single(
+            x.new_empty(sum(counts)), send, counts, [B * s * D] * self.size, group=self.group
+        )
+        return torch.cat(
+            [part.view(B, n, D) for part, n in zip(recv.split(counts), self.sizes, strict=True)], 1
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -42,7 +42,7 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*(GB|GiB|G)?\s*", str(text))
     if not m:
         raise UserError(f"gpu_memory={text!r}: expected a size like 80GB")
-    return int(float(m.group(1)) * GIB)  # a card's "80GB" is 80 GiB of device memory
+    return int(float(m.group(1)) * GIB)  # GB as cards are sold: 2**30 bytes (an 80 GB H100: 79.6 GiB)
 
 
 def compose(overrides: list[str]) -> DictConfig:

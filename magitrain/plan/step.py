@@ -266,14 +266,17 @@ def _from_config(module):
             setattr(module, k, v)
 
 
-def _lr_latent_hw(module) -> tuple[int, int] | None:
-    """SR recipes: the latent (height, width) of their LR clip (`flow.lr_size` pixels)."""
-    hw = getattr(module, "_lr_hw", None)
-    if hw is None:
+def _lr_latent_hw(module, latent_shape) -> tuple[int, int] | None:
+    """SR recipes: the latent (height, width) of their LR clip (`flow.lr_size` pixels, turned to the
+    orientation of the clip's latent (T, H, W), as the recipe turns them)."""
+    size = getattr(module, "_lr_size", None)
+    if size is None:
         return None
     from magitrain.data.buckets import Bucket
+    from magitrain.inference.shapes import oriented_like
 
-    return Bucket(hw[0], hw[1], 1, 1).latent_shape[1:]
+    width, height = oriented_like(size, (latent_shape[2], latent_shape[1]))
+    return Bucket(height, width, 1, 1).latent_shape[1:]
 
 
 class _Phases:
@@ -419,7 +422,7 @@ def measure_step(
         with _eight_bit_as_float32(module, fake) as eight_bit:
             optimizers = _optimizers(module)
         batch = synthetic_batch(
-            module.model_config, batch_size, latent_shape, text_len, _lr_latent_hw(module)
+            module.model_config, batch_size, latent_shape, text_len, _lr_latent_hw(module, latent_shape)
         )
         nets = networks(module)
         # Every planned sample uses its whole prompt: text_len=None is the same computation without

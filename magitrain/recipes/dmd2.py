@@ -24,6 +24,7 @@ conditioning (text, negative prompt, reference frame) into velocity callables.
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections.abc import Mapping
@@ -43,6 +44,9 @@ from magitrain.model import MagiHumanDiT
 from .dmd_gan import DMDGAN, GANConfig
 from .module import MagiHumanModule
 from .optim import OptimConfig, build_adamw, lr_lambda
+
+log = logging.getLogger("magitrain")
+LR_RATIO_TOLERANCE = 10.0  # how far the critic's / student's lr may be from dmd.critic_lr_ratio
 
 
 @dataclass
@@ -69,6 +73,12 @@ class DMDConfig:
     # null: the one beside the shards (encode_shards.py writes it). With codecs: theirs, encoded
     negative_emb: str | None = None
     gan: GANConfig = field(default_factory=GANConfig)  # the optional GAN term (dmd_gan.py)
+    # the critic's lr over the student's that the rates are tuned for; rates more than 10x off it
+    # get a warning (an override of one optimiser's rate leaves the other's behind)
+    critic_lr_ratio: float = 0.2
+    # every this many generator steps: log each network's update norm (from a host copy of its
+    # trainable weights taken before its step: no device memory); 0: never
+    monitor_every: int = 10
 
     def __post_init__(self):
         self.gan = GANConfig.of(self.gan)
@@ -80,6 +90,11 @@ class DMDConfig:
             )
         if self.teacher_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dmd.teacher_dtype must be bfloat16 or float32, got {self.teacher_dtype!r}")
+        if self.critic_lr_ratio <= 0 or self.monitor_every < 0:
+            raise ValueError(
+                "dmd.critic_lr_ratio must be > 0 and dmd.monitor_every >= 0, "
+                f"got {self.critic_lr_ratio}, {self.monitor_every}"
+            )
         if self.ttur < 1 or self.student_steps < 1:
             raise ValueError(
                 f"dmd.ttur and dmd.student_steps must be >= 1, got {self.ttur}, {self.student_steps}"
@@ -111,6 +126,8 @@ class DMD2Module(MagiHumanModule):
             critic_init=critic_init,
             critic_optim=asdict(self.critic_optim_config),
             dmd=asdict(self.dmd_config),
+            # the student's sampler (export's config.json, infer.py's default)
+            sampling={"sampler": "distilled", "steps": self.dmd_config.student_steps},
         )
         self.critic: MagiHumanDiT | None = None
         object.__setattr__(self, "teacher", None)  # frozen, rebuilt from its path: not in checkpoints
@@ -120,6 +137,8 @@ class DMD2Module(MagiHumanModule):
         self._built: dict[str, nn.Module] = {}  # configure_model's networks by source path
         self._nonfinite = {"student": 0, "critic": 0}  # consecutive skipped updates per network
         self._critic_steps = 0
+        self._update_norms: dict[str, float] = {}  # of this generator step, when it is measured
+        _check_lr_ratio(self.optim_config.lr, self.critic_optim_config.lr, self.dmd_config.critic_lr_ratio)
 
     # ----- networks -------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -215,11 +234,13 @@ class DMD2Module(MagiHumanModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Grad norms are logged per network by `_update` (the frame's hook would log the student's)."""
 
-    def _update(self, optimizer, network: nn.Module, clip: float, name: str) -> bool:
+    def _update(self, optimizer, network: nn.Module, clip: float, name: str, measure: bool = False) -> bool:
         """Clip, log the norm, and step unless it is non-finite: then drop the gradients and step
         anyway, which changes nothing (AdamW skips parameters without gradients) but lets a
-        Lightning optimiser count the step. The norm is the same on every rank: all skip alike."""
+        Lightning optimiser count the step. The norm is the same on every rank: all skip alike.
+        `measure`: also keep the norm of the step's change of the weights in `self._update_norms`."""
         params = [p for p in network.parameters() if p.grad is not None]
+        before = _host_copy(params) if measure else None
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.log(f"train/grad_norm_{name}", norm, on_step=True, on_epoch=False)
@@ -243,7 +264,17 @@ class DMD2Module(MagiHumanModule):
                 )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if before is not None:
+            self._update_norms[f"train/update_norm_{name}"] = float(_change_norm(params, before))
         return finite
+
+    def _log_update_norms(self, step: int) -> None:
+        """Straight to the loggers, on this generator step's row: `self.log` would repeat the last
+        value on every step between two measured ones. (The norms are global: rank zero logs.)"""
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(self._update_norms, step=step)
+        self._update_norms = {}
 
     # ----- conditioning ---------------------------------------------------------------------
     def negative_prompt(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -275,14 +306,22 @@ class DMD2Module(MagiHumanModule):
             )
         return str(found)
 
-    def _velocity(self, network, text, text_len, frame_mask, reference, bf16: bool = False):
+    def _velocity(self, network, text, text_len, frame_mask, reference, bf16: bool | None = None):
         """The core's velocity callable of one network. Image-to-video: frame 0 enters as the clean
         reference, and its velocity is the exact `(x_t - ref) / s`, so every x0 prediction holds the
-        reference there: the frame carries no gradient and no loss in both losses."""
+        reference there: the frame carries no gradient and no loss in both losses.
+
+        `bf16`: None runs the network in the step's own precision (trainer.precision's autocast,
+        which an `autocast(enabled=False)` would switch off); True under bf16 autocast, False in
+        float32 whatever the trainer's precision (a float32 teacher: exact)."""
 
         def velocity(x: dict[str, Tensor], s: Tensor) -> dict[str, Tensor]:
             video = torch.where(frame_mask == 0, reference, x["video"])
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+            autocast = (
+                nullcontext()
+                if bf16 is None
+                else torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+            )
             with autocast:
                 v_video, v_audio = network(video, x["audio"], text, text_len=text_len)
             exact = (x["video"] - reference) / s.reshape(-1, 1, 1, 1, 1)
@@ -368,6 +407,8 @@ class DMD2Module(MagiHumanModule):
             "ref": ref.expand(B, C, 1, H, W),
             "shapes": {"video": (C, T, H, W), "audio": audio_shape},
             "real": {"video": batch["video_latent"], "audio": batch["audio_latent"]} if real else None,
+            # the GAN's audio pools leave out clips without audio (data.missing_audio=mask)
+            "heard": batch["audio_mask"].to(self.device) if "audio_mask" in batch else None,
         }
 
     def _draw(self, ctx: dict) -> dict[str, Tensor]:
@@ -410,6 +451,8 @@ class DMD2Module(MagiHumanModule):
         B = ctx["text"].shape[0]
         critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
         critic_for_loss = self._critic_for_loss(ctx)
+        step = self.global_step
+        measure = cfg.monitor_every > 0 and step % cfg.monitor_every == 0
 
         start = time.perf_counter()
         totals: dict[str, Tensor] = {}  # the critic's logs, summed over the ttur phases
@@ -423,7 +466,8 @@ class DMD2Module(MagiHumanModule):
                 loss, logs = self._critic_loss_with_gan(critic_for_loss, ctx, x0, s, eps)
             self.manual_backward(loss)
             # (not a Lightning step: global_step counts generator steps)
-            self._update(opt_critic.optimizer, self._critic_side, cfg.critic_clip, "critic")
+            last = phase == cfg.ttur - 1
+            self._update(opt_critic.optimizer, self._critic_side, cfg.critic_clip, "critic", measure and last)
             self._critic_steps += 1
             totals = {k: totals.get(k, 0) + v.detach() for k, v in logs.items()}
         for k, v in totals.items():
@@ -436,11 +480,12 @@ class DMD2Module(MagiHumanModule):
         weights = {"video": cfg.video_weight, "audio": cfg.audio_weight}
         loss, logs = core.generator_loss(x0, self._guided_teacher(ctx), critic, s=s, eps=eps, weights=weights)
         if self.gan is not None:
-            gan_loss, gan_logs = self.gan.generator_loss(critic, x0, s=s, eps=eps)
+            gan_loss, gan_logs = self.gan.generator_loss(critic, x0, s=s, eps=eps, heard=ctx["heard"])
             loss, logs = loss + gan_loss, logs | {f"gan_{k}": v for k, v in gan_logs.items()}
         self.manual_backward(loss)
         # (a Lightning step even when skipped: global_step, both schedules and signals advance alike)
-        self.skipped_optimizer_step = not self._update(opt_student, self.model, cfg.student_clip, "student")
+        finite = self._update(opt_student, self.model, cfg.student_clip, "student", measure)
+        self.skipped_optimizer_step = not finite
         if self.gan is not None:  # the generator's GAN term reached the critic and head: not theirs
             opt_critic.optimizer.zero_grad(set_to_none=True)
         sched_student.step()
@@ -448,6 +493,8 @@ class DMD2Module(MagiHumanModule):
         for k, v in logs.items():
             self.log(f"train/generator_{k}", v, sync_dist=True, batch_size=B)
         self.log("train/generator_loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=B)
+        if measure:
+            self._log_update_norms(step)
         self.log("train/generator_step", float(self.global_step), on_step=True, on_epoch=False)
         self.log("train/critic_step", float(self._critic_steps), on_step=True, on_epoch=False)
         self.log("perf/critic_phase_s", critic_time, on_step=True, on_epoch=False)
@@ -458,11 +505,11 @@ class DMD2Module(MagiHumanModule):
         of the batch's latents noised to the same s with the same eps."""
         with self.gan.tap.capture() as features:
             loss, logs = core.critic_loss(critic, x0, s=s, eps=eps)
-        fake = self.gan.logits(features, x0)
+        fake = self.gan.logits(features, x0, ctx["heard"])
         perturbation = self._draw(ctx) if self.gan.cfg.r1_weight > 0 else None
         real = {m: v.to(self.device) for m, v in ctx["real"].items()}
         d_loss, d_logs = self.gan.discriminator_loss(
-            critic, fake, real, s=s, eps=eps, perturbation=perturbation
+            critic, fake, real, s=s, eps=eps, perturbation=perturbation, heard=ctx["heard"]
         )
         return loss + d_loss, logs | {f"gan_{k}": v for k, v in d_logs.items()}
 
@@ -474,6 +521,42 @@ class DMD2Module(MagiHumanModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._critic_steps = int(checkpoint.get("dmd_critic_steps", 0))
         self._nonfinite = {k: int(v) for k, v in checkpoint.get("dmd_nonfinite", self._nonfinite).items()}
+
+
+def _check_lr_ratio(student_lr: float, critic_lr: float, expected: float) -> None:
+    """One warning when the critic's rate is far from `expected` x the student's (e.g. an experiment
+    that set `module.optim.lr` alone: the critic then barely moves and the student diverges)."""
+    ratio = critic_lr / student_lr if student_lr > 0 else float("inf")
+    if 1 / LR_RATIO_TOLERANCE <= ratio / expected <= LR_RATIO_TOLERANCE:
+        return
+    log.warning(
+        "DMD-2: module.critic_optim.lr=%g is %.3g x module.optim.lr=%g, more than %gx off "
+        "module.dmd.critic_lr_ratio=%g: set both rates (one alone leaves the other behind)",
+        critic_lr,
+        ratio,
+        student_lr,
+        LR_RATIO_TOLERANCE,
+        expected,
+    )
+
+
+def _host_copy(params: list[Tensor]) -> list[Tensor]:
+    """float32 host copies of the parameters' local shards (no device memory)."""
+    return [_local(p).detach().to("cpu", torch.float32, copy=True) for p in params]
+
+
+def _change_norm(params: list[Tensor], before: list[Tensor]) -> Tensor:
+    """The global norm of `params - before` (sharded parameters: over all their shards)."""
+    from torch.distributed.tensor import DTensor
+
+    squares = []
+    for p, old in zip(params, before, strict=True):
+        change = _local(p).detach().float() - old.to(p.device)
+        if isinstance(p, DTensor):
+            change = DTensor.from_local(change, p.device_mesh, p.placements, run_check=False)
+        norm = torch.linalg.vector_norm(change)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).square())
+    return torch.stack(squares).sum().sqrt()
 
 
 def _local(tensor: Tensor) -> Tensor:

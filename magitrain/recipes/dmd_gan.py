@@ -89,20 +89,27 @@ class FeatureTap:
 class DiscriminatorHead(nn.Module):
     """Per tapped layer: tokens layer-normalised, projected to `width`, SiLU, then mean-pooled over
     the video tokens and over the audio tokens apart (the text tokens are conditioning); one linear
-    map of both pools gives the layer's logit. The layers' logits add up to one logit per sample."""
+    map of both pools gives the layer's logit. The layers' logits add up to one logit per sample.
+
+    `heard` [B] (the batch's `audio_mask`): a clip without audio has a zero audio pool, real and
+    fake alike, so D judges its video only (its silent real audio is not "real audio")."""
 
     def __init__(self, hidden_size: int, num_layers: int, width: int):
         super().__init__()
         self.proj = nn.ModuleList(nn.Linear(hidden_size, width) for _ in range(num_layers))
         self.out = nn.ModuleList(nn.Linear(2 * width, 1) for _ in range(num_layers))
 
-    def forward(self, features: Sequence[Tensor], n_video: int, n_audio: int) -> Tensor:
+    def forward(
+        self, features: Sequence[Tensor], n_video: int, n_audio: int, heard: Tensor | None = None
+    ) -> Tensor:
         if len(features) != len(self.proj):
             raise RuntimeError(f"the head expects {len(self.proj)} tapped layers, got {len(features)}")
         logit = 0.0
         for x, proj, out in zip(features, self.proj, self.out, strict=True):
             h = F.silu(proj(F.layer_norm(x.float(), x.shape[-1:])))
             video, audio = h[:, :n_video].mean(1), h[:, n_video : n_video + n_audio].mean(1)
+            if heard is not None:
+                audio = audio * heard.to(audio).reshape(-1, 1)
             logit = logit + out(torch.cat([video, audio], dim=-1)).squeeze(-1)
         return logit
 
@@ -126,14 +133,18 @@ class DMDGAN(nn.Module):
         pt, ph, pw = self.patch
         return (T // pt) * (H // ph) * (W // pw), x["audio"].shape[1]
 
-    def logits(self, features: Sequence[Tensor], x: Mapping[str, Tensor]) -> Tensor:
-        return self.head(features, *self._tokens(x))
+    def logits(
+        self, features: Sequence[Tensor], x: Mapping[str, Tensor], heard: Tensor | None = None
+    ) -> Tensor:
+        return self.head(features, *self._tokens(x), heard)
 
-    def critic_logits(self, critic: Velocity, x_t: dict[str, Tensor], s: Tensor) -> Tensor:
-        """D(x_t): the head on the critic's features of one forward."""
+    def critic_logits(
+        self, critic: Velocity, x_t: dict[str, Tensor], s: Tensor, heard: Tensor | None = None
+    ) -> Tensor:
+        """D(x_t): the head on the critic's features of one forward (`heard`: the head's)."""
         with self.tap.capture() as features:
             critic(x_t, s)
-        return self.logits(features, x_t)
+        return self.logits(features, x_t, heard)
 
     def discriminator_loss(
         self,
@@ -144,28 +155,36 @@ class DMDGAN(nn.Module):
         s: Tensor,
         eps: dict[str, Tensor],
         perturbation: dict[str, Tensor],
+        heard: Tensor | None = None,
     ) -> tuple[Tensor, dict]:
         """The critic side: `fake` are the logits of the critic forward of its own loss (the
-        student's x0 noised to `s` with `eps`); the real latents are noised to the same `s` with the
-        same `eps`. Weighted by `discriminator_weight`, R1 inside it by `r1_weight`."""
+        student's x0 noised to `s` with `eps`, pooled with the same `heard`); the real latents are
+        noised to the same `s` with the same `eps`. Weighted by `discriminator_weight`, R1 inside it
+        by `r1_weight`."""
         cfg = self.cfg
         x_t = {m: interpolate(real[m].float(), eps[m].float(), s) for m in real}
-        d_real = self.critic_logits(critic, x_t, s)
+        d_real = self.critic_logits(critic, x_t, s, heard)
         d_loss = losses.discriminator_loss(d_real, fake)
         logs = {"d_loss": d_loss.detach(), "d_real": d_real.detach().mean(), "d_fake": fake.detach().mean()}
         if cfg.r1_weight > 0:
             moved = {m: x_t[m] + cfg.r1_sigma * perturbation[m] for m in x_t}
-            r1 = losses.approximate_r1(d_real, self.critic_logits(critic, moved, s), cfg.r1_sigma)
+            r1 = losses.approximate_r1(d_real, self.critic_logits(critic, moved, s, heard), cfg.r1_sigma)
             d_loss = d_loss + cfg.r1_weight * r1
             logs["r1"] = r1.detach()
         return cfg.discriminator_weight * d_loss, logs
 
     def generator_loss(
-        self, critic: Velocity, x0: dict[str, Tensor], *, s: Tensor, eps: dict[str, Tensor]
+        self,
+        critic: Velocity,
+        x0: dict[str, Tensor],
+        *,
+        s: Tensor,
+        eps: dict[str, Tensor],
+        heard: Tensor | None = None,
     ) -> tuple[Tensor, dict]:
         """The student side: its x0 (with grad) noised to `s`, through the critic and the head."""
         x_t = {m: interpolate(x0[m].float(), eps[m].float(), s) for m in x0}
-        d_fake = self.critic_logits(critic, x_t, s)
+        d_fake = self.critic_logits(critic, x_t, s, heard)
         g_loss = losses.generator_gan_loss(d_fake)
         logs = {"g_loss": g_loss.detach(), "g_d_fake": d_fake.detach().mean()}
         return self.cfg.generator_weight * g_loss, logs

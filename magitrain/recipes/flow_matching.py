@@ -40,7 +40,10 @@ class FlowMatchingModule(MagiHumanModule):
         super().__init__(*args, **kwargs)
         self.flow_config = flow or FlowMatchingConfig()
         self.hparams["flow"] = asdict(self.flow_config)
+        # what the trained network is sampled with (export's config.json, infer.py's default)
+        self.hparams["sampling"] = {"sampler": "base", "steps": 32}
         self._s_window: Tensor | None = None  # loss sums and counts of the logging window
+        self._window_step = 0  # the global step the window's last micro-batch saw
 
     def _draw(self, batch: dict) -> dict[str, Tensor]:
         """Per-sample draws (`draw_sample`) from the per-sample generators, stacked on the device."""
@@ -112,51 +115,70 @@ class FlowMatchingModule(MagiHumanModule):
             loss_audio = torch.zeros_like(loss_video)
         else:
             loss_audio = fm.velocity_mse(v_audio, target_audio)
-        if "audio_mask" in batch:  # clips without audio (data.missing_audio=mask) train video only
-            loss_audio = loss_audio * batch["audio_mask"].to(loss_audio)
+        # clips without audio (data.missing_audio=mask) train video only, and leave the audio mean:
+        # it averages over the clips that have audio, so silent ones do not dilute it
+        heard = batch["audio_mask"].to(loss_audio) if "audio_mask" in batch else torch.ones_like(loss_audio)
+        loss_audio = loss_audio * heard
         cfg = self.flow_config
-        per_sample = cfg.video_weight * loss_video + cfg.audio_weight * loss_audio
+        audio_mean = loss_audio.sum() / heard.sum().clamp_min(1)  # 0 when no clip has audio
+        loss = cfg.video_weight * loss_video.mean() + cfg.audio_weight * audio_mean
         return {
-            "loss": per_sample.mean(),
+            "loss": loss,
             "video": loss_video,
             "audio": loss_audio,
-            "per_sample": per_sample,
+            "heard": heard,
+            "per_sample": cfg.video_weight * loss_video + cfg.audio_weight * loss_audio,
             "s": s,
         }
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.flow_loss(batch)
         self.log("train/loss", out["loss"], prog_bar=True, logger=False)  # this rank's, for the bar
-        self._log_window(out, batch_idx)
+        self._add_to_window(out)
         return out["loss"]
 
-    def _log_window(self, out: dict[str, Tensor], batch_idx: int) -> None:
+    def _add_to_window(self, out: dict[str, Tensor]) -> None:
         """Losses (overall, per modality, per s-interval) summed over the logging window on each
-        rank, then reduced across ranks in ONE collective on logging steps and logged as means.
-
-        Written to the loggers directly: a bucket that gets no sample in a window must show no
-        value, not the stale one Lightning's step metrics would repeat.
-        """
+        rank; `on_train_batch_end` reduces and logs them."""
         n = self.flow_config.s_buckets
         sums, counts = fm.sigma_bucket_stats(out["s"], out["per_sample"], n)
-        totals = torch.stack([out["per_sample"].sum(), out["video"].sum(), out["audio"].sum()]).detach()
+        totals = torch.stack([out["video"].sum(), out["audio"].sum(), out["heard"].sum()]).detach()
         samples = torch.full((1,), float(out["s"].shape[0]), device=totals.device)
         window = torch.cat([totals.float(), samples, sums, counts])
         self._s_window = window if self._s_window is None else self._s_window + window
-        every = self.trainer.log_every_n_steps * self.trainer.accumulate_grad_batches  # in micro-batches
-        if (batch_idx + 1) % every:
+
+    def on_train_start(self) -> None:
+        self._window_step = self.global_step  # a resumed run's windows end on the same steps
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After an optimiser step that ends a logging window (every `log_every_n_steps` global
+        steps, across data epochs): the window's sums reduced across ranks in ONE collective and
+        logged as means at the step's index.
+
+        Keyed on the global step, not `batch_idx`: that restarts every data epoch, and an epoch
+        shorter than the interval (the CPU demo's 8 batches, logging every 10) never logged.
+        Written to the loggers directly: a bucket that gets no sample in a window must show no
+        value, not the stale one Lightning's step metrics would repeat.
+        """
+        if self.global_step == self._window_step or self._s_window is None:
+            return  # an accumulation micro-batch (or a skipped step): the window goes on
+        self._window_step = self.global_step
+        if self.global_step % self.trainer.log_every_n_steps:
             return
+        n = self.flow_config.s_buckets
         window = self.trainer.strategy.reduce(self._s_window, reduce_op="sum").tolist()
         self._s_window = None
-        (loss, video, audio, count), sums, counts = window[:4], window[4 : 4 + n], window[4 + n :]
+        (video, audio, heard, count), sums, counts = window[:4], window[4 : 4 + n], window[4 + n :]
+        video, audio = video / count, audio / max(heard, 1.0)  # audio: over the clips that have audio
+        cfg = self.flow_config
         means = {
-            "train/loss": loss / count,
-            "train/loss_video": video / count,
-            "train/loss_audio": audio / count,
+            "train/loss": cfg.video_weight * video + cfg.audio_weight * audio,
+            "train/loss_video": video,
+            "train/loss_audio": audio,
         }
         means |= {
             f"train/loss_s{i / n:.2f}-{(i + 1) / n:.2f}": sums[i] / c for i, c in enumerate(counts) if c
         }
         if self.trainer.is_global_zero:
             for logger in self.loggers:
-                logger.log_metrics(means, step=self.global_step)
+                logger.log_metrics(means, step=self.global_step - 1)  # the step that ran

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 log = logging.getLogger("magitrain")
@@ -58,11 +59,13 @@ def build_adamw(params, cfg: OptimConfig, device: torch.device) -> torch.optim.O
 
 
 def warmup_length(cfg: OptimConfig, total_steps: int) -> int:
-    """Warmup steps: `warmup_steps`, or `warmup_fraction` of the run; shorter than a cosine run."""
+    """Warmup steps: `warmup_steps`, or `warmup_fraction` of the run; shorter than the run, whatever
+    the schedule (a 10-step run warming up over 20 would never reach its learning rate)."""
     if cfg.warmup_steps is None:
         return round(cfg.warmup_fraction * total_steps)
-    if cfg.schedule == "cosine" and 0 < total_steps <= cfg.warmup_steps:  # the decay needs steps left
-        log.warning(
+    if 0 < total_steps <= cfg.warmup_steps:
+        warn = log.warning if rank_zero_only.rank == 0 else log.debug  # once, not once per rank
+        warn(
             "optim.warmup_steps=%d is not shorter than the %d training steps: warming up over %d",
             cfg.warmup_steps,
             total_steps,

@@ -11,6 +11,8 @@ model's audio output is discarded at inference); text positions are v1 whatever 
 The low-resolution latent comes from the shards (`lr_video_latent`, `encode_shards.py --sr`) or,
 for raw media, is made on the fly: the HR pixels resized to exactly `lr_size` (the base stage's
 grid, 448x256, that the sampler upsamples; the same resize `encode_shards.py --sr` makes) and encoded.
+The LR size takes the HR clip's orientation, as inference sizes its base stage (`oriented_like`): a
+portrait bucket gets a 256x448 LR clip.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from magitrain.data.encode import resize_video, to_pixels
 from magitrain.flow import training as fm
 from magitrain.flow.schedules import DEFAULT_SHIFT, flow_grid, sr_renoise_coefficient
 from magitrain.flow.sr import upsample_latent, vp_renoise
-from magitrain.inference.shapes import parse_resolution
+from magitrain.inference.shapes import oriented_like, parse_resolution
 
 from .flow_matching import FlowMatchingConfig, FlowMatchingModule
 
@@ -71,7 +73,8 @@ class SRConfig(FlowMatchingConfig):
     grid_steps: int = 5  # the SR sampler's steps: s on its shifted grid with `grid_fraction`
     grid_fraction: float = 0.5
     grid_shift: float = DEFAULT_SHIFT
-    lr_size: str = "256p"  # raw media: LR pixels at this WxH (or preset): the base stage's grid
+    # raw media: LR pixels at this WxH (or preset), turned to each clip's orientation: the base grid
+    lr_size: str = "256p"
     sigma_sampling: fm.SigmaSampling = field(
         default_factory=lambda: fm.SigmaSampling(base_shift=DEFAULT_SHIFT, max_shift=DEFAULT_SHIFT)
     )
@@ -103,8 +106,9 @@ class SRFineTuneModule(FlowMatchingModule):
             raise ValueError("flow.audio_weight must be 0 for SR: its audio output is discarded")
         self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
         self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
-        try:  # (height, width) of the on-the-fly LR clip; a bad size is refused now, not at step 1
-            self._lr_hw = parse_resolution(cfg.lr_size)[::-1]
+        self.hparams["sampling"] = None  # the SR stage has its own sampler: no base-stage default
+        try:  # (width, height) of the on-the-fly LR clip; a bad size is refused now, not at step 1
+            self._lr_size = parse_resolution(cfg.lr_size)
         except ValueError as err:
             raise ValueError(f"flow.lr_size: {err}") from None
         self._grid = flow_grid(cfg.grid_steps, cfg.grid_shift)[1][:-1].tolist()  # s the sampler evaluates
@@ -184,7 +188,9 @@ class SRFineTuneModule(FlowMatchingModule):
         if not (raw and self.codecs is not None):
             out = super().on_after_batch_transfer(batch, dataloader_idx)
         else:
-            batch = {**batch, "lr_pixels": resize_video(batch["video"], self._lr_hw)}
+            height, width = batch["video"].shape[-2:]
+            lr_width, lr_height = oriented_like(self._lr_size, (width, height))
+            batch = {**batch, "lr_pixels": resize_video(batch["video"], (lr_height, lr_width))}
             with torch.no_grad(), self.codecs.on_device():  # (codecs.offload: one visit for both)
                 out = super().on_after_batch_transfer(batch, dataloader_idx)
                 out["lr_video_latent"] = self.codecs.video.encode(to_pixels(batch["lr_pixels"]))

@@ -176,7 +176,7 @@ def test_a_deepspeed_tag_leaving_its_directory_is_refused(latent_shards, tmp_pat
     """issue 29.1: `latest` = "../payload" (or a tag directory that is a link) sent DeepSpeed to files
     that were never checked, which it loads with weights_only=False. DeepSpeed refuses the CPU, so
     the check is run through every entry point up to where DeepSpeed would take over."""
-    from magitrain.checkpoint import export
+    from magitrain import export
     from magitrain.parallel.strategies import DeepSpeedStrategy
 
     monkeypatch.syspath_prepend(str(REPO))

@@ -136,16 +136,18 @@ def test_a_warmup_longer_than_the_run_is_clamped_for_every_schedule_with_one_war
 
 
 def test_the_readme_demo_runs_compose_warmups_shorter_than_their_steps(tmp_path):
-    """The README's DMD-2 (10 steps) and SR (20 steps) demo commands warned about their own
-    settings: the demo experiment's 20 warm-up steps."""
+    """The README's DMD-2 (30 steps) and SR (20 steps) demo commands warned about their own
+    settings: the demo experiment's 20 warm-up steps (the DMD-2 demo now warms up neither network)."""
     from magitrain.recipes.optim import warmup_length
 
-    for recipe, steps in (("base_pretrain", 300), ("dmd2_distill", 10), ("sr_finetune_540p", 20)):
+    for recipe, steps in (("base_pretrain", 300), ("dmd2_distill", 30), ("sr_finetune_540p", 20)):
         cfg = compose_train(
             ["experiment=cpu_demo", f"recipe={recipe}", f"trainer.max_steps={steps}"], tmp_path
         )
-        optim = instantiate(cfg.module.optim)
-        assert 0 < warmup_length(optim, steps) < steps, recipe
+        optims = [cfg.module.optim, *([cfg.module.critic_optim] if "critic_optim" in cfg.module else [])]
+        for optim in map(instantiate, optims):
+            assert 0 <= warmup_length(optim, steps) < steps, recipe
+            assert optim.warmup_steps is None or optim.warmup_steps < steps, recipe  # no clamp: no warning
 
 
 def test_a_fresh_start_into_a_folder_holding_checkpoints_is_refused_in_one_line(tmp_path):

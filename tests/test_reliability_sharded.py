@@ -90,7 +90,7 @@ def test_crafted_fsdp2_entries_never_run_in_resume_export_or_inference(fsdp2_run
     """A pickle in a model entry or the optimiser's `lr` ran on every rank at `ckpt_path=last`
     (torch's DCP planner unpickles non-tensor entries with weights_only=False), and in export
     and `infer.py` for a network key the metadata declares as bytes."""
-    from magitrain.checkpoint import export
+    from magitrain import export
 
     marker = tmp_path / "PAYLOAD_RAN"
     model_run = _copy_run(fsdp2_run, tmp_path / "model_entry")

@@ -59,8 +59,12 @@ def check_checkpoint_paths(cfg: DictConfig) -> None:
 
 def refuse_stale_checkpoints(cfg: DictConfig) -> None:
     """A fresh start into a run directory whose checkpoint folder holds an earlier run's files would
-    overwrite some and keep others, and a later `ckpt_path=last` could resume the earlier run."""
-    ckpt_dir = Path(cfg.callbacks.model_checkpoint.dirpath)
+    overwrite some and keep others, and a later `ckpt_path=last` could resume the earlier run.
+    A run without the checkpoint callback writes none: nothing to mix with."""
+    checkpoint = cfg.callbacks.get("model_checkpoint")
+    if checkpoint is None:
+        return
+    ckpt_dir = Path(checkpoint.dirpath)
     found = sorted(p.name for p in run_checkpoints(ckpt_dir, cfg.paths.output_dir))
     if found:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")

@@ -239,3 +239,12 @@ def test_each_rank_restores_its_own_rng_states(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_save_then_restore_rng, args=(str(tmp_path / "init"), str(tmp_path / "rng.pt")), nprocs=2)
+
+
+def test_a_run_without_the_checkpoint_callback_starts(latent_shards, tmp_path):
+    """The stale-checkpoint check read `callbacks.model_checkpoint.dirpath` of a run that had turned
+    the callback off (`callbacks.model_checkpoint=null`, as gpu_checks' slice runs do) and crashed."""
+    cfg = compose_train(
+        tiny_run(latent_shards, "trainer.max_steps=1", "callbacks.model_checkpoint=null"), tmp_path
+    )
+    assert train(cfg).global_step == 1

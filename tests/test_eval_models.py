@@ -314,7 +314,7 @@ def test_centre_crops_keep_the_centre_square_in_bgr():
 
 def test_syncnet_weights_load_safely(tmp_path):
     """The original `syncnet_v2.model` is a state dict saved by the torch of 2017 (legacy format, no
-    BatchNorm step counters): it loads with weights_only=True. A pickled module, another network's
+    BatchNorm step counters, which BatchNorm fills in itself): it loads with weights_only=True. A pickled module, another network's
     weights and a non-weights file are refused with the path and what to do."""
     state = {k: v for k, v in SyncNet().state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "syncnet_v2.model", _use_new_zipfile_serialization=False)

@@ -107,19 +107,13 @@ def load_syncnet(path: str | Path) -> SyncNet:
         raise ValueError(
             f"SyncNet weights: {path} is not a weights file ({type(exn).__name__}: {exn})"
         ) from exn
-    net = SyncNet()
     if not isinstance(state, dict):
         raise ValueError(f"SyncNet weights: {path} holds a {type(state).__name__}, not a state dict")
+    net = SyncNet()
     try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as exn:  # a tensor of the wrong shape
+        net.load_state_dict(state)
+    except RuntimeError as exn:  # missing, unexpected or misshapen tensors, all listed
         raise ValueError(f"SyncNet weights: {path} does not fit SyncNet: {exn}") from exn
-    # weights saved by the torch of 2017 have no BatchNorm step counters: eval mode does not use them
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(
-            f"SyncNet weights: {path} does not fit SyncNet: missing {missing}, unexpected {unexpected}"
-        )
     return net
 
 

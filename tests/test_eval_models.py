@@ -227,6 +227,15 @@ def test_whisper_names_what_is_missing(models, speech_clip):
         asr.metric(speech_clip, Reference(speech="hello", language="xx"))
 
 
+def test_whisper_english_only_checkpoint_is_told_no_language(models, speech_clip):
+    """English-only checkpoints (`whisper-*.en`) refuse a language or task in `generate`: an English
+    clip is still scored, its text normalised as English."""
+    asr = WhisperASR(models["whisper"])
+    asr.model.generation_config.is_multilingual = False
+    rates = asr.metric(speech_clip, Reference(speech=SPEECH, language="en"))
+    assert set(rates) == {"wer", "cer"} and all(math.isfinite(v) for v in rates.values())
+
+
 # --- CLIP score ------------------------------------------------------------------------------------
 
 
@@ -314,8 +323,9 @@ def test_centre_crops_keep_the_centre_square_in_bgr():
 
 def test_syncnet_weights_load_safely(tmp_path):
     """The original `syncnet_v2.model` is a state dict saved by the torch of 2017 (legacy format, no
-    BatchNorm step counters, which BatchNorm fills in itself): it loads with weights_only=True. A pickled module, another network's
-    weights and a non-weights file are refused with the path and what to do."""
+    BatchNorm step counters, which BatchNorm fills in itself): it loads with weights_only=True. A
+    pickled module, another network's weights and a non-weights file are refused with the path and
+    what to do."""
     state = {k: v for k, v in SyncNet().state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "syncnet_v2.model", _use_new_zipfile_serialization=False)
     loaded = load_syncnet(tmp_path / "syncnet_v2.model").state_dict()

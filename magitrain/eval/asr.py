@@ -104,14 +104,22 @@ class WhisperASR:
 
     @torch.no_grad()
     def transcribe(self, clip: Clip, language: str | None = None) -> str:
-        """The clip's mono audio as Whisper hears it, in `language` (None: detected)."""
+        """The clip's mono audio as Whisper hears it, told `language` (None: Whisper detects it;
+        English-only checkpoints, `*.en`, are told nothing). `ClipError` for a language it lacks."""
         audio = torchaudio.functional.resample(torch.from_numpy(clip.mono), clip.sample_rate, WHISPER_RATE)
         pieces = split_at_pauses(audio.numpy(), WHISPER_RATE)
         features = self.processor(pieces, sampling_rate=WHISPER_RATE, return_tensors="pt").input_features
-        tokens = self.model.generate(
-            features.to(self.device, self.model.dtype), language=language, task="transcribe"
-        )
+        task = self._task(language, clip.name)
+        tokens = self.model.generate(features.to(self.device, self.model.dtype), **task)
         return " ".join(t.strip() for t in self.processor.batch_decode(tokens, skip_special_tokens=True))
+
+    def _task(self, language: str | None, name: str) -> dict[str, str | None]:
+        config = self.model.generation_config
+        if not getattr(config, "is_multilingual", False):
+            return {}  # generate refuses a language or task for English-only checkpoints
+        if language is not None and f"<|{language}|>" not in config.lang_to_id:
+            raise ClipError(f"{name}: Whisper does not know the language {language!r}")
+        return {"language": language, "task": "transcribe"}
 
     def score(self, clip: Clip, reference: Reference) -> tuple[str, dict[str, float]]:
         """The transcript and its `{"wer", "cer"}`; `ClipError` when the reference has no speech."""
@@ -121,17 +129,8 @@ class WhisperASR:
                 f"{clip.name}: no reference speech for wer/cer (no 'speech' field, no quoted text)"
             )
         language = whisper_language(reference.language)
-        transcript = self.transcribe(clip, self._forced(language, clip.name))
+        transcript = self.transcribe(clip, language)
         return transcript, error_rates(transcript, expected, language, self.spelling)
-
-    def _forced(self, language: str | None, name: str) -> str | None:
-        """The language to tell Whisper: none for English-only checkpoints (`*.en`), which take none."""
-        config = self.model.generation_config
-        if language is None or not getattr(config, "is_multilingual", False):
-            return None
-        if f"<|{language}|>" not in getattr(config, "lang_to_id", {}):
-            raise ClipError(f"{name}: Whisper does not know the language {language!r}")
-        return language
 
     def metric(self, clip: Clip, reference: Reference) -> dict[str, float]:
         return self.score(clip, reference)[1]

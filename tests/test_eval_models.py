@@ -157,6 +157,7 @@ def speech_clip(tmp_path_factory) -> Clip:
         ("你好世间", "你好，世界。", "zh", 1 / 4, 1 / 4),  # characters: one of four substituted
         ("你好 世间", "你好，世界。", None, 1 / 4, 1 / 4),  # no language: the script says characters
         ("こんにちわ", "こんにちは", "ja", 1 / 5, 1 / 5),
+        ("你好世间", "你好，世界。", "Mandarin", 1 / 4, 1 / 4),  # a language name as Whisper spells it
     ],
 )
 def test_error_rates_on_known_pairs(transcript, reference, language, wer, cer):

@@ -18,6 +18,7 @@ import torch
 import torchaudio
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from magitrain.eval.clip import Clip, ClipError, Reference
 
@@ -29,8 +30,12 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 
 def whisper_language(language: str | None) -> str | None:
-    """The Whisper language code of an ISO code or locale ("en", "EN-us", "zh_CN" -> "en", "zh")."""
-    return re.split(r"[-_]", language.strip().lower())[0] if language else None
+    """The Whisper language code of an ISO 639-1 code, a locale or a language name as Whisper spells
+    them ("en", "EN-us", "zh_CN", "Mandarin" -> "en", "en", "zh", "zh")."""
+    if not language:
+        return None
+    language = language.strip().lower()
+    return TO_LANGUAGE_CODE.get(language) or re.split(r"[-_]", language)[0]
 
 
 def normalise(text: str, language: str | None, spelling: dict[str, str] | None) -> str:

@@ -1,10 +1,11 @@
 """Speech intelligibility (`wer`, `cer`): a local transformers Whisper transcribes the clip's audio and
 the transcript is compared with the words the clip should say (`Reference.expected_speech`).
 
-Both texts go through Whisper's own normaliser first, as Whisper's papers and the report's WER do:
-`EnglishTextNormalizer` for English (case, punctuation, spelled numbers, British spellings: the
-spelling map is the `normalizer.json` shipped with every Whisper checkpoint), `BasicTextNormalizer`
-(case, punctuation, bracketed text) for every other language. `jiwer` does the edit-distance arithmetic.
+Both texts go through Whisper's own normaliser first, as Whisper's paper scores WER:
+`EnglishTextNormalizer` when the language is English (case, punctuation, spelled numbers, British
+spellings: the spelling map is the `normalizer.json` shipped with every Whisper checkpoint),
+`BasicTextNormalizer` (case, punctuation, bracketed text) for every other language and when none is
+given. `jiwer` does the edit-distance arithmetic.
 """
 
 from __future__ import annotations

@@ -88,8 +88,8 @@ class WhisperASR:
     """`metric(clip, reference) -> {"wer", "cer"}`; `score` also returns the transcript (for a report).
 
     `path`: a local transformers Whisper folder (any size: `openai/whisper-large-v3` downloaded with
-    `huggingface-cli download`), with its processor and `normalizer.json`. The language is
-    `reference.language` when given (an ISO code; Whisper is told it), else Whisper detects it. For
+    `hf download`), with its processor and `normalizer.json`. The language is
+    `reference.language` when given (`whisper_language`; Whisper is told it), else Whisper detects it. For
     zh/ja/yue/ko `wer` is the character error rate, as for a reference in a CJK script with no
     language given. Audio longer than 30 s is transcribed in pieces cut at pauses (`split_at_pauses`).
     """

@@ -246,11 +246,13 @@ def test_frame_indices_are_evenly_spaced():
 
 
 def test_clip_score_of_a_real_clip(models, speech_clip):
-    """A random-weights CLIP scores 8 frames of a real mp4 against its prompt: a number in [0, 100];
-    a 300-word prompt is truncated to CLIP's 77 tokens instead of failing; no prompt is an error."""
+    """A random-weights CLIP scores 8 frames of a real mp4 against its prompt: a number in [0, 100]
+    that depends on the prompt; a 300-word prompt is truncated to CLIP's 77 tokens instead of
+    failing; no prompt is an error."""
     scorer = ClipScore(models["clip"])
     score = scorer.metric(speech_clip, Reference(prompt="a moving pattern"))
-    assert set(score) == {"clip_score"} and 0 <= score["clip_score"] <= 100
+    assert set(score) == {"clip_score"} and 0 < score["clip_score"] <= 100
+    assert scorer.metric(speech_clip, Reference(prompt="a red car")) != score  # the text counts
     long = scorer.metric(speech_clip, Reference(prompt="a very long description " * 75))
     assert math.isfinite(long["clip_score"])
     with pytest.raises(ClipError, match="no prompt"):

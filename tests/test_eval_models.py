@@ -70,6 +70,7 @@ def tiny_whisper_dir(out: Path) -> Path:
     (out / "normalizer.json").write_text(json.dumps({"colour": "color"}))
     eot, sot = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"]
     ids = dict(decoder_start_token_id=sot, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot)
+    ids.update(suppress_tokens=[], begin_suppress_tokens=[])  # the real lists name ids past this vocab
     config = WhisperConfig(
         vocab_size=len(vocab),
         d_model=16,
@@ -91,8 +92,6 @@ def tiny_whisper_dir(out: Path) -> Path:
         lang_to_id={f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES},
         task_to_id={"transcribe": vocab["<|transcribe|>"], "translate": vocab["<|translate|>"]},
         no_timestamps_token_id=vocab["<|notimestamps|>"],
-        suppress_tokens=[],
-        begin_suppress_tokens=[],
     )
     model.save_pretrained(out)
     return out

@@ -35,26 +35,32 @@ def audio_onsets(audio: np.ndarray, sample_rate: int, fps: float):
     return lambda times: np.abs(rms(times) - rms(times - 1))
 
 
-def motion_energy(frames: np.ndarray, grid: int = GRID, top: int = TOP_CELLS) -> np.ndarray:
-    """`[T]`: the mean absolute change of the grey level between frame i-1 and frame i, summed over
-    the `top` cells (of a `grid` x `grid` split) whose change varies most over the clip (0 for
-    frame 0). A static or evenly noisy background varies little; a moving mouth varies a lot."""
+def cell_motion(frames: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """`[T, cells]`: the mean absolute change of the grey level (0-255) of each cell of a
+    `grid` x `grid` split between frame i-1 and frame i (0 for frame 0). One frame in memory as
+    float at a time: a 1080p clip costs no more than its uint8 frames."""
     num, height, width = frames.shape[:3]
     rows = np.array_split(np.arange(height), min(grid, height))
     cols = np.array_split(np.arange(width), min(grid, width))
+    area = np.outer([len(r) for r in rows], [len(c) for c in cols])
     cells = np.zeros((num, len(rows), len(cols)))
     previous = _grey(frames[0])
     for i in range(1, num):
         current = _grey(frames[i])
         change = np.abs(current - previous)
-        # mean over each cell: sum rows within each row band, then columns within each column band
+        # the sum over each cell: rows within each row band, then columns within each column band
         by_rows = np.add.reduceat(change, [r[0] for r in rows], axis=0)
-        sums = np.add.reduceat(by_rows, [c[0] for c in cols], axis=1)
-        cells[i] = sums / np.outer([len(r) for r in rows], [len(c) for c in cols])
+        cells[i] = np.add.reduceat(by_rows, [c[0] for c in cols], axis=1) / area
         previous = current
-    flat = cells.reshape(num, -1)
-    chosen = np.argsort(flat[1:].std(axis=0) if num > 1 else flat.std(axis=0))[-top:]
-    return flat[:, chosen].sum(axis=1)
+    return cells.reshape(num, -1)
+
+
+def motion_energy(frames: np.ndarray, top: int = TOP_CELLS) -> np.ndarray:
+    """`[T]`: `cell_motion` summed over the `top` cells whose change varies most over the clip.
+    A static or evenly noisy background varies little; a moving mouth varies a lot."""
+    cells = cell_motion(frames)
+    chosen = np.argsort(cells[1:].std(axis=0) if len(cells) > 1 else cells.std(axis=0))[-top:]
+    return cells[:, chosen].sum(axis=1)
 
 
 def _grey(frame: np.ndarray) -> np.ndarray:

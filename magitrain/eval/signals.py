@@ -5,7 +5,6 @@ content is right; see docs/evaluation.md."""
 from __future__ import annotations
 
 import numpy as np
-import pyloudnorm
 
 from magitrain.eval.clip import Clip
 from magitrain.eval.sync import cell_motion
@@ -22,6 +21,8 @@ def loudness_lufs(audio: np.ndarray, sample_rate: int) -> float | None:
     """Integrated loudness (ITU-R BS.1770-4, gated) of `[channels, samples]` audio in LUFS; None
     for audio shorter than the 400 ms gating block or entirely below the -70 LUFS gate (silence),
     which have no loudness."""
+    import pyloudnorm  # scipy takes seconds to import: `--help` need not wait for it
+
     meter = pyloudnorm.Meter(sample_rate)
     if audio.shape[1] <= meter.block_size * sample_rate:
         return None

@@ -202,6 +202,6 @@ def _fmt(value) -> str:
 
 
 if __name__ == "__main__":
-    with command_line():
+    with command_line(lightning=False):
         code = main(sys.argv[1:])
     sys.exit(code)

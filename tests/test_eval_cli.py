@@ -157,6 +157,8 @@ def test_compare(clips, tmp_path, capsys):
     assert main(["compare", str(a), str(tmp_path / "b.json")]) == 1
     again = json.loads(capsys.readouterr().out)
     assert again["delta"] == result["delta"]
+    with pytest.raises(UserError, match="c.json: not the json= of a `python -m magitrain.eval CLIPS...` run"):
+        main(["compare", str(a), str(tmp_path / "c.json")])  # a compare's json holds differences
 
 
 def test_prompts_pair_with_infer_outputs(tmp_path, monkeypatch):

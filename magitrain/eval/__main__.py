@@ -118,7 +118,7 @@ def clip_paths(items: list[str]) -> list[Path]:
 def score(command: Command, evaluator: Evaluator, items: list[str], strips: Strips | None) -> dict:
     """The scores of the clips of `items` (or, for a single .json, the scores it holds)."""
     if len(items) == 1 and items[0].endswith(".json") and Path(items[0]).is_file():
-        return json.loads(Path(items[0]).read_text(encoding="utf-8"))
+        return _earlier_run(items[0])
     paths = clip_paths(items)
     references = {}
     if command.prompts is not None:
@@ -126,6 +126,17 @@ def score(command: Command, evaluator: Evaluator, items: list[str], strips: Stri
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     return evaluator.run(paths, references, on_clip=strips)
+
+
+def _earlier_run(path: str) -> dict:
+    """The scores a run wrote with json= (not a compare's: its "clips" hold differences)."""
+    try:
+        scores = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(scores, dict) or not isinstance(scores.get("clips"), dict) or "delta" in scores:
+        raise UserError(f"{path}: not the json= of a `python -m magitrain.eval CLIPS...` run")
+    return scores
 
 
 def compare(command: Command, evaluator: Evaluator) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from magitrain.eval.clip import ClipError, Reference, read_clip
 from magitrain.eval.signals import signal_checks
 from magitrain.eval.stats import aggregate
-from magitrain.eval.sync import av_sync
+from magitrain.eval.sync import av_sync, cell_motion
 
 # key of the weights path -> (module, class) of the metric; each is built as CLASS(path, device)
 # and called as metric(clip, reference) -> {metric name: value}
@@ -56,7 +56,8 @@ class Evaluator:
             return {"error": str(err)}
         if on_clip is not None:
             on_clip(clip)
-        row = {**av_sync(clip, self.options.max_lag), **signal_checks(clip)}
+        cells = cell_motion(clip.frames)  # both read the motion: computed once
+        row = {**av_sync(clip, self.options.max_lag, cells), **signal_checks(clip, cells)}
         errors = []
         for key in MODEL_METRICS:
             if getattr(self.options, key) is None:

@@ -56,9 +56,10 @@ def frozen_ratio(changes: np.ndarray) -> float:
     return float(np.mean(changes[1:].max(axis=1) <= FROZEN_LEVEL)) if len(changes) > 1 else 0.0
 
 
-def signal_checks(clip: Clip) -> dict[str, float | None]:
-    """All the checks of this module on `clip`, by their metric names."""
-    changes = cell_motion(clip.frames)
+def signal_checks(clip: Clip, cells: np.ndarray | None = None) -> dict[str, float | None]:
+    """All the checks of this module on `clip`, by their metric names (`cells`: its `cell_motion`,
+    when the caller has it already)."""
+    changes = cell_motion(clip.frames) if cells is None else cells
     return {
         "loudness_lufs": loudness_lufs(clip.audio, clip.sample_rate),
         "clipping_ratio": clipping_ratio(clip.audio),

@@ -55,10 +55,9 @@ def cell_motion(frames: np.ndarray, grid: int = GRID) -> np.ndarray:
     return cells.reshape(num, -1)
 
 
-def motion_energy(frames: np.ndarray, top: int = TOP_CELLS) -> np.ndarray:
-    """`[T]`: `cell_motion` summed over the `top` cells whose change varies most over the clip.
-    A static or evenly noisy background varies little; a moving mouth varies a lot."""
-    cells = cell_motion(frames)
+def motion_energy(cells: np.ndarray, top: int = TOP_CELLS) -> np.ndarray:
+    """`[T]`: `cell_motion`'s `[T, cells]` summed over the `top` cells whose change varies most over
+    the clip. A static or evenly noisy background varies little; a moving mouth varies a lot."""
     chosen = np.argsort(cells[1:].std(axis=0) if len(cells) > 1 else cells.std(axis=0))[-top:]
     return cells[:, chosen].sum(axis=1)
 
@@ -88,13 +87,15 @@ def lag_correlations(picture: np.ndarray, audio: np.ndarray, sample_rate: int, f
     return lags, out
 
 
-def av_sync(clip: Clip, max_lag: int = 10) -> dict[str, float]:
+def av_sync(clip: Clip, max_lag: int = 10, cells: np.ndarray | None = None) -> dict[str, float]:
     """`{"av_offset_frames": the whole lag nearest the peak (positive: audio later),
     "av_confidence": the peak minus the median over lags}` of `clip`; see the module docstring.
-    A still picture or a silent track correlates with nothing: offset None, confidence 0."""
+    A still picture or a silent track correlates with nothing: offset None, confidence 0.
+    `cells`: the clip's `cell_motion`, when the caller has it already."""
     if max_lag < 1:
         raise ValueError(f"eval.max_lag must be at least 1, got {max_lag}")
-    lags, corr = lag_correlations(motion_energy(clip.frames), clip.mono, clip.sample_rate, clip.fps, max_lag)
+    picture = motion_energy(cell_motion(clip.frames) if cells is None else cells)
+    lags, corr = lag_correlations(picture, clip.mono, clip.sample_rate, clip.fps, max_lag)
     if not corr.any():
         return {"av_offset_frames": None, "av_confidence": 0.0}
     peak = int(np.argmax(corr))

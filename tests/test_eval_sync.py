@@ -83,7 +83,7 @@ def through_mp4(path, frames: np.ndarray, audio: np.ndarray, rate: int, fps: flo
 @pytest.fixture(scope="module")
 def speech():
     audio, rate = speak("Hello there, this is a short sentence about lip sync and timing.", "en")
-    return audio[:, : round(2.4 * rate)], rate
+    return audio[:, : round(2.0 * rate)], rate
 
 
 @pytest.mark.parametrize("fps", FPS)
@@ -91,7 +91,7 @@ def test_offsets_synthetic(tmp_path, fps):
     """Every offset -8..8 of a square that brightens with noise bursts comes back within 1 frame;
     breaks if the lag's sign is flipped, if the envelope and motion are a frame apart by
     construction, or if AAC priming shifts the audio."""
-    rate, seconds = 16000, 2.4
+    rate, seconds = 16000, 2.0
     audio = bursts(seconds, rate, seed=fps)
     frames = brightness_clip(frame_levels(audio, rate, fps, round(seconds * fps)), seed=fps)
     for k in OFFSETS:

@@ -99,5 +99,7 @@ def av_sync(clip: Clip, max_lag: int = 10, cells: np.ndarray | None = None) -> d
     if not corr.any():
         return {"av_offset_frames": None, "av_confidence": 0.0}
     peak = int(np.argmax(corr))
-    offset = int(np.floor(lags[peak] + 0.5))  # a peak half a frame off rounds the same way, always
+    # a peak half a frame off (a picture drawn from the audio of [i/fps, (i+1)/fps), the usual way
+    # to cut audio per frame, peaks at +0.5) rounds down: such a clip in sync reads 0
+    offset = int(np.ceil(lags[peak] - 0.5))
     return {"av_offset_frames": offset, "av_confidence": float(corr[peak] - np.median(corr))}

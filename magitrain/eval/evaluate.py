@@ -27,6 +27,10 @@ MODEL_METRICS = {
 }
 
 
+class ModelUnavailable(Exception):
+    """A model-based metric whose model could not be built (its message says why)."""
+
+
 @dataclass
 class EvalOptions:
     """The `eval.*` keys of the command line (and of callbacks=validation)."""
@@ -57,15 +61,20 @@ class Evaluator:
         if on_clip is not None:
             on_clip(clip)
         cells = cell_motion(clip.frames)  # both read the motion: computed once
-        row = {**av_sync(clip, self.options.max_lag, cells), **signal_checks(clip, cells)}
-        errors = []
+        metrics = {
+            "av_sync": lambda: av_sync(clip, self.options.max_lag, cells),
+            "signal checks": lambda: signal_checks(clip, cells),
+        }
         for key in MODEL_METRICS:
-            if getattr(self.options, key) is None:
-                continue
+            if getattr(self.options, key) is not None:
+                metrics[f"eval.{key}"] = lambda key=key: self._model(key)(clip, reference or Reference())
+        row, errors = {}, []
+        for name, metric in metrics.items():
             try:
-                row.update(self._model(key)(clip, reference or Reference()))
+                row.update(metric())
             except Exception as err:  # noqa: BLE001  one metric's failure must not end the run
-                errors.append(f"eval.{key}: {type(err).__name__}: {err}")
+                why = str(err) if isinstance(err, ModelUnavailable) else f"{type(err).__name__}: {err}"
+                errors.append(f"{name}: {why}")
         if errors:
             row["error"] = "; ".join(errors)
         return row
@@ -77,23 +86,24 @@ class Evaluator:
         return {"clips": clips, "aggregate": aggregate(clips)}
 
     def _model(self, key: str):
+        """The metric of `key`, built on first use; one that could not be built raises its error
+        again for every clip (without trying again)."""
         if key not in self._models:
-            self._models[key] = self._load(key)
+            try:
+                self._models[key] = self._load(key)
+            except Exception as err:  # noqa: BLE001  reported per clip by score
+                self._models[key] = ModelUnavailable(f"{type(err).__name__}: {err}")
         model = self._models[key]
-        if isinstance(model, Exception):
+        if isinstance(model, ModelUnavailable):
             raise model
         return model
 
     def _load(self, key: str):
-        """The metric of `key`, or the exception that stopped it (kept: every clip reports it)."""
         path = getattr(self.options, key)
         if not Path(path).exists():
-            return FileNotFoundError(f"{path}: no such file or directory")
+            raise FileNotFoundError(f"{path}: no such file or directory")
         module, name = MODEL_METRICS[key]
-        try:
-            return getattr(importlib.import_module(module), name)(path, self.device)
-        except Exception as err:  # noqa: BLE001  reported per clip by _model
-            return err
+        return getattr(importlib.import_module(module), name)(path, self.device)
 
     @property
     def device(self) -> str:

@@ -71,6 +71,16 @@ def test_validation_scores_go_to_csv_and_a_wandb_table(run):
     assert table["data"][0][1] == "A dog barks twice"
 
 
+def test_validation_metrics_option():
+    """metrics: true scores with the weight-free metrics, false scores nothing, a dict sets the eval
+    options, and a mistyped key is an error naming the known ones."""
+    assert Validation(["x"]).evaluator.options == EvalOptions()
+    assert Validation(["x"], metrics=False).evaluator is None
+    assert Validation(["x"], metrics={"max_lag": 4}).evaluator.options.max_lag == 4
+    with pytest.raises(ValueError, match="metrics has no key 'asr_pth'; its keys: asr_path, clip_path"):
+        Validation(["x"], metrics={"asr_pth": "/ckpt/whisper"})
+
+
 def test_validation_leaves_the_rng_and_train_mode_alone(run):
     trainer, _ = run
     module = trainer.lightning_module

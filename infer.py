@@ -106,7 +106,12 @@ class InferConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(InferConfig)}
-ROW_KEYS = {"prompt": str, "seed": int, "image": str, "negative_prompt": str, "out": str}  # prompts=FILE rows
+# prompts=FILE rows; `speech` and `language` are for `python -m magitrain.eval ... prompts=FILE` (the
+# words the clip should say, for its WER), which reads the same file
+ROW_KEYS = {
+    "prompt": str, "seed": int, "image": str, "negative_prompt": str, "out": str,
+    "speech": str, "language": str,
+}  # fmt: skip
 
 
 def help_text() -> str:

@@ -191,15 +191,16 @@ def route_lightning_logs() -> None:
 
 
 @contextmanager
-def command_line():
-    """Run an entry point's main: see the module docstring."""
+def command_line(lightning: bool = True):
+    """Run an entry point's main: see the module docstring. `lightning=False`: an entry point that
+    never imports Lightning (`python -m magitrain.eval`) does not pay the seconds of its import."""
     verbose = _verbose()
     # Hydra prints composition errors with its config search path and task errors with a
     # traceback; with HYDRA_FULL_ERROR=1 it raises them instead, so they are reported here once.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # Hydra's job logging replaces it
     drop_log_lines()
-    if not {"-h", "--help"} & set(sys.argv[1:]):  # help answers without the seconds Lightning takes to import
+    if lightning and not {"-h", "--help"} & set(sys.argv[1:]):  # help answers without Lightning's import
         route_lightning_logs()
     with warnings.catch_warnings():
         for message, module, _why in IGNORED_WARNINGS:

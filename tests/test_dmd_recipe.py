@@ -441,13 +441,18 @@ def test_export_ema_gives_a_student_that_infer_py_samples_in_8_steps(latent_shar
 
 
 def test_validation_samples_the_student_beside_the_teacher(latent_shards, teacher_ckpt, tmp_path):
+    """The student is sampled at every validation step and the frozen teacher once (its clip and
+    scores cached per prompt and seed); each step logs the latents' RMS distance and the student's
+    scores minus the teacher's."""
+    from magitrain.eval.evaluate import EvalOptions, Evaluator
+
     overrides = dmd_run(
         latent_shards,
         teacher_ckpt,
         "codecs=tiny",
         "callbacks=dmd_validation",
         "callbacks.progress_bar=null",
-        "trainer.max_steps=2",
+        "trainer.max_steps=4",
         "callbacks.validation.every_n_steps=2",
         "callbacks.validation.prompts=[A man says hello]",
         "callbacks.validation.seconds=0.32",
@@ -458,17 +463,33 @@ def test_validation_samples_the_student_beside_the_teacher(latent_shards, teache
     teacher = tmp_path / "validation_teacher" / "step00000002" / "sample0.mp4"
     assert student.stat().st_size > 1000 and teacher.stat().st_size > 1000
     assert student.read_bytes() != teacher.read_bytes()
+    assert (tmp_path / "validation" / "step00000004" / "sample0.mp4").exists()
+    assert not (tmp_path / "validation_teacher" / "step00000004").exists()  # the teacher, cached
     validations = [c for c in trainer.callbacks if type(c).__name__ == "Validation"]
     assert sorted(c.options["steps"] for c in validations) == [8, 32]
     # issue 31: validation shows how far the student's latents are from the teacher's (same noise)
-    (row,) = [
+    rows = [
         r for r in read_metrics(tmp_path / "csv" / "metrics.csv") if r.get("val/teacher_rms_to_student_video")
     ]
+    assert [int(r["step"]) for r in rows] == [2, 4]
     student_latents, teacher_latents = (c.latents[0] for c in validations)
     for i, m in enumerate(("video", "audio")):
         want = (student_latents[i] - teacher_latents[i]).pow(2).mean().sqrt()
-        assert float(row[f"val/teacher_rms_to_student_{m}"]) == pytest.approx(float(want), rel=1e-5)
+        assert float(rows[-1][f"val/teacher_rms_to_student_{m}"]) == pytest.approx(float(want), rel=1e-5)
         assert float(want) > 0
+    # issue 23: the student's scores minus the teacher's, per validation step
+    evaluator = Evaluator(EvalOptions())
+    teacher_scores = evaluator.score(teacher)
+    for row in rows:
+        student_scores = evaluator.score(
+            tmp_path / "validation" / f"step{int(row['step']):08d}" / "sample0.mp4"
+        )
+        for metric in ("av_confidence", "flicker", "silence_ratio"):
+            delta = float(row[f"val/student_minus_teacher/{metric}"])
+            assert delta == pytest.approx(
+                student_scores[metric] - teacher_scores[metric], rel=1e-6, abs=1e-12
+            )
+            assert float(row[f"val/teacher/{metric}"]) == pytest.approx(teacher_scores[metric], rel=1e-6)
 
 
 def test_the_critic_losses_logged_are_the_mean_over_the_ttur_phases(

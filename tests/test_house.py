@@ -141,6 +141,17 @@ def test_model_flow_codecs_inference_import_no_lightning():
     assert not found, "\n".join(found)
 
 
+def test_eval_metrics_import_no_lightning():
+    """Catches a Lightning import in the clip metrics: `python -m magitrain.eval` scores a folder of
+    clips without a trainer (its __main__ runs in magitrain.cli's `command_line`, which names
+    Lightning only to route its logs, and skips that import for the eval)."""
+    graph = {m: {t for t, _ in targets} for m, targets in edges().items()}
+    metrics = [m for m in sorted(graph) if room(m) == "eval" and m != "magitrain.eval.__main__"]
+    routes = (route(graph, m, lambda t: t in LIGHTNING) for m in metrics)
+    found = [" -> ".join(r) for r in routes if r]
+    assert metrics and not found, "\n".join(found)
+
+
 def test_no_import_circles():
     """Catches the circles checkpoint -> inference -> lora -> recipes -> checkpoint and data decode ->
     index -> prompts -> writer -> index (function-level imports count: they only hide a circle)."""

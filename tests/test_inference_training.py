@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 import av
 import pytest
 import torch
 from conftest import compose_train, tiny_run
 
 from magitrain.callbacks import Validation
+from magitrain.eval.evaluate import EvalOptions, Evaluator
 from magitrain.inference import ClipShape, MagiHumanPipeline, StageTimer, load_network
 from magitrain.launch import train
 
@@ -41,6 +45,40 @@ def test_validation_samples_are_saved_and_logged_to_wandb(run):
     assert len(logged) == 2  # one per validation step
     with av.open(str(logged[0])) as container:
         assert len(container.streams.audio) == 1  # the sound went along
+
+
+def test_validation_scores_go_to_csv_and_a_wandb_table(run):
+    """Each validation step logs the magitrain.eval scores of its clip (the mean over the prompts:
+    one prompt here) to the CSV, equal to scoring the saved mp4 with the eval command's evaluator,
+    and a W&B table of video, prompt and scores."""
+    _, out = run
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/samples/av_confidence")]
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for row in rows:
+        clip = out / "validation" / f"step{int(row['step']):08d}" / "sample0.mp4"
+        scores = {k: v for k, v in Evaluator(EvalOptions()).score(clip).items() if v is not None}
+        assert {"av_confidence", "flicker", "frozen_ratio", "silence_ratio", "duration_mismatch_s"} <= set(
+            scores
+        )
+        for metric, value in scores.items():
+            assert float(row[f"val/samples/{metric}"]) == pytest.approx(value, rel=1e-6, abs=1e-12), metric
+    wandb_run = next((out / "wandb").glob("offline-run-*"))
+    tables = sorted((wandb_run / "files" / "media" / "table" / "val").glob("samples_table_*.table.json"))
+    assert len(tables) == 2
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"][:2] == ["video", "prompt"] and "av_confidence" in table["columns"]
+    assert table["data"][0][1] == "A dog barks twice"
+
+
+def test_validation_metrics_option():
+    """metrics: true scores with the weight-free metrics, false scores nothing, a dict sets the eval
+    options, and a mistyped key is an error naming the known ones."""
+    assert Validation(["x"]).evaluator.options == EvalOptions()
+    assert Validation(["x"], metrics=False).evaluator is None
+    assert Validation(["x"], metrics={"max_lag": 4}).evaluator.options.max_lag == 4
+    with pytest.raises(ValueError, match="metrics has no key 'asr_pth'; its keys: asr_path, clip_path"):
+        Validation(["x"], metrics={"asr_pth": "/ckpt/whisper"})
 
 
 def test_validation_leaves_the_rng_and_train_mode_alone(run):

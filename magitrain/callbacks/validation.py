@@ -1,5 +1,8 @@
 """Validation samples during training: every N steps, generate clips for a few fixed prompts with
-the module's network (its EMA shadow when there is one) and log the mp4s, with sound, to W&B.
+the module's network (its EMA shadow when there is one), score them with `magitrain.eval` (the
+weight-free metrics, and the model-based ones whose weights `metrics` names) and log the mp4s, with
+sound, and the scores: means over the prompts to every logger (`{log_key}/{metric}`: CSV, W&B),
+and a W&B table (video, prompt, metrics).
 
 The sampler follows the recipe (the module's `validation_sampling`): a base model samples with
 32-step UniPC and CFG, a distilled one with the 8-step sampler; `steps` / `sampler` override it.
@@ -11,11 +14,18 @@ decodes and logs; otherwise rank zero alone does the work while the others wait 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+
+from magitrain.eval.clip import Reference
+from magitrain.eval.stats import is_number
+
+log = logging.getLogger(__name__)
 
 
 class Validation(Callback):
@@ -34,11 +44,18 @@ class Validation(Callback):
         log_key: str = "val/samples",
         network: str | None = None,
         compare_with: str | None = None,
+        metrics: dict | bool = True,
+        cache: bool = False,
     ):
         """network: a module attribute to sample instead of the trained one (e.g. DMD-2's "teacher").
         compare_with: the log_key of a Validation callback before this one (same prompts and seeds):
         each validation step logs the RMS distance of this one's latents from its latents per
-        modality, `{log_key}_rms_to_{its name}_{video,audio}` (DMD-2: the student's from the teacher's)."""
+        modality, `{log_key}_rms_to_{its name}_{video,audio}` (DMD-2: the student's from the
+        teacher's), and its metrics minus this one's, `{its log_key}_minus_{name}/{metric}`.
+        metrics: the `eval.*` options of `python -m magitrain.eval` (asr_path, clip_path,
+        syncnet_path, max_lag, device); true: the weight-free metrics only; false: no scores.
+        cache: the network never changes (DMD-2's frozen teacher): sample each prompt and seed once,
+        then reuse its clip, latents and scores at every validation step."""
         if every_n_steps <= 0:
             raise ValueError(f"callbacks.validation.every_n_steps must be positive, got {every_n_steps}")
         if not prompts:
@@ -48,8 +65,12 @@ class Validation(Callback):
         self.sampling = {k: v for k, v in dict(steps=steps, sampler=sampler).items() if v is not None}
         self.use_ema, self.precision, self.log_key = use_ema, precision, log_key
         self.dirpath, self.network, self.compare_with = dirpath, network, compare_with
+        self.evaluator = _evaluator(metrics)
+        self.cache = cache
         self._last_step = -1
         self.latents: list[tuple[torch.Tensor, torch.Tensor]] = []  # per prompt, of the last step
+        self.scores: list[dict] = []  # per prompt, of the last step
+        self._cached: dict[tuple[str, int], tuple] = {}  # (prompt, seed) -> (paths, latents, scores)
         self._partner: Validation | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -92,6 +113,9 @@ class Validation(Callback):
         if step == self._last_step or step % self.every_n_steps:  # (accumulation micro-batches)
             return
         self._last_step = step
+        if self.cache and all(self._key(p) in self._cached for p in self.prompts):
+            self._reuse(trainer, step)
+            return
         if self.network:
             network = getattr(pl_module, self.network)
         else:
@@ -109,20 +133,74 @@ class Validation(Callback):
         finally:
             network.train(was_training)
         if trainer.is_global_zero:
+            self.scores = self._score(paths)
             self._log(trainer, paths, step)
-            if self._partner is not None and self._partner._last_step == step:
-                self._log_distances(trainer, step)
+            self._log_scores(trainer, paths, step, table=True)
+        if self.cache:  # on every rank: the ranks of a sharded network skip its forwards together
+            self._remember(paths)
 
-    def _log_distances(self, trainer, step: int) -> None:
-        """RMS distance of this callback's latents from its partner's, per modality, over the prompts."""
+    def _key(self, prompt: str) -> tuple[str, int]:
+        return prompt, self.options["seed"]
+
+    def _remember(self, paths: list[Path]) -> None:
+        """Cache each prompt's clips, latents and scores (on ranks other than zero: that it ran)."""
+        per_prompt = len(paths) // len(self.prompts)
+        for i, prompt in enumerate(self.prompts):
+            clips = paths[i * per_prompt : (i + 1) * per_prompt]
+            latents = self.latents[i] if self.latents else None
+            self._cached[self._key(prompt)] = (clips, latents, self.scores[i] if self.scores else {})
+
+    def _reuse(self, trainer, step: int) -> None:
+        """A cached network's validation step: its clips, latents and scores as first sampled; the
+        scores and the comparison are logged again (to sit beside its partner's), the videos not."""
+        cached = [self._cached[self._key(p)] for p in self.prompts]
+        self.latents = [latents for _, latents, _ in cached]
+        self.scores = [scores for _, _, scores in cached] if self.evaluator else []
+        if trainer.is_global_zero:
+            self._log_scores(trainer, [path for paths, _, _ in cached for path in paths], step, table=False)
+
+    def _score(self, paths: list[Path]) -> list[dict]:
+        """Each prompt's clip scored by `magitrain.eval` (SR: the SR clip, not its upsampled base)."""
+        if self.evaluator is None:
+            return []
+        per_prompt = len(paths) // len(self.prompts)
+        scores = []
+        for i, prompt in enumerate(self.prompts):
+            row = self.evaluator.score(paths[i * per_prompt], Reference(prompt))
+            if "error" in row:
+                log.warning("validation %s, prompt %d: %s", self.log_key, i, row["error"])
+            scores.append(row)
+        return scores
+
+    def _log_scores(self, trainer, paths: list[Path], step: int, table: bool) -> None:
+        """The scores' means over the prompts, the comparison with the partner, and (`table`) a W&B
+        table of the clips with their prompts and scores."""
+        metrics = {f"{self.log_key}/{name}": value for name, value in _means(self.scores).items()}
+        if self._partner is not None and self._partner._last_step == step:
+            metrics |= self._comparison()
+        for logger in trainer.loggers:
+            if metrics:
+                logger.log_metrics(metrics, step=step)
+            if table and self.scores and type(logger).__name__ == "WandbLogger":
+                _log_table(logger, f"{self.log_key}_table", paths, self.prompts, self.scores, step)
+
+    def _comparison(self) -> dict[str, float]:
+        """RMS distance of this callback's latents from its partner's, per modality, over the prompts;
+        and the partner's metrics minus this one's, averaged over the prompts."""
         name = self._partner.log_key.rsplit("/", 1)[-1]
+        mine = self.log_key.rsplit("/", 1)[-1]
         metrics = {}
         for i, m in enumerate(("video", "audio")):
-            squares = [(mine[i] - theirs[i]).float().pow(2).mean() for mine, theirs in zip(
+            squares = [(ours[i] - theirs[i]).float().pow(2).mean() for ours, theirs in zip(
                 self.latents, self._partner.latents, strict=True)]  # fmt: skip
             metrics[f"{self.log_key}_rms_to_{name}_{m}"] = float(torch.stack(squares).mean().sqrt())
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        deltas = [
+            _differences(ours, theirs)
+            for ours, theirs in zip(self.scores, self._partner.scores, strict=False)
+        ]
+        for metric, value in _means(deltas).items():
+            metrics[f"{self._partner.log_key}_minus_{mine}/{metric}"] = value
+        return metrics
 
     def _generate(self, trainer, network, pl_module, step: int) -> list[Path]:
         from magitrain.inference import MagiHumanPipeline
@@ -178,3 +256,49 @@ def _is_sharded(network: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in network.parameters())
+
+
+def _evaluator(metrics: dict | bool):
+    """The `Evaluator` of the `metrics` option (see `Validation`), or None for no scores."""
+    from magitrain.eval.evaluate import EvalOptions, Evaluator
+
+    if metrics is False or metrics is None:
+        return None
+    options = {} if metrics is True else dict(metrics)
+    known = [f.name for f in dataclasses.fields(EvalOptions)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"callbacks.validation.metrics has no key {unknown[0]!r}; its keys: {', '.join(known)}"
+        )
+    return Evaluator(EvalOptions(**options))
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    """{metric: mean over the rows where it is a number}."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        for name, value in row.items():
+            if is_number(value):
+                values.setdefault(name, []).append(float(value))
+    return {name: sum(v) / len(v) for name, v in sorted(values.items())}
+
+
+def _differences(ours: dict, theirs: dict) -> dict[str, float]:
+    """theirs - ours, per metric that is a number in both."""
+    return {k: theirs[k] - v for k, v in ours.items() if is_number(v) and is_number(theirs.get(k))}
+
+
+def _log_table(
+    logger, key: str, paths: list[Path], prompts: list[str], scores: list[dict], step: int
+) -> None:
+    """A W&B table: one row per prompt, its clip (playable, with sound), the prompt and its scores."""
+    import wandb
+
+    per_prompt = len(paths) // len(prompts)
+    names = sorted({k for row in scores for k, v in row.items() if is_number(v)})
+    data = [
+        [wandb.Video(str(paths[i * per_prompt]), format="mp4"), prompt, *[row.get(n) for n in names]]
+        for i, (prompt, row) in enumerate(zip(prompts, scores, strict=True))
+    ]
+    logger.log_table(key, columns=["video", "prompt", *names], data=data, step=step)

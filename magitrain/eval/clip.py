@@ -62,7 +62,12 @@ class Reference:
 
 
 def read_clip(path: str | Path) -> Clip:
-    """Decode an mp4 (any fps, size, audio layout) into a `Clip`; `ClipError` names what is wrong."""
+    """Decode an mp4 (any fps, size, audio layout) into a `Clip`; `ClipError` names what is wrong.
+
+    The audio is placed on the video's timeline: a track that starts late gets leading silence
+    (one that starts early loses its head), and the AAC encoder's padding after the last sample
+    (up to 1024 samples) is cut at the stream's recorded duration. Without that a perfectly
+    matched clip would read as up to 64 ms (at 16 kHz) longer in audio than in video."""
     path = Path(path)
     try:
         with av.open(str(path)) as container:
@@ -72,11 +77,15 @@ def read_clip(path: str | Path) -> Clip:
                 raise ClipError(f"{path.name}: no audio stream")
             vstream = container.streams.video[0]
             fps = float(vstream.average_rate or vstream.guessed_rate or 0)
-            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(vstream)])
+            decoded = list(container.decode(vstream))
+            video_start = decoded[0].time if decoded and decoded[0].time is not None else 0.0
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in decoded]) if decoded else np.zeros(0)
         with av.open(str(path)) as container:
             astream = container.streams.audio[0]
             rate = astream.codec_context.sample_rate
-            chunks = [frame.to_ndarray() for frame in _planar(container.decode(astream))]
+            starts: list[float] = []
+            chunks = [frame.to_ndarray() for frame in _planar(container.decode(astream), starts)]
+            recorded = astream.duration * astream.time_base if astream.duration else None
     except ClipError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exn:
@@ -84,16 +93,22 @@ def read_clip(path: str | Path) -> Clip:
     if not len(frames) or fps <= 0:
         raise ClipError(f"{path.name}: the video stream has no frames")
     audio = np.concatenate(chunks, axis=1).astype(np.float32) if chunks else np.zeros((1, 0), np.float32)
+    if recorded is not None:
+        audio = audio[:, : round(float(recorded) * rate)]
     if not audio.shape[1]:
         raise ClipError(f"{path.name}: the audio stream has no samples")
+    lead = round(((starts[0] if starts else 0.0) - video_start) * rate)
+    audio = np.pad(audio, ((0, 0), (lead, 0))) if lead > 0 else audio[:, -lead:]
     return Clip(path.name, frames, fps, audio, rate)
 
 
-def _planar(frames):
-    """Audio frames as planar float32 `[channels, n]`, whatever the stream's sample format."""
+def _planar(frames, starts: list[float]):
+    """Audio frames as planar float32 `[channels, n]`, whatever the stream's sample format; the
+    first frame's presentation time (seconds) is appended to `starts`."""
     resampler = None
     for frame in frames:
         if resampler is None:
+            starts.append(frame.time or 0.0)
             resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=frame.sample_rate)
         yield from resampler.resample(frame)
     if resampler is not None:

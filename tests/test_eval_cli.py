@@ -215,3 +215,44 @@ def test_bootstrap():
         {"x": {"m": 1.0}, "y": {"m": 2.0}, "z": {"m": 5.0}}, {"x": {"m": 2.0}, "y": {"m": None}}
     )
     assert deltas == {"m": {"mean": 1.0, "ci95": [1.0, 1.0], "n": 1}}
+
+
+def test_cli_runs_the_model_metrics(tmp_path):
+    """With eval.asr_path/clip_path/syncnet_path set (random-weight Whisper, CLIP and SyncNet of the
+    real classes), every clip gets wer, cer, clip_score, lse_d and lse_c, finite, beside the
+    weight-free ones; a clip whose prompt holds no speech skips wer/cer (said under "skipped", not an
+    error: the run exits 0). Catches the evaluator calling the metric objects by a name they lack."""
+    from test_eval_models import SPEECH, tiny_clip_dir, tiny_syncnet_file, tiny_whisper_dir
+
+    from magitrain.data.synthetic import make_speech_clip
+
+    clips = tmp_path / "clips"
+    for folder in (clips, tmp_path / "whisper", tmp_path / "clip"):
+        folder.mkdir()
+    make_speech_clip(clips / "clip_000.mp4", SPEECH, "en", seconds=1.2, audio_seconds=1.2)
+    make_speech_clip(clips / "clip_001.mp4", "你好，世界。", "cmn", seconds=1.2, audio_seconds=1.2, fps=30)
+    make_speech_clip(clips / "clip_002.mp4", SPEECH, "en", seconds=1.2, audio_seconds=1.2, seed=2)
+    rows = [
+        {"prompt": f'A man says "{SPEECH}"', "language": "en"},
+        {"prompt": "她说你好", "speech": "你好，世界。", "language": "zh"},
+        {"prompt": "A man talks."},  # nothing to score wer against
+    ]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    code = main([
+        str(clips), f"prompts={prompts}", f"json={tmp_path / 'o.json'}", "eval.device=cpu",
+        f"eval.asr_path={tiny_whisper_dir(tmp_path / 'whisper')}",
+        f"eval.clip_path={tiny_clip_dir(tmp_path / 'clip')}",
+        f"eval.syncnet_path={tiny_syncnet_file(tmp_path / 'syncnet.safetensors')}",
+    ])  # fmt: skip
+    scores = json.loads((tmp_path / "o.json").read_text())
+    model = {"wer", "cer", "clip_score", "lse_d", "lse_c"}
+    for name in ("clip_000.mp4", "clip_001.mp4"):
+        row = scores["clips"][name]
+        assert "error" not in row and "skipped" not in row, row
+        assert model | WEIGHT_FREE <= set(row) and all(np.isfinite(row[k]) for k in model)
+    third = scores["clips"]["clip_002.mp4"]
+    assert {"clip_score", "lse_d", "lse_c"} <= set(third) and not {"wer", "cer", "error"} & set(third)
+    assert "no reference speech" in third["skipped"]
+    assert code == 0
+    assert model <= set(scores["aggregate"]) and scores["aggregate"]["wer"]["n"] == 2

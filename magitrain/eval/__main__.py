@@ -194,6 +194,9 @@ def main(argv: list[str]) -> int:
         print(json.dumps(result, indent=2))
     if command.report:
         print(f"wrote {command.report}")
+    skipped = sum("skipped" in row for row in rows)
+    if skipped:
+        print(f'{skipped} clip(s) skipped a metric: see their "skipped"', file=sys.stderr)
     if failed:
         print(f'{failed} clip(s) failed: see their "error"', file=sys.stderr)
     return 1 if failed else 0

@@ -4,7 +4,8 @@
     result = evaluator.run(paths, references)  # {"clips": {name: {metric: value}}, "aggregate": ...}
 
 A clip that cannot be read, or a metric that fails on it (missing weights included), puts a
-message under the clip's `"error"` and the run goes on with the next metric and clip.
+message under the clip's `"error"` and the run goes on with the next metric and clip. A clip with
+no reference speech gets no wer/cer, and says why under `"skipped"` (not an error).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from magitrain.eval.stats import aggregate
 from magitrain.eval.sync import av_sync, cell_motion
 
 # key of the weights path -> (module, class) of the metric; each is built as CLASS(path, device)
-# and called as metric(clip, reference) -> {metric name: value}
+# and called as its .metric(clip, reference) -> {metric name: value}
 MODEL_METRICS = {
     "asr_path": ("magitrain.eval.asr", "WhisperASR"),
     "clip_path": ("magitrain.eval.clip_score", "ClipScore"),
@@ -65,10 +66,11 @@ class Evaluator:
             "av_sync": lambda: av_sync(clip, self.options.max_lag, cells),
             "signal checks": lambda: signal_checks(clip, cells),
         }
+        reference = reference or Reference()
+        row, errors = {}, []
         for key in MODEL_METRICS:
             if getattr(self.options, key) is not None:
-                metrics[f"eval.{key}"] = lambda key=key: self._model(key)(clip, reference or Reference())
-        row, errors = {}, []
+                metrics[f"eval.{key}"] = lambda key=key: self._model_metric(key, clip, reference, row)
         for name, metric in metrics.items():
             try:
                 row.update(metric())
@@ -84,6 +86,14 @@ class Evaluator:
         references = references or {}
         clips = {Path(p).name: self.score(p, references.get(Path(p).name), on_clip) for p in paths}
         return {"clips": clips, "aggregate": aggregate(clips)}
+
+    def _model_metric(self, key: str, clip, reference: Reference, row: dict) -> dict:
+        model = self._model(key)  # missing weights are an error even where the metric is skipped
+        if key == "asr_path" and reference.expected_speech is None:
+            # a clip that should say nothing has no WER: not a failure, but said (the JSON's "skipped")
+            row["skipped"] = "wer/cer: no reference speech (no 'speech' field, no quoted text in the prompt)"
+            return {}
+        return model.metric(clip, reference)
 
     def _model(self, key: str):
         """The metric of `key`, built on first use; one that could not be built raises its error

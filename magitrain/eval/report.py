@@ -74,9 +74,9 @@ def write_report(report: Path, result: dict, strips: dict[str, str]) -> None:
     )
     lines += ["", "## Clips", ""]
     rows = [
-        [name] + [_value(row.get(m)) for m in metrics] + [row.get("error", "")] for name, row in clips.items()
+        [name, *(_value(row.get(m)) for m in metrics), "; ".join(_notes(row))] for name, row in clips.items()
     ]
-    lines += _table(["clip", *metrics, "error"], rows)
+    lines += _table(["clip", *metrics, "error / skipped"], rows)
     lines += ["", "## Frames", ""]
     for name, link in strips.items():
         lines += [f"**{name}**", "", f"![{name}]({link})", ""]
@@ -110,3 +110,7 @@ def write_compare_report(
         for side, links in (("A", strips_a), ("B", strips_b)):
             lines += [f"![{name} {side}]({links[name]})", ""] if name in links else []
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _notes(row: dict) -> list[str]:
+    return [f"{key}: {row[key]}" for key in ("error", "skipped") if key in row]

@@ -8,7 +8,7 @@ the lip-sync papers after it report them: the minimum over audio offsets of -15.
 mean audio-video feature distance, and the median over offsets minus that minimum.
 
 Unlike syncnet_python this runs no face detector: it scores the centre square of the frame, which is
-the face only in a centred talking-head shot (see docs/evaluation_models.md).
+the face only in a centred talking-head shot (see docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def load_syncnet(path: str | Path) -> SyncNet:
             raise ValueError(f"SyncNet weights: {path} is not a weights file ({exn})") from exn
         raise ValueError(
             f"SyncNet weights: {path} holds more than tensors (a pickled module?); convert it once to "
-            "safetensors in an environment you trust (docs/evaluation_models.md)"
+            "safetensors in an environment you trust (docs/evaluation.md)"
         ) from exn
     except Exception as exn:  # torch.load on a non-checkpoint raises anything from KeyError to RuntimeError
         raise ValueError(

@@ -18,7 +18,11 @@ Rows: untrained (the network the base run starts from: the tiny model initialise
 sampled as base_32_cfg), base_32_cfg (32 UniPC steps with CFG), base_8 (the base, 8 UniPC steps with
 CFG: not distilled), dmd2_8 (the student, 8 distilled steps). Goals: dmd2_8 within 5 points of
 base_32_cfg on both accuracies (or above) and at most 1.5x its sw_distance; the base far above the
-untrained network. Figures: docs/benchmarks.md, "A/V quality toy".
+untrained network (its class_accuracy at least half-way from the untrained's to 1). `--json`:
+{"rows": {ROW: {"class_accuracy", "pairing_accuracy", "sw_distance"}}, "rms_distance": {ROW: {"video",
+"audio"}} (to the prompt's prototypes), "goals": {GOAL: met}, "timings": {...}, "command": ...}; the
+exit status is 1 when a goal is missed. Subprocesses run with one torch thread unless OMP_NUM_THREADS
+says otherwise. Figures: docs/benchmarks.md, "A/V quality toy".
 """
 
 from __future__ import annotations
@@ -145,14 +149,16 @@ def run(work: Path, classes: int, seed: int, base: list[str], dmd: list[str] | N
                             for i, c in enumerate(labels.tolist())))  # fmt: skip
     data = held_out(protos, labels, seed)
     directions = projections(sum(v[0].numel() for v in protos.values()), 256, seed)
-    scores, sample_start = {}, time.perf_counter()
+    scores, distances, sample_start = {}, {}, time.perf_counter()
     for row in rows:
         network, keys = ROWS[row]
         latents = sample(work, row, networks[network], keys, jobs, len(labels))
-        scores[row] = class_scores(latents["video"], latents["audio"], labels, protos)
-        scores[row]["sw_distance"] = sw_distance(latents, data, labels, directions)
+        found = class_scores(latents["video"], latents["audio"], labels, protos)
+        found["sw_distance"] = sw_distance(latents, data, labels, directions)
+        scores[row] = {m: found[m] for m in METRICS}
+        distances[row] = {m: found[f"{m}_distance"] for m in ("video", "audio")}
     timings |= {"sample_s": time.perf_counter() - sample_start, "total_s": time.perf_counter() - start}
-    return {"rows": scores, "goals": goals(scores), "timings": timings}
+    return {"rows": scores, "rms_distance": distances, "goals": goals(scores), "timings": timings}
 
 
 def goals(rows: dict) -> dict[str, bool]:
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--classes", type=int, default=4, help="K: classes (prompts) of the toy")
     parser.add_argument("--seed", type=int, default=0, help="prototypes, data, initialisation, projections")
-    parser.add_argument("--json", type=Path, help='write {"rows": {...}, "goals": ..., "timings": ...} here')
+    parser.add_argument("--json", type=Path, help='write {"rows": {ROW: {METRIC: ...}}, "goals": ...} here')
     parser.add_argument(
         "--work", type=Path, help="keep the data, runs and samples here (default: a temp dir)"
     )

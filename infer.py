@@ -83,6 +83,11 @@ class InferConfig:
     )
     upsample_mode: str = arg("bilinear", "output_size's filter: bilinear | nearest | bicubic")
     out: str = arg("outputs/infer/sample.mp4", "the mp4 (prompts=: NAME_000.mp4, ...); benchmark: the JSON")
+    latents_out: str | None = arg(
+        None,
+        "the final latents too: FILE.safetensors, video [48,T,H,W], audio [N,64] (prompts=: FILE_000...)",
+    )
+    decode: bool = arg(True, "false: no decode stage and no mp4, only latents_out=")
     model: str | None = arg(
         None, "architecture preset (default: the folder's config.json, else magihuman_15b)"
     )
@@ -287,16 +292,33 @@ def check_output(cfg: InferConfig) -> None:
             raise UserError(str(err)) from None
 
 
+def check_latents_out(cfg: InferConfig) -> None:
+    """latents_out / decode errors before any network loads."""
+    if cfg.latents_out is not None and Path(cfg.latents_out).suffix != ".safetensors":
+        raise UserError(f"latents_out={cfg.latents_out}: expected a FILE.safetensors")
+    if not cfg.decode and cfg.latents_out is None:
+        raise UserError("decode=false writes no mp4: give latents_out=FILE.safetensors for the latents")
+
+
+def numbered(path: str, i: int, suffix: str) -> str:
+    """The i-th file of a prompts=FILE run: NAME_000.SUFFIX, NAME_001.SUFFIX, ..."""
+    return str(Path(path).with_name(f"{Path(path).stem}_{i:03d}{Path(path).suffix or suffix}"))
+
+
 def jobs(cfg: InferConfig) -> list[dict]:
-    """(prompt, seed, image, negative_prompt, out) of every clip to generate."""
+    """(prompt, seed, image, negative_prompt, out, latents) of every clip to generate."""
     base = {"seed": cfg.seed, "image": cfg.image, "negative_prompt": negative_prompt(cfg)}
     if cfg.prompts is None:
-        return [{**base, "prompt": cfg.prompt, "out": cfg.out}]
+        return [{**base, "prompt": cfg.prompt, "out": cfg.out, "latents": cfg.latents_out}]
     if cfg.prompt is not None:
         raise UserError("give prompt=TEXT or prompts=FILE, not both")
-    out = Path(cfg.out)
     return [
-        {**base, "out": str(out.with_name(f"{out.stem}_{i:03d}{out.suffix or '.mp4'}")), **row}
+        {
+            **base,
+            "out": numbered(cfg.out, i, ".mp4"),
+            "latents": cfg.latents_out and numbered(cfg.latents_out, i, ".safetensors"),
+            **row,
+        }
         for i, row in enumerate(read_prompts(cfg.prompts))
     ]
 
@@ -382,6 +404,7 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
 
     if not cfg.ckpt or (cfg.prompt is None and cfg.prompts is None):
         raise UserError("infer.py needs ckpt=PATH and prompt=TEXT or prompts=FILE (or benchmark=true)")
+    check_latents_out(cfg)
     todo = jobs(cfg)
     sr = optional(cfg.sr)
     check_output(cfg)
@@ -411,17 +434,20 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
         result = pipe.generate(
             job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=steps,
             sampler=sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
-            output_size=cfg.output_size, upsample_mode=cfg.upsample_mode,
+            output_size=cfg.output_size, upsample_mode=cfg.upsample_mode, decode=cfg.decode,
         )  # fmt: skip
         if result is None:  # a CP rank other than 0: rank 0 writes
             continue
-        path = result.save(job["out"])
+        if job["latents"]:
+            print(f"wrote {result.save_latents(job['latents'])}")
+        path = result.save(job["out"]) if cfg.decode else Path(job["latents"])
         rows.append({**result.timings, "file": str(path), "prompt": job["prompt"], "seed": job["seed"]})
-        print(f"wrote {path} and {path.with_suffix('.json')}")
+        if cfg.decode:
+            print(f"wrote {path} and {path.with_suffix('.json')}")
     if not rows:
         return
     print(format_table(rows))
-    if cfg.prompts is not None:
+    if cfg.prompts is not None and cfg.decode:
         summary = write_json(Path(cfg.out).with_suffix(".json"), rows, prompts=cfg.prompts)
         print(f"wrote {summary} (the timings of all {len(rows)} clips)")
 

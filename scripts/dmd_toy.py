@@ -30,13 +30,10 @@ from pathlib import Path
 
 import torch
 
+from magitrain.data.synthetic import class_prompts
+
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = (
-    "A red circle hums softly",
-    "A blue square beeps twice",
-    "A green triangle whistles",
-    "A yellow star drums loudly",
-)
+PROMPTS = class_prompts(4)  # "A red circle hums softly", "A blue square beeps twice", ...
 SECONDS, RESOLUTION = 0.32, "64x32"  # the demo's bucket: 9 frames at 32x64, latent 3 x 2 x 4
 
 
@@ -96,39 +93,27 @@ def with_steps(overrides: list[str], steps: int | None) -> list[str]:
 
 @torch.no_grad()
 def score(export_dir: Path, codecs, prototypes: dict, steps: int, seeds: int) -> dict[str, float]:
-    """Class accuracy, audio-video pairing and RMS distances to the prompt's prototypes of the
-    network in `export_dir`, sampled with `steps` (8: distilled, 32: base with CFG)."""
+    """`toy_scores.class_scores` (class accuracy, audio-video pairing, RMS distances to the prompt's
+    prototypes) of the network in `export_dir`, sampled with `steps` (8: distilled, 32: base with CFG)."""
     from magitrain.checkpoint import load_official
+    from magitrain.data.toy_scores import class_scores
     from magitrain.inference import MagiHumanPipeline
     from magitrain.model import MagiHumanDiT, tiny
 
     network = load_official(MagiHumanDiT(tiny()), export_dir).eval()
     pipe = MagiHumanPipeline(network, codecs, device="cpu")
-    hits, pairs, distance = [], [], {"video": [], "audio": []}
-    for c, prompt in enumerate(PROMPTS):
-        for seed in range(seeds):
-            (video, audio), _, _ = pipe.generate_latents(
-                prompt, seconds=SECONDS, resolution=RESOLUTION, steps=steps, seed=seed
-            )
-            nearest = {}
-            for m, x in (("video", video[0]), ("audio", audio[0])):
-                per_class = (prototypes[m] - x.float()).flatten(1).pow(2).mean(1)
-                nearest[m] = int(per_class.argmin())
-                distance[m].append(float(per_class[c].sqrt()))
-            hits.append(nearest["video"] == c)
-            pairs.append(nearest["audio"] == nearest["video"])
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {
-        "accuracy": mean(hits),
-        "pairing": mean(pairs),
-        "video_distance": mean(distance["video"]),
-        "audio_distance": mean(distance["audio"]),
-    }
+    latents = [
+        pipe.generate_latents(prompt, seconds=SECONDS, resolution=RESOLUTION, steps=steps, seed=seed)[0]
+        for prompt in PROMPTS
+        for seed in range(seeds)
+    ]
+    video, audio = (torch.cat([x[m] for x in latents]) for m in (0, 1))
+    return class_scores(video, audio, torch.arange(len(PROMPTS)).repeat_interleave(seeds), prototypes)
 
 
 def closer_or_equal(student: dict, teacher: dict) -> list[str]:
     """What the student does worse than its teacher (empty: at least as close to the data)."""
-    worse = [k for k in ("accuracy", "pairing") if student[k] < teacher[k]]
+    worse = [k for k in ("class_accuracy", "pairing_accuracy") if student[k] < teacher[k]]
     return worse + [k for k in ("video_distance", "audio_distance") if student[k] > teacher[k]]
 
 

@@ -13,6 +13,7 @@ import av
 import pytest
 import torch
 from conftest import REPO
+from safetensors.torch import load_file
 
 from magitrain.checkpoint import CheckpointMismatchError, save_official
 from magitrain.codecs import build_tiny_codecs
@@ -207,6 +208,59 @@ def test_infer_py_arguments_fail_with_the_field_named(tmp_path, monkeypatch):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "seed": "1"}\n')
     with pytest.raises(UserError, match=r"p.jsonl line 2: seed must be a int"):
         infer.read_prompts(str(tmp_path / "p.jsonl"))
+
+
+def test_infer_py_latents_out_writes_the_final_latents_beside_or_without_the_mp4(pipe, tiny_ckpt, tmp_path):
+    """Issue 23: `latents_out=` writes the final latents (video [48, T, H, W], audio [N, 64], float32)
+    the pipeline returns for the clip's prompt and seed; `decode=false` skips the decode stage and the
+    mp4; with prompts=FILE one file per line, named as the mp4s. (Before: unknown keys.)"""
+    options = dict(seconds=SECONDS, resolution=SIZE)
+    result = _infer(tiny_ckpt, tmp_path / "clip.mp4", f"latents_out={tmp_path / 'clip.safetensors'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "clip.mp4").is_file()
+    (video, audio), _, _ = pipe.generate_latents("A man says hello", seed=7, **options)
+    saved = load_file(tmp_path / "clip.safetensors")
+    assert sorted(saved) == ["audio", "video"]
+    assert saved["video"].shape == (48, 3, 2, 4) and saved["audio"].shape == (9, 64)
+    assert saved["video"].dtype == saved["audio"].dtype == torch.float32
+    assert torch.equal(saved["video"], video[0]) and torch.equal(saved["audio"], audio[0])
+
+    (tmp_path / "prompts.txt").write_text("first one\nA man says hello\n")
+    batch = tmp_path / "batch"
+    result = _infer_args(
+        tiny_ckpt, batch / "c.mp4", f"prompts={tmp_path / 'prompts.txt'}", "decode=false",
+        f"latents_out={batch / 'lat.safetensors'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in batch.iterdir()) == ["lat_000.safetensors", "lat_001.safetensors"]
+    assert torch.equal(load_file(batch / "lat_001.safetensors")["video"], video[0])
+    rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {SIZE} |")]
+    assert len(rows) == 2 and all(row.split("|")[4].strip() == "-" for row in rows)  # Decode: not run
+
+
+def test_latents_without_decoding_and_after_the_sr_stage(pipe, tmp_path):
+    """decode=False returns the latents only (no decode stage timed, no mp4 to save); with an SR
+    stage the saved video latent is the SR stage's."""
+    options = dict(seconds=SECONDS, resolution=SIZE, sr="128x64", seed=3)
+    clip = pipe.generate("A dog barks", decode=False, **options)
+    assert clip.frames is None and clip.timings["decode"] is None and clip.timings["sr"] is not None
+    with pytest.raises(ValueError, match="decode=False"):
+        clip.save(tmp_path / "x.mp4")
+    saved = load_file(clip.save_latents(tmp_path / "sr.safetensors"))
+    (video, audio), _, _ = pipe.generate_latents("A dog barks", **options)
+    assert saved["video"].shape == (48, 3, 4, 8) and torch.equal(saved["video"], video[0].float())
+    assert torch.equal(saved["audio"], audio[0].float())
+
+
+def test_infer_py_latents_out_errors(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import infer
+    from magitrain.errors import UserError
+
+    with pytest.raises(UserError, match="decode=false writes no mp4: give latents_out=FILE.safetensors"):
+        infer.main([f"ckpt={tmp_path}", "prompt=hi", "decode=false"])
+    with pytest.raises(UserError, match=r"latents_out=.*x.pt: expected a FILE.safetensors"):
+        infer.main([f"ckpt={tmp_path}", "prompt=hi", f"latents_out={tmp_path / 'x.pt'}"])
 
 
 def test_infer_py_values_are_verbatim_text_or_typed(monkeypatch):

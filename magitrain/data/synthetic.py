@@ -249,6 +249,29 @@ def make_latent_dataset(
     return paths
 
 
+# the class toy's prompt words: class c is COLOURS[c % 8] with a shape and a sound chosen so that
+# the first 512 prompts differ (c's base-8 digits d0, d1, d2 give d0, d0 + d1, d0 + d1 + d2 mod 8)
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+SHAPES = ("circle", "square", "triangle", "star", "hexagon", "ring", "cross", "diamond")
+SOUNDS = ("hums softly", "beeps twice", "whistles", "drums loudly", "rings", "buzzes", "chimes", "clicks")
+
+
+def class_prompts(k: int) -> list[str]:
+    """K distinct plain-ASCII prompts, one per class of `make_class_latent_dataset`: "A red circle
+    hums softly", "A blue square beeps twice", ... (classes from 512 on add their number)."""
+    prompts = []
+    for c in range(k):
+        d0, d1, d2 = c % 8, c // 8 % 8, c // 64 % 8
+        text = f"A {COLOURS[d0]} {SHAPES[(d0 + d1) % 8]} {SOUNDS[(d0 + d1 + d2) % 8]}"
+        prompts.append(text if c < 512 else f"{text}, number {c}")
+    return prompts
+
+
+def class_sample(prototypes: dict[str, torch.Tensor], c: int, spread: float, gen: torch.Generator):
+    """One sample of class c of the toy: {"video": ..., "audio": ...}, each prototype + `spread` noise."""
+    return {m: p[c] + spread * torch.randn(p[c].shape, generator=gen) for m, p in prototypes.items()}
+
+
 def make_class_latent_dataset(
     out_dir: str | Path,
     prompts: list[str],
@@ -261,9 +284,10 @@ def make_class_latent_dataset(
 ) -> dict[str, torch.Tensor]:
     """A learnable toy in latent shards: class c is named by `prompts[c]` (its embedding from
     `text_encoder`, so `infer.py` and the pipeline can ask for it by that prompt) and its samples are
-    the class's video and audio prototypes (standard normal, drawn once) plus `spread` Gaussian noise:
-    a model that learned the data answers each prompt with its own class's pair. Classes alternate
-    sample by sample, so every shard mixes them; the negative prompt is written beside the shards.
+    the class's video and audio prototypes (standard normal, drawn once) plus `spread` Gaussian
+    noise (`class_sample`): a model that learned the data answers each prompt with its own class's
+    pair. Classes alternate sample by sample, so every shard mixes them; the negative prompt is
+    written beside the shards. Scores of generated samples: `magitrain.data.toy_scores`.
 
     Returns the prototypes: {"video": [K, 48, T, H, W], "audio": [K, N, 64]}, N = 4(T-1)+1.
     """
@@ -279,8 +303,7 @@ def make_class_latent_dataset(
         samples = []
         for i in range(first, min(first + per_shard, total)):
             c = i % len(prompts)
-            tensors = {m: p[c] + spread * torch.randn(p[c].shape, generator=gen) for m, p in protos.items()}
-            tensors = {f"{m}_latent": v for m, v in tensors.items()}
+            tensors = {f"{m}_latent": v for m, v in class_sample(protos, c, spread, gen).items()}
             tensors["text_emb"] = emb[c, : int(lengths[c])].to(torch.bfloat16)
             meta = {"caption": prompts[c], "duration": 4 * (t - 1) / 25, "width": 16 * w, "height": 16 * h}
             samples.append(latent_sample(f"{number:06d}{i - first:04d}", meta, tensors))

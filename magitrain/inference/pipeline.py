@@ -12,6 +12,7 @@ callback and the benchmark all use it.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torch import Tensor
 
 from magitrain.codecs.media import (
@@ -78,22 +80,33 @@ class TextInputs:
 
 @dataclass
 class Generation:
-    video: Tensor  # [3, F, H, W] float in [-1, 1], CPU: the decoder's output
-    audio: Tensor  # [2, S] float, CPU
-    sample_rate: int
-    frames: Tensor  # [F, H', W', 3] uint8: what the mp4 holds (upsampled when output_size was given)
+    video: Tensor | None  # [3, F, H, W] float in [-1, 1], CPU: the decoder's output (None: not decoded)
+    audio: Tensor | None  # [2, S] float, CPU
+    sample_rate: int | None
+    frames: Tensor | None  # [F, H', W', 3] uint8: what the mp4 holds (upsampled when output_size was given)
     timings: dict  # a Table 2 row (see timing.StageTimer.row)
     meta: dict = field(default_factory=dict)
-    latents: tuple[Tensor, Tensor] | None = None  # what was decoded: video [1, 48, T, h, w], audio [1, N, 64]
+    latents: tuple[Tensor, Tensor] | None = None  # the final ones: video [1, 48, T, h, w], audio [1, N, 64]
 
     def save(self, path: str | Path) -> Path:
         """Write `path` (mp4) and `path` with suffix .json (the timings, mux time included)."""
+        if self.frames is None:
+            raise ValueError("this clip was generated with decode=False: it has latents only (save_latents)")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         write_mp4(path, self.frames, fps=FPS, audio=self.audio, sample_rate=self.sample_rate)
         self.timings["mux"] = time.perf_counter() - start
         write_json(path.with_suffix(".json"), [self.timings], **self.meta)
+        return path
+
+    def save_latents(self, path: str | Path) -> Path:
+        """Write the final latents as safetensors: `video` [48, T, H, W] and `audio` [N, 64], float32
+        (the SR stage's video latent when it ran), with the generation's settings as JSON metadata."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        video, audio = (x[0].detach().to("cpu", torch.float32).contiguous() for x in self.latents)
+        save_file({"video": video, "audio": audio}, path, metadata={"generation": json.dumps(self.meta)})
         return path
 
     def table(self) -> str:
@@ -298,23 +311,32 @@ class MagiHumanPipeline:
 
     # ----- all together -----------------------------------------------------------------------
     def generate(
-        self, prompt: str, *, output_size: str | None = None, upsample_mode: str = "bilinear", **options
+        self,
+        prompt: str,
+        *,
+        output_size: str | None = None,
+        upsample_mode: str = "bilinear",
+        decode: bool = True,
+        **options,
     ) -> Generation | None:
-        """One clip for `prompt`: `generate_latents(prompt, **options)`, then the decode stage.
+        """One clip for `prompt`: `generate_latents(prompt, **options)`, then the decode stage
+        (`decode=False`: none, the clip holds its latents only).
         `output_size` ('WxH') resizes the decoded frames with `upsample_mode` (bilinear | nearest |
         bicubic), as the release's `--output_width/--output_height/--upsample_mode`.
         Under CP: rank 0's clip, whose timings hold every rank's peak memory; None on the others."""
         size = parse_output_size(output_size) if output_size is not None else None
         if upsample_mode not in UPSAMPLE_MODES:  # before the stages, not after them
             raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}")
-        latents, timer, meta = self.generate_latents(prompt, **options)
-        decoded = self.decode(*latents, timer)
+        latents, timer, meta = self.generate_latents(prompt, plan_decode=decode, **options)
+        decoded = self.decode(*latents, timer) if decode else (None,) * 4
         row = timer.row(meta["sr"] or meta["resolution"])
         if self.ranks.size > 1:
             row["peak_gib_ranks"] = self.ranks.gather(timer.peak_gib)
-        if decoded is None:
+        if decoded is None or not self.ranks.writer:
             return None
         video, audio, rate, frames = decoded
+        if not decode:
+            return Generation(None, None, None, None, row, meta, latents=latents)
         if size is not None:  # after the timed stages, as released
             frames = upsample_frames(frames, size[::-1], upsample_mode)
             meta.update(output_size=output_size, upsample_mode=upsample_mode)
@@ -332,11 +354,13 @@ class MagiHumanPipeline:
         seed: int = 0,
         image: str | Path | Tensor | None = None,
         negative_prompt: str | None = None,
+        plan_decode: bool = True,
     ) -> tuple[tuple[Tensor, Tensor], StageTimer, dict]:
         """Text, image, base and SR stages: ((video latent, audio latent), their timer, the settings).
 
         `sr` ('540p', '1080p' or WxH) adds the SR stage, and the base stage takes its orientation
-        (`ClipShape.stages`); `sampler` defaults to the one of `steps`.
+        (`ClipShape.stages`); `sampler` defaults to the one of `steps`. `plan_decode=False`: no decode
+        stage follows (offloading prefetches nothing for it).
         """
         sampler = sampler or DEFAULT_SAMPLER.get(steps)
         if sampler not in SAMPLERS:
@@ -347,7 +371,7 @@ class MagiHumanPipeline:
             *(["image"] if image is not None else []),
             "base",
             *(["sr"] if sr else []),
-            "decode",
+            *(["decode"] if plan_decode else []),
         ]
         timer = StageTimer(self.device)
         with timer("text"):

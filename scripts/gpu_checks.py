@@ -126,7 +126,8 @@ def slice_benchmark(dry: bool, compiled: bool) -> dict:
 # ----- 3. the GPU tests -----------------------------------------------------------------------------
 def gpu_tests(dry: bool) -> dict:
     """Every test of the suite marked `gpu` (on the CPU of the dry run: collected, then skipped)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rspfE", "-m", "gpu", "tests/"]
+    # one process (-n 0: not pyproject's two xdist workers): the tests share one GPU
+    cmd = [sys.executable, "-m", "pytest", "-n", "0", "-q", "-rspfE", "-m", "gpu", "tests/"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     if proc.returncode not in (0, 5) or (not dry and "passed" not in tail):

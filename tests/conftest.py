@@ -31,7 +31,28 @@ def golden_dir() -> Path:
     return GOLDEN_DIR
 
 
+# The files that take minutes, longest first (CPU suite, two xdist workers, 2026-12-07: 70-380 s
+# each). pyproject runs xdist with --no-loadscope-reorder, so the workers take whole files in this
+# collection order: the long ones start first and no long file is left running alone at the end.
+LONGEST_FIRST = (
+    "test_dmd_toy.py",
+    "test_slurm.py",
+    "test_dmd_distributed.py",
+    "test_gpu.py",
+    "test_cli.py",
+    "test_dmd_toy_controls.py",
+    "test_inference_cp.py",
+    "test_optim_states.py",
+    "test_quality_toy.py",
+    "test_reliability_sharded.py",
+    "test_lora_ddp.py",
+    "test_reliability_runs.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import json
 import logging
 import sys
 import types
@@ -31,6 +30,7 @@ import torch
 
 from magitrain.cli import command_line
 from magitrain.errors import UserError
+from magitrain.inference.prompt_file import read_prompt_rows
 from magitrain.inference.steps import COMPILE_MODES
 
 REPO = Path(__file__).resolve().parent
@@ -111,12 +111,6 @@ class InferConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(InferConfig)}
-# prompts=FILE rows; `speech` and `language` are for `python -m magitrain.eval ... prompts=FILE` (the
-# words the clip should say, for its WER), which reads the same file
-ROW_KEYS = {
-    "prompt": str, "seed": int, "image": str, "negative_prompt": str, "out": str,
-    "speech": str, "language": str,
-}  # fmt: skip
 
 
 def help_text() -> str:
@@ -220,38 +214,6 @@ def optional(value: str | None) -> str | None:
     return None if value in (None, "", "none", "None") else value
 
 
-def read_prompts(path: str) -> list[dict]:
-    """Rows of a prompts file: `{"prompt": ...}` per non-empty line, or the JSON objects of a .jsonl."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"prompts={path}: no such file")
-    lines = file.read_text(encoding="utf-8").splitlines()
-    if file.suffix != ".jsonl":
-        rows = [{"prompt": line} for line in lines if line.strip()]
-    else:
-        rows = [_json_row(file, number, line) for number, line in enumerate(lines, 1) if line.strip()]
-    if not rows:
-        raise UserError(f"prompts={path} holds no prompt")
-    return rows
-
-
-def _json_row(file: Path, number: int, line: str) -> dict:
-    where = f"prompts={file} line {number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{where}: not JSON ({err.msg}, column {err.colno})") from None
-    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise UserError(f'{where}: expected an object with a "prompt" string, got {line.strip()[:60]}')
-    row = {key: value for key, value in row.items() if value is not None}  # null: the default
-    for key, value in row.items():
-        if key not in ROW_KEYS:
-            raise UserError(f"{where}: unknown key {key!r} (known: {', '.join(ROW_KEYS)})")
-        if not isinstance(value, ROW_KEYS[key]) or isinstance(value, bool):
-            raise UserError(f"{where}: {key} must be a {ROW_KEYS[key].__name__}, got {value!r}")
-    return row
-
-
 def sampling(cfg: InferConfig):
     """The pipeline's `Sampling` of the guidance and SR keys (the release's values by default)."""
     from magitrain.flow import Guidance
@@ -319,7 +281,7 @@ def jobs(cfg: InferConfig) -> list[dict]:
             "latents": cfg.latents_out and numbered(cfg.latents_out, i, ".safetensors"),
             **row,
         }
-        for i, row in enumerate(read_prompts(cfg.prompts))
+        for i, row in enumerate(read_prompt_rows(cfg.prompts))
     ]
 
 

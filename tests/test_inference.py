@@ -207,7 +207,7 @@ def test_infer_py_arguments_fail_with_the_field_named(tmp_path, monkeypatch):
         infer.build_codecs("tiny", {"decode_tile": "512"}, torch.float32)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "seed": "1"}\n')
     with pytest.raises(UserError, match=r"p.jsonl line 2: seed must be a int"):
-        infer.read_prompts(str(tmp_path / "p.jsonl"))
+        infer.read_prompt_rows(str(tmp_path / "p.jsonl"))
 
 
 def test_infer_py_latents_out_writes_the_final_latents_beside_or_without_the_mp4(pipe, tiny_ckpt, tmp_path):

@@ -17,8 +17,9 @@ from magitrain.codecs.media import write_mp4
 from magitrain.data.synthetic import speak
 from magitrain.errors import UserError
 from magitrain.eval.__main__ import main, parse
-from magitrain.eval.references import pair, read_rows
+from magitrain.eval.references import pair
 from magitrain.eval.stats import bootstrap, paired_deltas
+from magitrain.inference.prompt_file import read_prompt_rows
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHT_FREE = {
@@ -183,7 +184,7 @@ def test_prompts_pair_with_infer_outputs(tmp_path, monkeypatch):
     cfg = infer.parse([f"prompts={prompts}", f"out={tmp_path / 'clip.mp4'}"])
     written = [Path(job["out"]).name for job in infer.jobs(cfg)]
     assert written == ["clip_000.mp4", "song.mp4", "clip_002.mp4"]
-    references, notes = pair(read_rows(str(prompts)), ["aaa.mp4", *reversed(written)])
+    references, notes = pair(read_prompt_rows(str(prompts)), ["aaa.mp4", *reversed(written)])
     assert notes == []
     assert references["clip_000.mp4"].expected_speech == "good morning"
     assert references["song.mp4"].speech == "la la la" and references["song.mp4"].language == "en"
@@ -192,12 +193,12 @@ def test_prompts_pair_with_infer_outputs(tmp_path, monkeypatch):
     # rows without numbers or names pair with the clips in sorted order; a row beyond them is noted
     plain = tmp_path / "p.txt"
     plain.write_text("first\n\nsecond\nthird\n")
-    references, notes = pair(read_rows(str(plain)), ["b.mp4", "a.mp4"])
+    references, notes = pair(read_prompt_rows(str(plain)), ["b.mp4", "a.mp4"])
     assert {k: v.prompt for k, v in references.items()} == {"a.mp4": "first", "b.mp4": "second"}
     assert notes == ["prompts row 3 (by order): no such clip"]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "speach": "y"}\n')
     with pytest.raises(UserError, match="bad.jsonl line 1: unknown key 'speach'; did you mean speech"):
-        read_rows(str(tmp_path / "bad.jsonl"))
+        read_prompt_rows(str(tmp_path / "bad.jsonl"))
 
 
 def test_bootstrap():

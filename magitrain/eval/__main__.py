@@ -25,9 +25,10 @@ from pathlib import Path
 from magitrain.cli import command_line
 from magitrain.errors import UserError
 from magitrain.eval.evaluate import EvalOptions, Evaluator
-from magitrain.eval.references import pair, read_rows
+from magitrain.eval.references import pair
 from magitrain.eval.report import Strips, write_compare_report, write_report
 from magitrain.eval.stats import is_number, paired_deltas
+from magitrain.inference.prompt_file import read_prompt_rows
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm")
 KEYS = {
@@ -122,7 +123,7 @@ def score(command: Command, evaluator: Evaluator, items: list[str], strips: Stri
     paths = clip_paths(items)
     references = {}
     if command.prompts is not None:
-        references, notes = pair(read_rows(command.prompts), [p.name for p in paths])
+        references, notes = pair(read_prompt_rows(command.prompts), [p.name for p in paths])
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     return evaluator.run(paths, references, on_clip=strips)

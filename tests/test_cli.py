@@ -4,8 +4,10 @@ entry points that take codecs name them the same way."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -48,24 +50,54 @@ def released(tmp_path_factory) -> Path:
     return save_official(MagiHumanDiT(tiny()), tmp_path_factory.mktemp("released") / "tiny")
 
 
-def test_train_user_errors_are_a_few_lines_naming_the_culprit(latent_shards, tmp_path):
-    no_shards = [a for a in tiny_train(latent_shards, tmp_path / "a") if not a.startswith("data.shards")]
-    assert_short_error(run(*no_shards), "data.shards")
-    bad_option = run(*tiny_train(latent_shards, tmp_path / "b", "model=tiniest"))
-    assert_short_error(bad_option, "model/tiniest", "golden_tiny, magihuman_15b")
-    assert_short_error(run(*tiny_train(latent_shards, tmp_path / "c", "trainer.max_steps=[[")), "[[")
-    missing = tmp_path / "no_such_init"
-    assert_short_error(run(*tiny_train(latent_shards, tmp_path / "d", f"init={missing}")), str(missing))
-    # a missing teacher was reported after Lightning's start-up lines and without naming teacher=
-    no_teacher = run(*tiny_train(latent_shards, tmp_path / "t", "recipe=dmd2_distill", f"teacher={missing}"))
-    assert_short_error(no_teacher, f"teacher={missing}")
-    assert "GPU available" not in no_teacher.stdout + no_teacher.stderr
-    # Hydra's advice was to append +trainer.max_step
-    typo = run(*tiny_train(latent_shards, tmp_path / "m", "trainer.max_step=5"))
-    assert_short_error(typo, "unknown key trainer.max_step; did you mean trainer.max_steps?")
-    ckpt = tmp_path / "no_such.ckpt"
-    assert_short_error(run(*tiny_train(latent_shards, tmp_path / "e", f"ckpt_path={ckpt}")), str(ckpt))
+@pytest.fixture
+def train_main(monkeypatch, capfd):
+    """`python train.py ARGS` run in this process (a subprocess costs seconds of imports per case),
+    called with ("train.py", *ARGS): the exit code and stderr. The logging state that Hydra's job
+    and command_line change is restored."""
+    monkeypatch.chdir(REPO)
+    loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.Logger.manager.loggerDict))]
+    saved = [(lg, lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
 
+    def run_train(*argv: str) -> tuple[int, str]:
+        for name in ("HYDRA_FULL_ERROR", "MAGITRAIN_VERBOSE"):
+            monkeypatch.delenv(name, raising=False)  # command_line sets them; restored after the test
+        monkeypatch.setattr(sys, "argv", list(argv))
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+        return exit.value.code, capfd.readouterr().err
+
+    yield run_train
+    for lg, handlers, filters, level, propagate, disabled in saved:
+        lg.handlers[:], lg.filters[:] = handlers, filters
+        lg.level, lg.propagate, lg.disabled = level, propagate, disabled
+
+
+def assert_short(code: int, stderr: str, *culprits: str) -> None:
+    assert_short_error(subprocess.CompletedProcess([], code, "", stderr), *culprits)
+
+
+def test_train_user_errors_are_a_few_lines_naming_the_culprit(latent_shards, tmp_path, train_main):
+    no_shards = [a for a in tiny_train(latent_shards, tmp_path / "a") if not a.startswith("data.shards")]
+    assert_short(*train_main(*no_shards), "data.shards")
+    bad_option = train_main(*tiny_train(latent_shards, tmp_path / "b", "model=tiniest"))
+    assert_short(*bad_option, "model/tiniest", "golden_tiny, magihuman_15b")
+    assert_short(*train_main(*tiny_train(latent_shards, tmp_path / "c", "trainer.max_steps=[[")), "[[")
+    missing = tmp_path / "no_such_init"
+    assert_short(*train_main(*tiny_train(latent_shards, tmp_path / "d", f"init={missing}")), str(missing))
+    # a missing teacher was reported after Lightning's start-up lines and without naming teacher=
+    dmd = tiny_train(latent_shards, tmp_path / "t", "recipe=dmd2_distill", f"teacher={missing}")
+    code, no_teacher = train_main(*dmd)
+    assert_short(code, no_teacher, f"teacher={missing}")
+    assert "GPU available" not in no_teacher
+    # Hydra's advice was to append +trainer.max_step
+    typo = train_main(*tiny_train(latent_shards, tmp_path / "m", "trainer.max_step=5"))
+    assert_short(*typo, "unknown key trainer.max_step; did you mean trainer.max_steps?")
+    ckpt = tmp_path / "no_such.ckpt"
+    assert_short(*train_main(*tiny_train(latent_shards, tmp_path / "e", f"ckpt_path={ckpt}")), str(ckpt))
+
+    # the script itself, in a process of its own: --verbose keeps the traceback
     verbose = run(*tiny_train(latent_shards, tmp_path / "f", f"ckpt_path={ckpt}"), "--verbose")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr and str(ckpt) in verbose.stderr
 
@@ -74,10 +106,6 @@ def test_infer_and_export_user_errors_are_a_few_lines_naming_the_culprit(release
     args = ["infer.py", "model=tiny", "prompt=hi", "seconds=0.32", "resolution=64x32"]
     missing = tmp_path / "no_such_ckpt"
     assert_short_error(run(*args, "codecs=tiny", f"ckpt={missing}"), f"ckpt={missing}")
-    vae = tmp_path / "no_such_vae"
-    codecs = ["codecs=magihuman", f"codecs.video_vae_path={vae}", "codecs.audio_vae_path=/a"]
-    codecs.append("codecs.text_encoder_path=/t")
-    assert_short_error(run(*args, f"ckpt={released}", *codecs), "codecs.video_vae_path", str(vae))
 
     ckpt = tmp_path / "no_such.ckpt"
     assert_short_error(run("-m", "magitrain.export", str(ckpt), str(tmp_path / "out")), str(ckpt))
@@ -99,6 +127,10 @@ def test_more_infer_user_errors_in_process(released, tmp_path, monkeypatch, caps
         return "\n".join(err)
 
     assert "codecs.video_vae_path=PATH" in short_error(f"ckpt={released}", "codecs=magihuman")
+    vae = tmp_path / "no_such_vae"
+    codecs = ["codecs=magihuman", f"codecs.video_vae_path={vae}", "codecs.audio_vae_path=/a"]
+    no_vae = short_error(f"ckpt={released}", *codecs, "codecs.text_encoder_path=/t")
+    assert "codecs.video_vae_path" in no_vae and str(vae) in no_vae
     mismatch = short_error(f"ckpt={released}", "model=golden_tiny", "codecs=tiny")
     assert f"ckpt: checkpoint {released} does not match" in mismatch and "32 missing" in mismatch
     junk = tmp_path / "junk.ckpt"

@@ -76,7 +76,7 @@ def slurm(tmp_path_factory):
         # a cancelled job's processes belong to slurmstepd, not to the daemons: end them first
         subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, timeout=30)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and cluster.run("squeue", "--noheader", "--states=all").strip():
+        while time.monotonic() < deadline and cluster.run("squeue", "--noheader").strip():
             time.sleep(0.5)
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop", str(state)], timeout=60)
 

@@ -126,12 +126,16 @@ def slice_benchmark(dry: bool, compiled: bool) -> dict:
 # ----- 3. the GPU tests -----------------------------------------------------------------------------
 def gpu_tests(dry: bool) -> dict:
     """Every test of the suite marked `gpu` (on the CPU of the dry run: collected, then skipped)."""
-    # one process (-n 0: not pyproject's two xdist workers): the tests share one GPU
-    cmd = [sys.executable, "-m", "pytest", "-n", "0", "-q", "-rspfE", "-m", "gpu", "tests/"]
+    # one process (-n 0: not pyproject's two xdist workers): the tests share one GPU. Only the files
+    # that use the marker are collected (collecting all of tests/ imports every test module).
+    marked = sorted(
+        str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()
+    )
+    cmd = [sys.executable, "-m", "pytest", "-n", "0", "-q", "-rspfE", "-m", "gpu", *marked]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     if proc.returncode not in (0, 5) or (not dry and "passed" not in tail):
-        raise RuntimeError(f"pytest -m gpu tests/: {tail}\n{proc.stdout[-3000:]}")
+        raise RuntimeError(f"pytest -m gpu {' '.join(marked)}: {tail}\n{proc.stdout[-3000:]}")
     files = sorted(set(re.findall(r"tests/test_\w+\.py", proc.stdout)))  # from the short summary
     return {"summary": tail, "files": files}
 
@@ -183,19 +187,15 @@ def dmd_slice(out: Path, dry: bool) -> dict:
 
 # ----- 5. the planner against the measured peak ------------------------------------------------------
 def plan_against(overrides: list[str], bucket: dict, measured: float | None) -> dict:
-    """`python -m magitrain.plan OVERRIDES` of one GPU at `bucket`'s size vs the peak a run measured
-    (the throughput callback's `torch.cuda.max_memory_allocated`; None on the CPU)."""
-    size = [f"{k}={bucket[k]}" for k in ("height", "width", "batch_size")]
-    seconds = (bucket["frames"] - 1) / 25  # the planner's frames_for_seconds, inverted
-    cmd = [sys.executable, "-m", "magitrain.plan", *overrides, "gpus=1", *size, f"seconds={seconds}",
-           "--json"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode:
-        raise RuntimeError(f"magitrain.plan failed:\n{proc.stderr[-3000:]}")
-    plan = json.loads(proc.stdout)
-    planned = plan["total"] / 2**30
-    result = {"plan_gib": round(planned, 3), "per_gpu": plan["per_gpu"], "peak_phase": plan["peak_phase"],
+    """The plan (`python -m magitrain.plan OVERRIDES gpus=1 --json`, called in this process) of one
+    80 GB GPU at `bucket`'s size vs the peak a run measured (the throughput callback's
+    `torch.cuda.max_memory_allocated`; None on the CPU)."""
+    from magitrain.plan import plan
+    from magitrain.plan.planner import parse_bytes
+
+    result = plan(overrides, 1, parse_bytes("80GB"), bucket).to_json()
+    planned = result["total"] / 2**30
+    result = {"plan_gib": round(planned, 3), "per_gpu": result["per_gpu"], "peak_phase": result["peak_phase"],
               "measured_gib": measured}  # fmt: skip
     if measured:
         result["plan_over_measured"] = round(planned / measured, 3)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -62,6 +64,35 @@ def pytest_collection_modifyitems(config, items):
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def script(monkeypatch, capfd):
+    """`python SCRIPT ARGS` (train.py, infer.py) run as `__main__` in this process, where a
+    subprocess costs seconds of imports: `script("infer.py", *args)` -> a CompletedProcess with
+    its exit status and output. The logging state that Hydra's job and magitrain.cli change is
+    restored afterwards."""
+    monkeypatch.chdir(REPO)
+    loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.Logger.manager.loggerDict))]
+    saved = [(lg, lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+
+    def run(name: str, *args: str) -> subprocess.CompletedProcess:
+        for var in ("HYDRA_FULL_ERROR", "MAGITRAIN_VERBOSE"):
+            monkeypatch.delenv(var, raising=False)  # magitrain.cli sets them
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        capfd.readouterr()
+        code = 0
+        try:
+            runpy.run_path(str(REPO / name), run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess([name, *args], code, out, err)
+
+    yield run
+    for lg, handlers, filters, level, propagate, disabled in saved:
+        lg.handlers[:], lg.filters[:] = handlers, filters
+        lg.level, lg.propagate, lg.disabled = level, propagate, disabled
 
 
 def compose_train(overrides: list[str], output_dir: Path):

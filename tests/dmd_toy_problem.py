@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from magitrain.flow import flow_grid
@@ -266,12 +269,24 @@ def eval_labels() -> torch.Tensor:
     return torch.arange(EVAL_N) % CLASSES
 
 
-def teacher_and_baselines() -> tuple[MLP, Metrics, Metrics]:
-    """The flow-matching teacher, its 64-step metrics and its 2-step ones (the student's sampler)."""
-    teacher = train_teacher()
+def teacher_and_baselines(shared: Path | None = None) -> tuple[MLP, Metrics, Metrics]:
+    """The flow-matching teacher, its 64-step metrics and its 2-step ones (the student's sampler).
+    `shared`: a directory the test session's workers share; the first to come trains the teacher
+    there (~30 s) and the other loads it."""
+    teacher = train_teacher() if shared is None else _shared_teacher(shared)
     labels = eval_labels()
     t64 = evaluate(euler_sample(teacher, labels, 64, torch.Generator().manual_seed(7)), labels)
     return teacher, t64, student_metrics(teacher)
+
+
+def _shared_teacher(shared: Path) -> MLP:
+    with FileLock(shared / "dmd_toy_teacher.lock"):
+        file = shared / "dmd_toy_teacher.safetensors"
+        if not file.exists():
+            save_file(train_teacher().state_dict(), file)
+        teacher = MLP()
+        teacher.load_state_dict(load_file(file))
+    return teacher.requires_grad_(False).eval()
 
 
 def student_metrics(student: MLP) -> Metrics:

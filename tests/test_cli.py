@@ -4,10 +4,8 @@ entry points that take codecs name them the same way."""
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -50,54 +48,26 @@ def released(tmp_path_factory) -> Path:
     return save_official(MagiHumanDiT(tiny()), tmp_path_factory.mktemp("released") / "tiny")
 
 
-@pytest.fixture
-def train_main(monkeypatch, capfd):
-    """`python train.py ARGS` run in this process (a subprocess costs seconds of imports per case),
-    called with ("train.py", *ARGS): the exit code and stderr. The logging state that Hydra's job
-    and command_line change is restored."""
-    monkeypatch.chdir(REPO)
-    loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.Logger.manager.loggerDict))]
-    saved = [(lg, lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
-
-    def run_train(*argv: str) -> tuple[int, str]:
-        for name in ("HYDRA_FULL_ERROR", "MAGITRAIN_VERBOSE"):
-            monkeypatch.delenv(name, raising=False)  # command_line sets them; restored after the test
-        monkeypatch.setattr(sys, "argv", list(argv))
-        capfd.readouterr()
-        with pytest.raises(SystemExit) as exit:
-            runpy.run_path(str(REPO / "train.py"), run_name="__main__")
-        return exit.value.code, capfd.readouterr().err
-
-    yield run_train
-    for lg, handlers, filters, level, propagate, disabled in saved:
-        lg.handlers[:], lg.filters[:] = handlers, filters
-        lg.level, lg.propagate, lg.disabled = level, propagate, disabled
-
-
-def assert_short(code: int, stderr: str, *culprits: str) -> None:
-    assert_short_error(subprocess.CompletedProcess([], code, "", stderr), *culprits)
-
-
-def test_train_user_errors_are_a_few_lines_naming_the_culprit(latent_shards, tmp_path, train_main):
+def test_train_user_errors_are_a_few_lines_naming_the_culprit(latent_shards, tmp_path, script):
+    """train.py's __main__ in this process; the last case, --verbose, in a process of its own."""
     no_shards = [a for a in tiny_train(latent_shards, tmp_path / "a") if not a.startswith("data.shards")]
-    assert_short(*train_main(*no_shards), "data.shards")
-    bad_option = train_main(*tiny_train(latent_shards, tmp_path / "b", "model=tiniest"))
-    assert_short(*bad_option, "model/tiniest", "golden_tiny, magihuman_15b")
-    assert_short(*train_main(*tiny_train(latent_shards, tmp_path / "c", "trainer.max_steps=[[")), "[[")
+    assert_short_error(script(*no_shards), "data.shards")
+    bad_option = script(*tiny_train(latent_shards, tmp_path / "b", "model=tiniest"))
+    assert_short_error(bad_option, "model/tiniest", "golden_tiny, magihuman_15b")
+    assert_short_error(script(*tiny_train(latent_shards, tmp_path / "c", "trainer.max_steps=[[")), "[[")
     missing = tmp_path / "no_such_init"
-    assert_short(*train_main(*tiny_train(latent_shards, tmp_path / "d", f"init={missing}")), str(missing))
+    assert_short_error(script(*tiny_train(latent_shards, tmp_path / "d", f"init={missing}")), str(missing))
     # a missing teacher was reported after Lightning's start-up lines and without naming teacher=
     dmd = tiny_train(latent_shards, tmp_path / "t", "recipe=dmd2_distill", f"teacher={missing}")
-    code, no_teacher = train_main(*dmd)
-    assert_short(code, no_teacher, f"teacher={missing}")
-    assert "GPU available" not in no_teacher
+    no_teacher = script(*dmd)
+    assert_short_error(no_teacher, f"teacher={missing}")
+    assert "GPU available" not in no_teacher.stdout + no_teacher.stderr
     # Hydra's advice was to append +trainer.max_step
-    typo = train_main(*tiny_train(latent_shards, tmp_path / "m", "trainer.max_step=5"))
-    assert_short(*typo, "unknown key trainer.max_step; did you mean trainer.max_steps?")
+    typo = script(*tiny_train(latent_shards, tmp_path / "m", "trainer.max_step=5"))
+    assert_short_error(typo, "unknown key trainer.max_step; did you mean trainer.max_steps?")
     ckpt = tmp_path / "no_such.ckpt"
-    assert_short(*train_main(*tiny_train(latent_shards, tmp_path / "e", f"ckpt_path={ckpt}")), str(ckpt))
+    assert_short_error(script(*tiny_train(latent_shards, tmp_path / "e", f"ckpt_path={ckpt}")), str(ckpt))
 
-    # the script itself, in a process of its own: --verbose keeps the traceback
     verbose = run(*tiny_train(latent_shards, tmp_path / "f", f"ckpt_path={ckpt}"), "--verbose")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr and str(ckpt) in verbose.stderr
 

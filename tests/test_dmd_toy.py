@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow  # one torch thread, 2026-12-07, two test workers:
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return teacher_and_baselines()
+def toy(tmp_path_factory, worker_id):
+    # under xdist the workers' temp dirs share a parent of this session: one teacher for both files
+    return teacher_and_baselines(None if worker_id == "master" else tmp_path_factory.getbasetemp().parent)
 
 
 def test_two_step_student_matches_the_64_step_teacher(toy):

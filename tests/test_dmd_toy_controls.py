@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow  # one torch thread, 2026-12-07: ~60 s (teacher 32
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return teacher_and_baselines()
+def toy(tmp_path_factory, worker_id):
+    # under xdist the workers' temp dirs share a parent of this session: one teacher for both files
+    return teacher_and_baselines(None if worker_id == "master" else tmp_path_factory.getbasetemp().parent)
 
 
 def test_a_frozen_critic_leaves_the_student_as_the_two_step_teacher(toy):

@@ -58,20 +58,18 @@ def test_clip_shapes_follow_the_release():
         ClipShape.of(1, "720p")
 
 
-def _infer(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _infer_args(ckpt, out, "prompt=A man says hello", *extra)
-
-
-def _infer_args(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "infer.py"), f"ckpt={ckpt}", "model=tiny", "codecs=tiny",
-           f"seconds={SECONDS}", f"resolution={SIZE}", "seed=7", f"out={out}", *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (conftest)
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+def infer_py(ckpt: Path, out: Path, *extra: str, prompt: str | None = "A man says hello") -> list[str]:
+    """The arguments of `python infer.py` with the tiny model at the tests' size."""
+    prompt_arg = [f"prompt={prompt}"] if prompt is not None else []
+    tiny = ["model=tiny", "codecs=tiny", f"seconds={SECONDS}", f"resolution={SIZE}", "seed=7"]
+    return ["infer.py", f"ckpt={ckpt}", *tiny, f"out={out}", *prompt_arg, *extra]
 
 
 def test_infer_py_writes_a_readable_mp4_with_sound_and_timings(tiny_ckpt, pipe, tmp_path):
     out = tmp_path / "clip.mp4"
-    result = _infer(tiny_ckpt, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (conftest)
+    cmd = [sys.executable, *infer_py(tiny_ckpt, out)]  # a process of its own; the tests below run in this one
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| output | Base | SR | Decode | Total |" in result.stdout
 
@@ -210,12 +208,16 @@ def test_infer_py_arguments_fail_with_the_field_named(tmp_path, monkeypatch):
         infer.read_prompt_rows(str(tmp_path / "p.jsonl"))
 
 
-def test_infer_py_latents_out_writes_the_final_latents_beside_or_without_the_mp4(pipe, tiny_ckpt, tmp_path):
+def test_infer_py_latents_out_writes_the_final_latents_beside_or_without_the_mp4(
+    pipe, tiny_ckpt, tmp_path, script
+):
     """Issue 23: `latents_out=` writes the final latents (video [48, T, H, W], audio [N, 64], float32)
     the pipeline returns for the clip's prompt and seed; `decode=false` skips the decode stage and the
     mp4; with prompts=FILE one file per line, named as the mp4s. (Before: unknown keys.)"""
     options = dict(seconds=SECONDS, resolution=SIZE)
-    result = _infer(tiny_ckpt, tmp_path / "clip.mp4", f"latents_out={tmp_path / 'clip.safetensors'}")
+    result = script(
+        *infer_py(tiny_ckpt, tmp_path / "clip.mp4", f"latents_out={tmp_path / 'clip.safetensors'}")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "clip.mp4").is_file()
     (video, audio), _, _ = pipe.generate_latents("A man says hello", seed=7, **options)
@@ -227,10 +229,10 @@ def test_infer_py_latents_out_writes_the_final_latents_beside_or_without_the_mp4
 
     (tmp_path / "prompts.txt").write_text("first one\nA man says hello\n")
     batch = tmp_path / "batch"
-    result = _infer_args(
+    result = script(*infer_py(
         tiny_ckpt, batch / "c.mp4", f"prompts={tmp_path / 'prompts.txt'}", "decode=false",
-        f"latents_out={batch / 'lat.safetensors'}",
-    )  # fmt: skip
+        f"latents_out={batch / 'lat.safetensors'}", prompt=None,
+    ))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in batch.iterdir()) == ["lat_000.safetensors", "lat_001.safetensors"]
     assert torch.equal(load_file(batch / "lat_001.safetensors")["video"], video[0])
@@ -280,16 +282,15 @@ def test_infer_py_values_are_verbatim_text_or_typed(monkeypatch):
         infer.parse(["compile=graph"])
 
 
-def test_infer_py_help_lists_every_field_with_its_default_and_doc(monkeypatch, capsys):
+def test_infer_py_help_lists_every_field_with_its_default_and_doc(monkeypatch, script):
     monkeypatch.syspath_prepend(str(REPO))
     import dataclasses
 
     import infer
 
-    result = subprocess.run([sys.executable, "infer.py", "--help"], capture_output=True, text=True, cwd=REPO)
+    result = script("infer.py", "--help")
     assert result.returncode == 0, result.stderr
-    infer.main(["-h"])
-    assert capsys.readouterr().out.strip() == result.stdout.strip()
+    assert script("infer.py", "-h").stdout == result.stdout
     for f in dataclasses.fields(infer.InferConfig):
         key = f.metadata["key"] or f"{f.name}={f.default}"
         if f.name == "bench_rows":
@@ -302,9 +303,9 @@ def test_infer_py_help_lists_every_field_with_its_default_and_doc(monkeypatch, c
 TRICKY = "A person speaks: \"Guten Morgen\" [laughs] {x} a=b 'ok' ünïcode ✓\nsecond line: - [ ]"
 
 
-def test_infer_py_takes_any_text_as_a_prompt_and_prompt_files(tiny_ckpt, tmp_path):
+def test_infer_py_takes_any_text_as_a_prompt_and_prompt_files(tiny_ckpt, tmp_path, script):
     single = tmp_path / "single.mp4"
-    result = _infer(tiny_ckpt, single, f"prompt={TRICKY}", f"negative_prompt={TRICKY}")
+    result = script(*infer_py(tiny_ckpt, single, f"negative_prompt={TRICKY}", prompt=TRICKY))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(single.with_suffix(".json").read_text())["prompt"] == TRICKY
 
@@ -314,9 +315,9 @@ def test_infer_py_takes_any_text_as_a_prompt_and_prompt_files(tiny_ckpt, tmp_pat
         "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n"
     )
     batch = tmp_path / "batch" / "clip.mp4"
-    result = _infer(tiny_ckpt, batch, f"prompts={tmp_path / 'prompts.jsonl'}")
+    result = script(*infer_py(tiny_ckpt, batch, f"prompts={tmp_path / 'prompts.jsonl'}"))
     assert result.returncode == 2 and "prompt=TEXT or prompts=FILE, not both" in result.stderr
-    result = _infer_args(tiny_ckpt, batch, f"prompts={tmp_path / 'prompts.jsonl'}")
+    result = script(*infer_py(tiny_ckpt, batch, f"prompts={tmp_path / 'prompts.jsonl'}", prompt=None))
     assert result.returncode == 0, result.stderr[-3000:]
     first = tmp_path / "batch" / "clip_000.mp4"
     assert first.read_bytes() == single.read_bytes()  # the row's prompt and seed, verbatim
@@ -326,7 +327,9 @@ def test_infer_py_takes_any_text_as_a_prompt_and_prompt_files(tiny_ckpt, tmp_pat
     assert [r["seed"] for r in summary["rows"]] == [7, 8]
 
     (tmp_path / "prompts.txt").write_text("first: one\n\n[second] 'two' = \"2\"\n")
-    result = _infer_args(tiny_ckpt, tmp_path / "txt" / "c.mp4", f"prompts={tmp_path / 'prompts.txt'}")
+    result = script(
+        *infer_py(tiny_ckpt, tmp_path / "txt" / "c.mp4", f"prompts={tmp_path / 'prompts.txt'}", prompt=None)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     made = sorted(p.name for p in (tmp_path / "txt").glob("*.mp4"))
     assert made == ["c_000.mp4", "c_001.mp4"]

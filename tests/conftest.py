@@ -68,10 +68,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def script(monkeypatch, capfd):
-    """`python SCRIPT ARGS` (train.py, infer.py) run as `__main__` in this process, where a
-    subprocess costs seconds of imports: `script("infer.py", *args)` -> a CompletedProcess with
-    its exit status and output. The logging state that Hydra's job and magitrain.cli change is
-    restored afterwards."""
+    """`python SCRIPT ARGS` (train.py, infer.py) or `python -m MODULE ARGS` run as `__main__` in
+    this process, where a subprocess costs seconds of imports: `script("infer.py", *args)` or
+    `script("-m", "magitrain.plan", *args)` -> a CompletedProcess with its exit status and output.
+    The logging state that Hydra's job and magitrain.cli change is restored afterwards."""
     monkeypatch.chdir(REPO)
     loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.Logger.manager.loggerDict))]
     saved = [(lg, lg.handlers[:], lg.filters[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
@@ -79,11 +79,15 @@ def script(monkeypatch, capfd):
     def run(name: str, *args: str) -> subprocess.CompletedProcess:
         for var in ("HYDRA_FULL_ERROR", "MAGITRAIN_VERBOSE"):
             monkeypatch.delenv(var, raising=False)  # magitrain.cli sets them
-        monkeypatch.setattr(sys, "argv", [name, *args])
+        module = args[0] if name == "-m" else None
+        monkeypatch.setattr(sys, "argv", [module or name, *args[module is not None :]])
         capfd.readouterr()
         code = 0
         try:
-            runpy.run_path(str(REPO / name), run_name="__main__")
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(REPO / name), run_name="__main__")
         except SystemExit as exit:
             code = exit.code
         out, err = capfd.readouterr()

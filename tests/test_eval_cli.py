@@ -66,18 +66,18 @@ def clips(tmp_path_factory, speech):
     return a, b
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "magitrain.eval", *map(str, args)], cwd=REPO, capture_output=True, text=True
-    )
-
-
-def test_cli_scores_a_folder(clips, tmp_path):
+def test_cli_scores_a_folder(clips, tmp_path, script):
     """The JSON holds exactly the issue's keys: every readable clip the eight weight-free metrics,
     the two bad files only a named error; the offsets are found; the exit status is 1 (a clip
     failed); the report links a thumbnail strip per readable clip, which opens as a PNG."""
     a, _ = clips
-    result = run_cli(a, f"json={tmp_path / 'out.json'}", f"report={tmp_path / 'report' / 'r.md'}")
+    result = script(
+        "-m",
+        "magitrain.eval",
+        str(a),
+        f"json={tmp_path / 'out.json'}",
+        f"report={tmp_path / 'report' / 'r.md'}",
+    )
     assert result.returncode == 1, result.stderr
     assert "2 clip(s) failed" in result.stderr
     scores = json.loads((tmp_path / "out.json").read_text())
@@ -105,7 +105,12 @@ def test_cli_exit_status_and_command_errors(clips, tmp_path, capsys):
     a, _ = clips
     assert main([str(a / "clip_000.mp4"), "eval.max_lag=12"]) == 0
     assert set(json.loads(capsys.readouterr().out)["clips"]["clip_000.mp4"]) == WEIGHT_FREE
-    typo = run_cli(a, "eval.max_lagg=3")
+    typo = subprocess.run(  # the command in a process of its own: its exit status
+        [sys.executable, "-m", "magitrain.eval", str(a), "eval.max_lagg=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert typo.returncode == 2 and "unknown key 'eval.max_lagg' (did you mean eval.max_lag?)" in typo.stderr
     with pytest.raises(UserError, match="nowhere: no such file or folder"):
         main([str(tmp_path / "nowhere")])

@@ -132,42 +132,21 @@ def test_cli_json(capsys):
     assert out["total"] == sum(out["per_gpu"].values())
 
 
-def test_cli_rejects_bad_sizes():
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
+def test_cli_rejects_bad_sizes(script):
     for bad, key in (("gpu_memory=lots", "gpu_memory"), ("gpus=0", "gpus")):
-        proc = subprocess.run(
-            [sys.executable, "-m", "magitrain.plan", "model=tiny", bad],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            timeout=300,
-        )
+        proc = script("-m", "magitrain.plan", "model=tiny", bad)
         assert proc.returncode == 2, proc.stderr
         assert "error:" in proc.stderr and key in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_help_and_a_one_line_title_with_the_memory_as_given():
+def test_cli_help_and_a_one_line_title_with_the_memory_as_given(script):
     """`--help` reached Hydra as an override (LexerNoViableAltException); the table's title
     wrapped; gpu_memory=80GB printed as "80 GiB", not as the user gave it."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
     from rich.console import Console
 
     from magitrain.plan.__main__ import render, title
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    helped = subprocess.run(
-        [sys.executable, "-m", "magitrain.plan", "--help"], cwd=REPO, capture_output=True, text=True, env=env
-    )
+    helped = script("-m", "magitrain.plan", "--help")
     assert helped.returncode == 0 and "gpu_memory" in helped.stdout, helped.stderr[-2000:]
     p = plan(["model=tiny"], 8, 80 * 2**30, {"height": 64, "width": 96, "frames": 9, "batch_size": 1})
     console = Console(width=60, record=True)

@@ -30,8 +30,8 @@ import torch
 
 from magitrain.cli import command_line
 from magitrain.errors import UserError
-from magitrain.inference.prompt_file import read_prompt_rows
 from magitrain.inference.steps import COMPILE_MODES
+from magitrain.prompt_file import read_prompt_rows
 
 REPO = Path(__file__).resolve().parent
 log = logging.getLogger("magitrain")

@@ -19,7 +19,7 @@ from magitrain.errors import UserError
 from magitrain.eval.__main__ import main, parse
 from magitrain.eval.references import pair
 from magitrain.eval.stats import bootstrap, paired_deltas
-from magitrain.inference.prompt_file import read_prompt_rows
+from magitrain.prompt_file import read_prompt_rows
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHT_FREE = {

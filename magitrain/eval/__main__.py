@@ -28,7 +28,7 @@ from magitrain.eval.evaluate import EvalOptions, Evaluator
 from magitrain.eval.references import pair
 from magitrain.eval.report import Strips, write_compare_report, write_report
 from magitrain.eval.stats import is_number, paired_deltas
-from magitrain.inference.prompt_file import read_prompt_rows
+from magitrain.prompt_file import read_prompt_rows
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm")
 KEYS = {

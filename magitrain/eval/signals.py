@@ -9,6 +9,7 @@ import numpy as np
 from magitrain.eval.clip import Clip
 from magitrain.eval.sync import cell_motion
 
+GATING_BLOCK_S = 0.4  # BS.1770's gating block
 CLIP_LEVEL = 10 ** (-0.1 / 20)  # a sample within 0.1 dB of full scale counts as clipped
 SILENCE_DBFS = -60.0  # a window quieter than this (RMS, dB full scale) is silent
 SILENCE_WINDOW_S = 0.02
@@ -18,16 +19,29 @@ FROZEN_LEVEL = 2.0
 
 
 def loudness_lufs(audio: np.ndarray, sample_rate: int) -> float | None:
-    """Integrated loudness (ITU-R BS.1770-4, gated) of `[channels, samples]` audio in LUFS; None
-    for audio shorter than the 400 ms gating block or entirely below the -70 LUFS gate (silence),
-    which have no loudness."""
-    import pyloudnorm  # scipy takes seconds to import: `--help` need not wait for it
+    """Integrated loudness (ITU-R BS.1770-4: K-weighted, 400 ms blocks every 100 ms, absolute gate
+    -70 LUFS, relative gate -10 LU) of `[channels, samples]` audio (mono or stereo) in LUFS; None
+    for audio shorter than one block or entirely below the absolute gate (silence), which have no
+    loudness. torchaudio's K-weighting filters; not `torchaudio.functional.loudness`, whose filters
+    clip their output at +-1 (a full-scale sine read -3.28 LUFS, not -3.01), nor pyloudnorm, which
+    needs scipy (see pyproject.toml)."""
+    import torch  # seconds to import: `--help` need not wait for it
+    from torchaudio.functional import highpass_biquad, treble_biquad
 
-    meter = pyloudnorm.Meter(sample_rate)
-    if audio.shape[1] <= meter.block_size * sample_rate:
+    block = round(GATING_BLOCK_S * sample_rate)
+    if audio.shape[1] <= block:
         return None
-    value = meter.integrated_loudness(audio.T.astype(np.float64))
-    return float(value) if np.isfinite(value) else None
+    x = torch.from_numpy(audio.astype(np.float64))
+    headroom = max(float(x.abs().max()) / 0.25, 1.0)  # the filters are linear: run them at -12 dBFS
+    weighted = treble_biquad(x / headroom, sample_rate, 4.0, 1500.0, 1 / np.sqrt(2))
+    weighted = highpass_biquad(weighted, sample_rate, 38.0, 0.5) * headroom
+    energy = weighted.square().unfold(-1, block, block // 4).mean(-1).sum(0)  # [blocks], channel gains 1
+    lufs = -0.691 + 10 * torch.log10(energy)
+    loud = lufs > -70.0
+    if not loud.any():
+        return None
+    relative = -0.691 + 10 * torch.log10(energy[loud].mean()) - 10.0
+    return float(-0.691 + 10 * torch.log10(energy[loud & (lufs > relative)].mean()))
 
 
 def clipping_ratio(audio: np.ndarray) -> float:

@@ -17,7 +17,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import scipy.fft
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -117,6 +116,16 @@ def load_syncnet(path: str | Path) -> SyncNet:
     return net
 
 
+def _dct_ii(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix `[n, n]` (scipy.fft.dct(x, type=2, norm="ortho") is x @ it.T).
+    Written out to keep scipy out of the environment: torchmetrics imports scipy.signal wherever
+    scipy is installed, a second of every Lightning process's start."""
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    matrix = np.cos(np.pi * k * (2 * i + 1) / (2 * n)) * np.sqrt(2 / n)
+    matrix[0] /= np.sqrt(2)
+    return matrix
+
+
 def mfcc(signal: np.ndarray, rate: int = AUDIO_RATE) -> np.ndarray:
     """`[frames, 13]` MFCCs, one per 10 ms: `python_speech_features.mfcc(signal, rate)` with its
     defaults, the features SyncNet was trained on (25 ms unwindowed frames, the last zero-padded;
@@ -132,7 +141,7 @@ def mfcc(signal: np.ndarray, rate: int = AUDIO_RATE) -> np.ndarray:
     tiny = np.finfo(float).eps
     energy = power.sum(axis=1)
     bands = power @ _mel_filters(rate).T
-    cepstra = scipy.fft.dct(np.log(np.where(bands == 0, tiny, bands)), type=2, axis=1, norm="ortho")[:, :13]
+    cepstra = np.log(np.where(bands == 0, tiny, bands)) @ _dct_ii(bands.shape[1])[:13].T
     cepstra *= 1 + 11 * np.sin(np.pi * np.arange(13) / 22)
     cepstra[:, 0] = np.log(np.where(energy == 0, tiny, energy))
     return cepstra

@@ -13,8 +13,6 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.utils import load_image
-from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 
@@ -49,6 +47,9 @@ def reference_image(image: str | Path | Image.Image, size: tuple[int, int]) -> t
     upright) and converts to RGB; the centre crop to the target's aspect has integer sides
     (`aspect_crop_box`), then `VideoProcessor.preprocess` resizes with Lanczos and normalises.
     """
+    from diffusers.utils import load_image  # diffusers is half a second of every train.py's start
+    from diffusers.video_processor import VideoProcessor
+
     height, width = size
     image = load_image(str(image) if isinstance(image, Path) else image)
     image = image.crop(aspect_crop_box(image.width, image.height, height, width))

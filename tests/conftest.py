@@ -33,22 +33,23 @@ def golden_dir() -> Path:
     return GOLDEN_DIR
 
 
-# The files that take minutes, longest first (CPU suite, two xdist workers, 2026-12-07: 70-380 s
+# The files that take minutes, longest first (CPU suite, two xdist workers, 2026-12-07: 60-200 s
 # each). pyproject runs xdist with --no-loadscope-reorder, so the workers take whole files in this
 # collection order: the long ones start first and no long file is left running alone at the end.
 LONGEST_FIRST = (
     "test_dmd_toy.py",
     "test_slurm.py",
     "test_dmd_distributed.py",
-    "test_gpu.py",
-    "test_cli.py",
-    "test_dmd_toy_controls.py",
     "test_inference_cp.py",
+    "test_gpu.py",
     "test_optim_states.py",
     "test_quality_toy.py",
     "test_reliability_sharded.py",
+    "test_context_parallel.py",
     "test_lora_ddp.py",
     "test_reliability_runs.py",
+    "test_dmd_toy_controls.py",  # after test_dmd_toy.py has saved the teacher they share
+    "test_cli.py",
 )
 
 

@@ -4,10 +4,8 @@ names the file and says that it holds non-tensor objects."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -59,18 +57,9 @@ def test_our_checkpoints_hold_only_tensors_and_plain_values(real_ckpt):
     assert {"state_dict", "optimizer_states", "callbacks", "hyper_parameters", "MagiDataModule"} <= set(ckpt)
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def test_train_py_refuses_a_crafted_ckpt_path_and_a_planted_last(crafted, latent_shards, tmp_path):
+def test_train_py_refuses_a_crafted_ckpt_path_and_a_planted_last(crafted, latent_shards, tmp_path, script):
     path, marker = crafted
-    result = _run(
-        ["train.py", *tiny_run(latent_shards), f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'a'}"]
-    )
+    result = script("train.py", *tiny_run(latent_shards, f"ckpt_path={path}", f"hydra.run.dir={tmp_path}"))
     assert result.returncode != 0 and not marker.exists()
     assert f"{path} {REFUSED}" in result.stdout + result.stderr
 
@@ -78,7 +67,7 @@ def test_train_py_refuses_a_crafted_ckpt_path_and_a_planted_last(crafted, latent
     (run / "checkpoints").mkdir(parents=True)
     planted = run / "checkpoints" / "last.ckpt"
     planted.write_bytes(path.read_bytes())
-    result = _run(["train.py", *tiny_run(latent_shards), "ckpt_path=last", f"hydra.run.dir={run}"])
+    result = script("train.py", *tiny_run(latent_shards), "ckpt_path=last", f"hydra.run.dir={run}")
     assert result.returncode != 0 and not marker.exists()
     assert f"{planted} {REFUSED}" in result.stdout + result.stderr
 

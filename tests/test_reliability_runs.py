@@ -33,17 +33,23 @@ def _weights(ckpt) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resume_with_only_the_run_dir_equals_the_full_command_and_keeps_every_start(latent_shards, tmp_path):
+def test_resume_with_only_the_run_dir_equals_the_full_command_and_keeps_every_start(
+    latent_shards, tmp_path, script
+):
+    def train_py(args: list[str]) -> None:  # train.py's __main__, in this process
+        result = script("train.py", *args)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
     full = tiny_run(latent_shards, "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_steps=3")
     run, copy = tmp_path / "run", tmp_path / "copy"
-    _train_py([*full, f"hydra.run.dir={run}"])
+    train_py([*full, f"hydra.run.dir={run}"])
     (first,) = (run / "starts").iterdir()
     first_record = {p.name: p.read_text() for p in first.iterdir()}
     shutil.copytree(run, copy, symlinks=True)  # a copied (or moved) run directory resumes the same
 
     # one line: no recipe, model, data or trainer arguments
-    _train_py([f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_steps=6"])
-    _train_py([*full, f"hydra.run.dir={copy}", "ckpt_path=last", "trainer.max_steps=6"])
+    train_py([f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_steps=6"])
+    train_py([*full, f"hydra.run.dir={copy}", "ckpt_path=last", "trainer.max_steps=6"])
 
     for run_dir in (run, copy):
         assert checkpoint_meta(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6

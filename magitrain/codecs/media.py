@@ -3,6 +3,8 @@
 Frames are resized to *cover* the target and centre-cropped (never letterboxed or stretched),
 resampled to 25 fps by the frame nearest in presentation time, and written as H.264 (yuv420p) +
 AAC mp4 through PyAV. Reference images are prepared as the release prepares them (`reference_image`).
+Audio is decoded with PyAV and resampled with FFmpeg to mono (`read_audio`): the training data's
+tracks and the given audio of audio-driven generation.
 """
 
 import io

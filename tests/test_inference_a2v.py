@@ -181,9 +181,30 @@ def test_image_and_audio_to_video_follows_and_carries_the_given_audio(pipe, spee
     assert _correlation(decoded.audio[0].numpy(), want) < 0.9  # the random tiny VAE's round trip
 
 
-def test_seconds_trims_the_given_audio(pipe, speech):
-    wave, _, seconds = pipe.read_given(speech[0], None, 0.2)
+def _write_flac(path, stereo: torch.Tensor, rate: int) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("flac", rate=rate)
+        stream.layout = "stereo"
+        pcm = (stereo.T.reshape(1, -1).numpy() * 32767).astype(np.int16)  # interleaved s16
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+
+
+def test_audio_files_are_read_whole_or_cut_to_seconds(pipe, speech, tmp_path):
+    """wav, flac and AAC in an mp4 (m4a) container give the same 0.4 s: the channels' mix at
+    51.2 kHz; `seconds` cuts it. Catches a reader that takes one format, one channel or a wrong rate."""
+    path, stereo, rate = speech
+    wave, _, seconds = pipe.read_given(path, None, 0.2)
     assert wave.shape == (1, round(0.2 * 51200)) and seconds == pytest.approx(0.2)
+    _write_flac(tmp_path / "speech.flac", stereo, rate)
+    black = torch.zeros(2, 32, 64, 3, dtype=torch.uint8)
+    write_mp4(tmp_path / "speech.mp4", black, audio=stereo, sample_rate=rate)  # AAC, as in an m4a
+    want = AF.resample(stereo.mean(0), rate, 51200).numpy()
+    for file in (path, tmp_path / "speech.flac", tmp_path / "speech.mp4"):
+        wave, _, seconds = pipe.read_given(file, None, None)
+        assert seconds == pytest.approx(0.4, abs=0.05) and _correlation(wave[0].numpy(), want) > 0.99, file
 
 
 def test_video_to_audio_keeps_the_given_pictures(pipe, clip_30fps, tmp_path, caplog):

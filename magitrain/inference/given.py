@@ -46,9 +46,12 @@ def check_given(audio: str | None, video: str | None, image: str | None, sr: str
             raise UserError(f"{key}={path}: no such file")
 
 
-def read_audio_file(path: str | Path, rate: int, seconds: float | None = None, key: str = "audio") -> Tensor:
-    """[1, S] mono float at `rate`: the file's audio (any format FFmpeg reads), its first `seconds`."""
-    data = _read_bytes(path, key)
+def read_audio_file(path: str | Path, rate: int, seconds: float | None = None) -> Tensor:
+    """[1, S] mono float at `rate`: the file's audio (any format FFmpeg reads), its first `seconds`.
+
+    S spans the container's duration, the samples placed by their timestamps (an mp3's encoder
+    delay stays a delay; a file shorter than it claims ends in zeros)."""
+    data = _read_bytes(path)
     try:
         with av.open(io.BytesIO(data)) as container:
             duration = container.duration
@@ -59,19 +62,18 @@ def read_audio_file(path: str | Path, rate: int, seconds: float | None = None, k
             length = min(length, round(seconds * rate))
         wave, covered = read_audio(data, False, 0.0, length, rate)
     except (av.error.FFmpegError, ValueError) as err:
-        raise UserError(f"{key}={path}: not a readable audio file ({err})") from None
+        raise UserError(f"audio={path}: not a readable audio file ({err})") from None
     if covered < rate / LATENT_RATE:
         raise UserError(
-            f"{key}={path}: {covered / rate:.3f} s of audio, shorter than one latent frame "
+            f"audio={path}: {covered / rate:.3f} s of audio, shorter than one latent frame "
             f"({1 / LATENT_RATE} s)"
         )
-    wave = wave[:, :covered]
     if wave.abs().max() < SILENT_PEAK:
-        raise UserError(f"{key}={path} is silent: there is no sound to follow")
+        raise UserError(f"audio={path} is silent: there is no sound to follow")
     return wave
 
 
-def read_video_file(path: str | Path, seconds: float | None = None, key: str = "video") -> Tensor:
+def read_video_file(path: str | Path, seconds: float | None = None) -> Tensor:
     """[F, H, W, 3] uint8 at 25 fps, the source's size: its first `seconds * 25 + 1` frames when given
     (a clip of F frames lasts (F - 1) / 25 s, `ClipShape`'s rule). At least 2 frames."""
     limit = math.inf if seconds is None else seconds + 1 / FPS
@@ -88,16 +90,16 @@ def read_video_file(path: str | Path, seconds: float | None = None, key: str = "
                 pictures.append(frame.to_ndarray(format="rgb24"))
                 times.append(frame.time)
     except (av.error.FFmpegError, ValueError) as err:
-        raise UserError(f"{key}={path}: not a readable video file ({err})") from None
+        raise UserError(f"video={path}: not a readable video file ({err})") from None
     count = math.ceil((times[-1] - times[0] + 1 / rate) * FPS - 1e-6) if times else 0  # frames at 25 fps
     if seconds is not None:
         count = min(count, round(seconds * FPS) + 1)
     if count < 2:
         raise UserError(
-            f"{key}={path}: {len(times)} frame(s); video-to-audio needs a clip (image= takes one)"
+            f"video={path}: {len(times)} frame(s); video-to-audio needs a clip (image= takes one)"
         )
     if abs(rate - FPS) > 1e-3:
-        log.info("%s=%s is %.3g fps: resampled to %d fps (the frame nearest in time)", key, path, rate, FPS)
+        log.info("video=%s is %.3g fps: resampled to %d fps (the frame nearest in time)", path, rate, FPS)
     picked = nearest_frames(np.asarray(times) - times[0], np.arange(count) / FPS)
     return torch.from_numpy(np.stack(pictures)[picked])
 
@@ -118,8 +120,8 @@ def output_track(path: str | Path, seconds: float, rate: int, length: int) -> Te
     return torch.nn.functional.pad(wave, (0, length - wave.shape[-1])).expand(2, -1)
 
 
-def _read_bytes(path: str | Path, key: str) -> bytes:
+def _read_bytes(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as err:
-        raise UserError(f"{key}={path}: {err.strerror or err}") from None
+        raise UserError(f"audio={path}: {err.strerror or err}") from None

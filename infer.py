@@ -56,7 +56,7 @@ class InferConfig:
     image: str | None = arg(None, "reference image: image-to-video")
     audio: str | None = arg(None, "audio-driven video: this speech (wav/mp3/flac/m4a) kept clean, video made")
     video: str | None = arg(None, "video-to-audio: this clip's pictures kept clean, its audio made")
-    audio_out: str = arg("given", "audio='s mp4 track: given (its samples) | decoded (the VAE round trip)")
+    audio_out: str = arg("given", "mp4 track of audio=: given (its samples) | decoded (the VAE round trip)")
     seconds: float | None = arg(None, "clip length (default 5; with audio=, video=: theirs, cut to this)")
     resolution: str = arg("256p", "base stage size: 256p | 540p | 1080p | WIDTHxHEIGHT")
     sr: str = arg("none", "super-resolution target: none | 540p | 1080p | WIDTHxHEIGHT")

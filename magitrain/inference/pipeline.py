@@ -427,27 +427,31 @@ class MagiHumanPipeline:
         with timer("text"):
             guided = sampler == "base" or bool(sr and self.sampling.sr_cfg)
             text = self.encode_prompt(prompt, guidance=guided, negative_prompt=negative_prompt)
-        image_latents = None
-        if image is not None:
-            with timer("image"):
-                image_latents = (
-                    self.encode_image(image, clip),
-                    self.encode_image(image, sr_clip) if sr_clip else None,
-                )
-        clean_audio = clean_video = None
-        if given:
-            with timer("given"):
-                clean_audio, clean_video = self.encode_given(wave, frames, clip)
+        conditions = self._conditions(timer, clip, sr_clip, image, wave, frames)
         latents = self.sample(
-            text, clip, timer, steps=steps, sampler=sampler, seed=seed, sr_clip=sr_clip,
-            image_latents=image_latents, clean_video=clean_video, clean_audio=clean_audio,
-        )  # fmt: skip
+            text, clip, timer, steps=steps, sampler=sampler, seed=seed, sr_clip=sr_clip, **conditions
+        )
         meta = dict(prompt=prompt, seed=seed, seconds=seconds, steps=steps, sampler=sampler,
                     resolution=resolution, sr=sr, frames=clip.frames, device=str(self.device),
                     precision="bf16" if self.bf16 else "fp32", video_decoder=self.codecs.video_decoder_name,
                     offload=self.offload, cp=self.ranks.size, compile=self.compile)  # fmt: skip
         meta.update({k: str(path) for k, path in (("audio", audio), ("video", video)) if path is not None})
         return latents, timer, meta
+
+    def _conditions(self, timer: StageTimer, clip, sr_clip, image, wave, frames) -> dict:
+        """`sample`'s conditioning latents, each stage timed: the image's (base and SR sizes) and the
+        given media's clean ones."""
+        conditions = {}
+        if image is not None:
+            with timer("image"):
+                conditions["image_latents"] = (
+                    self.encode_image(image, clip),
+                    self.encode_image(image, sr_clip) if sr_clip else None,
+                )
+        if wave is not None or frames is not None:
+            with timer("given"):
+                conditions["clean_audio"], conditions["clean_video"] = self.encode_given(wave, frames, clip)
+        return conditions
 
     def read_given(
         self, audio: str | Path | None, video: str | Path | None, seconds: float | None

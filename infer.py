@@ -5,6 +5,7 @@ r"""Generate clips with sound, or benchmark the pipeline: `python infer.py key=v
         codecs.video_vae_path=/ckpt/wan22_vae codecs.audio_vae_path=/ckpt/sao_vae \
         codecs.text_encoder_path=/ckpt/t5gemma
     python infer.py ckpt=/ckpt/distill prompts=prompts.jsonl out=outputs/batch/clip.mp4 ...
+    python infer.py ckpt=/ckpt/distill prompt="..." audio=speech.wav image=face.jpg out=outputs/talk.mp4
     python infer.py benchmark=true model=magihuman_15b codecs=random compile=step out=outputs/bench.json
     torchrun --nproc-per-node 4 infer.py ckpt=... sr=1080p sr_ckpt=... cp=4 out=outputs/clip.mp4
 
@@ -49,9 +50,14 @@ def arg(default, doc: str, key: str | None = None):
 class InferConfig:
     ckpt: str | None = arg(None, "base (or distilled) network: released/exported folder, .safetensors, .ckpt")
     prompt: str | None = arg(None, "the text of one clip, verbatim (any characters)")
-    prompts: str | None = arg(None, "a file: one prompt per line, or .jsonl rows {prompt, seed, image, ...}")
+    prompts: str | None = arg(
+        None, "a file: one prompt per line, or .jsonl rows {prompt, seed, image, audio, video, ...}"
+    )
     image: str | None = arg(None, "reference image: image-to-video")
-    seconds: float = arg(5.0, "clip length")
+    audio: str | None = arg(None, "audio-driven video: this speech (wav/mp3/flac/m4a) kept clean, video made")
+    video: str | None = arg(None, "video-to-audio: this clip's pictures kept clean, its audio made")
+    audio_out: str = arg("given", "mp4 track of audio=: given (its samples) | decoded (the VAE round trip)")
+    seconds: float | None = arg(None, "clip length (default 5; with audio=, video=: theirs, cut to this)")
     resolution: str = arg("256p", "base stage size: 256p | 540p | 1080p | WIDTHxHEIGHT")
     sr: str = arg("none", "super-resolution target: none | 540p | 1080p | WIDTHxHEIGHT")
     sr_ckpt: str | None = arg(None, "the SR network's checkpoint (needed with sr=)")
@@ -268,8 +274,9 @@ def numbered(path: str, i: int, suffix: str) -> str:
 
 
 def jobs(cfg: InferConfig) -> list[dict]:
-    """(prompt, seed, image, negative_prompt, out, latents) of every clip to generate."""
-    base = {"seed": cfg.seed, "image": cfg.image, "negative_prompt": negative_prompt(cfg)}
+    """(prompt, seed, image, audio, video, negative_prompt, out, latents) of every clip to generate."""
+    base = {"seed": cfg.seed, "image": cfg.image, "audio": cfg.audio, "video": cfg.video}
+    base["negative_prompt"] = negative_prompt(cfg)
     if cfg.prompts is None:
         return [{**base, "prompt": cfg.prompt, "out": cfg.out, "latents": cfg.latents_out}]
     if cfg.prompt is not None:
@@ -362,7 +369,8 @@ def sampling_for(cfg: InferConfig) -> tuple[int, str]:
 
 def generate(cfg: InferConfig, device: torch.device, group) -> None:
     from magitrain.inference import MagiHumanPipeline, format_table, write_json
-    from magitrain.inference.pipeline import uses_bf16
+    from magitrain.inference.given import check_given
+    from magitrain.inference.pipeline import AUDIO_OUTS, uses_bf16
 
     if not cfg.ckpt or (cfg.prompt is None and cfg.prompts is None):
         raise UserError("infer.py needs ckpt=PATH and prompt=TEXT or prompts=FILE (or benchmark=true)")
@@ -370,6 +378,10 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
     todo = jobs(cfg)
     sr = optional(cfg.sr)
     check_output(cfg)
+    if cfg.audio_out not in AUDIO_OUTS:
+        raise UserError(f"audio_out={cfg.audio_out}: expected one of {', '.join(AUDIO_OUTS)}")
+    for job in todo:  # before any network loads
+        check_given(job["audio"], job["video"], job["image"], sr)
     if sr and not cfg.sr_ckpt:
         raise UserError(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
     if cfg.sr_lora and not sr:
@@ -395,8 +407,9 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
     for job in todo:
         result = pipe.generate(
             job["prompt"], seconds=cfg.seconds, resolution=cfg.resolution, sr=sr, steps=steps,
-            sampler=sampler, seed=job["seed"], image=job["image"], negative_prompt=job["negative_prompt"],
-            output_size=cfg.output_size, upsample_mode=cfg.upsample_mode, decode=cfg.decode,
+            sampler=sampler, seed=job["seed"], image=job["image"], audio=job["audio"], video=job["video"],
+            negative_prompt=job["negative_prompt"], output_size=cfg.output_size,
+            upsample_mode=cfg.upsample_mode, decode=cfg.decode, audio_out=cfg.audio_out,
         )  # fmt: skip
         if result is None:  # a CP rank other than 0: rank 0 writes
             continue
@@ -417,13 +430,13 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
 def benchmark(cfg: InferConfig, device: torch.device, group) -> None:
     from magitrain.inference import format_table, write_json
     from magitrain.inference.benchmark import run_benchmark
-    from magitrain.inference.pipeline import uses_bf16
+    from magitrain.inference.pipeline import DEFAULT_SECONDS, uses_bf16
 
     bf16 = uses_bf16(cfg.precision, device)
     codecs = build_codecs(cfg.codecs, cfg.codecs_fields, torch.bfloat16 if bf16 else torch.float32)
-    preset = cfg.model or "magihuman_15b"
+    preset, seconds = cfg.model or "magihuman_15b", cfg.seconds or DEFAULT_SECONDS
     rows = run_benchmark(
-        preset, tuple(cfg.bench_rows), seconds=cfg.seconds, resolution=cfg.resolution, codecs=codecs,
+        preset, tuple(cfg.bench_rows), seconds=seconds, resolution=cfg.resolution, codecs=codecs,
         device=device, precision=cfg.precision, compile=cfg.compile, text_tokens=cfg.text_tokens,
         repeats=cfg.bench_repeats, group=group,
     )  # fmt: skip
@@ -435,7 +448,7 @@ def benchmark(cfg: InferConfig, device: torch.device, group) -> None:
     )
     out = Path(cfg.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, rows, model=preset, seconds=cfg.seconds, compile=cfg.compile, cp=cfg.cp, machine=machine)
+    write_json(out, rows, model=preset, seconds=seconds, compile=cfg.compile, cp=cfg.cp, machine=machine)
     print(f"wrote {out}")
 
 

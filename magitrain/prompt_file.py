@@ -1,6 +1,7 @@
 """The prompts file of `infer.py prompts=FILE`, which `python -m magitrain.eval ... prompts=FILE`
 reads too (to pair each clip with its text): one prompt per non-empty line, or the JSON objects of
-a .jsonl, `{"prompt": ..., "seed", "image", "negative_prompt", "out", "speech", "language", "file"}`.
+a .jsonl, `{"prompt": ..., "seed", "image", "audio", "video", "negative_prompt", "out", "speech",
+"language", "file"}` (`audio`: audio-driven video from that file, `video`: video-to-audio).
 `speech`, `language` and `file` are the evaluation's (the words a clip should say, their language,
 the clip's file name); infer.py reads them and leaves them be. A bad row is a UserError naming the
 file, the line and the key.
@@ -21,6 +22,8 @@ ROW_KEYS = {
     "file": str,
     "seed": int,
     "image": str,
+    "audio": str,
+    "video": str,
     "negative_prompt": str,
     "out": str,
 }

@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
 
 from magitrain.checkpoint import save_official
 from magitrain.codecs import build_tiny_codecs
+from magitrain.data.synthetic import write_wav
 from magitrain.inference import ClipShape
 from magitrain.model import MagiHumanDiT, get_config, tiny
 from magitrain.parallel.context_parallel import slice_sizes, token_quantum
@@ -51,17 +53,27 @@ def _sequence_splits(resolution: str) -> tuple[int, int, int]:
     return (t * (h // 2) * (w // 2), clip.audio_tokens, int(length.max()))
 
 
-@pytest.mark.parametrize("sr", ["none", SR], ids=["base", "base+sr-local-attention"])
-def test_two_gloo_ranks_write_the_same_mp4_bytes_as_one_process(checkpoints, sr, tmp_path):
+@pytest.mark.parametrize(
+    "sr, given",
+    [("none", False), (SR, False), ("none", True)],
+    ids=["base", "base+sr-local-attention", "a2v"],
+)
+def test_two_gloo_ranks_write_the_same_mp4_bytes_as_one_process(checkpoints, sr, given, tmp_path):
+    """a2v: rank 0 encodes the given audio and broadcasts its latent; every rank holds it clean."""
     # Both ranks hold tokens of every forward, slices cut through a modality (RoPE slice, routing).
     for resolution in (SIZE, SR) if sr != "none" else (SIZE,):
         splits = _sequence_splits(resolution)
         sizes = slice_sizes(splits, 2, token_quantum(tiny()))
         assert min(sizes) > 0 and sizes[0] not in (0, splits[0], splits[0] + splits[1], sum(splits)), sizes
 
-    one = _infer(tmp_path / "one.mp4", checkpoints, f"sr={sr}")
+    extra = [f"sr={sr}"]
+    if given:  # a 0.32 s chirp: the clip keeps its 9 frames
+        t = np.arange(5120) / 16000
+        write_wav(tmp_path / "chirp.wav", (0.5 * np.sin(2 * np.pi * (200 + 2000 * t) * t))[None], 16000)
+        extra.append(f"audio={tmp_path / 'chirp.wav'}")
+    one = _infer(tmp_path / "one.mp4", checkpoints, *extra)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _infer(tmp_path / "two.mp4", checkpoints, f"sr={sr}", "cp=2", ranks=2)
+    two = _infer(tmp_path / "two.mp4", checkpoints, *extra, "cp=2", ranks=2)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
 
     assert (tmp_path / "two.mp4").read_bytes() == (tmp_path / "one.mp4").read_bytes()

@@ -3,8 +3,11 @@
 Frames are resized to *cover* the target and centre-cropped (never letterboxed or stretched),
 resampled to 25 fps by the frame nearest in presentation time, and written as H.264 (yuv420p) +
 AAC mp4 through PyAV. Reference images are prepared as the release prepares them (`reference_image`).
+Audio is decoded with PyAV and resampled with FFmpeg to mono (`read_audio`): the training data's
+tracks and the given audio of audio-driven generation.
 """
 
+import io
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -161,3 +164,39 @@ def _mux_audio(container, stream, audio: torch.Tensor, sample_rate: int) -> None
         frame.sample_rate, frame.pts = sample_rate, start
         container.mux(stream.encode(frame))
     container.mux(stream.encode())
+
+
+def read_audio(data: bytes, in_video: bool, start: float, length: int, rate: int) -> tuple[torch.Tensor, int]:
+    """Decode with PyAV and resample with FFmpeg (libswresample) to mono at `rate`; place the samples
+    by their timestamps: ([1, length] float, samples of it the track covered). The time origin is
+    the video stream's first frame when the audio is the mp4's own track (so a track that starts
+    late, by its start offset or edit list, lands where it plays), else the file's start."""
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        origin = 0.0
+        if in_video and container.streams.video:
+            video = container.streams.video[0]
+            origin = float(video.start_time * video.time_base) if video.start_time is not None else 0.0
+        begin, end = origin + start, origin + start + length / rate
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks, first_time = [], None
+        for frame in container.decode(stream):
+            if frame.time is None or frame.time + frame.samples / frame.sample_rate < begin - 0.05:
+                continue  # wholly before the window (the margin feeds the resampler's filter)
+            if frame.time > end + 0.05:
+                break
+            if first_time is None:
+                first_time = frame.time
+            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+        if first_time is None:
+            return torch.zeros(1, length), 0
+        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+    decoded = torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0)
+    offset = round((begin - first_time) * rate)  # window start in the decoded samples
+    lo, hi = max(0, -offset), max(0, min(length, decoded.shape[0] - offset))
+    wave = torch.zeros(1, length)
+    if hi > lo:
+        wave[0, lo:hi] = decoded[offset + lo : offset + hi]
+    return wave, max(0, hi - lo)

@@ -18,14 +18,13 @@ import math
 import random
 from dataclasses import dataclass
 
-import av
 import decord
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from magitrain.codecs.media import nearest_frames, reference_image, resize_cover_crop
+from magitrain.codecs.media import nearest_frames, read_audio, reference_image, resize_cover_crop
 from magitrain.data.buckets import AUDIO_CHANNELS, FPS, VAE_TIME_STRIDE, VIDEO_CHANNELS, Bucket
 from magitrain.data.index import AUDIO_EXTS, is_prompt_payload
 from magitrain.data.span import AVPolicy, Unplanned, clip_span
@@ -225,42 +224,6 @@ def decode_audio(sample: dict, row: dict, start: float, length: int, rate: int) 
             "too_short", f"audio covers {covered} samples of the {round(promised)} the index promised"
         )
     return wave, length - covered > step
-
-
-def read_audio(data: bytes, in_video: bool, start: float, length: int, rate: int) -> tuple[torch.Tensor, int]:
-    """Decode with PyAV and resample with FFmpeg (libswresample) to mono at `rate`; place the samples
-    by their timestamps: ([1, length] float, samples of it the track covered). The time origin is
-    the video stream's first frame when the audio is the mp4's own track (so a track that starts
-    late, by its start offset or edit list, lands where it plays), else the file's start."""
-    with av.open(io.BytesIO(data)) as container:
-        if not container.streams.audio:
-            raise ValueError("no audio stream")
-        stream = container.streams.audio[0]
-        origin = 0.0
-        if in_video and container.streams.video:
-            video = container.streams.video[0]
-            origin = float(video.start_time * video.time_base) if video.start_time is not None else 0.0
-        begin, end = origin + start, origin + start + length / rate
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        chunks, first_time = [], None
-        for frame in container.decode(stream):
-            if frame.time is None or frame.time + frame.samples / frame.sample_rate < begin - 0.05:
-                continue  # wholly before the window (the margin feeds the resampler's filter)
-            if frame.time > end + 0.05:
-                break
-            if first_time is None:
-                first_time = frame.time
-            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
-        if first_time is None:
-            return torch.zeros(1, length), 0
-        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
-    decoded = torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0)
-    offset = round((begin - first_time) * rate)  # window start in the decoded samples
-    lo, hi = max(0, -offset), max(0, min(length, decoded.shape[0] - offset))
-    wave = torch.zeros(1, length)
-    if hi > lo:
-        wave[0, lo:hi] = decoded[offset + lo : offset + hi]
-    return wave, max(0, hi - lo)
 
 
 LATENT_KEYS = ("video_latent", "audio_latent", "text_emb")

@@ -2,7 +2,7 @@
 and the training-side interpolant, noise-level sampling and velocity loss."""
 
 from .base import sample_base
-from .conditioning import condition_on_image
+from .conditioning import condition_on_image, hold_clean
 from .distill import distill_step, sample_distilled
 from .guidance import Guidance, cfg, sr_guidance_scales
 from .noise import gaussian, initial_latents
@@ -40,6 +40,7 @@ __all__ = [
     "first_frame_mask",
     "flow_grid",
     "gaussian",
+    "hold_clean",
     "initial_latents",
     "interpolate",
     "sample_base",

@@ -1,4 +1,6 @@
-"""Image-to-video conditioning: the reference image's latent replaces latent frame 0."""
+"""Conditioning on given latents: the reference image's latent replaces latent frame 0
+(image-to-video), a given clean modality replaces the sampler's latent of it (audio-driven video,
+video-to-audio)."""
 
 from __future__ import annotations
 
@@ -18,3 +20,17 @@ def condition_on_image(video: Tensor, image_latent: Tensor | None) -> Tensor:
     video = video.clone()
     video[:, :, :1] = image_latent.to(video.dtype)
     return video
+
+
+def hold_clean(latent: Tensor, clean: Tensor | None) -> Tensor:
+    """`clean` in place of a modality's latent when that modality is given (None: `latent`).
+
+    The samplers apply it to the starting noise and after every update, so the model sees the given
+    latent itself, bit for bit, at every step (the model is timestep-free: a clean input is the
+    whole condition), and it is what they return for that modality.
+    """
+    if clean is None:
+        return latent
+    if clean.shape != latent.shape:
+        raise ValueError(f"the clean latent must be {tuple(latent.shape)}, got {tuple(clean.shape)}")
+    return clean.to(latent.device)

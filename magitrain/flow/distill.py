@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .conditioning import condition_on_image
+from .conditioning import condition_on_image, hold_clean
 from .noise import gaussian
 from .schedules import DEFAULT_SHIFT, flow_grid
 from .velocity import VelocityFn
@@ -52,21 +52,29 @@ def sample_distilled(
     steps: int = 8,
     shift: float = DEFAULT_SHIFT,
     image_latent: Tensor | None = None,
+    clean_video: Tensor | None = None,
+    clean_audio: Tensor | None = None,
     step_fn=None,
 ) -> tuple[Tensor, Tensor]:
     """Run the n-step distilled sampler from noise (video [B,48,T,H,W], audio [B,N,64]) to clean latents.
 
     No guidance. Every step draws fresh noise, video before audio (the last step too, whose
     noise is multiplied by 0), so a seeded generator reproduces the released run.
+    A given clean latent (`clean_audio`: audio-driven video, `clean_video`: video-to-audio) stands
+    in for its modality at every step and is returned as is (`hold_clean`). The release's distilled
+    path steps the audio even in a2v; we keep it fixed, as its UniPC path does (docs/inference.md).
+    Its noise is still drawn, so the other modality's draws are those of an unconditioned run.
     `step_fn(video, audio, text, text_len, sigma, sigma_next, noise_video, noise_audio,
     image_latent)` replaces `distilled_step` over `velocity_fn` (e.g. a compiled one).
     """
     step_fn = step_fn or functools.partial(distilled_step, velocity_fn)
     _, sigmas = flow_grid(steps, shift)
     sigmas = sigmas.to(video.device)  # device scalars: a compiled step does not specialise on them
+    video, audio = hold_clean(video, clean_video), hold_clean(audio, clean_audio)
     for i in range(steps):
         noise_video = gaussian(video.shape, generator, video.device)
         noise_audio = gaussian(audio.shape, generator, audio.device)
         args = (sigmas[i], sigmas[i + 1], noise_video, noise_audio, image_latent)
         video, audio = step_fn(video, audio, text, text_len, *args)
+        video, audio = hold_clean(video, clean_video), hold_clean(audio, clean_audio)
     return condition_on_image(video, image_latent), audio

@@ -64,12 +64,12 @@ def sample_super_resolution(
 
     `velocity_fn` is the SR model with its text coordinates (v1). The audio input
     `0.7 eps + 0.3 audio` is held fixed and the SR model's audio output is discarded: the
-    base-stage audio is the final audio. Noise draws: video re-noise, then audio. `image_latent`
-    is the reference image encoded at the SR resolution. No guidance (the release's shipped
-    configs), unless `guidance_scale` (per latent frame, `sr_guidance_scales`) is given: then CFG
-    against the negative prompt, as the release's `sr_cfg_number=2`. `step_fn` replaces
-    `conditioned_velocity` (`guided_velocity` with guidance) over `velocity_fn` (e.g. a compiled
-    one); UniPC updates stay outside.
+    base-stage audio (in audio-driven video the given one, as released) is the final audio. Noise
+    draws: video re-noise, then audio. `image_latent` is the reference image encoded at the SR
+    resolution. No guidance (the release's shipped configs), unless `guidance_scale` (per latent
+    frame, `sr_guidance_scales`) is given: then CFG against the negative prompt, as the release's
+    `sr_cfg_number=2`. `step_fn` replaces `conditioned_velocity` (`guided_velocity` with guidance)
+    over `velocity_fn` (e.g. a compiled one); UniPC updates stay outside.
     """
     guided = guidance_scale is not None
     if guided and negative_text is None:

@@ -1,8 +1,9 @@
 """The MagiHuman generation pipeline: prompt (+ image) -> latents -> an mp4 with sound.
 
 Stages, each timed with device synchronisation (Table 2 columns in `timing.py`):
-text (+ negative prompt for CFG) -> image latent (image-to-video) -> base (8-step distilled, or
-32-step UniPC with CFG) -> SR (optional: upsampled latent refined by the SR model) -> decode
+text (+ negative prompt for CFG) -> image latent (image-to-video) -> the given audio's or video's
+latent (audio-driven video, video-to-audio: kept clean by the samplers) -> base (8-step distilled,
+or 32-step UniPC with CFG) -> SR (optional: upsampled latent refined by the SR model) -> decode
 (the codecs' video decoder, Wan2.2 or Turbo-VAED, + audio VAE). `offload` chooses which weights
 stay on the device between their stages (`residency.py`). `Generation.save` muxes the mp4
 (H.264 + AAC, 25 fps) and writes the timings as JSON next to it. `infer.py`, the validation
@@ -41,6 +42,7 @@ from magitrain.flow import (
 from magitrain.model import MagiHumanDiT
 
 from .distributed import Ranks
+from .given import check_given, clip_frames, output_track, read_audio_file, read_video_file
 from .residency import StageResidency
 from .shapes import FPS, ClipShape, parse_output_size
 from .steps import build_steps
@@ -49,6 +51,8 @@ from .timing import StageTimer, format_table, write_json
 SAMPLERS = ("distilled", "base")
 DEFAULT_SAMPLER = {8: "distilled", 32: "base"}  # the released distilled and base step counts
 PRECISIONS = ("auto", "bf16", "fp32")
+AUDIO_OUTS = ("given", "decoded")  # audio-driven video's track: the given samples, or the VAE round trip
+DEFAULT_SECONDS = 5.0
 OFFLOADS = ("none", "codecs", "stages")
 
 
@@ -168,6 +172,7 @@ class MagiHumanPipeline:
         stages = {
             "text": [codecs.text.model],
             "image": [codecs.video],
+            "given": [codecs.video, codecs.audio],
             "decode": [codecs.video_decoder, codecs.audio],
         }
         if not writer:
@@ -227,6 +232,24 @@ class MagiHumanPipeline:
                 latent = self.codecs.video.encode_image(pixels.unsqueeze(0).to(self.device)).to(self.device)
         return self.ranks.broadcast([latent], self.device)[0]
 
+    def encode_given(
+        self, audio: Tensor | None, frames: Tensor | None, clip: ClipShape
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The clean latents of the given media: (audio [1, N, 64] of a mono waveform [1, S] at the
+        audio codec's rate, N = the clip's frames; video [1, 48, T, h, w] of uint8 frames [F, H, W, 3]
+        at 25 fps, `clip_frames`). None where not given; under CP rank 0's, on every rank."""
+        latents = [None, None]
+        if self.ranks.writer:
+            with self._stage("given"):
+                if audio is not None:
+                    codec = self.codecs.audio
+                    latent = codec.encode(audio[None], codec.model_rate, num_frames=clip.frames)
+                    latents[0] = latent.to(self.device)
+                if frames is not None:
+                    pixels = clip_frames(frames, clip).permute(3, 0, 1, 2).float() / 127.5 - 1
+                    latents[1] = self.codecs.video.encode(pixels[None].to(self.device)).to(self.device)
+        return self.ranks.broadcast(latents, self.device)
+
     def sample(
         self,
         text: TextInputs,
@@ -238,8 +261,14 @@ class MagiHumanPipeline:
         seed: int = 0,
         sr_clip: ClipShape | None = None,
         image_latents: tuple[Tensor, Tensor | None] | None = None,
+        clean_video: Tensor | None = None,
+        clean_audio: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Base stage, then the SR stage when `sr_clip` is given: (video latent, audio latent)."""
+        """Base stage, then the SR stage when `sr_clip` is given: (video latent, audio latent).
+        A clean latent (audio-driven video: `clean_audio`; video-to-audio: `clean_video`) is held
+        fixed by the samplers; the SR stage gets the base stage's audio, so the given one in a2v."""
+        if clean_video is not None and sr_clip is not None:
+            raise ValueError("a given video (clean_video) has nothing for an SR stage to refine")
         generator = torch.Generator(self.generator_device).manual_seed(seed)
         base_image, sr_image = image_latents or (None, None)
         text = trim_text(text)
@@ -252,14 +281,14 @@ class MagiHumanPipeline:
             if sampler == "distilled":
                 video, audio = sample_distilled(
                     self.model, video, audio, text.emb, text.length,
-                    generator=generator, steps=steps, image_latent=base_image,
-                    step_fn=self.steps.get("distilled"),
+                    generator=generator, steps=steps, image_latent=base_image, clean_video=clean_video,
+                    clean_audio=clean_audio, step_fn=self.steps.get("distilled"),
                 )  # fmt: skip
             else:
                 video, audio = sample_base(
                     self.model, video, audio, text.emb, text.length, text.negative, text.negative_length,
                     steps=steps, guidance=self.sampling.guidance, image_latent=base_image,
-                    step_fn=self.steps.get("base"),
+                    clean_video=clean_video, clean_audio=clean_audio, step_fn=self.steps.get("base"),
                 )  # fmt: skip
         if sr_clip is None:
             return video, audio
@@ -317,16 +346,22 @@ class MagiHumanPipeline:
         output_size: str | None = None,
         upsample_mode: str = "bilinear",
         decode: bool = True,
+        audio_out: str = "given",
         **options,
     ) -> Generation | None:
         """One clip for `prompt`: `generate_latents(prompt, **options)`, then the decode stage
         (`decode=False`: none, the clip holds its latents only).
         `output_size` ('WxH') resizes the decoded frames with `upsample_mode` (bilinear | nearest |
         bicubic), as the release's `--output_width/--output_height/--upsample_mode`.
+        Audio-driven video (`audio=`) carries the given audio (`audio_out="given"`: its samples at
+        the output rate; "decoded": the audio VAE's round trip, as released); video-to-audio
+        (`video=`) the given pictures.
         Under CP: rank 0's clip, whose timings hold every rank's peak memory; None on the others."""
         size = parse_output_size(output_size) if output_size is not None else None
         if upsample_mode not in UPSAMPLE_MODES:  # before the stages, not after them
             raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}")
+        if audio_out not in AUDIO_OUTS:
+            raise ValueError(f"audio_out must be one of {AUDIO_OUTS}, got {audio_out!r}")
         latents, timer, meta = self.generate_latents(prompt, plan_decode=decode, **options)
         decoded = self.decode(*latents, timer) if decode else (None,) * 4
         row = timer.row(meta["sr"] or meta["resolution"])
@@ -337,6 +372,12 @@ class MagiHumanPipeline:
         video, audio, rate, frames = decoded
         if not decode:
             return Generation(None, None, None, None, row, meta, latents=latents)
+        if meta.get("audio") and audio_out == "given":  # read again at the output rate: one resampling
+            audio = output_track(meta["audio"], meta["seconds"], rate, audio.shape[-1])
+            meta.update(audio_out=audio_out)
+        if meta.get("video"):
+            clip = ClipShape.of(meta["seconds"], meta["resolution"])
+            frames = clip_frames(read_video_file(meta["video"], meta["seconds"]), clip)
         if size is not None:  # after the timed stages, as released
             frames = upsample_frames(frames, size[::-1], upsample_mode)
             meta.update(output_size=output_size, upsample_mode=upsample_mode)
@@ -346,29 +387,38 @@ class MagiHumanPipeline:
         self,
         prompt: str,
         *,
-        seconds: float = 5.0,
+        seconds: float | None = None,
         resolution: str = "256p",
         sr: str | None = None,
         steps: int = 8,
         sampler: str | None = None,
         seed: int = 0,
         image: str | Path | Tensor | None = None,
+        audio: str | Path | None = None,
+        video: str | Path | None = None,
         negative_prompt: str | None = None,
         plan_decode: bool = True,
     ) -> tuple[tuple[Tensor, Tensor], StageTimer, dict]:
-        """Text, image, base and SR stages: ((video latent, audio latent), their timer, the settings).
+        """Text, image, given media, base and SR stages: ((video latent, audio latent), their timer,
+        the settings).
 
         `sr` ('540p', '1080p' or WxH) adds the SR stage, and the base stage takes its orientation
-        (`ClipShape.stages`); `sampler` defaults to the one of `steps`. `plan_decode=False`: no decode
-        stage follows (offloading prefetches nothing for it).
+        (`ClipShape.stages`); `sampler` defaults to the one of `steps`. `audio` (a file: audio-driven
+        video) or `video` (video-to-audio) is kept clean and sets the clip's length, which `seconds`
+        trims (default without them: 5 s); the returned latent of that modality is its clean one.
+        `plan_decode=False`: no decode stage follows (offloading prefetches nothing for it).
         """
         sampler = sampler or DEFAULT_SAMPLER.get(steps)
         if sampler not in SAMPLERS:
             raise ValueError(f"steps={steps} has no default sampler: pass sampler= one of {SAMPLERS}")
+        check_given(audio, video, image, sr)
+        wave, frames, seconds = self.read_given(audio, video, seconds)
         clip, sr_clip = ClipShape.stages(seconds, resolution, sr)
+        given = wave is not None or frames is not None
         self._plan = [
             "text",
             *(["image"] if image is not None else []),
+            *(["given"] if given else []),
             "base",
             *(["sr"] if sr else []),
             *(["decode"] if plan_decode else []),
@@ -377,22 +427,45 @@ class MagiHumanPipeline:
         with timer("text"):
             guided = sampler == "base" or bool(sr and self.sampling.sr_cfg)
             text = self.encode_prompt(prompt, guidance=guided, negative_prompt=negative_prompt)
-        image_latents = None
-        if image is not None:
-            with timer("image"):
-                image_latents = (
-                    self.encode_image(image, clip),
-                    self.encode_image(image, sr_clip) if sr_clip else None,
-                )
+        conditions = self._conditions(timer, clip, sr_clip, image, wave, frames)
         latents = self.sample(
-            text, clip, timer, steps=steps, sampler=sampler, seed=seed, sr_clip=sr_clip,
-            image_latents=image_latents,
-        )  # fmt: skip
+            text, clip, timer, steps=steps, sampler=sampler, seed=seed, sr_clip=sr_clip, **conditions
+        )
         meta = dict(prompt=prompt, seed=seed, seconds=seconds, steps=steps, sampler=sampler,
                     resolution=resolution, sr=sr, frames=clip.frames, device=str(self.device),
                     precision="bf16" if self.bf16 else "fp32", video_decoder=self.codecs.video_decoder_name,
                     offload=self.offload, cp=self.ranks.size, compile=self.compile)  # fmt: skip
+        meta.update({k: str(path) for k, path in (("audio", audio), ("video", video)) if path is not None})
         return latents, timer, meta
+
+    def _conditions(self, timer: StageTimer, clip, sr_clip, image, wave, frames) -> dict:
+        """`sample`'s conditioning latents, each stage timed: the image's (base and SR sizes) and the
+        given media's clean ones."""
+        conditions = {}
+        if image is not None:
+            with timer("image"):
+                conditions["image_latents"] = (
+                    self.encode_image(image, clip),
+                    self.encode_image(image, sr_clip) if sr_clip else None,
+                )
+        if wave is not None or frames is not None:
+            with timer("given"):
+                conditions["clean_audio"], conditions["clean_video"] = self.encode_given(wave, frames, clip)
+        return conditions
+
+    def read_given(
+        self, audio: str | Path | None, video: str | Path | None, seconds: float | None
+    ) -> tuple[Tensor | None, Tensor | None, float]:
+        """(mono waveform [1, S] at the audio codec's rate, frames [F, H, W, 3] at 25 fps, the clip's
+        seconds) of the given file, cut to `seconds`; neither given: (None, None, `seconds` or 5)."""
+        if audio is not None:
+            rate = self.codecs.audio.model_rate
+            wave = read_audio_file(audio, rate, seconds)
+            return wave, None, wave.shape[-1] / rate
+        if video is not None:
+            frames = read_video_file(video, seconds)
+            return None, frames, (frames.shape[0] - 1) / FPS
+        return None, None, DEFAULT_SECONDS if seconds is None else seconds
 
 
 def trim_text(text: TextInputs) -> TextInputs:

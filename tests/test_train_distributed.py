@@ -1,7 +1,7 @@
 """Real multi-process training on CPU (gloo): DDP and FSDP2 match one process on the same global batch.
 
-Each run is `python train.py ...` in a subprocess, as a user launches it; Lightning starts the
-second rank itself. The same 4 samples form the global batch: one process takes them as one
+Each distributed run is `python train.py ...` in a subprocess, as a user launches it; Lightning
+starts the second rank itself (the one-process reference runs in the test's process). The same 4 samples form the global batch: one process takes them as one
 batch of 4, two ranks as two batches of 2. Noise is drawn per sample key, so the losses and the
 updated weights must agree.
 """
@@ -14,12 +14,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, compose_train
 from test_train_base import step_losses
 from torch.distributed.checkpoint import FileSystemReader
 
 from magitrain.checkpoint import save_official
 from magitrain.checkpoint.export import network_state, read_dcp_networks, read_training_checkpoint
+from magitrain.launch import train
 from magitrain.model import MagiHumanDiT, tiny
 
 pytestmark = pytest.mark.slow
@@ -39,9 +40,7 @@ def four_samples(tmp_path_factory):
 def run_train(
     out_dir, shards, devices: int, strategy: str, batch_size: int, extra: tuple[str, ...] = ()
 ) -> None:
-    cmd = [
-        sys.executable,
-        "train.py",
+    overrides = [
         "model=tiny",
         "trainer=cpu",
         f"trainer.devices={devices}",
@@ -56,9 +55,12 @@ def run_train(
         "data.shuffle=false",
         f"data.buckets=[{{height: 64, width: 96, frames: 9, batch_size: {batch_size}}}]",
         f"init={shards}/init",
-        f"hydra.run.dir={out_dir}",
         *extra,
     ]
+    if devices == 1:  # the reference run, in this process (a process of its own costs its imports)
+        train(compose_train(overrides, out_dir))
+        return
+    cmd = [sys.executable, "train.py", *overrides, f"hydra.run.dir={out_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -131,13 +131,13 @@ def test_with_every_option_zero_the_draws_and_model_inputs_are_the_unconditioned
 
 
 def test_clips_without_audio_are_never_conditioned():
-    mute = torch.tensor([True, False, True, False])
+    has_audio = torch.tensor([True, False, True, False])
     u = torch.tensor([0.1, 0.1, 0.7, 0.7])
-    a2v, v2a = Conditioning(p_a2v=0.5, p_v2a=0.5).draw(u, mute)
+    a2v, v2a = Conditioning(p_a2v=0.5, p_v2a=0.5).draw(u, has_audio)
     assert a2v.tolist() == [True, False, False, False] and v2a.tolist() == [False, False, True, False]
     module = _module(conditioning=Conditioning(p_a2v=1.0))
-    _, out = _run(module, _batch() | {"audio_mask": mute})
-    assert out["a2v"].tolist() == mute.tolist()
+    _, out = _run(module, _batch() | {"audio_mask": has_audio})
+    assert out["a2v"].tolist() == has_audio.tolist()
     with pytest.raises(ValueError, match="p_a2v \\+ p_v2a <= 1"):
         Conditioning(p_a2v=0.6, p_v2a=0.6)
 

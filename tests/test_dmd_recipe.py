@@ -678,9 +678,7 @@ def test_a_real_step_weighs_the_critic_loss_of_image_conditioned_samples(
     with torch.no_grad():
         x0 = again._simulate(ctx, phase=0)
     s, eps = again._score_draw(ctx)
-    v = again._velocity(again.critic, ctx)(
-        core._noised(x0, s, eps), s
-    )
+    v = again._velocity(again.critic, ctx)(core._noised(x0, s, eps), s)
     video = velocity_mse(v["video"], eps["video"] - x0["video"], mask).mean()
     (video + velocity_mse(v["audio"], eps["audio"] - x0["audio"]).mean()).backward()
     for name, p in again.critic.named_parameters():

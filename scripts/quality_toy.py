@@ -23,6 +23,18 @@ untrained network (its class_accuracy at least half-way from the untrained's to 
 "audio"}} (to the prompt's prototypes), "goals": {GOAL: met}, "timings": {...}, "command": ...}; the
 exit status is 1 when a goal is missed. Subprocesses run with one torch thread unless OMP_NUM_THREADS
 says otherwise. Figures: docs/benchmarks.md, "A/V quality toy".
+
+    python scripts/quality_toy.py --a2v [--classes K] [--seed S] [--a2v-steps N] [--json out.json]
+
+Audio-driven video (issue 24): the same toy with ONE prompt for every class, so only the audio says
+which class a clip is. `train.py recipe=base_pretrain module.flow.conditioning.p_a2v=P` trains each
+row below (exported `--ema`); each generates video for held-out clean audio latents (class_sample
+of the audio prototypes, a stream of their own from S + 10000), the audio held fixed at every step
+of an in-script Euler sampler over the released 32-step grid without CFG (`sample_a2v`: infer.py
+cannot take audio yet). a2v_accuracy: the share of videos whose nearest video prototype is the given
+audio's class (chance 1/K). Rows: untrained; joint (p_a2v = 0: the usual joint training, driven by
+clean audio only at sampling); a2v (p_a2v = 1); a2v_unpaired (p_a2v = 1 on a toy whose audio is of a
+random class: the negative control). Goals: a2v >= 0.9; a2v_unpaired below 0.5 + 1/(2K).
 """
 
 from __future__ import annotations
@@ -67,17 +79,20 @@ def command(args: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def write_toy(work: Path, classes: int, seed: int) -> tuple[list[str], dict]:
-    """The toy's shards in work/data (with the codecs of `codecs=tiny`); its prompts and prototypes."""
+def tiny_text_encoder():
+    """The text encoder of `codecs=tiny` (what train.py and infer.py use here)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from magitrain.data.synthetic import class_prompts, make_class_latent_dataset
+    return instantiate(OmegaConf.load(REPO / "conf" / "codecs" / "tiny.yaml")).text
 
-    codecs = instantiate(OmegaConf.load(REPO / "conf" / "codecs" / "tiny.yaml"))
-    prompts = class_prompts(classes)
-    protos = make_class_latent_dataset(work / "data", prompts, codecs.text, latent_shape=LATENT, seed=seed)
-    return prompts, protos
+
+def write_toy(work: Path, prompts: list[str], seed: int, data: str = "data", **options) -> dict:
+    """The toy's shards in work/DATA (`make_class_latent_dataset` OPTIONS); its prototypes."""
+    from magitrain.data.synthetic import make_class_latent_dataset
+
+    encoder = tiny_text_encoder()
+    return make_class_latent_dataset(work / data, prompts, encoder, latent_shape=LATENT, seed=seed, **options)
 
 
 def write_untrained(work: Path, seed: int) -> Path:
@@ -132,11 +147,13 @@ def run(work: Path, classes: int, seed: int, base: list[str], dmd: list[str] | N
         rows: tuple[str, ...] = tuple(ROWS), train_py: list[str] | None = None) -> dict:  # fmt: skip
     """The toy, the networks the `rows` need, and the rows' scores. `train_py`: the command that
     runs train.py (a test runs a broken loss through it)."""
+    from magitrain.data.synthetic import class_prompts
     from magitrain.data.toy_scores import class_scores, projections, sw_distance
 
     train_py = train_py or [sys.executable, str(REPO / "train.py")]
     start = time.perf_counter()
-    prompts, protos = write_toy(work, classes, seed)
+    prompts = class_prompts(classes)
+    protos = write_toy(work, prompts, seed)
     common = ["experiment=cpu_demo", f"data.shards={work}/data/*.tar", f"seed={seed}"]
     needed = {ROWS[row][0] for row in rows}
     networks, timings = {"untrained": write_untrained(work, seed)}, {}
@@ -165,6 +182,76 @@ def run(work: Path, classes: int, seed: int, base: list[str], dmd: list[str] | N
     return {"rows": scores, "rms_distance": distances, "goals": goals(scores), "timings": timings}
 
 
+# ----- audio-driven video: one prompt for every class, the class in the audio ---------------------
+A2V_PROMPT = "A shape makes a sound"
+A2V_ROWS = {"joint": (0.0, True), "a2v": (1.0, True), "a2v_unpaired": (1.0, False)}  # (p_a2v, paired)
+A2V_STEPS = 300
+
+
+def sample_a2v(network, audio, text, steps: int = 32):
+    """Video latents [B, 48, *LATENT] generated for the clean audio latents `audio` [B, N, 64],
+    which enter every step unchanged: Euler steps of the velocity over `flow_grid(steps)` (the
+    released grid, shift 5) from seeded noise, no CFG; `text` [1, L, C] is every sample's prompt."""
+    from magitrain.flow import flow_grid
+
+    B = audio.shape[0]
+    video = torch.randn(B, 48, *LATENT, generator=torch.Generator().manual_seed(1000))
+    sigmas = flow_grid(steps)[1].tolist()
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            v_video, _ = network(video, audio, text.expand(B, -1, -1))
+            video = video + (s_next - s) * v_video
+    return video
+
+
+def a2v_accuracy(video, labels, protos: dict) -> float:
+    """The share of generated videos whose nearest video prototype is their audio's class."""
+    from magitrain.data.toy_scores import nearest
+
+    return (nearest(protos["video"], video)[0] == labels).float().mean().item()
+
+
+def held_out_audio(protos: dict, classes: int, eval_seeds: int, seed: int):
+    """(labels, audio latents): `eval_seeds` fresh audio samples per class, from S + 10000."""
+    from magitrain.data.synthetic import class_sample
+
+    labels = torch.arange(classes).repeat_interleave(eval_seeds)
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    return labels, torch.stack([class_sample(protos, int(c), SPREAD, gen)["audio"] for c in labels])
+
+
+def run_a2v(work: Path, classes: int, seed: int, steps: int, eval_seeds: int) -> dict:
+    """The one-prompt toy (paired and unpaired), a base run per A2V_ROWS row, and every row's score."""
+    from magitrain.checkpoint import load_official
+    from magitrain.model import MagiHumanDiT, get_config
+
+    start, prompts = time.perf_counter(), [A2V_PROMPT] * classes
+    protos = write_toy(work, prompts, seed)
+    write_toy(work, prompts, seed, data="data_unpaired", pair_audio=False)
+    text = tiny_text_encoder().encode([A2V_PROMPT])[0].bfloat16().float()  # (stored bf16 in the shards)
+    labels, audio = held_out_audio(protos, classes, eval_seeds, seed)
+    networks, timings = {"untrained": write_untrained(work, seed)}, {}
+    for row, (p, paired) in A2V_ROWS.items():
+        data = f"{work}/{'data' if paired else 'data_unpaired'}/*.tar"
+        overrides = ["experiment=cpu_demo", f"data.shards={data}", f"seed={seed}", "recipe=base_pretrain",
+                     f"trainer.max_steps={steps}", f"module.flow.conditioning.p_a2v={p}", *BASE]  # fmt: skip
+        timings[f"{row}_s"] = train(work, row, overrides, ["--ema"], [sys.executable, str(REPO / "train.py")])
+        networks[row] = work / row / "export"
+    scores = {}
+    for row, path in networks.items():
+        network = load_official(MagiHumanDiT(get_config("tiny")), path).eval()
+        scores[row] = {"a2v_accuracy": a2v_accuracy(sample_a2v(network, audio, text), labels, protos)}
+    timings["total_s"] = time.perf_counter() - start
+    return {"rows": scores, "goals": a2v_goals(scores, classes), "timings": timings}
+
+
+def a2v_goals(rows: dict, classes: int) -> dict[str, bool]:
+    return {
+        "a2v a2v_accuracy >= 0.9": rows["a2v"]["a2v_accuracy"] >= 0.9,
+        "a2v_unpaired near chance": rows["a2v_unpaired"]["a2v_accuracy"] < 0.5 + 0.5 / classes,
+    }
+
+
 def goals(rows: dict) -> dict[str, bool]:
     """The issue's goals on the rows there are."""
     out = {}
@@ -182,9 +269,10 @@ def goals(rows: dict) -> dict[str, bool]:
 
 
 def table(rows: dict) -> str:
-    lines = ["| row | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    metrics = list(next(iter(rows.values())))
+    lines = ["| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     lines += [
-        f"| {name} | " + " | ".join(f"{row[m]:.3f}" for m in METRICS) + " |" for name, row in rows.items()
+        f"| {name} | " + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |" for name, row in rows.items()
     ]
     return "\n".join(lines)
 
@@ -202,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-steps", type=int, default=BASE_STEPS)
     parser.add_argument("--dmd-steps", type=int, default=DMD_STEPS, help="0: no student (no dmd2_8 row)")
     parser.add_argument("--eval-seeds", type=int, default=EVAL_SEEDS, help="held-out noise seeds per class")
+    parser.add_argument("--a2v", action="store_true", help="the audio-driven toy instead (one prompt)")
+    parser.add_argument("--a2v-steps", type=int, default=A2V_STEPS, help="base steps of each a2v row")
     args = parser.parse_args(argv)
     base = [f"trainer.max_steps={args.base_steps}", *BASE]
     dmd = [f"trainer.max_steps={args.dmd_steps}"]
@@ -209,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        result = run(work, args.classes, args.seed, base, dmd, args.eval_seeds, rows)
+        if args.a2v:
+            result = run_a2v(work, args.classes, args.seed, args.a2v_steps, args.eval_seeds)
+        else:
+            result = run(work, args.classes, args.seed, base, dmd, args.eval_seeds, rows)
     result["command"] = " ".join(
         ["python scripts/quality_toy.py", *(argv if argv is not None else sys.argv[1:])]
     )

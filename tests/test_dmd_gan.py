@@ -200,7 +200,7 @@ def test_the_generator_gan_term_reaches_the_student_only_through_the_critic(teac
 
     module = gan_module(teacher_ckpt, tmp_path)
     ctx = module._context(_batch())
-    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+    critic = module._velocity(module.critic, ctx)
     x0 = module._simulate(ctx, phase=0)
     s, eps = module._score_draw(ctx)
     loss, logs = module.gan.generator_loss(critic, x0, s=s, eps=eps)
@@ -257,7 +257,7 @@ def test_a_clip_without_audio_has_no_audio_pool_real_or_fake(teacher_ckpt, tmp_p
 
     module = gan_module(teacher_ckpt, tmp_path)
     ctx = module._context(_batch() | {"audio_mask": torch.tensor([True, False])})
-    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+    critic = module._velocity(module.critic, ctx)
     with torch.no_grad():
         x0 = module._simulate(ctx, phase=0)
     s, eps = module._score_draw(ctx)

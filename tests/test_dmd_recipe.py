@@ -267,7 +267,7 @@ def test_image_conditioned_frame_zero_is_clean_and_out_of_both_losses(teacher_ck
     ref = batch["video_latent"][:, :, :1]
     torch.testing.assert_close(x0["video"][:, :, :1], ref, atol=1e-5, rtol=0)
     s, eps = module._score_draw(ctx)
-    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+    critic = module._velocity(module.critic, ctx)
     loss, _ = core.generator_loss(x0, module._guided_teacher(ctx), critic, s=s, eps=eps)
     loss.backward()
     grad = module.model.final_linear_video.weight.grad
@@ -571,7 +571,7 @@ def test_image_conditioned_samples_weigh_as_the_mean_over_their_free_frames(teac
     # the critic: per-sample masked video MSE, then the batch mean (audio: no frame 0)
     core.critic_loss(module._critic_for_loss(ctx), x0, s=s, eps=eps)[0].backward()
     got = _grads(module.critic)
-    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], mask, ctx["ref"])
+    critic = module._velocity(module.critic, ctx)
     v = critic(core._noised(x0, s, eps), s)
     want = velocity_mse(v["video"], eps["video"] - x0["video"], mask).mean()
     (want + velocity_mse(v["audio"], eps["audio"] - x0["audio"]).mean()).backward()
@@ -678,9 +678,7 @@ def test_a_real_step_weighs_the_critic_loss_of_image_conditioned_samples(
     with torch.no_grad():
         x0 = again._simulate(ctx, phase=0)
     s, eps = again._score_draw(ctx)
-    v = again._velocity(again.critic, ctx["text"], ctx["text_len"], mask, ctx["ref"])(
-        core._noised(x0, s, eps), s
-    )
+    v = again._velocity(again.critic, ctx)(core._noised(x0, s, eps), s)
     video = velocity_mse(v["video"], eps["video"] - x0["video"], mask).mean()
     (video + velocity_mse(v["audio"], eps["audio"] - x0["audio"]).mean()).backward()
     for name, p in again.critic.named_parameters():

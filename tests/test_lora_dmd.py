@@ -154,7 +154,7 @@ def _phases(module, batch) -> dict[str, torch.Tensor]:
     generator loss runs the critic and the teacher between the student's forward and backward);
     returns every adapter gradient."""
     ctx = module._context(batch)
-    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+    critic = module._velocity(module.critic, ctx)
     with torch.no_grad():
         x0 = module._simulate(ctx, 0)
     s, eps = module._score_draw(ctx)

@@ -93,3 +93,62 @@ def test_toy_scores_on_samples_whose_answers_are_known():
     noise = {m: torch.randn(v.shape, generator=gen) for m, v in data.items()}
     assert close < 0.1 < 1.0 < sw_distance(noise, data, labels, directions)
     assert sw_distance(shifted, data, labels, directions) > 10 * close
+
+
+A2V_CLASSES, A2V_STEPS, A2V_EVAL_SEEDS = 3, 150, 8
+
+
+def _train_a2v(protos: dict, text, paired: bool):
+    """The tiny model trained in process by the base recipe's loss with flow.conditioning.p_a2v=1
+    (AdamW at the toy's rate 3e-3, batch 8) on the one-prompt toy; `paired=False`: each clip's audio
+    is of a random class."""
+    import torch
+
+    from magitrain.data.synthetic import class_sample
+    from magitrain.flow import Conditioning
+    from magitrain.model import tiny
+    from magitrain.recipes import FlowMatchingConfig, FlowMatchingModule
+
+    torch.manual_seed(0)
+    module = FlowMatchingModule(tiny(), flow=FlowMatchingConfig(conditioning=Conditioning(p_a2v=1.0)))
+    module.configure_model()
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(A2V_STEPS):
+        video = torch.randint(A2V_CLASSES, (8,), generator=gen)
+        audio = video if paired else torch.randint(A2V_CLASSES, (8,), generator=gen)
+        batch = {
+            "video_latent": torch.stack([class_sample(protos, int(c), 0.1, gen)["video"] for c in video]),
+            "audio_latent": torch.stack([class_sample(protos, int(c), 0.1, gen)["audio"] for c in audio]),
+            "text_emb": text.expand(8, -1, -1),
+            "text_len": torch.full((8,), text.shape[1]),
+            "key": [f"{step}/{i}" for i in range(8)],
+        }
+        optimizer.zero_grad()
+        module.flow_loss(batch)["loss"].backward()
+        optimizer.step()
+    return module.model.eval()
+
+
+def test_audio_driven_training_makes_the_video_follow_the_given_audio():
+    """Issue 24, `quality_toy.py --a2v` shortened and in process: one prompt for every class, so only
+    the audio carries it; 150 steps of a2v training, then video sampled for held-out clean audio
+    (8 per class) by the script's `sample_a2v`. The a2v network's video matches the audio's class
+    >= 90% of the time; the negative control, the same training on clips whose audio is of a random
+    class, stays near chance (1/3). Measured (2026-12-07, the shared 2-core VM): a2v 1.000, unpaired
+    0.458 (the test 39 s); with the clean audio not given in training (the interpolant's noisy audio
+    at p_a2v = 1: a planted bug), a2v scores 0.750 and the test fails."""
+    import torch
+
+    toy = _toy_script()
+    gen = torch.Generator().manual_seed(0)
+    protos = {
+        "video": torch.randn(A2V_CLASSES, 48, *toy.LATENT, generator=gen),
+        "audio": torch.randn(A2V_CLASSES, 9, 64, generator=gen),
+    }
+    text = torch.randn(1, 5, 64, generator=gen)
+    labels, audio = toy.held_out_audio(protos, A2V_CLASSES, A2V_EVAL_SEEDS, seed=0)
+    videos = {paired: toy.sample_a2v(_train_a2v(protos, text, paired), audio, text) for paired in (1, 0)}
+    scores = {paired: toy.a2v_accuracy(video, labels, protos) for paired, video in videos.items()}
+    print(scores)  # (pytest -rP)
+    assert scores[1] >= 0.9 and scores[0] < 0.5 + 0.5 / A2V_CLASSES, scores

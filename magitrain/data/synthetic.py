@@ -281,6 +281,7 @@ def make_class_latent_dataset(
     latent_shape: tuple[int, int, int] = (3, 2, 4),
     spread: float = 0.1,
     seed: int = 0,
+    pair_audio: bool = True,
 ) -> dict[str, torch.Tensor]:
     """A learnable toy in latent shards: class c is named by `prompts[c]` (its embedding from
     `text_encoder`, so `infer.py` and the pipeline can ask for it by that prompt) and its samples are
@@ -288,6 +289,8 @@ def make_class_latent_dataset(
     noise (`class_sample`): a model that learned the data answers each prompt with its own class's
     pair. Classes alternate sample by sample, so every shard mixes them; the negative prompt is
     written beside the shards. Scores of generated samples: `magitrain.data.toy_scores`.
+    `pair_audio=False` (a negative control of audio-driven training): each sample's audio is of a
+    class drawn at random, so it says nothing of the video.
 
     Returns the prototypes: {"video": [K, 48, T, H, W], "audio": [K, N, 64]}, N = 4(T-1)+1.
     """
@@ -303,7 +306,11 @@ def make_class_latent_dataset(
         samples = []
         for i in range(first, min(first + per_shard, total)):
             c = i % len(prompts)
-            tensors = {f"{m}_latent": v for m, v in class_sample(protos, c, spread, gen).items()}
+            sample = class_sample(protos, c, spread, gen)
+            if not pair_audio:  # (drawn after the pair: a paired toy's numbers stay as they were)
+                other = int(torch.randint(len(prompts), (), generator=gen))
+                sample["audio"] = class_sample({"audio": protos["audio"]}, other, spread, gen)["audio"]
+            tensors = {f"{m}_latent": v for m, v in sample.items()}
             tensors["text_emb"] = emb[c, : int(lengths[c])].to(torch.bfloat16)
             meta = {"caption": prompts[c], "duration": 4 * (t - 1) / 25, "width": 16 * w, "height": 16 * h}
             samples.append(latent_sample(f"{number:06d}{i - first:04d}", meta, tensors))

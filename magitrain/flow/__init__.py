@@ -17,6 +17,7 @@ from .schedules import (
 )
 from .sr import sample_super_resolution, upsample_latent, vp_renoise
 from .training import (
+    Conditioning,
     SigmaSampling,
     first_frame_mask,
     interpolate,
@@ -31,6 +32,7 @@ from .velocity import VelocityFn
 __all__ = [
     "DEFAULT_SHIFT",
     "SIGMA_MAX",
+    "Conditioning",
     "Guidance",
     "SigmaSampling",
     "VelocityFn",

@@ -6,6 +6,8 @@ Everything works on *velocity callables* over *dicts of modalities*:
 `eps - x0` of each modality (same keys and shapes), with the conditioning closed over by the
 caller. A guided teacher is simply a callable that returns the CFG-combined velocity, so the same
 code distils MagiHumanDiT (`{"video", "audio"}`) and a toy MLP (`{"x"}`). No Lightning here.
+A modality some samples are given clean (audio-driven video) is the caller's to feed every network
+call; the losses take `scored` per modality, the samples whose modality they score.
 
 Interpolant `x_s = (1 - s) x0 + s eps`, so `x0 = x_s - s v` (REFERENCE §2, §5).
 """
@@ -43,6 +45,19 @@ def _x0(x_t: Tensor, s: Tensor, v: Tensor) -> Tensor:
     """The clean-sample prediction `x_t - s v` (in the working dtype; s is not rounded to x_t's)."""
     x_t = x_t.to(_working(x_t, v))
     return x_t - _per_sample(s, x_t) * v.to(x_t.dtype)
+
+
+def _mean(x: Tensor, keep: Tensor | None) -> Tensor:
+    """The mean of x over every element, or over the samples where `keep` [B] is true (each sample
+    weighing as its own mean: all kept, the same number)."""
+    if keep is None:
+        return x.mean()
+    keep = keep.to(x.device, x.dtype)
+    return (x.flatten(1).mean(1) * keep).sum() / keep.sum().clamp_min(1)
+
+
+def _mse(x: Tensor, target: Tensor, keep: Tensor | None) -> Tensor:
+    return F.mse_loss(x, target) if keep is None else _mean((x - target).pow(2), keep)
 
 
 def _noised(x0: dict[str, Tensor], s: Tensor, eps: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -125,6 +140,7 @@ def generator_loss(
     s: Tensor,
     eps: dict[str, Tensor],
     weights: dict | None = None,
+    scored: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict]:
     """The DMD loss of the student's samples `x0` (with grad): noise them to `s` with `eps`, ask the
     real (teacher, guided) and fake (critic) scores for x0 predictions without grad, and per
@@ -135,8 +151,12 @@ def generator_loss(
     `dmd_grad_{m}`, the root-mean-square of g, and `teacher_gap_{m}`, the mean |x0 - x0_real| per
     element: how far the student's samples are from the teacher's denoising of them (a student
     that drifts off the teacher's data shows here first, at no extra cost).
+
+    `scored` {modality: [B] bool} (default: every sample): the samples whose modality is pulled and
+    logged, e.g. not the audio the caller gave clean (its g, from x0 formulas applied to a clean
+    input, means nothing there); the loss is their mean.
     """
-    weights = weights or {}
+    weights, scored = weights or {}, scored or {}
     with torch.no_grad():
         x_t = _noised(x0, s, eps)
         v_real, v_fake = real(x_t, s), fake(x_t, s)
@@ -148,25 +168,33 @@ def generator_loss(
             dims = tuple(range(1, x.ndim))
             normaliser = (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-12)
             g = (x0_fake - x0_real) / normaliser
-        loss = 0.5 * F.mse_loss(x, (x - g).detach())
+        keep = scored.get(m)
+        loss = 0.5 * _mse(x, (x - g).detach(), keep)
         total = total + weights.get(m, 1.0) * loss
         logs[f"loss_{m}"] = loss.detach()
-        logs[f"dmd_grad_{m}"] = g.pow(2).mean().sqrt()
-        logs[f"teacher_gap_{m}"] = normaliser.mean()
+        logs[f"dmd_grad_{m}"] = _mean(g.pow(2), keep).sqrt()
+        logs[f"teacher_gap_{m}"] = _mean(normaliser, keep)
     return total, logs
 
 
 def critic_loss(
-    critic: Velocity, x0: dict[str, Tensor], *, s: Tensor, eps: dict[str, Tensor]
+    critic: Velocity,
+    x0: dict[str, Tensor],
+    *,
+    s: Tensor,
+    eps: dict[str, Tensor],
+    scored: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict]:
     """Flow-matching velocity MSE of the fake-score critic on the detached student samples `x0`
-    noised to `s` with `eps`, summed over modalities; logs `loss_{m}` per modality."""
+    noised to `s` with `eps`, summed over modalities; logs `loss_{m}` per modality. `scored` as in
+    `generator_loss`: a modality given clean is no velocity to learn."""
+    scored = scored or {}
     x_t = _noised(x0, s, eps)
     v = critic(x_t, s)
     total, logs = 0.0, {}
     for m in x0:
         target = eps[m].to(x_t[m].device, x_t[m].dtype) - x0[m].detach().to(x_t[m].dtype)
-        loss = F.mse_loss(v[m].to(x_t[m].dtype), target)
+        loss = _mse(v[m].to(x_t[m].dtype), target, scored.get(m))
         total = total + loss
         logs[f"loss_{m}"] = loss.detach()
     return total, logs

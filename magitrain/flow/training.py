@@ -1,7 +1,7 @@
 """Training-side flow matching: the interpolant, the noise-level distribution and the velocity loss.
 
 `x_s = (1 - s) x0 + s eps`, target velocity `v = eps - x0` (so `x0 = x_s - s v`), one s per sample
-shared by its video and audio.
+shared by its video and audio (unless a recipe draws them apart, or gives one modality clean: s = 0).
 """
 
 from __future__ import annotations
@@ -85,6 +85,34 @@ def sample_sigmas(
             dtype=torch.float64,
         )
     return shift_sigmas(u, k).float()
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Per-sample probabilities of training with one modality given clean (s = 0) as an input:
+    audio-driven video (`p_a2v`: the clean audio drives, the video is noised and trained) and
+    video-to-audio (`p_v2a`). A sample is one, the other or neither. A clip without audio is never
+    either: its silent audio would drive the video in a2v, and in v2a nothing of it is trained."""
+
+    p_a2v: float = 0.0
+    p_v2a: float = 0.0
+
+    def __post_init__(self):
+        if min(self.p_a2v, self.p_v2a) < 0 or self.p_a2v + self.p_v2a > 1:
+            raise ValueError(
+                f"conditioning needs p_a2v, p_v2a >= 0 and p_a2v + p_v2a <= 1, got {self.p_a2v}, {self.p_v2a}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.p_a2v > 0 or self.p_v2a > 0
+
+    def draw(self, u: Tensor, has_audio: Tensor) -> tuple[Tensor, Tensor]:
+        """(a2v, v2a) bool [B] from one uniform u [B] per sample and the clips' `has_audio` [B]."""
+        has_audio = has_audio.to(u.device).bool()
+        a2v = (u < self.p_a2v) & has_audio
+        v2a = (u >= self.p_a2v) & (u < self.p_a2v + self.p_v2a) & has_audio
+        return a2v, v2a
 
 
 def first_frame_mask(video: Tensor, image_conditioned: Tensor) -> Tensor:

@@ -327,8 +327,7 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
     cfg = module.dmd_config
     opt_student, opt_critic = optimizers
     ctx = module._context(batch)
-    critic = module._velocity(module.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
-    student = module._velocity(module.model, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+    critic, student = module._velocity(module.critic, ctx), module._velocity(module.model, ctx)
     with unset_fake_temporarily():  # the grid is a list of numbers (a fake tensor has no values)
         sigmas = flow_grid(cfg.student_steps)[1][:-1].tolist()
 
@@ -339,7 +338,7 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
         x0 = simulate()
     s, eps = module._score_draw(ctx)
     if getattr(module, "gan", None) is None:
-        loss, _ = core.critic_loss(critic, x0, s=s, eps=eps)
+        loss, _ = core.critic_loss(critic, x0, s=s, eps=eps, scored=ctx["scored"])
     else:  # the optional GAN term: the discriminator head trains with the critic
         loss, _ = module._critic_loss_with_gan(critic, ctx, x0, s, eps)
     loss.backward()
@@ -361,7 +360,8 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
         # text (its values do not matter to memory or time)
         text = ctx["text"]
         module._negative = (torch.zeros_like(text[:1]), torch.full((1,), text.shape[1], device=text.device))
-    loss, _ = core.generator_loss(x0, module._guided_teacher(ctx), critic, s=s, eps=eps, weights=weights)
+    teacher = module._guided_teacher(ctx)
+    loss, _ = core.generator_loss(x0, teacher, critic, s=s, eps=eps, weights=weights, scored=ctx["scored"])
     if getattr(module, "gan", None) is not None:
         loss = loss + module.gan.generator_loss(critic, x0, s=s, eps=eps)[0]
     loss.backward()

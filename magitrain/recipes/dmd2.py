@@ -19,7 +19,8 @@ ones). Each network counts its own consecutive skips; more than `dmd.max_nonfini
 row stop the run with `TrainingDiverged`.
 
 The losses and the backward simulation are `magitrain.flow.dmd`'s; this module closes the
-conditioning (text, negative prompt, reference frame) into velocity callables.
+conditioning (text, negative prompt, reference frame, the clean audio of audio-driven samples) into
+velocity callables.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class DMDConfig:
         "bfloat16"  # storage of the teacher's block linears (bfloat16: run under bf16 autocast)
     )
     p_image: float = 0.0  # share of samples conditioned on their frame-0 latent (image-to-video)
+    # share of samples whose student learns audio-driven sampling: the clip's clean audio is every
+    # network's audio input (student, teacher, critic) and out of both losses
+    p_a2v: float = 0.0
     student_clip: float = 10.0  # per-optimiser gradient clipping (total norm)
     critic_clip: float = 10.0
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite updates before the run stops
@@ -95,6 +99,8 @@ class DMDConfig:
                 "dmd.critic_lr_ratio must be > 0 and dmd.monitor_every >= 0, "
                 f"got {self.critic_lr_ratio}, {self.monitor_every}"
             )
+        if not 0 <= self.p_a2v <= 1:
+            raise ValueError(f"dmd.p_a2v must lie in [0, 1], got {self.p_a2v}")
         if self.ttur < 1 or self.student_steps < 1:
             raise ValueError(
                 f"dmd.ttur and dmd.student_steps must be >= 1, got {self.ttur}, {self.student_steps}"
@@ -306,24 +312,31 @@ class DMD2Module(MagiHumanModule):
             )
         return str(found)
 
-    def _velocity(self, network, text, text_len, frame_mask, reference, bf16: bool | None = None):
-        """The core's velocity callable of one network. Image-to-video: frame 0 enters as the clean
+    def _velocity(self, network, ctx: dict, prompt: tuple | None = None, bf16: bool | None = None):
+        """The core's velocity callable of one network, given the step's context and `prompt`
+        (embeddings, lengths; default the batch's text). Image-to-video: frame 0 enters as the clean
         reference, and its velocity is the exact `(x_t - ref) / s`, so every x0 prediction holds the
-        reference there: the frame carries no gradient and no loss in both losses.
+        reference there: the frame carries no gradient and no loss in both losses. Audio-driven
+        samples: their clean audio is the audio input of every call (their audio velocity is out of
+        both losses, `ctx["scored"]`).
 
         `bf16`: None runs the network in the step's own precision (trainer.precision's autocast,
         which an `autocast(enabled=False)` would switch off); True under bf16 autocast, False in
         float32 whatever the trainer's precision (a float32 teacher: exact)."""
 
+        text, text_len = prompt or (ctx["text"], ctx["text_len"])
+        frame_mask, reference, a2v = ctx["mask"], ctx["ref"], ctx["a2v"]
+
         def velocity(x: dict[str, Tensor], s: Tensor) -> dict[str, Tensor]:
             video = torch.where(frame_mask == 0, reference, x["video"])
+            audio = x["audio"] if a2v is None else torch.where(a2v[:, None, None], ctx["audio"], x["audio"])
             autocast = (
                 nullcontext()
                 if bf16 is None
                 else torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
             )
             with autocast:
-                v_video, v_audio = network(video, x["audio"], text, text_len=text_len)
+                v_video, v_audio = network(video, audio, text, text_len=text_len)
             exact = (x["video"] - reference) / s.reshape(-1, 1, 1, 1, 1)
             return {"video": torch.where(frame_mask == 0, exact, v_video.float()), "audio": v_audio.float()}
 
@@ -336,7 +349,7 @@ class DMD2Module(MagiHumanModule):
         recipe's masked `velocity_mse`). Values, and so the logged losses, are unchanged. (The
         generator loss needs no such step: its per-sample normaliser is scaled by the same (T-1)/T
         and the two cancel exactly in its gradient; docs/training.md.)"""
-        critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+        critic = self._velocity(self.critic, ctx)
         frames = ctx["mask"].flatten(1)
         weight = (frames.shape[1] / frames.sum(1).clamp_min(1)).reshape(-1, 1, 1, 1, 1)  # (T=1: 1)
 
@@ -352,11 +365,9 @@ class DMD2Module(MagiHumanModule):
         return self.dmd_config.teacher_dtype == "bfloat16"
 
     def _guided_teacher(self, ctx: dict):
-        cond = self._velocity(
-            self.teacher, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"], bf16=self._teacher_bf16
-        )
-        neg, neg_len = self.negative_prompt(ctx["text"].shape[0])
-        uncond = self._velocity(self.teacher, neg, neg_len, ctx["mask"], ctx["ref"], bf16=self._teacher_bf16)
+        cond = self._velocity(self.teacher, ctx, bf16=self._teacher_bf16)
+        negative = self.negative_prompt(ctx["text"].shape[0])
+        uncond = self._velocity(self.teacher, ctx, negative, bf16=self._teacher_bf16)
         g = self.dmd_config.guidance
 
         def velocity(x, s):
@@ -399,6 +410,7 @@ class DMD2Module(MagiHumanModule):
             [torch.rand((), generator=g, device=g.device) < self.dmd_config.p_image for g in gens]
         )
         frames = torch.empty(B, 1, T, 1, 1, device=self.device)  # (the mask reads only its shape)
+        a2v = self._audio_driven(batch)
         return {
             "gens": gens,
             "text": batch["text_emb"],
@@ -409,7 +421,26 @@ class DMD2Module(MagiHumanModule):
             "real": {"video": batch["video_latent"], "audio": batch["audio_latent"]} if real else None,
             # the GAN's audio pools leave out clips without audio (data.missing_audio=mask)
             "heard": batch["audio_mask"].to(self.device) if "audio_mask" in batch else None,
+            "a2v": a2v,  # [B] bool or None (p_a2v = 0): the samples given their clean audio ...
+            "audio": None if a2v is None else batch["audio_latent"].float().to(self.device),
+            "scored": None if a2v is None else {"audio": ~a2v},  # ... which leaves both losses
         }
+
+    def _audio_driven(self, batch: dict) -> Tensor | None:
+        """The audio-driven samples [B] (never a clip without audio), from coins of a stream of their
+        own, so every other draw of the step is the same whatever `p_a2v` is; None at p_a2v = 0."""
+        p = self.dmd_config.p_a2v
+        if p == 0:
+            return None
+        if "audio_latent" not in batch:
+            raise UserError(
+                "module.dmd.p_a2v > 0 drives the student with the clips' audio, and the prompt batch "
+                "has no audio_latent: train on latent shards or set module.dmd.p_a2v=0"
+            )
+        gens = self.sample_generators(batch, "conditioning")
+        u = torch.stack([torch.rand((), generator=g, device=g.device) for g in gens]).to(self.device)
+        has_audio = batch.get("audio_mask", torch.ones_like(u, dtype=torch.bool))
+        return fm.Conditioning(p_a2v=p).draw(u, has_audio)[0]
 
     def _draw(self, ctx: dict) -> dict[str, Tensor]:
         """Fresh per-sample Gaussians of every modality, from the per-sample generators."""
@@ -426,7 +457,7 @@ class DMD2Module(MagiHumanModule):
         return int(torch.randint(0, self.dmd_config.student_steps, (1,), generator=g))
 
     def _simulate(self, ctx: dict, phase: int) -> dict[str, Tensor]:
-        student = self._velocity(self.model, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+        student = self._velocity(self.model, ctx)
         sigmas = flow_grid(self.dmd_config.student_steps)[1][:-1].tolist()
         noise = self._draw(ctx)
         # re-noising from the per-sample generators: DDP draws what one process would
@@ -449,7 +480,7 @@ class DMD2Module(MagiHumanModule):
         cfg = self.dmd_config
         ctx = self._context(batch)
         B = ctx["text"].shape[0]
-        critic = self._velocity(self.critic, ctx["text"], ctx["text_len"], ctx["mask"], ctx["ref"])
+        critic = self._velocity(self.critic, ctx)
         critic_for_loss = self._critic_for_loss(ctx)
         step = self.global_step
         measure = cfg.monitor_every > 0 and step % cfg.monitor_every == 0
@@ -461,7 +492,7 @@ class DMD2Module(MagiHumanModule):
                 x0 = self._simulate(ctx, phase)
             s, eps = self._score_draw(ctx)
             if self.gan is None:
-                loss, logs = core.critic_loss(critic_for_loss, x0, s=s, eps=eps)
+                loss, logs = core.critic_loss(critic_for_loss, x0, s=s, eps=eps, scored=ctx["scored"])
             else:
                 loss, logs = self._critic_loss_with_gan(critic_for_loss, ctx, x0, s, eps)
             self.manual_backward(loss)
@@ -478,7 +509,9 @@ class DMD2Module(MagiHumanModule):
         x0 = self._simulate(ctx, cfg.ttur)
         s, eps = self._score_draw(ctx)
         weights = {"video": cfg.video_weight, "audio": cfg.audio_weight}
-        loss, logs = core.generator_loss(x0, self._guided_teacher(ctx), critic, s=s, eps=eps, weights=weights)
+        teacher = self._guided_teacher(ctx)
+        scored = ctx["scored"]
+        loss, logs = core.generator_loss(x0, teacher, critic, s=s, eps=eps, weights=weights, scored=scored)
         if self.gan is not None:
             gan_loss, gan_logs = self.gan.generator_loss(critic, x0, s=s, eps=eps, heard=ctx["heard"])
             loss, logs = loss + gan_loss, logs | {f"gan_{k}": v for k, v in gan_logs.items()}
@@ -493,6 +526,8 @@ class DMD2Module(MagiHumanModule):
         for k, v in logs.items():
             self.log(f"train/generator_{k}", v, sync_dist=True, batch_size=B)
         self.log("train/generator_loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=B)
+        if ctx["a2v"] is not None:
+            self.log("train/frac_a2v", ctx["a2v"].float().mean(), sync_dist=True, batch_size=B)
         if measure:
             self._log_update_norms(step)
         self.log("train/generator_step", float(self.global_step), on_step=True, on_epoch=False)
@@ -504,7 +539,7 @@ class DMD2Module(MagiHumanModule):
         """The critic's loss plus the head's: D(fake) from the critic loss's own forward, D(real)
         of the batch's latents noised to the same s with the same eps."""
         with self.gan.tap.capture() as features:
-            loss, logs = core.critic_loss(critic, x0, s=s, eps=eps)
+            loss, logs = core.critic_loss(critic, x0, s=s, eps=eps, scored=ctx["scored"])
         fake = self.gan.logits(features, x0, ctx["heard"])
         perturbation = self._draw(ctx) if self.gan.cfg.r1_weight > 0 else None
         real = {m: v.to(self.device) for m, v in ctx["real"].items()}

@@ -165,20 +165,21 @@ class MagiHumanModule(L.LightningModule):
             return mesh["data_parallel"].get_local_rank()
         return self.global_rank
 
-    def sample_generators(self, batch: dict) -> list[torch.Generator]:
-        """One generator per sample, seeded by (seed, step, sample key).
+    def sample_generators(self, batch: dict, stream: str = "") -> list[torch.Generator]:
+        """One generator per sample, seeded by (seed, step, sample key) and `stream`.
 
         The noise a sample gets depends on neither the rank, the batch composition nor the
         process history, so DDP equals one process on the same global batch, and a resumed run
-        draws exactly what an uninterrupted one would.
+        draws exactly what an uninterrupted one would. A named `stream` is a sequence of its own:
+        an option drawing from it leaves the numbers of the default stream as they were.
         """
         # without keys: the data-parallel rank (context-parallel ranks of one group share a batch)
         rank = self.data_parallel_rank
         keys = batch.get("key") or [f"{rank}:{i}" for i in range(batch["text_emb"].shape[0])]
         device = self.device if self.device.type == "cuda" else "cpu"
-        step = self.global_step
+        step, suffix = self.global_step, f"/{stream}" if stream else ""
         return [
-            torch.Generator(device).manual_seed(zlib.crc32(f"{self.seed}/{step}/{key}".encode()))
+            torch.Generator(device).manual_seed(zlib.crc32(f"{self.seed}/{step}/{key}{suffix}".encode()))
             for key in keys
         ]
 

@@ -104,6 +104,11 @@ class SRFineTuneModule(FlowMatchingModule):
             raise TypeError(f"SRFineTuneModule needs flow: SRConfig, got {type(cfg).__name__}")
         if cfg.audio_weight:
             raise ValueError("flow.audio_weight must be 0 for SR: its audio output is discarded")
+        if cfg.conditioning.enabled or cfg.independent_sigmas:
+            raise ValueError(
+                "flow.conditioning and flow.independent_sigmas are not SR options: its audio is a fixed "
+                "noised input (0.7 eps + 0.3 audio) and not trained"
+            )
         self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
         self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
         self.hparams["sampling"] = None  # the SR stage has its own sampler: no base-stage default

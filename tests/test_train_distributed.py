@@ -1,8 +1,9 @@
 """Real multi-process training on CPU (gloo): DDP and FSDP2 match one process on the same global batch.
 
 Each distributed run is `python train.py ...` in a subprocess, as a user launches it; Lightning
-starts the second rank itself (the one-process reference runs in the test's process). The same 4 samples form the global batch: one process takes them as one
-batch of 4, two ranks as two batches of 2. Noise is drawn per sample key, so the losses and the
+starts the second rank itself (the one-process reference runs in the test's process). The same 4
+samples form the global batch: one process takes them as one batch of 4, two ranks as two batches
+of 2. Noise is drawn per sample key, so the losses and the
 updated weights must agree.
 """
 

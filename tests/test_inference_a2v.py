@@ -271,3 +271,30 @@ def test_infer_py_takes_audio_and_video_rows_of_a_prompts_file(speech, clip_30fp
         str(clip_30fps),
         10,
     )
+
+
+def test_validation_samples_a_prompt_driven_by_a_given_sound(latent_shards, speech, tmp_path):
+    """`callbacks.validation.audio`: the first prompt's clip is driven by the given sound (cut to the
+    validation's 0.32 s, its mp4 carrying it), the second is text to video; a list of another length
+    than the prompts is refused."""
+    from conftest import compose_train, tiny_run
+
+    from magitrain.callbacks import Validation
+    from magitrain.launch import train
+
+    path, stereo, rate = speech
+    overrides = tiny_run(
+        latent_shards, "trainer.max_steps=1", "codecs=tiny", "callbacks=validation",
+        "callbacks.validation.every_n_steps=1", "callbacks.validation.prompts=['A man speaks','A dog barks']",
+        f"callbacks.validation.audio=['{path}',null]", "callbacks.validation.seconds=0.32",
+        "callbacks.validation.resolution=64x32",
+    )  # fmt: skip
+    train(compose_train(overrides, tmp_path))
+    step = tmp_path / "validation" / "step00000001"
+    (given, given_rate), (text, text_rate) = (_mp4_audio(step / f"sample{i}.mp4") for i in (0, 1))
+    assert given.shape[1] == pytest.approx(0.32 * given_rate, abs=2048)  # AAC frames of 1024
+    want = AF.resample(stereo.mean(0), rate, given_rate).numpy()
+    assert _correlation(given[0], want) > 0.99
+    assert _correlation(text[0], AF.resample(stereo.mean(0), rate, text_rate).numpy()) < 0.5
+    with pytest.raises(ValueError, match=r"callbacks.validation.audio has 1 entries for 2 prompts"):
+        Validation(["a", "b"], audio=[str(path)])

@@ -46,6 +46,7 @@ class Validation(Callback):
         compare_with: str | None = None,
         metrics: dict | bool = True,
         cache: bool = False,
+        audio: list[str | None] | None = None,
     ):
         """network: a module attribute to sample instead of the trained one (e.g. DMD-2's "teacher").
         compare_with: the log_key of a Validation callback before this one (same prompts and seeds):
@@ -55,12 +56,21 @@ class Validation(Callback):
         metrics: the `eval.*` options of `python -m magitrain.eval` (asr_path, clip_path,
         syncnet_path, max_lag, device); true: the weight-free metrics only; false: no scores.
         cache: the network never changes (DMD-2's frozen teacher): sample each prompt and seed once,
-        then reuse its clip, latents and scores at every validation step."""
+        then reuse its clip, latents and scores at every validation step.
+        audio: per prompt, a file whose sound drives that prompt's clip (audio-driven video, as
+        `infer.py audio=`: e.g. a held-out clip's mp4 or wav; the clip is `seconds` long or the
+        sound's length if shorter, and its mp4 carries that sound), or null: text to video."""
         if every_n_steps <= 0:
             raise ValueError(f"callbacks.validation.every_n_steps must be positive, got {every_n_steps}")
         if not prompts:
             raise ValueError("callbacks.validation.prompts is empty")
         self.every_n_steps, self.prompts = every_n_steps, list(prompts)
+        self.audio = list(audio) if audio else [None] * len(self.prompts)
+        if len(self.audio) != len(self.prompts):
+            raise ValueError(
+                f"callbacks.validation.audio has {len(self.audio)} entries for {len(self.prompts)} prompts: "
+                "give one per prompt (null: text to video)"
+            )
         self.options = dict(seconds=seconds, resolution=resolution, seed=seed)
         self.sampling = {k: v for k, v in dict(steps=steps, sampler=sampler).items() if v is not None}
         self.use_ema, self.precision, self.log_key = use_ema, precision, log_key
@@ -80,6 +90,9 @@ class Validation(Callback):
                 "add codecs=tiny or codecs=magihuman to the training command"
             )
         self.dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "validation")
+        for i, path in enumerate(self.audio):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"callbacks.validation.audio[{i}]={path}: no such file")
         self.options.update(self.sampling_for(pl_module))
         if self.compare_with:
             self._partner = self._find_partner(trainer.callbacks)
@@ -113,7 +126,7 @@ class Validation(Callback):
         if step == self._last_step or step % self.every_n_steps:  # (accumulation micro-batches)
             return
         self._last_step = step
-        if self.cache and all(self._key(p) in self._cached for p in self.prompts):
+        if self.cache and all(self._key(i) in self._cached for i in range(len(self.prompts))):
             self._reuse(trainer, step)
             return
         if self.network:
@@ -139,21 +152,25 @@ class Validation(Callback):
         if self.cache:  # on every rank: the ranks of a sharded network skip its forwards together
             self._remember(paths)
 
-    def _key(self, prompt: str) -> tuple[str, int]:
-        return prompt, self.options["seed"]
+    def _key(self, i: int) -> tuple[str, str | None, int]:
+        return self.prompts[i], self.audio[i], self.options["seed"]
+
+    def _options(self, i: int) -> dict:
+        """The pipeline's options for prompt i: with its given audio, if any."""
+        return self.options | ({"audio": self.audio[i]} if self.audio[i] is not None else {})
 
     def _remember(self, paths: list[Path]) -> None:
         """Cache each prompt's clips, latents and scores (on ranks other than zero: that it ran)."""
         per_prompt = len(paths) // len(self.prompts)
-        for i, prompt in enumerate(self.prompts):
+        for i in range(len(self.prompts)):
             clips = paths[i * per_prompt : (i + 1) * per_prompt]
             latents = self.latents[i] if self.latents else None
-            self._cached[self._key(prompt)] = (clips, latents, self.scores[i] if self.scores else {})
+            self._cached[self._key(i)] = (clips, latents, self.scores[i] if self.scores else {})
 
     def _reuse(self, trainer, step: int) -> None:
         """A cached network's validation step: its clips, latents and scores as first sampled; the
         scores and the comparison are logged again (to sit beside its partner's), the videos not."""
-        cached = [self._cached[self._key(p)] for p in self.prompts]
+        cached = [self._cached[self._key(i)] for i in range(len(self.prompts))]
         self.latents = [latents for _, latents, _ in cached]
         self.scores = [scores for _, _, scores in cached] if self.evaluator else []
         if trainer.is_global_zero:
@@ -216,13 +233,13 @@ class Validation(Callback):
         for i, prompt in enumerate(self.prompts):
             if trainer.is_global_zero:
                 path = self.dirpath / f"step{step:08d}" / f"sample{i}.mp4"
-                clip = pipe.generate(prompt, **self.options)
+                clip = pipe.generate(prompt, **self._options(i))
                 self.latents.append(tuple(x.cpu() for x in clip.latents))
                 paths.append(clip.save(path))
                 if self.options.get("sr"):  # beside it: the base stage upsampled to the SR size
-                    paths.append(_upsampled_base(pipe, prompt, self.options, clip.video.shape[-2:], path))
+                    paths.append(_upsampled_base(pipe, prompt, self._options(i), clip.video.shape[-2:], path))
             else:  # a sharded network: take part in its forwards, leave decoding to rank zero
-                pipe.generate_latents(prompt, **self.options)
+                pipe.generate_latents(prompt, **self._options(i))
         return paths
 
     def _log(self, trainer, paths: list[Path], step: int) -> None:

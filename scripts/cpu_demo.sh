@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job on a CPU: generate toy clips with sound, pack them into webdataset shards,
 # encode them to latent shards with the tiny codecs, train the tiny model with the base recipe,
-# export the EMA weights in the released checkpoint layout and sample an mp4 with sound from them.
+# export the EMA weights in the released checkpoint layout and sample mp4s with sound from them (from
+# the prompt, and audio-driven from a clip's sound).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,7 @@ python train.py experiment=cpu_demo trainer.max_steps="$STEPS" hydra.run.dir="$R
 python -m magitrain.export "$RUN/checkpoints/last.ckpt" "$RUN/export" --ema
 python infer.py ckpt="$RUN/export" model=tiny codecs=tiny prompt="A white square bounces over a gradient" \
     seconds=0.32 resolution=64x32 steps=8 seed=0 out="$RUN/sample.mp4"
-echo "CPU demo done: losses in $RUN/csv/metrics.csv, released-layout weights in $RUN/export, a sample in $RUN/sample.mp4"
+# audio-driven: the pictures generated for the sound of one of the toy clips (the mp4 carries that sound)
+python infer.py ckpt="$RUN/export" model=tiny codecs=tiny prompt="A white square bounces over a gradient" \
+    audio="$(ls "$DATA"/clips/*.mp4 | head -n 1)" seconds=0.32 resolution=64x32 steps=8 seed=0 out="$RUN/sample_a2v.mp4"
+echo "CPU demo done: losses in $RUN/csv/metrics.csv, released-layout weights in $RUN/export, samples in $RUN/sample.mp4 and $RUN/sample_a2v.mp4"

@@ -111,7 +111,9 @@ class InferConfig:
     compile: str = arg("none", "none | blocks (each transformer layer) | step (the whole denoising step)")
     cp: int = arg(1, "context parallel: split each DiT forward over N ranks (torchrun --nproc-per-node N)")
     benchmark: bool = arg(False, "time the Table 2 rows with random weights instead of generating")
-    bench_rows: list = arg(["none", "540p", "1080p"], "benchmark: the SR targets after a 256p base stage")
+    bench_rows: list = arg(
+        ["none", "540p", "1080p"], "benchmark: the SR targets after a 256p base stage (a2v: audio-driven)"
+    )
     bench_repeats: int = arg(2, "benchmark: timed runs per row (after one warm-up)")
     text_tokens: int = arg(300, "benchmark: random prompt embedding length (like a 150-250-word prompt)")
 

@@ -341,10 +341,11 @@ def test_benchmark_rows_at_tiny_size(tmp_path):
     from magitrain.inference.benchmark import run_benchmark
 
     rows = run_benchmark(
-        "tiny", ("none", "128x64"), seconds=SECONDS, resolution=SIZE, codecs=build_tiny_codecs(),
+        "tiny", ("none", "128x64", "a2v"), seconds=SECONDS, resolution=SIZE, codecs=build_tiny_codecs(),
         device="cpu", repeats=1, warmup=0,
     )  # fmt: skip
-    assert [r["output"] for r in rows] == [SIZE, "128x64"]
-    assert rows[0]["sr"] is None and rows[1]["sr"] > 0
+    assert [r["output"] for r in rows] == [SIZE, "128x64", f"{SIZE} a2v"]
+    assert rows[0]["sr"] is None and rows[1]["sr"] > 0 and rows[2]["sr"] is None
+    assert "given" not in rows[0] and rows[2]["given"] > 0  # the a2v row times its sound's encoding
     for row in rows:
         assert row["total"] == pytest.approx(row["base"] + (row["sr"] or 0) + row["decode"])

@@ -1,12 +1,14 @@
 """Table 2 benchmark: random weights at any preset (nothing downloaded), rows per output size.
 
 Every output runs the 8-step distilled base stage at the base resolution (256p), then the SR stage
-to the output size (none, 540p or 1080p), then decodes video and audio from those latents with
-each video decoder the codecs hold (Turbo-VAED and the full Wan2.2 VAE), side by side: one row per
-(output, decoder), the base and SR figures shared. The timed runs follow warm-up runs (one by
-default) per output (compilation, kernel autotuning, allocator growth); with `compile=step` the
-compilation of each step is timed apart, as `warmup`. Rows carry the peak device memory of each
-stage (CUDA), and under context parallelism (`group`) each rank's (`peak_gib_ranks`, base and SR).
+to the output size (none, 540p or 1080p; `a2v`: none, the base stage audio-driven by a given sound
+of the clip's length, whose encoding is timed as the `given` stage), then decodes video and audio
+from those latents with each video decoder the codecs hold (Turbo-VAED and the full Wan2.2 VAE),
+side by side: one row per (output, decoder), the base and SR figures shared. The timed runs follow
+warm-up runs (one by default) per output (compilation, kernel autotuning, allocator growth); with
+`compile=step` the compilation of each step is timed apart, as `warmup`. Rows carry the peak device
+memory of each stage (CUDA), and under context parallelism (`group`) each rank's (`peak_gib_ranks`,
+base and SR).
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from magitrain.model.config import sr1080_local_layers
 
 from .networks import random_network, sharing_weights
 from .pipeline import MagiHumanPipeline, TextInputs, uses_bf16
-from .shapes import ClipShape
+from .shapes import FPS, ClipShape
 from .timing import StageTimer
 
 # Real codec sizes: the tiny codecs are the same classes with the widths shrunk (see codecs/tiny.py).
 WAN22_WIDTHS = dict(base_dim=160, decoder_base_dim=256, num_res_blocks=2)
 OOBLECK_WIDTHS = dict(channel_multiples=[1, 2, 4, 8, 16], decoder_channels=128)
 SR_PRESETS = {"540p": "magihuman_15b_sr540", "1080p": "magihuman_15b_sr1080"}
+A2V = "a2v"  # the row of the audio-driven base stage
 
 
 def random_codecs(dtype: torch.dtype, decode_tile: int | None = None, video_decoder: str = "turbo") -> Codecs:
@@ -105,7 +108,7 @@ def run_benchmark(
         decoders["turbo"].model.decoder.compile()
     results = []
     for output in rows:
-        sr_clip = None if output == "none" else clip.with_resolution(output)
+        sr_clip = None if output in ("none", A2V) else clip.with_resolution(output)
         sr_model = sharing_weights(model, sr_config(preset, output)) if sr_clip else None
         pipe = MagiHumanPipeline(
             model, codecs, sr_model, device=device, precision=precision, generator_device=str(device),
@@ -114,7 +117,8 @@ def run_benchmark(
         timings = {name: [] for name in decoders}
         for _ in range(warmup + repeats):
             sampled = StageTimer(device)
-            latents = pipe.sample(text, clip, sampled, sr_clip=sr_clip)
+            given = _given_sound(pipe, clip, sampled) if output == A2V else {}
+            latents = pipe.sample(text, clip, sampled, sr_clip=sr_clip, **given)
             rank_peaks = pipe.ranks.gather(sampled.peak_gib) if pipe.ranks.size > 1 else None
             if not pipe.ranks.writer:
                 continue
@@ -123,12 +127,24 @@ def run_benchmark(
                 timer.seconds, timer.peak_gib = dict(sampled.seconds), dict(sampled.peak_gib)
                 timer.warmup_seconds = dict(sampled.warmup_seconds)
                 pipe.decode(*latents, timer, video_decoder=decoder)
-                row = timer.row(resolution if sr_clip is None else output)
+                row = timer.row(f"{resolution} {A2V}" if given else resolution if sr_clip is None else output)
                 if rank_peaks is not None:
                     row.update(cp=pipe.ranks.size, peak_gib_ranks=rank_peaks)
                 timings[name].append({**row, "decoder": name})
         results += [_mean(runs[warmup:], runs[:warmup]) for runs in timings.values()]
     return results if pipe.ranks.writer else None
+
+
+def _given_sound(pipe: MagiHumanPipeline, clip: ClipShape, timer: StageTimer) -> dict:
+    """The a2v row's clean audio latent: a seeded noise waveform of the clip's length encoded by the
+    audio codec, timed as the `given` stage (as `infer.py audio=` encodes its file)."""
+    rate = pipe.codecs.audio.model_rate
+    wave = 0.1 * torch.randn(
+        1, round((clip.frames - 1) / FPS * rate), generator=torch.Generator().manual_seed(0)
+    )
+    with timer("given"):
+        clean_audio, _ = pipe.encode_given(wave, None, clip)
+    return {"clean_audio": clean_audio}
 
 
 def _mean(rows: list[dict], warm: list[dict]) -> dict:

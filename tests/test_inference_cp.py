@@ -84,17 +84,22 @@ def test_two_gloo_ranks_write_the_same_mp4_bytes_as_one_process(checkpoints, sr,
     assert len(row["peak_gib_ranks"]) == 2 and (row["sr"] is None) == (sr == "none")
 
 
-def test_cp_launch_errors_name_the_fix(checkpoints, tmp_path, monkeypatch):
+def test_cp_launch_errors_name_the_fix(checkpoints, tmp_path, monkeypatch, script):
+    """infer.py's __main__ in this process; torchrun's environment (WORLD_SIZE) set by hand."""
     monkeypatch.syspath_prepend(str(REPO))
     import infer
 
-    alone = _infer(tmp_path / "x.mp4", checkpoints, "cp=2")
-    assert (
-        alone.returncode != 0 and "cp=2 needs 2 processes: run `torchrun --nproc-per-node 2" in alone.stderr
-    )
-    mismatch = _infer(tmp_path / "x.mp4", checkpoints, "cp=3", ranks=2)
-    assert mismatch.returncode != 0
-    assert "cp=3 but torchrun started 2 processes (WORLD_SIZE=2)" in mismatch.stdout + mismatch.stderr
+    base, sr = checkpoints
+    args = ["infer.py", f"ckpt={base}", f"sr_ckpt={sr}", "codecs=tiny", f"prompt={PROMPT}",
+            f"seconds={SECONDS}", f"resolution={SIZE}", f"out={tmp_path / 'x.mp4'}"]  # fmt: skip
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    alone = script(*args, "cp=2")
+    assert alone.returncode == 2, alone.stderr
+    assert "cp=2 needs 2 processes: run `torchrun --nproc-per-node 2" in alone.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    mismatch = script(*args, "cp=3")
+    assert mismatch.returncode == 2
+    assert "cp=3 but torchrun started 2 processes (WORLD_SIZE=2)" in mismatch.stderr
     assert not (tmp_path / "x.mp4").exists()
 
     network = MagiHumanDiT(get_config("tiny"))  # 2 kv heads

@@ -31,10 +31,11 @@ which class a clip is. `train.py recipe=base_pretrain module.flow.conditioning.p
 row below (exported `--ema`); each generates video for held-out clean audio latents (class_sample
 of the audio prototypes, a stream of their own from S + 10000), the audio held fixed at every step
 of an in-script Euler sampler over the released 32-step grid without CFG (`sample_a2v`: the toy's
-audio is latents, and `infer.py audio=` takes a sound file). a2v_accuracy: the share of videos whose nearest video prototype is the given
-audio's class (chance 1/K). Rows: untrained; joint (p_a2v = 0: the usual joint training, driven by
-clean audio only at sampling); a2v (p_a2v = 1); a2v_unpaired (p_a2v = 1 on a toy whose audio is of a
-random class: the negative control). Goals: a2v >= 0.9; a2v_unpaired below 0.5 + 1/(2K).
+audio is latents, and `infer.py audio=` takes a sound file). a2v_accuracy: the share of videos
+whose nearest video prototype is the given audio's class (chance 1/K). Rows: untrained; joint
+(p_a2v = 0: the usual joint training, driven by clean audio only at sampling); a2v (p_a2v = 1);
+a2v_unpaired (p_a2v = 1 on a toy whose audio is of a random class: the negative control). Goals:
+a2v >= 0.9; a2v_unpaired below 0.5 + 1/(2K).
 """
 
 from __future__ import annotations

@@ -37,10 +37,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from rich.progress import track
 
+from magitrain.codecs.media import to_pixels
 from magitrain.data.buckets import Bucket, assign_raw, frames_for_seconds
 from magitrain.data.collate import collate_raw
 from magitrain.data.decode import BadSample, RawOptions, decode_raw, read_meta
-from magitrain.data.encode import encode_raw_batch, resize_video, to_pixels
+from magitrain.data.encode import encode_raw_batch, resize_video
 from magitrain.data.index import read_index
 from magitrain.data.prompts import NEGATIVE_FILE, read_prompts, write_negative, write_prompt_shards
 from magitrain.data.shards import expand_urls, index_url, iter_tar

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load
 
+from magitrain.codecs.media import to_pixels
 from magitrain.data.buckets import Bucket
 from magitrain.data.datamodule import MagiDataModule
 from magitrain.data.decode import RawOptions, decode_raw
-from magitrain.data.encode import resize_video, to_pixels
+from magitrain.data.encode import resize_video
 from magitrain.data.index import read_index
 from magitrain.data.shards import index_url, iter_tar
 from magitrain.data.synthetic import make_demo_dataset

@@ -91,6 +91,13 @@ def nearest_frames(src_times: np.ndarray, times: np.ndarray) -> np.ndarray:
     return np.where(later, after, before)
 
 
+def to_pixels(video: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] (what the raw loader yields) -> float in [-1, 1] (what the video VAE takes)."""
+    if video.dtype == torch.uint8:
+        return video.float().div_(127.5).sub_(1.0)
+    return video
+
+
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
     """`[3, F, H, W]` float in [-1, 1] (codec output) -> `[F, H, W, 3]` uint8 (what writers take)."""
     if video.ndim != 4 or video.shape[0] != 3:

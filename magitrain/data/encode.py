@@ -4,14 +4,8 @@ device after the batch is transferred (raw mode), and what encode_shards.py runs
 import torch
 import torch.nn.functional as F
 
+from magitrain.codecs.media import to_pixels
 from magitrain.data.buckets import VAE_TIME_STRIDE
-
-
-def to_pixels(video: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] (what the raw loader yields) -> float in [-1, 1] (what the video VAE takes)."""
-    if video.dtype == torch.uint8:
-        return video.float().div_(127.5).sub_(1.0)
-    return video
 
 
 def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from transformers.models.whisper.english_normalizer import BasicTextNormalizer, 
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from magitrain.eval.clip import Clip, ClipError, Reference
+from magitrain.eval.pretrained import load_folder
 
 WHISPER_RATE = 16000
 # Written without spaces between words: their word error rate is the character error rate.
@@ -95,14 +96,9 @@ class WhisperASR:
     """
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"Whisper weights: {path} is not a folder")
-        try:
-            self.processor = WhisperProcessor.from_pretrained(path)
-            self.model = WhisperForConditionalGeneration.from_pretrained(path).to(device).eval()
-        except (OSError, ValueError, TypeError) as exn:
-            raise ValueError(f"Whisper weights: {path} is not a transformers Whisper folder ({exn})") from exn
+        self.processor, self.model = load_folder(
+            path, "Whisper", WhisperProcessor, WhisperForConditionalGeneration, device
+        )
         self.spelling = self.processor.tokenizer.english_spelling_normalizer
         if self.spelling is None:
             raise ValueError(f"Whisper weights: {path} has no normalizer.json (the English spelling map)")

@@ -10,6 +10,7 @@ import torch
 from transformers import CLIPModel, CLIPProcessor
 
 from magitrain.eval.clip import Clip, ClipError, Reference
+from magitrain.eval.pretrained import load_folder
 
 
 def frame_indices(count: int, frames: int) -> np.ndarray:
@@ -31,14 +32,7 @@ class ClipScore:
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", frames: int = 8):
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"CLIP weights: {path} is not a folder")
-        try:
-            self.processor = CLIPProcessor.from_pretrained(path)
-            self.model = CLIPModel.from_pretrained(path).to(device).eval()
-        except (OSError, ValueError, TypeError) as exn:
-            raise ValueError(f"CLIP weights: {path} is not a transformers CLIP folder ({exn})") from exn
+        self.processor, self.model = load_folder(path, "CLIP", CLIPProcessor, CLIPModel, device)
         self.device, self.frames = device, frames
 
     @torch.no_grad()

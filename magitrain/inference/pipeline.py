@@ -27,6 +27,7 @@ from torch import Tensor
 from magitrain.codecs.media import (
     UPSAMPLE_MODES,
     reference_image,
+    to_pixels,
     upsample_frames,
     video_to_uint8,
     write_mp4,
@@ -246,7 +247,7 @@ class MagiHumanPipeline:
                     latent = codec.encode(audio[None], codec.model_rate, num_frames=clip.frames)
                     latents[0] = latent.to(self.device)
                 if frames is not None:
-                    pixels = clip_frames(frames, clip).permute(3, 0, 1, 2).float() / 127.5 - 1
+                    pixels = to_pixels(clip_frames(frames, clip).permute(3, 0, 1, 2))
                     latents[1] = self.codecs.video.encode(pixels[None].to(self.device)).to(self.device)
         return self.ranks.broadcast(latents, self.device)
 

@@ -23,7 +23,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from magitrain.data.encode import resize_video, to_pixels
+from magitrain.codecs.media import to_pixels
+from magitrain.data.encode import resize_video
 from magitrain.flow import training as fm
 from magitrain.flow.schedules import DEFAULT_SHIFT, flow_grid, sr_renoise_coefficient
 from magitrain.flow.sr import upsample_latent, vp_renoise

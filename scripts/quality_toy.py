@@ -106,11 +106,14 @@ def write_untrained(work: Path, seed: int) -> Path:
     return save_official(MagiHumanDiT(get_config("tiny")), work / "untrained")
 
 
-def train(work: Path, name: str, overrides: list[str], export: list[str], train_py: list[str]) -> float:
+def train(work: Path, name: str, overrides: list[str], export: list[str]) -> float:
     """`train.py OVERRIDES hydra.run.dir=work/NAME`, then its export to work/NAME/export: seconds."""
     run = work / name
     shutil.rmtree(run, ignore_errors=True)  # each run anew (train.py refuses an earlier run's folder)
-    seconds = command([*train_py, *overrides, f"hydra.run.dir={run}"], work / f"{name}_train.log")
+    seconds = command(
+        [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run}"],
+        work / f"{name}_train.log",
+    )
     args = [
         sys.executable,
         "-m",
@@ -144,14 +147,19 @@ def held_out(protos: dict, classes: torch.Tensor, seed: int) -> dict:
     return {m: torch.stack([d[m] for d in draws]) for m in protos}
 
 
-def run(work: Path, classes: int, seed: int, base: list[str], dmd: list[str] | None, eval_seeds: int,
-        rows: tuple[str, ...] = tuple(ROWS), train_py: list[str] | None = None) -> dict:  # fmt: skip
-    """The toy, the networks the `rows` need, and the rows' scores. `train_py`: the command that
-    runs train.py (a test runs a broken loss through it)."""
+def run(
+    work: Path,
+    classes: int,
+    seed: int,
+    base: list[str],
+    dmd: list[str] | None,
+    eval_seeds: int,
+    rows: tuple[str, ...] = tuple(ROWS),
+) -> dict:
+    """The toy, the networks the `rows` need, and the rows' scores."""
     from magitrain.data.synthetic import class_prompts
     from magitrain.data.toy_scores import class_scores, projections, sw_distance
 
-    train_py = train_py or [sys.executable, str(REPO / "train.py")]
     start = time.perf_counter()
     prompts = class_prompts(classes)
     protos = write_toy(work, prompts, seed)
@@ -159,11 +167,11 @@ def run(work: Path, classes: int, seed: int, base: list[str], dmd: list[str] | N
     needed = {ROWS[row][0] for row in rows}
     networks, timings = {"untrained": write_untrained(work, seed)}, {}
     if needed & {"base", "dmd2"}:
-        timings["base_s"] = train(work, "base", [*common, "recipe=base_pretrain", *base], ["--ema"], train_py)
+        timings["base_s"] = train(work, "base", [*common, "recipe=base_pretrain", *base], ["--ema"])
         networks["base"] = work / "base" / "export"
     if "dmd2" in needed:
         teacher = [*common, "recipe=dmd2_distill", f"teacher={networks['base']}", *dmd]
-        timings["dmd2_s"] = train(work, "dmd2", teacher, [], train_py)
+        timings["dmd2_s"] = train(work, "dmd2", teacher, [])
         networks["dmd2"] = work / "dmd2" / "export"
     labels = torch.arange(classes).repeat_interleave(eval_seeds)
     jobs = work / "eval.jsonl"
@@ -236,7 +244,7 @@ def run_a2v(work: Path, classes: int, seed: int, steps: int, eval_seeds: int) ->
         data = f"{work}/{'data' if paired else 'data_unpaired'}/*.tar"
         overrides = ["experiment=cpu_demo", f"data.shards={data}", f"seed={seed}", "recipe=base_pretrain",
                      f"trainer.max_steps={steps}", f"module.flow.conditioning.p_a2v={p}", *BASE]  # fmt: skip
-        timings[f"{row}_s"] = train(work, row, overrides, ["--ema"], [sys.executable, str(REPO / "train.py")])
+        timings[f"{row}_s"] = train(work, row, overrides, ["--ema"])
         networks[row] = work / row / "export"
     scores = {}
     for row, path in networks.items():

@@ -7,9 +7,11 @@ dmd2_8 row; docs/benchmarks.md "A/V quality toy").
 
 The margin (`quality_toy.goals`): the base's class accuracy at least half-way from the untrained
 network's to 1. A broken loss does not reach it: the negative
-control trains through the same CLI with the flow-matching target's sign flipped (train.py run by a
-wrapper that negates `magitrain.flow.training.velocity_target` first: the test-only override).
-Measured (2026-12-07, the shared 2-core VM, load average ~2.2; the test took 123 s):
+control trains through the same CLI with the flow-matching target's sign flipped
+(`magitrain.flow.training.velocity_target` negated: the test-only override). The CLIs run in this
+process (`toy_in_process`), as the `script` fixture runs them.
+Measured (2026-12-07, the shared 2-core VM, load average ~2.2; the test took 123 s with a process per
+CLI run, 49 s in process):
   untrained           class_accuracy 0.333, pairing 0.000, sw_distance 1.381
   base, 100 steps     class_accuracy 1.000, pairing 1.000, sw_distance 1.475 (margin: >= 0.667)
   flipped target      class_accuracy 0.000, pairing 0.833, sw_distance 1.593 (misses it)
@@ -36,22 +38,42 @@ def _toy_script():
     return module
 
 
-FLIPPED = """import runpy, sys
-from magitrain.flow import training
-target = training.velocity_target
-training.velocity_target = lambda x0, eps: -target(x0, eps)  # the broken loss: the flow target negated
-sys.argv[0] = {train!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+@pytest.fixture
+def toy_in_process(script, monkeypatch):
+    """The toy script, its CLI runs (`python train.py ...`, `-m magitrain.export`, `infer.py`) made
+    in this process as `__main__` (the `script` fixture): the same CLIs without a process's seconds
+    of imports each; one thread, as the script's processes run."""
+    import torch
 
+    def command(args: list[str], log):
+        assert args[0] == sys.executable, args
+        done = script(*args[1:])
+        log.write_text(done.stdout + done.stderr)
+        if done.returncode:
+            raise RuntimeError(
+                f"{' '.join(args[1:3])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}"
+            )
+        return 0.0
 
-def test_training_beats_the_untrained_network_by_a_margin_a_broken_loss_misses(tmp_path):
     toy = _toy_script()
+    monkeypatch.setattr(toy, "command", command)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield toy
+    torch.set_num_threads(threads)
+
+
+def test_training_beats_the_untrained_network_by_a_margin_a_broken_loss_misses(
+    tmp_path, toy_in_process, monkeypatch
+):
+    from magitrain.flow import training
+
+    toy = toy_in_process
     base = [f"trainer.max_steps={BASE_STEPS}", *toy.BASE]
     trained = toy.run(tmp_path / "flow", CLASSES, 0, base, None, EVAL_SEEDS, ("untrained", "base_32_cfg"))
-    (tmp_path / "flipped_train.py").write_text(FLIPPED.format(train=str(REPO / "train.py")))
-    flipped_py = [sys.executable, str(tmp_path / "flipped_train.py")]
-    broken = toy.run(tmp_path / "flipped", CLASSES, 0, base, None, EVAL_SEEDS, ("base_32_cfg",), flipped_py)
+    target = training.velocity_target
+    monkeypatch.setattr(training, "velocity_target", lambda x0, eps: -target(x0, eps))  # the broken loss
+    broken = toy.run(tmp_path / "flipped", CLASSES, 0, base, None, EVAL_SEEDS, ("base_32_cfg",))
     print(trained, broken)  # (pytest -rP)
     assert list(trained["goals"].values()) == [True], trained
     against_untrained = toy.goals({"untrained": trained["rows"]["untrained"], **broken["rows"]})

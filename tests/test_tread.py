@@ -26,7 +26,8 @@ def _inputs(seed=0, B=2, text_len=(7, 3)):
 
 def _route(start, end, B=2, n_video=72, n_audio=9, rate=0.5, audio=False, seed=1):
     gens = [torch.Generator().manual_seed(seed + b) for b in range(B)]
-    cfg = TreadConfig(rate=rate, start_layer=start, end_layer=end, modalities=("video", "audio") if audio else ("video",))
+    modalities = ("video", "audio") if audio else ("video",)
+    cfg = TreadConfig(rate=rate, start_layer=start, end_layer=end, modalities=modalities)
     return cfg.draw(gens, {"video": n_video, "audio": n_audio}, 4, "cpu")
 
 
@@ -36,11 +37,14 @@ def _hand_built(model, video, audio, text, text_len, route):
     cfg = model.config
     layout = SequenceLayout(video.shape[0], 3, 4, 6, audio.shape[1], text.shape[1], text_len)
     a = model.adapter
-    x = torch.cat([a.video_embedder(patchify(video, cfg.patch_size)), a.audio_embedder(audio), a.text_embedder(text)], 1)
+    tokens = (patchify(video, cfg.patch_size), audio, text)
+    embedders = (a.video_embedder, a.audio_embedder, a.text_embedder)
+    x = torch.cat([e(t) for e, t in zip(embedders, tokens, strict=True)], 1)
     rope = a.rope(layout.positions(cfg.coords_style))
     S = layout.seq_len
     window = cfg.frame_window if cfg.local_attn_layers else None
-    full = [m if m is None else m.expand(-1, -1, S, S) for m in (layout.dense_mask(None), layout.dense_mask(window))]
+    masks = (layout.dense_mask(None), layout.dense_mask(window))
+    full = [m if m is None else m.expand(-1, -1, S, S) for m in masks]
     kept_all, splits = route.kept(layout, "cpu")
     outs = []
     for b in range(layout.batch):
@@ -134,9 +138,10 @@ def test_the_routed_forward_with_flex_block_masks_equals_the_dense_one():
     video, audio, text, text_len = _inputs()
     route = _route(1, 2, audio=True)
     with torch.no_grad():  # (flex attention has no CPU backward)
-        for got, want in zip(flex(video, audio, text, text_len=text_len, route=route),
-                             dense(video, audio, text, text_len=text_len, route=route), strict=True):  # fmt: skip
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        got = flex(video, audio, text, text_len=text_len, route=route)
+        want = dense(video, audio, text, text_len=text_len, route=route)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
 
 
 def test_routing_layers_default_to_the_released_span_and_bad_spans_name_the_keys():

@@ -162,3 +162,35 @@ def test_compiled_layers_with_routing_compile_a_bounded_number_of_times():
         with torch.no_grad():
             model(video, audio, text, route=_route(1, 2, seed=10 * seed))
     assert counter.frame_count <= 3 * 2
+
+
+def test_flops_count_the_kept_tokens_and_their_allowed_pairs_in_the_routed_layers():
+    """Every layer counted by hand from the whole sequence's dense mask (rows and columns of the
+    kept tokens inside the span), with padded prompts and frame-local layers 1, 2."""
+    from magitrain.model.flops import forward_flops, set_aside_tokens
+
+    config = tiny(local_attn_layers=(1, 2), frame_window=1)
+    layout = SequenceLayout(2, 5, 2, 3, 9, 7, torch.tensor([7, 3]))
+    gens = [torch.Generator().manual_seed(b) for b in range(2)]
+    route = TreadConfig(rate=0.5, start_layer=2, end_layer=3, modalities=("video", "audio")).draw(
+        gens, {"video": 30, "audio": 9}, 4, "cpu"
+    )
+    kept, _ = route.kept(layout, "cpu")
+    real = layout.key_is_real()
+    S = layout.seq_len
+    per_pair = 4 * config.num_heads_q * config.head_dim
+    d = config.hidden_size
+    expected = 2 * (d * 192 + d * 192) * real.sum().double()  # embedders and output heads
+    for i in range(4):
+        mask = layout.dense_mask(1 if i in config.local_attn_layers else None).expand(2, 1, S, S)[:, 0]
+        mask = mask & real[:, :, None]  # padded queries do no useful work
+        if 2 <= i <= 3:
+            mask = torch.stack([mask[b][kept[b]][:, kept[b]] for b in range(2)])
+            tokens = torch.gather(real, 1, kept).sum()
+        else:
+            tokens = real.sum()
+        expected += 2 * config.layer_params_per_token(i) * tokens.double() + per_pair * mask.sum().double()
+    got = forward_flops(config, layout, route)
+    assert float(got) == pytest.approx(float(expected), rel=1e-12)
+    assert float(got) < float(forward_flops(config, layout))
+    assert set_aside_tokens(layout, route) == 2 * (15 + 4)

@@ -142,6 +142,17 @@ class MagiHumanDiT(nn.Module):
             )  # [B, S, D]
             rope = self.adapter.rope(layout.positions(coords_style or cfg.coords_style, x.device))
 
+        x = self._run_layers(x, rope, layout, route)
+
+        nv, na = layout.n_video, layout.n_audio
+        with torch.autocast(video.device.type, enabled=False):  # output heads in float32
+            v_video = self.final_linear_video(self.final_norm_video(x[:, :nv]))
+            v_audio = self.final_linear_audio(self.final_norm_audio(x[:, nv : nv + na]))
+        return unpatchify(v_video, grid, cfg.patch_size), v_audio
+
+    def _run_layers(self, x: Tensor, rope: Tensor, layout: SequenceLayout, route: TokenRoute | None):
+        """The transformer layers over the whole sequence [B, S, D] (each context-parallel rank over
+        its slice); with `route`, layers `route.start..route.end` over its kept tokens alone."""
         masks = full_masks = self._masks(layout, x.device)
         if route is not None:
             route.check(len(self.block.layers), layout)
@@ -162,13 +173,7 @@ class MagiHumanDiT(nn.Module):
             if route is not None and i == route.end:  # the set-aside tokens re-enter in place
                 x, rope, splits = self._split(put_back(held, kept, self._gather(x)), *full)
                 masks, held = full_masks, None
-        x = self._gather(x)
-
-        nv, na = layout.n_video, layout.n_audio
-        with torch.autocast(video.device.type, enabled=False):  # output heads in float32
-            v_video = self.final_linear_video(self.final_norm_video(x[:, :nv]))
-            v_audio = self.final_linear_audio(self.final_norm_audio(x[:, nv : nv + na]))
-        return unpatchify(v_video, grid, cfg.patch_size), v_audio
+        return self._gather(x)
 
     def _split(self, x: Tensor, rope: Tensor, splits: tuple[int, int, int]):
         """This rank's slice of the tokens, of RoPE and of the modality routing (context parallel)."""

@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         routed = train(toy, args.rate, args.steps, args.batch, args.eval_every, seed, args.lr)
         results[seed] = {"off": off, "routed": routed, "compare": compare(off, routed)}
         print(json.dumps({"seed": seed, **results[seed]["compare"]}), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+        if args.json:  # after every seed: a run cut short keeps what finished
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "results": results}, f, indent=1)
     better = all(
         r["compare"]["routed_final"] <= r["compare"]["unrouted_at_equal_flops"] for r in results.values()
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import compose_train, tiny_run
+from lightning.pytorch import Callback
 from test_train_base import read_metrics
 
 from magitrain.launch import train
@@ -82,3 +83,35 @@ def test_the_planner_runs_the_routed_step_and_plans_its_smaller_activations():
     routed = measure(0.5, fake=True)
     assert routed < 0.9 * measure(0.0, fake=True)  # measured: 52.9 MB vs 65.0 MB
     assert routed == measure(0.5, fake=False)  # (fake and real agree without routing: test_plan*.py)
+
+
+class RouteSpy(Callback):
+    """Which DMD-2 network forwards got a route: (network, grad enabled, routed) per call."""
+
+    calls: list = []
+
+    def on_train_start(self, trainer, pl_module):
+        RouteSpy.calls = []
+        for name in ("model", "critic", "teacher"):
+            network = getattr(pl_module, name)
+
+            def spy(module, args, kwargs, name=name):
+                RouteSpy.calls.append((name, torch.is_grad_enabled(), kwargs.get("route") is not None))
+
+            network.register_forward_pre_hook(spy, with_kwargs=True)
+
+
+def test_dmd2_routes_the_student_and_critic_training_forwards_never_the_teacher(latent_shards, tmp_path):
+    from magitrain.checkpoint import save_official
+    from magitrain.model import MagiHumanDiT, tiny
+
+    teacher = save_official(MagiHumanDiT(tiny()), tmp_path / "teacher")
+    spy = "+callbacks.spy._target_=test_tread_training.RouteSpy"
+    dmd = ("recipe=dmd2_distill", f"teacher={teacher}", "module.dmd.ttur=1", "trainer.max_steps=1", spy)
+    overrides = tiny_run(latent_shards, *TREAD, *dmd)
+    train(compose_train(overrides, tmp_path / "run"))
+    calls = set(RouteSpy.calls)
+    assert ("teacher", True, True) not in calls and ("teacher", False, True) not in calls
+    assert ("model", True, True) in calls and ("model", False, True) not in calls  # the exit step only
+    assert ("critic", True, True) in calls  # its own loss
+    assert ("critic", False, False) in calls  # its score inside the generator loss: unrouted

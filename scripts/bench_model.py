@@ -5,6 +5,10 @@ Examples:
   # the 15B-wide slice on one H100: 2 sandwich + 2 shared layers, 256p 5 s, bf16
   python scripts/bench_model.py --preset magihuman_15b --layers 4 --sandwich 0,1 --gelu 0 \
       --shape 448x256x5s --dtype bf16 --compile --peak-tflops 989
+  # TREAD side by side (training steps with and without routing, interleaved rounds): a 5-layer
+  # slice routing layers 1..3 routes 3 of 5 layers, the released 24 of 40 (60 %)
+  python scripts/bench_model.py --preset magihuman_15b --layers 5 --sandwich 0,1,4 --gelu 0 \
+      --shape 448x256x5s --dtype bf16 --compile --tread 0.5 --tread-layers 1,3 --peak-tflops 989
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 
 import torch
 
+from magitrain.flow.tread import TreadConfig
 from magitrain.inference import ClipShape
 from magitrain.model import MagiHumanDiT, SequenceLayout, get_config
 from magitrain.model.compile import compile_layers
@@ -30,6 +35,11 @@ def parse_shape(shape: str) -> ClipShape:
 
 def build(args) -> MagiHumanDiT:
     overrides = {}
+    if args.hidden:  # a wider or narrower toy of the same shape ratios (CPU benchmarks)
+        heads = args.hidden // args.head_dim
+        overrides |= dict(hidden_size=args.hidden, head_dim=args.head_dim, num_heads_q=heads)
+        overrides |= dict(num_heads_kv=max(1, heads // 4), swiglu_hidden=args.hidden * 8 // 3)
+        overrides |= dict(gelu_hidden=4 * args.hidden, text_in_channels=args.hidden)
     if args.layers:
         overrides["num_layers"] = args.layers
         overrides["sandwich_layers"] = tuple(int(i) for i in args.sandwich.split(",") if i)
@@ -72,6 +82,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 SXM bf16: 989)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hidden", type=int, default=0, help="override the width (heads of --head-dim)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--tread", type=float, default=0.0, help="also time training steps with this TREAD rate")
+    p.add_argument("--tread-layers", default="", help="START,END of the routed layers (default: scaled span)")
+    p.add_argument("--rounds", type=int, default=3, help="TREAD: interleaved off/on rounds (median)")
     return p
 
 
@@ -125,7 +140,49 @@ def benchmark(args: argparse.Namespace) -> dict:
         }
     if dev == "cuda":
         results["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.tread:
+        results["tread"] = tread_side_by_side(args, model, (video, audio, text), layout, autocast)
     return results
+
+
+def tread_side_by_side(args, model: MagiHumanDiT, inputs, layout: SequenceLayout, autocast) -> dict:
+    """Training steps (forward + backward) without and with TREAD routing, in interleaved rounds
+    (the median of each: a shared machine's load hits both alike); tokens/s counts every token of
+    the batch (all are in the loss), FLOPs the ones computed."""
+    cfg, dev = model.config, args.device
+    start, end = (int(i) for i in args.tread_layers.split(",")) if args.tread_layers else (None, None)
+    tread = TreadConfig(rate=args.tread, start_layer=start, end_layer=end)
+    gens = [torch.Generator(dev).manual_seed(i) for i in range(layout.batch)]
+    route = tread.draw(gens, {"video": layout.n_video, "audio": layout.n_audio}, cfg.num_layers, dev)
+
+    def step(r):
+        def fn():
+            with autocast:
+                v, a = model(*inputs, route=r)
+            (v.float().square().mean() + a.float().square().mean()).backward()
+
+        return fn
+
+    times = {"off": [], "tread": []}
+    for _ in range(args.rounds):
+        for name, r in (("off", None), ("tread", route)):
+            times[name].append(time_steps(step(r), args.steps, args.warmup, dev))
+    out = {"rate": args.tread, "layers": [route.start, route.end], "rounds": args.rounds}
+    tokens = layout.seq_len * layout.batch
+    for name, r in (("off", None), ("tread", route)):
+        seconds = sorted(times[name])[len(times[name]) // 2]
+        flops = 3 * float(forward_flops(cfg, layout, r))
+        out[name] = {
+            "s_per_step": round(seconds, 4),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "computed_tflop_per_step": round(flops / 1e12, 5),
+            "tflops": round(flops / seconds / 1e12, 3),
+        }
+    out["tokens_per_s_ratio"] = round(out["tread"]["tokens_per_s"] / out["off"]["tokens_per_s"], 3)
+    out["computed_flops_ratio"] = round(
+        out["tread"]["computed_tflop_per_step"] / out["off"]["computed_tflop_per_step"], 3
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

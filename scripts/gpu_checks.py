@@ -17,12 +17,15 @@ The sections run in priority order (SECTIONS below): the headline figures first,
    activation checkpointing: seconds of the critic and generator phases, the run's peak memory;
 5. `plan_vs_gpu`: `python -m magitrain.plan` of that DMD-2 run against the peak it measured (a
    figure, not a pass/fail: issue #18's goal is within 10 %);
-6. `training`: a short training run of the slice under FSDP2 and under DeepSpeed ZeRO-3: tokens/s,
+6. `tread`: TREAD token routing side by side on a 5-layer 15B-wide slice (sandwich 0, 1, 4;
+   layers 1..3 routed at rate 0.5: 3 of 5 layers, the released 24 of 40), compiled, bf16, 256p
+   5 s: training-step tokens/s and computed FLOPs with and without routing (goal: >= 1.35x);
+7. `training`: a short training run of the slice under FSDP2 and under DeepSpeed ZeRO-3: tokens/s,
    MFU and peak memory from the throughput callback, the FSDP2 run's plan beside its peak;
-7. `slice_eager`: the slice of section 2 without compile;
-8. `table2_540p`: the 540p row, Turbo-VAED and the full Wan2.2 VAE side by side, compiled;
-9. `decode`: a bf16 and a float32 decode of the 256p latent with the full-size video codec;
-10. `step_compile`: the 256p distilled base stage of the 15B model with each layer compiled
+8. `slice_eager`: the slice of section 2 without compile;
+9. `table2_540p`: the 540p row, Turbo-VAED and the full Wan2.2 VAE side by side, compiled;
+10. `decode`: a bf16 and a float32 decode of the 256p latent with the full-size video codec;
+11. `step_compile`: the 256p distilled base stage of the 15B model with each layer compiled
    (`compile=blocks`) and with the whole denoising step compiled (`compile=step`), side by side:
    seconds, warm-up (compilation) seconds and the graph breaks dynamo reports.
 
@@ -59,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 SLICE = ["--layers", "4", "--sandwich", "0,1", "--gelu", "0"]  # the 15B-wide slice
+TREAD_SLICE = ["--layers", "5", "--sandwich", "0,1,4", "--gelu", "0"]  # routes layers 1..3 of 5
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -121,6 +125,21 @@ def slice_benchmark(dry: bool, compiled: bool) -> dict:
         args += ["--steps", "5", "--warmup", "2", "--peak-tflops", str(peak_tflops())]
         args += ["--compile"] if compiled else []
     return bench_model.benchmark(bench_model.parser().parse_args(args))
+
+
+def tread_benchmark(dry: bool) -> dict:
+    """Section `tread`: bench_model's side-by-side training steps without and with routing."""
+    import bench_model
+
+    if dry:
+        # eager: the dry run of `slice` covers the compile path, tests/test_tread.py compiled routing
+        args = ["--preset", "tiny", "--shape", "64x64x1s", "--steps", "1", "--warmup", "0", "--rounds", "1"]
+    else:
+        args = ["--preset", "magihuman_15b", *TREAD_SLICE, "--shape", "448x256x5s", "--dtype", "bf16"]
+        args += ["--steps", "5", "--warmup", "2", "--rounds", "3", "--compile"]
+        args += ["--peak-tflops", str(peak_tflops())]
+    args += ["--tread", "0.5", "--tread-layers", "1,3"]
+    return bench_model.benchmark(bench_model.parser().parse_args(args))["tread"]
 
 
 # ----- 3. the GPU tests -----------------------------------------------------------------------------
@@ -375,6 +394,7 @@ SECTIONS = (
     Section("tests", lambda c: gpu_tests(c.dry), 150, 45),
     Section("dmd_slice", lambda c: dmd_slice(c.out, c.dry), 90, 60),
     Section("plan_vs_gpu", lambda c: plan_vs_gpu(c.results, c.dry), 20, 30),
+    Section("tread", lambda c: tread_benchmark(c.dry), 90, 10),
     Section("training", lambda c: training_steps(c.out, c.dry), 150, 60),
     Section("slice_eager", lambda c: slice_benchmark(c.dry, compiled=False), 40, 10),
     Section("table2_540p", lambda c: table2(c.dry, ("540p",), wan_beside=True), 200, 30),
@@ -481,6 +501,14 @@ def markdown(results: dict, machine: str) -> str:
         ratio = planned.get("plan_over_measured", "-")
         lines += [f"Planner vs the DMD-2 slice run: plan {planned['plan_gib']} GiB, measured "
                   f"{planned['measured_gib']} GiB, ratio {ratio}", ""]  # fmt: skip
+    tread = result.get("tread")
+    if tread:
+        lines += ["| TREAD slice | tokens/s | computed TFLOP/step | TFLOP/s |", "|---|---|---|---|"]
+        for name in ("off", "tread"):
+            t = tread[name]
+            lines.append(f"| {name} | {t['tokens_per_s']} | {t['computed_tflop_per_step']} | {t['tflops']} |")
+        ratios = f"tokens/s x{tread['tokens_per_s_ratio']}, computed FLOPs x{tread['computed_flops_ratio']}"
+        lines += [f"TREAD rate {tread['rate']}, layers {tread['layers']}: {ratios}", ""]
     train = result.get("training")
     if train:
         lines += ["| strategy | tokens/s | MFU | peak GiB | plan GiB |", "|---|---|---|---|---|"]

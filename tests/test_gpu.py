@@ -150,6 +150,7 @@ def test_gpu_checks_dry_run_covers_every_section_in_priority_order(tmp_path):
     assert results["training"]["result"]["fsdp2_plan"]["plan_gib"] > 0
     assert results["slice"]["result"]["compile"] and not results["slice_eager"]["result"]["compile"]
     assert results["training"]["result"]["fsdp2"]["perf/tokens_per_s"] > 0
+    assert results["tread"]["result"]["computed_flops_ratio"] < 1  # the routed step computes less
     table2 = results["table2"]["result"]
     assert [(r["output"], r["decoder"]) for r in table2["rows"]] == [("64x64", "wan"), ("128x128", "wan")]
     assert {r["decoder"] for r in results["table2_540p"]["result"]["rows"]} == {"wan"}

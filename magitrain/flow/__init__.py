@@ -26,6 +26,7 @@ from .training import (
     velocity_mse,
     velocity_target,
 )
+from .tread import TreadConfig
 from .unipc import unipc_scheduler
 from .velocity import VelocityFn
 
@@ -35,6 +36,7 @@ __all__ = [
     "Conditioning",
     "Guidance",
     "SigmaSampling",
+    "TreadConfig",
     "VelocityFn",
     "cfg",
     "condition_on_image",

@@ -71,13 +71,16 @@ class MagiHumanConfig:
     def replace(self, **changes) -> MagiHumanConfig:
         return dataclasses.replace(self, **changes)
 
+    def layer_params_per_token(self, index: int) -> int:
+        """Parameters one token multiplies with in layer `index` (one modality copy of a sandwich layer)."""
+        d = self.hidden_size
+        mlp = 2 * d * self.gelu_hidden if index in self.gelu7_layers else 3 * d * self.swiglu_hidden
+        return self.qkv_rows * d + self.num_heads_q * self.head_dim * d + mlp
+
     def active_params_per_token(self) -> int:
         """Parameters one token multiplies with: one modality copy in sandwich layers, no text head."""
         d = self.hidden_size
-        total = 0
-        for i in range(self.num_layers):
-            mlp = 2 * d * self.gelu_hidden if i in self.gelu7_layers else 3 * d * self.swiglu_hidden
-            total += self.qkv_rows * d + self.num_heads_q * self.head_dim * d + mlp
+        total = sum(self.layer_params_per_token(i) for i in range(self.num_layers))
         return total + d * max(self.video_in_channels, self.audio_in_channels) + d * self.video_in_channels
 
 

@@ -16,6 +16,7 @@ from .config import MagiHumanConfig
 from .layers import Float32Linear, RMSNorm, TransformerLayer
 from .layout import SequenceLayout
 from .rope import RotaryEmbedding
+from .routing import TokenRoute, block_masks, dense_masks, gather_tokens, put_back, token_facts
 
 
 def patchify(video: Tensor, patch: tuple[int, int, int]) -> Tensor:
@@ -106,6 +107,7 @@ class MagiHumanDiT(nn.Module):
         text: Tensor,
         text_len: Tensor | None = None,
         coords_style: str | None = None,
+        route: TokenRoute | None = None,
     ) -> tuple[Tensor, Tensor]:
         """video [B, 48, T, H, W], audio [B, N, 64], text [B, L, C_text] -> (v_video, v_audio), same shapes.
 
@@ -114,6 +116,9 @@ class MagiHumanDiT(nn.Module):
         the mask too when nothing is left padded) where that costs no wait for the device: for a
         CPU `text_len`, or outside autograd (sampling, where one sync per forward of the network is
         nothing). A training step on a GPU keeps the batch's padding and masks it.
+
+        `route` (TREAD, training only): layers `route.start..route.end` run on its kept tokens
+        alone; the others skip them unchanged (magitrain.model.routing).
         """
         cfg = self.config
         self._check_inputs(video, audio, text, text_len)
@@ -137,19 +142,7 @@ class MagiHumanDiT(nn.Module):
             )  # [B, S, D]
             rope = self.adapter.rope(layout.positions(coords_style or cfg.coords_style, x.device))
 
-        global_mask, local_mask = self._masks(layout, x.device)
-        splits = layout.splits
-        cp = self.context_parallel
-        if cp is not None:  # this rank's slice of the tokens, of RoPE and of the modality routing
-            x, rope, splits = cp.shard(x, rope, splits)
-        for i, layer in enumerate(self.block.layers):
-            if self.activation_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
-                args = (splits, rope, global_mask, local_mask)
-                x = checkpoint_block(layer, x, *args, saved_dtype=self.checkpoint_dtype)
-            else:
-                x = layer(x, splits, rope, global_mask, local_mask)
-        if cp is not None:
-            x = cp.gather(x)
+        x = self._run_layers(x, rope, layout, route)
 
         nv, na = layout.n_video, layout.n_audio
         with torch.autocast(video.device.type, enabled=False):  # output heads in float32
@@ -157,11 +150,48 @@ class MagiHumanDiT(nn.Module):
             v_audio = self.final_linear_audio(self.final_norm_audio(x[:, nv : nv + na]))
         return unpatchify(v_video, grid, cfg.patch_size), v_audio
 
-    def _masks(self, layout: SequenceLayout, device: torch.device):
-        """(global, local) attention masks of this batch: flex block masks on CUDA, dense elsewhere."""
+    def _run_layers(self, x: Tensor, rope: Tensor, layout: SequenceLayout, route: TokenRoute | None):
+        """The transformer layers over the whole sequence [B, S, D] (each context-parallel rank over
+        its slice); with `route`, layers `route.start..route.end` over its kept tokens alone."""
+        masks = full_masks = self._masks(layout, x.device)
+        if route is not None:
+            route.check(len(self.block.layers), layout)
+        full = (rope, layout.splits)  # the whole sequence's RoPE and splits, for the put-back
+        x, rope, splits = self._split(x, *full)
+        held = kept = None
+        for i, layer in enumerate(self.block.layers):
+            if route is not None and i == route.start:  # set aside all but the kept tokens
+                kept, routed_splits = route.kept(layout, x.device)
+                held = self._gather(x)
+                kept_rope = gather_tokens(full[0], kept)
+                x, rope, splits = self._split(gather_tokens(held, kept), kept_rope, routed_splits)
+                masks = self._masks(layout, x.device, kept)
+            if self.activation_checkpointing and torch.is_grad_enabled() and i % self.checkpoint_every == 0:
+                x = checkpoint_block(layer, x, splits, rope, *masks, saved_dtype=self.checkpoint_dtype)
+            else:
+                x = layer(x, splits, rope, *masks)
+            if route is not None and i == route.end:  # the set-aside tokens re-enter in place
+                x, rope, splits = self._split(put_back(held, kept, self._gather(x)), *full)
+                masks, held = full_masks, None
+        return self._gather(x)
+
+    def _split(self, x: Tensor, rope: Tensor, splits: tuple[int, int, int]):
+        """This rank's slice of the tokens, of RoPE and of the modality routing (context parallel)."""
+        cp = self.context_parallel
+        return (x, rope, splits) if cp is None else cp.shard(x, rope, splits)
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """The whole sequence from the context-parallel ranks' slices (x itself without CP)."""
+        return x if self.context_parallel is None else self.context_parallel.gather(x)
+
+    def _masks(self, layout: SequenceLayout, device: torch.device, kept: Tensor | None = None):
+        """(global, local) attention masks of this batch, or of its `kept` tokens [B, K] (token
+        routing): flex block masks on CUDA, dense elsewhere."""
         cfg = self.config
         window = cfg.frame_window if cfg.local_attn_layers else None
         use_flex = cfg.attn_backend == "flex" or (cfg.attn_backend == "auto" and device.type == "cuda")
+        if kept is not None:
+            return (block_masks if use_flex else dense_masks)(*token_facts(layout, kept), window)
         build = layout.block_mask if use_flex else layout.dense_mask
         global_mask = build(None, device)
         local_mask = build(window, device) if window is not None else None

@@ -327,7 +327,14 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
     cfg = module.dmd_config
     opt_student, opt_critic = optimizers
     ctx = module._context(batch)
-    critic, student = module._velocity(module.critic, ctx), module._velocity(module.model, ctx)
+    critic, student = (
+        module._velocity(module.critic, ctx),
+        module._velocity(module.model, ctx, route=module.token_route(batch, "tread/student")),
+    )  # (TREAD: the routed forwards hold the smaller activations they hold in training)
+    gan = getattr(module, "gan", None)
+    critic_for_loss = module._velocity(
+        module.critic, ctx, route=module.token_route(batch, "tread/critic0") if gan is None else None
+    )
     with unset_fake_temporarily():  # the grid is a list of numbers (a fake tensor has no values)
         sigmas = flow_grid(cfg.student_steps)[1][:-1].tolist()
 
@@ -337,8 +344,8 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
     with torch.no_grad():
         x0 = simulate()
     s, eps = module._score_draw(ctx)
-    if getattr(module, "gan", None) is None:
-        loss, _ = core.critic_loss(critic, x0, s=s, eps=eps, scored=ctx["scored"])
+    if gan is None:
+        loss, _ = core.critic_loss(critic_for_loss, x0, s=s, eps=eps, scored=ctx["scored"])
     else:  # the optional GAN term: the discriminator head trains with the critic
         loss, _ = module._critic_loss_with_gan(critic, ctx, x0, s, eps)
     loss.backward()
@@ -362,7 +369,7 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
         module._negative = (torch.zeros_like(text[:1]), torch.full((1,), text.shape[1], device=text.device))
     teacher = module._guided_teacher(ctx)
     loss, _ = core.generator_loss(x0, teacher, critic, s=s, eps=eps, weights=weights, scored=ctx["scored"])
-    if getattr(module, "gan", None) is not None:
+    if gan is not None:
         loss = loss + module.gan.generator_loss(critic, x0, s=s, eps=eps)[0]
     loss.backward()
     phases("generator")

@@ -312,7 +312,9 @@ class DMD2Module(MagiHumanModule):
             )
         return str(found)
 
-    def _velocity(self, network, ctx: dict, prompt: tuple | None = None, bf16: bool | None = None):
+    def _velocity(
+        self, network, ctx: dict, prompt: tuple | None = None, bf16: bool | None = None, route=None
+    ):
         """The core's velocity callable of one network, given the step's context and `prompt`
         (embeddings, lengths; default the batch's text). Image-to-video: frame 0 enters as the clean
         reference, and its velocity is the exact `(x_t - ref) / s`, so every x0 prediction holds the
@@ -322,7 +324,11 @@ class DMD2Module(MagiHumanModule):
 
         `bf16`: None runs the network in the step's own precision (trainer.precision's autocast,
         which an `autocast(enabled=False)` would switch off); True under bf16 autocast, False in
-        float32 whatever the trainer's precision (a float32 teacher: exact)."""
+        float32 whatever the trainer's precision (a float32 teacher: exact).
+
+        `route` (TREAD, `module.tread`): the forwards with grad route their tokens (the student's
+        exit step, the critic's own loss); no-grad rollouts, the teacher and the critic's score of
+        the generator loss never do."""
 
         text, text_len = prompt or (ctx["text"], ctx["text_len"])
         frame_mask, reference, a2v = ctx["mask"], ctx["ref"], ctx["a2v"]
@@ -335,21 +341,22 @@ class DMD2Module(MagiHumanModule):
                 if bf16 is None
                 else torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
             )
+            routed = route if torch.is_grad_enabled() else None
             with autocast:
-                v_video, v_audio = network(video, audio, text, text_len=text_len)
+                v_video, v_audio = network(video, audio, text, text_len=text_len, route=routed)
             exact = (x["video"] - reference) / s.reshape(-1, 1, 1, 1, 1)
             return {"video": torch.where(frame_mask == 0, exact, v_video.float()), "audio": v_audio.float()}
 
         return velocity
 
-    def _critic_for_loss(self, ctx: dict):
+    def _critic_for_loss(self, ctx: dict, route=None):
         """The critic's velocity callable for its own loss. Image-to-video: frame 0 is exact (zero
         error), so the batch mean weighs a conditioned sample's video by (T-1)/T; its video gradient
         is scaled by T/(T-1), so each sample weighs as the mean over its own free frames (the base
         recipe's masked `velocity_mse`). Values, and so the logged losses, are unchanged. (The
         generator loss needs no such step: its per-sample normaliser is scaled by the same (T-1)/T
         and the two cancel exactly in its gradient; docs/training.md.)"""
-        critic = self._velocity(self.critic, ctx)
+        critic = self._velocity(self.critic, ctx, route=route)
         frames = ctx["mask"].flatten(1)
         weight = (frames.shape[1] / frames.sum(1).clamp_min(1)).reshape(-1, 1, 1, 1, 1)  # (T=1: 1)
 
@@ -456,8 +463,8 @@ class DMD2Module(MagiHumanModule):
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/exit/{self.global_step}/{phase}".encode()))
         return int(torch.randint(0, self.dmd_config.student_steps, (1,), generator=g))
 
-    def _simulate(self, ctx: dict, phase: int) -> dict[str, Tensor]:
-        student = self._velocity(self.model, ctx)
+    def _simulate(self, ctx: dict, phase: int, route=None) -> dict[str, Tensor]:
+        student = self._velocity(self.model, ctx, route=route)
         sigmas = flow_grid(self.dmd_config.student_steps)[1][:-1].tolist()
         noise = self._draw(ctx)
         # re-noising from the per-sample generators: DDP draws what one process would
@@ -481,7 +488,6 @@ class DMD2Module(MagiHumanModule):
         ctx = self._context(batch)
         B = ctx["text"].shape[0]
         critic = self._velocity(self.critic, ctx)
-        critic_for_loss = self._critic_for_loss(ctx)
         step = self.global_step
         measure = cfg.monitor_every > 0 and step % cfg.monitor_every == 0
 
@@ -491,6 +497,9 @@ class DMD2Module(MagiHumanModule):
             with torch.no_grad():
                 x0 = self._simulate(ctx, phase)
             s, eps = self._score_draw(ctx)
+            # TREAD: a route per critic phase; not with the GAN head (it reads whole-sequence features)
+            route = self.token_route(batch, f"tread/critic{phase}") if self.gan is None else None
+            critic_for_loss = self._critic_for_loss(ctx, route)
             if self.gan is None:
                 loss, logs = core.critic_loss(critic_for_loss, x0, s=s, eps=eps, scored=ctx["scored"])
             else:
@@ -506,7 +515,7 @@ class DMD2Module(MagiHumanModule):
         critic_time = time.perf_counter() - start
 
         start = time.perf_counter()
-        x0 = self._simulate(ctx, cfg.ttur)
+        x0 = self._simulate(ctx, cfg.ttur, self.token_route(batch, "tread/student"))
         s, eps = self._score_draw(ctx)
         weights = {"video": cfg.video_weight, "audio": cfg.audio_weight}
         teacher = self._guided_teacher(ctx)

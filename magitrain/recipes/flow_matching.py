@@ -145,8 +145,9 @@ class FlowMatchingModule(MagiHumanModule):
         text_len = batch["text_len"].to(self.device)  # the empty prompt: no text tokens enter
         text_len = torch.where(d["drop_text"], torch.zeros_like(text_len), text_len)  # (no host sync)
 
+        route = self.token_route(batch)  # TREAD (module.tread): None when off
         v_video, v_audio = self.model(
-            x_video, x_audio, batch["text_emb"], text_len=text_len, **self.model_kwargs()
+            x_video, x_audio, batch["text_emb"], text_len=text_len, route=route, **self.model_kwargs()
         )
         seen = (~d["v2a"]).to(x0_video)  # the samples whose video is trained (v2a: given clean)
         loss_video = fm.velocity_mse(v_video, fm.velocity_target(x0_video, x1_video), frame_mask) * seen

@@ -19,6 +19,7 @@ import torch
 from magitrain.checkpoint import load_official
 from magitrain.data.prompts import latent_geometry
 from magitrain.errors import UserError
+from magitrain.flow.tread import TreadConfig
 from magitrain.model import MagiHumanConfig, MagiHumanDiT
 from magitrain.parallel import ParallelConfig, parallelize
 
@@ -34,6 +35,7 @@ class MagiHumanModule(L.LightningModule):
         init: str | None = None,
         codecs=None,
         seed: int = 0,
+        tread: TreadConfig | None = None,
     ):
         super().__init__()
         self.model_config = model
@@ -46,10 +48,13 @@ class MagiHumanModule(L.LightningModule):
                 "parallel": asdict(self.parallel_config),
                 "init": init,
                 "seed": seed,
+                "tread": asdict(tread or TreadConfig()),
             }
         )
         self.init_path = init
         self.seed = seed
+        self.tread_config = tread or TreadConfig()
+        self.last_route = None  # the route of the latest training forward (Throughput counts it)
         object.__setattr__(self, "codecs", codecs)  # frozen helpers: not part of the state dict
         self.model: MagiHumanDiT | None = None
         self.ema: MagiHumanDiT | None = None
@@ -182,6 +187,19 @@ class MagiHumanModule(L.LightningModule):
             torch.Generator(device).manual_seed(zlib.crc32(f"{self.seed}/{step}/{key}{suffix}".encode()))
             for key in keys
         ]
+
+    def token_route(self, batch: dict, stream: str = "tread"):
+        """The TREAD route of this batch's training forward (None with `module.tread` off), drawn
+        from the per-sample `stream`; kept as `last_route` for the throughput count."""
+        route = None
+        if self.tread_config.enabled:
+            (_, T, H, W), (N, _) = latent_geometry(batch)
+            pt, ph, pw = self.model_config.patch_size
+            counts = {"video": (T // pt) * (H // ph) * (W // pw), "audio": N}
+            gens = self.sample_generators(batch, stream)
+            route = self.tread_config.draw(gens, counts, self.model_config.num_layers, self.device)
+        self.last_route = route
+        return route
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         for logger in self.loggers:

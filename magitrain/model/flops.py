@@ -24,15 +24,16 @@ def _window_frames(frames: int, window: int) -> int:
 
 
 def _text(layout: SequenceLayout) -> Tensor:
-    """[B] real text tokens, float64, where the lengths live (no host sync)."""
+    """[B] real text + reference-audio tokens, float64, where the lengths live (no host sync)."""
     device = layout.text_len.device if layout.text_len is not None else None
-    return layout.text_lengths(device).to(torch.float64)
+    ref = layout.ref_lengths(device).to(torch.float64)
+    return layout.text_lengths(device).to(torch.float64) + ref
 
 
 def attended_pairs(config: MagiHumanConfig, layout: SequenceLayout) -> tuple[Tensor, Tensor]:
     """([B] pairs of a global layer, [B] pairs of a local layer) over each sample's real tokens."""
     text = _text(layout)
-    others = layout.n_audio + text  # real audio + text tokens: they see, and are seen by, everyone
+    others = layout.n_audio + text  # real audio + reference + text tokens: they see, and are seen by, everyone
     real = layout.n_video + others
     global_pairs = real * real
     per_frame = layout.grid_h * layout.grid_w

@@ -1,0 +1,59 @@
+"""Reference-audio conditioning (issue 27): the sequence, the samplers, training and inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magitrain.model import MagiHumanDiT, SequenceLayout, tiny
+from magitrain.model.config import tiny_sr1080
+from magitrain.model.layout import REF_AUDIO_OFFSET
+
+
+@pytest.mark.parametrize("style", ["v1", "v2"])
+def test_reference_tokens_sit_at_the_released_offset(style):
+    plain = SequenceLayout(2, 3, 2, 2, 9, 5, torch.tensor([5, 3]))
+    ref = SequenceLayout(2, 3, 2, 2, 9, 5, torch.tensor([5, 3]), 13, torch.tensor([13, 8]))
+    p, q = plain.positions(style), ref.positions(style)
+    nv, na = plain.n_video, plain.n_audio
+    # video, audio and text keep their coordinates; the reference sits between audio and text
+    assert torch.equal(q[:, : nv + na], p[:, : nv + na])
+    assert torch.equal(q[:, nv + na + 13 :], p[:, nv + na :])
+    r = q[:, nv + na : nv + na + 13]
+    assert r[..., 0].min() == REF_AUDIO_OFFSET == 1000
+    # the clip audio's own spacing (4 latents per latent frame) from the offset on, h = w = 0
+    assert torch.equal(r[..., 0] - REF_AUDIO_OFFSET, torch.arange(13.0).expand(2, -1) / 4)
+    assert torch.equal(r[..., 1:], torch.zeros_like(r[..., 1:]))
+    assert ref.splits == (plain.n_video, 9 + 13, 5)  # routed with the audio weights
+
+
+def _inputs(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = tiny()
+    video = torch.randn(B, cfg.latent_channels, 3, 4, 4, generator=g)
+    audio = torch.randn(B, 9, cfg.audio_in_channels, generator=g)
+    text = torch.randn(B, 5, cfg.text_in_channels, generator=g)
+    ref = torch.randn(B, 30, cfg.audio_in_channels, generator=g)
+    return video, audio, text, ref
+
+
+@pytest.mark.parametrize("config", [tiny, tiny_sr1080])
+def test_reference_padding_and_absence_match_one_sample_runs(config):
+    """A padded / dropped reference equals each sample run alone (with its reference cut to its
+    length, or with none), and the reference changes the output when present."""
+    torch.manual_seed(0)
+    model = MagiHumanDiT(config()).eval()
+    video, audio, text, ref = _inputs()
+    ref_len = torch.tensor([30, 0])
+    with torch.no_grad():
+        torch.set_grad_enabled(True)  # padding is kept (and masked) in a training forward
+        batch = model(video, audio, text, ref_audio=ref, ref_len=ref_len)
+        torch.set_grad_enabled(False)
+        first = model(video[:1], audio[:1], text[:1], ref_audio=ref[:1])
+        second = model(video[1:], audio[1:], text[1:])
+        alone = model(video[:1], audio[:1], text[:1])
+    for out, one in zip(batch, (torch.cat([a, b]) for a, b in zip(first, second, strict=True)), strict=True):
+        torch.testing.assert_close(out, one, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first[1], alone[1], atol=1e-3)  # the reference is seen
+    with pytest.raises(ValueError, match="ref_audio must be"):
+        model(video, audio, text, ref_audio=ref[:, :, :3])

@@ -33,7 +33,8 @@ def _text(layout: SequenceLayout) -> Tensor:
 def attended_pairs(config: MagiHumanConfig, layout: SequenceLayout) -> tuple[Tensor, Tensor]:
     """([B] pairs of a global layer, [B] pairs of a local layer) over each sample's real tokens."""
     text = _text(layout)
-    others = layout.n_audio + text  # real audio + reference + text tokens: they see, and are seen by, everyone
+    # real audio + reference + text tokens: they see, and are seen by, everyone
+    others = layout.n_audio + text
     real = layout.n_video + others
     global_pairs = real * real
     per_frame = layout.grid_h * layout.grid_w

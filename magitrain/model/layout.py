@@ -163,6 +163,7 @@ class SequenceLayout:
         ref_end = self.text_start
         hole = self.ref_start + self.ref_lengths(device).long()  # [B]
         q, k = stats, stats
+
         # kv blocks with any / only existing keys, and ones overlapping the existing audio + text
         def real_in(lo: Tensor, hi: Tensor) -> Tensor:  # [B, n]: keys [lo, hi) hold a real one
             hi = torch.minimum(hi[None], limit[:, None])
@@ -171,9 +172,8 @@ class SequenceLayout:
 
         k_any_real = real_in(k["start"], k["end"])
         k_all_real = k["end_padded"][None] <= limit[:, None]
-        k_all_real &= (
-            (hole[:, None] >= ref_end) | (k["end_padded"][None] <= hole[:, None]) | (k["start"][None] >= ref_end)
-        )
+        outside_hole = (k["end_padded"][None] <= hole[:, None]) | (k["start"][None] >= ref_end)
+        k_all_real &= outside_hole | (hole[:, None] >= ref_end)
         k_real_nonvideo = real_in(torch.maximum(k["start"], k["video_end"]), k["end"])
         any_ = k_any_real[:, None, :].expand(-1, stats["n"], -1)  # [B, nq, nk]
         all_ = (k_all_real[:, None, :] & q["in_range"][None, :, None]).expand(-1, stats["n"], -1)

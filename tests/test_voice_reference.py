@@ -57,3 +57,60 @@ def test_reference_padding_and_absence_match_one_sample_runs(config):
     assert not torch.allclose(first[1], alone[1], atol=1e-3)  # the reference is seen
     with pytest.raises(ValueError, match="ref_audio must be"):
         model(video, audio, text, ref_audio=ref[:, :, :3])
+
+
+# ----- training data ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def long_shards(tmp_path_factory):
+    """Latent clips of 12 latent frames (45 audio latents) under a 9-frame bucket (3 latent frames,
+    9 audio latents): 36 latents of each clip's own voice lie past the cut."""
+    from magitrain.data.synthetic import make_latent_dataset
+
+    out = tmp_path_factory.mktemp("voice_shards")
+    make_latent_dataset(out, num_samples=8, per_shard=4, latent_shapes=((12, 4, 6),), text_dim=64)
+    return out
+
+
+BUCKETS = [{"height": 64, "width": 96, "frames": 9, "batch_size": 2}]
+
+
+def _batches(shards, **voice) -> list[dict]:
+    from magitrain.data.datamodule import MagiDataModule
+
+    kw = {"voice_reference": voice} if voice else {}
+    dm = MagiDataModule(shards=f"{shards}/*.tar", buckets=BUCKETS, num_workers=0, seed=3, **kw)
+    dm.setup()
+    return [{k: v for k, v in b.items() if k != "_data"} for b in dm.train_dataloader()]
+
+
+def _stored_audio(shards) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    from magitrain.data.shards import iter_tar
+
+    out = {}
+    for tar in sorted(shards.glob("*.tar")):
+        for sample in iter_tar(str(tar), 0, None):
+            out[sample["__key__"]] = load(sample["latents.safetensors"])["audio_latent"]
+    return out
+
+
+def test_references_are_the_same_clip_outside_the_target_span(long_shards):
+    off = _batches(long_shards)
+    stored = _stored_audio(long_shards)
+    assert all("ref_audio_latent" not in b for b in off)
+    on = _batches(long_shards, p=1.0, p_drop=0.0, min_seconds=1.0, max_seconds=1.2)
+    lengths = []
+    for plain, batch in zip(off, on, strict=True):
+        # everything else of the batch is the batch of a run without references
+        for k, v in plain.items():
+            assert torch.equal(v, batch[k]) if torch.is_tensor(v) else v == batch[k], k
+        for key, ref, n in zip(batch["key"], batch["ref_audio_latent"], batch["ref_audio_len"], strict=True):
+            audio, n = stored[key], int(n)
+            assert 25 <= n <= 30 and not ref[n:].any()  # 1 to 1.2 s, zero-padded
+            starts = [s for s in range(9, audio.shape[0] - n + 1) if torch.equal(audio[s : s + n], ref[:n])]
+            assert starts, key  # a span of its own clip, past the 9 target latents
+            lengths.append(n)
+    assert len(set(lengths)) > 1  # lengths are drawn
+    dropped = _batches(long_shards, p=1.0, p_drop=1.0)
+    assert all(int(b["ref_audio_len"].sum()) == 0 for b in dropped)

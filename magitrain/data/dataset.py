@@ -28,12 +28,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from magitrain.data.buckets import Bucket, assign_latent, assign_raw
-from magitrain.data.collate import SharedRing, collate_latent, collate_raw, release_when_dropped
+from magitrain.data.collate import PADDED, SharedRing, collate_latent, collate_raw, release_when_dropped
 from magitrain.data.decode import BadSample, RawOptions, decode_latent, decode_raw
 from magitrain.data.index import ShardIndex, build_index, read_index
 from magitrain.data.plan import Batch, EpochPlanner, Item, seeded_rng
 from magitrain.data.shards import DatasetSpec, index_url, iter_tar
 from magitrain.data.span import Unplanned, clip_span
+from magitrain.data.voice import VoiceReference
 from magitrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,15 @@ class ShardDataset(IterableDataset):
         raw: RawOptions | None = None,
         text_max_len: int = 640,
         prefetch_factor: int = 2,
+        voice: VoiceReference | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.buckets, self.text_max_len = mode, list(buckets), text_max_len
         self.raw = raw or RawOptions()
+        self.voice = voice or VoiceReference()
+        if self.voice.enabled and mode != "latent":
+            raise ValueError("data.voice_reference needs data.mode=latent (latent shards, encode_shards.py)")
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
         self.epoch, self.start_batch = 0, 0
         self._lengths: dict[int, int] = {}
@@ -364,9 +369,10 @@ class ShardDataset(IterableDataset):
         if isinstance(sample, BadSample):
             raise sample
         if self.mode == "latent":
-            return decode_latent(
-                sample, self.buckets[bucket], self.text_max_len, self.text_dim, self.raw.policy
-            )
+            rng = seeded_rng(self.seed, part.epoch, "voice", sample["__key__"])
+            bucket_ = self.buckets[bucket]
+            args = (self.text_max_len, self.text_dim, self.raw.policy, self.voice, rng)
+            return decode_latent(sample, bucket_, *args)
         rng = seeded_rng(self.seed, part.epoch, "offset", sample["__key__"])
         return decode_raw(sample, part.rows[item], self.buckets[bucket], self.raw, rng)
 
@@ -384,10 +390,9 @@ class ShardDataset(IterableDataset):
 
 
 def _shapes(sample: dict) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes that must agree within a batch (a text embedding's length may differ)."""
-    return {
-        k: tuple(v.shape[1:] if k == "text_emb" else v.shape) for k, v in sample.items() if torch.is_tensor(v)
-    }
+    """Tensor shapes that must agree within a batch (text's and voice references' lengths may differ)."""
+    tensors = {k: v for k, v in sample.items() if torch.is_tensor(v)}
+    return {k: tuple(v.shape[1:] if k in PADDED else v.shape) for k, v in tensors.items()}
 
 
 def _remove_dir(path: str, owner: int) -> None:

@@ -114,3 +114,46 @@ def test_references_are_the_same_clip_outside_the_target_span(long_shards):
     assert len(set(lengths)) > 1  # lengths are drawn
     dropped = _batches(long_shards, p=1.0, p_drop=1.0)
     assert all(int(b["ref_audio_len"].sum()) == 0 for b in dropped)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    from magitrain.checkpoint import save_official
+
+    torch.manual_seed(0)
+    return save_official(MagiHumanDiT(tiny()), tmp_path_factory.mktemp("voice_base") / "base")
+
+
+RECIPES = {
+    "base_pretrain": [],
+    "lora_base": ["module.lora.rank=4"],
+    "dmd2_distill": ["module.dmd.ttur=1", "module.dmd.voice_reference=true"],
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_train_with_voice_references(recipe, long_shards, base_ckpt, tmp_path, monkeypatch):
+    """Two steps of each recipe kind with references: every network forward (DMD-2: student,
+    teacher and critic) gets the batch's reference, the same one."""
+    from conftest import compose_train, tiny_run
+
+    from magitrain.launch import train
+
+    seen = []
+    forward = MagiHumanDiT.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("ref_audio"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MagiHumanDiT, "forward", spy)
+    init = [f"teacher={base_ckpt}"] if recipe == "dmd2_distill" else [f"init={base_ckpt}"]
+    voice = ["data.voice_reference.p=1.0", "data.voice_reference.p_drop=0.0"]
+    overrides = tiny_run(
+        long_shards, f"recipe={recipe}", *init, *RECIPES[recipe], *voice, "trainer.max_steps=2"
+    )
+    trainer = train(compose_train(overrides, tmp_path))
+    assert trainer.global_step == 2
+    assert seen and all(r is not None and r.shape[1] >= 25 for r in seen)
+    if recipe == "dmd2_distill":  # critic, student and teacher forwards of one step: one reference
+        assert len({r.data_ptr() for r in seen[:3]}) == 1

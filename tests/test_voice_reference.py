@@ -157,3 +157,124 @@ def test_recipes_train_with_voice_references(recipe, long_shards, base_ckpt, tmp
     assert seen and all(r is not None and r.shape[1] >= 25 for r in seen)
     if recipe == "dmd2_distill":  # critic, student and teacher forwards of one step: one reference
         assert len({r.data_ptr() for r in seen[:3]}) == 1
+
+
+# ----- inference --------------------------------------------------------------------------------
+class Recorder:
+    """A stand-in velocity_fn that keeps the reference of every call (None: called without one)."""
+
+    def __init__(self):
+        self.refs = []
+
+    def __call__(self, video, audio, text, text_len, ref_audio=None):
+        self.refs.append(ref_audio)
+        shift = 0.0 if ref_audio is None else float(ref_audio.mean())
+        return 0.5 * video + 0.1 + shift, 0.5 * audio - 0.1 + shift
+
+
+@pytest.mark.parametrize("sampler", ["distilled", "base"])
+def test_the_reference_is_bit_identical_at_every_step_and_guided_against_none(sampler):
+    from magitrain.flow import initial_latents, sample_base, sample_distilled, voice_guided
+
+    g = torch.Generator().manual_seed(0)
+    video, audio = initial_latents((1, 48, 3, 2, 4), (1, 9, 64), g)
+    text, ref = torch.randn(1, 5, 64, generator=g), torch.randn(1, 30, 64, generator=g)
+    kept = ref.clone()
+    outs = {}
+    for scale in (1.0, 3.0):
+        recorder = Recorder()
+        fn = voice_guided(recorder, ref, scale)
+        gen = torch.Generator().manual_seed(1)
+        if sampler == "distilled":
+            outs[scale] = sample_distilled(fn, video, audio, text, generator=gen)
+        else:
+            outs[scale] = sample_base(fn, video, audio, text, None, -text, steps=4)
+        given = [r for r in recorder.refs if r is not None]
+        assert given and all(torch.equal(r, kept) for r in given)  # the same clean reference
+        assert len(recorder.refs) == len(given) * (1 if scale == 1.0 else 2)  # CFG: one forward without
+    assert not torch.equal(outs[1.0][1], outs[3.0][1])
+
+
+@pytest.fixture(scope="module")
+def voice_pipe():
+    from magitrain.codecs import build_tiny_codecs
+    from magitrain.inference import MagiHumanPipeline
+
+    torch.manual_seed(0)
+    model = MagiHumanDiT(tiny()).eval()
+    torch.manual_seed(1)
+    sr_model = MagiHumanDiT(tiny()).eval()
+    return MagiHumanPipeline(model, build_tiny_codecs(seed=0), sr_model, device="cpu", precision="fp32")
+
+
+def _tone(path, seconds: float, rate: int = 16000, amplitude: float = 0.5):
+    import numpy as np
+
+    from magitrain.data.synthetic import write_wav
+
+    t = np.arange(int(seconds * rate)) / rate
+    wave = amplitude * np.sin(2 * np.pi * (150 + 40 * np.sin(3 * t)) * t)
+    write_wav(path, wave.astype(np.float32)[None], rate)
+    return path
+
+
+def test_voice_conditions_the_clip_with_image_and_sr(voice_pipe, tmp_path):
+    """A voice reference (1 s: the tiny audio codec's encode is the slow part) reaches the base
+    network, guided, with an image and an SR stage; its settings are recorded."""
+    voice = _tone(tmp_path / "voice.wav", 1.0)
+    image = torch.zeros(3, 32, 64, dtype=torch.uint8)
+    common = {"prompt": "x", "resolution": "64x32", "seconds": 0.32, "image": image, "sr": "128x64"}
+    plain, _, _ = voice_pipe.generate_latents(**common)
+    voiced, timer, meta = voice_pipe.generate_latents(**common, voice=voice, voice_scale=3.0)
+    assert plain[1].shape == voiced[1].shape and not torch.equal(plain[1], voiced[1])
+    assert (meta["voice"], meta["voice_scale"]) == (str(voice), 3.0) and "given" in timer.seconds
+
+
+def test_bad_voice_references_give_named_errors(voice_pipe, tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from magitrain.data.synthetic import write_wav
+    from magitrain.errors import UserError
+    from magitrain.inference.given import read_voice_file
+
+    def fails(match: str, voice, **options):
+        with pytest.raises(UserError, match=match):
+            voice_pipe.generate_latents("x", resolution="64x32", seconds=0.32, voice=voice, **options)
+
+    fails(r"voice=.*nowhere.wav: no such file", tmp_path / "nowhere.wav")
+    (tmp_path / "junk.mp3").write_bytes(b"not audio at all" * 64)
+    fails(r"voice=.*junk.mp3: not a readable audio file", tmp_path / "junk.mp3")
+    write_wav(tmp_path / "silent.wav", np.zeros((1, 32000), np.float32), 16000)
+    fails(r"voice=.*silent.wav is silent", tmp_path / "silent.wav")
+    fails(r"voice=.*short.wav: 0.50 s of audio, shorter than the 1 s", _tone(tmp_path / "short.wav", 0.5))
+    fails("audio=.* gives the clip's sound: voice=", _tone(tmp_path / "v.wav", 2), audio=tmp_path / "v.wav")
+    with caplog.at_level(logging.INFO, logger="magitrain"):
+        wave = read_voice_file(_tone(tmp_path / "long.wav", 12.5), 51200)
+    assert wave.shape == (1, 10 * 51200) and "12.5 s long: its first 10 s" in caplog.text
+
+
+def test_infer_py_takes_voice_rows_of_a_prompts_file(tmp_path, monkeypatch):
+    """infer.py (in this process): a prompts row's `voice` field, and voice= checked before any
+    network loads."""
+    import json
+
+    from conftest import REPO
+
+    from magitrain.checkpoint import save_official
+    from magitrain.errors import UserError
+
+    monkeypatch.syspath_prepend(str(REPO))
+    import infer
+
+    torch.manual_seed(0)
+    ckpt = save_official(MagiHumanDiT(tiny()), tmp_path / "tiny")
+    voice = _tone(tmp_path / "voice.wav", 1.0)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "a man speaks", "voice": str(voice)}) + "\n")
+    common = [f"ckpt={ckpt}", "model=tiny", "codecs=tiny", "resolution=64x32", "seconds=0.32", "device=cpu"]
+    with pytest.raises(UserError, match="voice=.*missing.wav: no such file"):
+        infer.main([*common, "prompt=x", f"voice={tmp_path / 'missing.wav'}"])
+    infer.main([*common, f"prompts={tmp_path / 'rows.jsonl'}", "voice_scale=2", f"out={tmp_path / 'c.mp4'}"])
+    meta = json.loads((tmp_path / "c_000.json").read_text())
+    assert (meta["voice"], meta["voice_scale"]) == (str(voice), 2.0)

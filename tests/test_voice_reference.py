@@ -278,3 +278,53 @@ def test_infer_py_takes_voice_rows_of_a_prompts_file(tmp_path, monkeypatch):
     infer.main([*common, f"prompts={tmp_path / 'rows.jsonl'}", "voice_scale=2", f"out={tmp_path / 'c.mp4'}"])
     meta = json.loads((tmp_path / "c_000.json").read_text())
     assert (meta["voice"], meta["voice_scale"]) == (str(voice), 2.0)
+
+
+# ----- evaluation -------------------------------------------------------------------------------
+def tiny_speaker_dir(out):
+    """A random-weight transformers WavLM x-vector model and its feature extractor (16 kHz)."""
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+    config = WavLMConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, tdnn_dim=(16, 16, 32), tdnn_kernel=(3, 1, 1),
+        tdnn_dilation=(1, 1, 1), xvector_output_dim=8, num_buckets=16, max_bucket_distance=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    WavLMForXVector(config).save_pretrained(out)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(out)
+    return out
+
+
+def test_speaker_similarity_of_a_clip_against_its_reference_voice(tmp_path):
+    """The same voice scores 1 (the clip's audio is the reference's file), another sound less; a
+    missing model folder, voice or bad voice file are named."""
+    import numpy as np
+
+    from magitrain.eval.clip import Clip, ClipError, Reference
+    from magitrain.eval.evaluate import EvalOptions, Evaluator
+    from magitrain.eval.speaker import SpeakerSimilarity
+
+    metric = SpeakerSimilarity(tiny_speaker_dir(tmp_path / "speaker"))
+    voice = _tone(tmp_path / "voice.wav", 1.5)
+    t = np.arange(24000) / 16000
+    same = (0.5 * np.sin(2 * np.pi * (150 + 40 * np.sin(3 * t)) * t)).astype(np.float32)[None]
+    other = np.random.default_rng(0).normal(0, 0.3, (1, 24000)).astype(np.float32)
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    score = lambda audio: metric.metric(
+        Clip("c.mp4", frames, 25.0, audio, 16000), Reference("x", voice=str(voice))
+    )  # noqa: E731
+    assert score(same)["speaker_similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert score(other)["speaker_similarity"] < 0.99
+    with pytest.raises(ClipError, match="no reference voice"):
+        metric.metric(Clip("c.mp4", frames, 25.0, same, 16000), Reference("x"))
+    with pytest.raises(ClipError, match="voice=.*short.wav: 0.50 s"):
+        metric.metric(
+            Clip("c.mp4", frames, 25.0, same, 16000),
+            Reference("x", voice=str(_tone(tmp_path / "short.wav", 0.5))),
+        )
+    with pytest.raises(FileNotFoundError, match="speaker weights: .* is not a folder"):
+        SpeakerSimilarity(tmp_path / "nowhere")
+    assert EvalOptions(speaker_path=str(tmp_path / "speaker")).speaker_path  # the evaluator's key
+    assert "speaker_path" in Evaluator(EvalOptions()).options.__dataclass_fields__

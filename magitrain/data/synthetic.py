@@ -335,12 +335,16 @@ def make_voice_latent_dataset(
     latent_shape: tuple[int, int, int] = (12, 2, 4),
     content: float = 0.5,
     seed: int = 0,
+    pair_reference: bool = True,
+    bucket_tokens: int = 9,
 ) -> torch.Tensor:
     """The voice toy in latent shards: every clip has the one `prompt`, a video of one shared
     prototype plus 0.1 noise, and the audio of one of `speakers` speakers (`voice_sample`), with its
     `speaker` id in KEY.json. Clips are `latent_shape` (T latent frames: longer than a training
     bucket, so that `data.voice_reference` finds the clip's own voice past the cut). Only a model
-    that listens to the reference can say which voice a clip has. Returns the voices [K, 64]."""
+    that listens to the reference can say which voice a clip has. `pair_reference=False` (a negative
+    control): past the first `bucket_tokens` audio latents a clip speaks in another speaker's voice,
+    so its own-clip references name the wrong voice. Returns the voices [K, 64]."""
     t, h, w = latent_shape
     gen = torch.Generator().manual_seed(seed)
     voices = torch.randn(speakers, 64, generator=gen)
@@ -351,9 +355,13 @@ def make_voice_latent_dataset(
         samples = []
         for i in range(first, min(first + per_shard, total)):
             k = i % speakers
+            audio = voice_sample(voices, k, 4 * (t - 1) + 1, content, gen)
+            if not pair_reference:  # (drawn after the pair: a paired toy's numbers stay as they were)
+                other = (k + int(torch.randint(1, speakers, (), generator=gen))) % speakers
+                audio[bucket_tokens:] = voice_sample(voices, other, len(audio) - bucket_tokens, content, gen)
             tensors = {
                 "video_latent": video + 0.1 * torch.randn(video.shape, generator=gen),
-                "audio_latent": voice_sample(voices, k, 4 * (t - 1) + 1, content, gen),
+                "audio_latent": audio,
                 "text_emb": emb[0, : int(lengths[0])].to(torch.bfloat16),
             }
             meta = {"caption": prompt, "speaker": f"speaker{k}", "duration": 4 * (t - 1) / 25,

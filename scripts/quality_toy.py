@@ -312,15 +312,11 @@ def run_voice(work: Path, speakers: int, seed: int, steps: int, eval_seeds: int,
 
     start = time.perf_counter()
     encoder = tiny_text_encoder()
-    voices = make_voice_latent_dataset(
-        work / "voice_data",
-        VOICE_PROMPT,
-        encoder,
-        speakers,
-        latent_shape=VOICE_CLIP,
-        content=VOICE_CONTENT,
-        seed=seed,
-    )
+    for data, paired in (("voice_data", True), ("voice_data_unpaired", False)):
+        voices = make_voice_latent_dataset(
+            work / data, VOICE_PROMPT, encoder, speakers, latent_shape=VOICE_CLIP, content=VOICE_CONTENT,
+            seed=seed, pair_reference=paired,
+        )  # fmt: skip
     text = encoder.encode([VOICE_PROMPT])[0].bfloat16().float()  # (stored bf16 in the shards)
     labels, references = voice_references(voices, speakers, eval_seeds, seed)
     networks, timings = {"untrained": write_untrained(work, seed)}, {}

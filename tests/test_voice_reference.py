@@ -116,6 +116,34 @@ def test_references_are_the_same_clip_outside_the_target_span(long_shards):
     assert all(int(b["ref_audio_len"].sum()) == 0 for b in dropped)
 
 
+def test_same_speaker_references_come_from_another_clip_of_the_speaker(tmp_path, long_shards):
+    """source=same_speaker: a span of another clip with the sample's speaker id (make_voice_latent_dataset
+    writes `speaker`), never of its own; shards without speaker ids are named."""
+    import json
+
+    from magitrain.data.shards import iter_tar
+    from magitrain.data.synthetic import make_voice_latent_dataset
+
+    encoder = _toy_script().tiny_text_encoder()
+    make_voice_latent_dataset(
+        tmp_path, "x", encoder, speakers=3, clips_per_speaker=4, latent_shape=(12, 4, 6)
+    )
+    stored, speaker = _stored_audio(tmp_path), {}
+    for tar in tmp_path.glob("*.tar"):
+        for sample in iter_tar(str(tar), 0, None):
+            speaker[sample["__key__"]] = json.loads(sample["json"])["speaker"]
+    batches = _batches(tmp_path, p=1.0, p_drop=0.0, source="same_speaker", max_seconds=1.0)
+    assert sum(len(b["key"]) for b in batches) == 12
+    for batch in batches:
+        for key, ref, n in zip(batch["key"], batch["ref_audio_latent"], batch["ref_audio_len"], strict=True):
+            n = int(n)
+            assert n == 25  # 1 s
+            found = [k for k, a in stored.items() if any(torch.equal(a[s : s + n], ref) for s in range(21))]
+            assert len(found) == 1 and found[0] != key and speaker[found[0]] == speaker[key]
+    with pytest.raises(ValueError, match="needs speaker ids in the shard indexes"):
+        _batches(long_shards, p=1.0, source="same_speaker")
+
+
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory):
     from magitrain.checkpoint import save_official

@@ -429,3 +429,23 @@ def test_the_voice_toy_learns_to_follow_the_reference_and_unpaired_training_does
     assert scores["voice"] >= 0.9 and max(scores["untrained"], scores["voice_unpaired"]) < 0.5 + 0.5 / 3, (
         scores
     )
+
+
+def test_the_planner_plans_the_longest_reference(monkeypatch):
+    """data.voice_reference on: the planned step's network forward carries a whole max_seconds
+    reference per sample (10 s: 250 latents); off: none."""
+    from magitrain.plan import measure_step
+    from magitrain.plan.planner import compose, voice_tokens
+    from magitrain.recipes import FlowMatchingModule
+
+    assert voice_tokens(compose(["recipe=base_pretrain", "model=tiny"])) == 0
+    assert voice_tokens(compose(["recipe=base_pretrain", "model=tiny", "data.voice_reference.p=0.5"])) == 250
+    seen, forward = [], MagiHumanDiT.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((tuple(kwargs["ref_audio"].shape), kwargs["ref_len"]))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MagiHumanDiT, "forward", spy)
+    measure_step(FlowMatchingModule(tiny()), 2, (3, 4, 6), 16, "bf16-mixed", fake=True, ref_len=250)
+    assert seen == [((2, 250, 64), None)]

@@ -276,7 +276,7 @@ def test_bad_voice_references_give_named_errors(voice_pipe, tmp_path, caplog):
     fails(r"voice=.*junk.mp3: not a readable audio file", tmp_path / "junk.mp3")
     write_wav(tmp_path / "silent.wav", np.zeros((1, 32000), np.float32), 16000)
     fails(r"voice=.*silent.wav is silent", tmp_path / "silent.wav")
-    fails(r"voice=.*short.wav: 0.50 s of audio, shorter than the 1 s", _tone(tmp_path / "short.wav", 0.5))
+    fails(r"voice=.*short.wav: 0.50 s of audio, under the 1 s", _tone(tmp_path / "short.wav", 0.5))
     fails("audio=.* gives the clip's sound: voice=", _tone(tmp_path / "v.wav", 2), audio=tmp_path / "v.wav")
     with caplog.at_level(logging.INFO, logger="magitrain"):
         wave = read_voice_file(_tone(tmp_path / "long.wav", 12.5), 51200)

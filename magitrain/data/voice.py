@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from magitrain.data.buckets import FPS
+from magitrain.model.layout import REF_AUDIO_MAX_SECONDS, REF_AUDIO_MIN_SECONDS
 
 SOURCES = ("same_clip", "same_speaker")
-MAX_SECONDS = 10.0  # the longest reference the model is trained with (and infer.py's clip)
-MIN_SECONDS = 1.0  # a shorter one carries too little of a voice
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,8 @@ class VoiceReference:
     p: float = 0.0  # share of samples drawn a reference (0: off, nothing of this runs)
     p_drop: float = 0.1  # share of drawn references dropped (the reference-free branch of voice_scale)
     source: str = "same_clip"  # same_clip | same_speaker
-    min_seconds: float = MIN_SECONDS
-    max_seconds: float = MAX_SECONDS
+    min_seconds: float = REF_AUDIO_MIN_SECONDS
+    max_seconds: float = REF_AUDIO_MAX_SECONDS
 
     def __post_init__(self):
         if not (0 <= self.p <= 1 and 0 <= self.p_drop <= 1):

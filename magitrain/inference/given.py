@@ -24,8 +24,8 @@ from torch import Tensor
 
 from magitrain.codecs.audio import LATENT_RATE
 from magitrain.codecs.media import nearest_frames, read_audio, resize_cover_crop
-from magitrain.data.voice import MAX_SECONDS, MIN_SECONDS
 from magitrain.errors import UserError
+from magitrain.model.layout import REF_AUDIO_MAX_SECONDS, REF_AUDIO_MIN_SECONDS
 
 from .shapes import FPS, ClipShape
 
@@ -80,19 +80,17 @@ def read_audio_file(path: str | Path, rate: int, seconds: float | None = None, k
 
 def read_voice_file(path: str | Path, rate: int) -> Tensor:
     """[1, S] mono float at `rate`: the voice reference of `voice=` (any format FFmpeg reads), 1 to
-    10 s as the model is trained on (`magitrain.data.voice`); a longer one is clipped to its first
-    10 s with a log line, a shorter or silent one is a UserError."""
+    10 s as the model is trained on (`magitrain.model.layout`'s reference lengths); a longer one is
+    clipped to its first 10 s with a log line, a shorter or silent one is a UserError."""
     wave = read_audio_file(path, rate, None, "voice")
-    seconds = wave.shape[-1] / rate
-    if seconds < MIN_SECONDS:
-        raise UserError(
-            f"voice={path}: {seconds:.2f} s of audio, shorter than the {MIN_SECONDS:g} s a voice needs"
-        )
-    if seconds > MAX_SECONDS:
-        log.info("voice=%s is %.1f s long: its first %g s are the reference", path, seconds, MAX_SECONDS)
-        wave = wave[:, : round(MAX_SECONDS * rate)]
+    seconds, shortest, longest = wave.shape[-1] / rate, REF_AUDIO_MIN_SECONDS, REF_AUDIO_MAX_SECONDS
+    if seconds < shortest:
+        raise UserError(f"voice={path}: {seconds:.2f} s of audio, under the {shortest:g} s a voice needs")
+    if seconds > longest:
+        log.info("voice=%s is %.1f s long: its first %g s are the reference", path, seconds, longest)
+        wave = wave[:, : round(longest * rate)]
     if wave.abs().max() < SILENT_PEAK:
-        raise UserError(f"voice={path} is silent in its first {MAX_SECONDS:g} s: there is no voice to follow")
+        raise UserError(f"voice={path} is silent in its first {longest:g} s: there is no voice to follow")
     return wave
 
 

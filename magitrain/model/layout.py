@@ -23,6 +23,9 @@ VIDEO, AUDIO, TEXT = 0, 1, 2
 # Which coordinates inside the slot is ours (the release uses none): the clip audio's own spacing
 # (4 audio latents per latent frame), h = w = 0, starting at the offset.
 REF_AUDIO_OFFSET = 1000.0
+# The reference lengths magitrain trains (data.voice_reference) and infer.py's voice= accepts: a
+# shorter one carries too little of a voice; a longer one is clipped (the release says nothing).
+REF_AUDIO_MIN_SECONDS, REF_AUDIO_MAX_SECONDS = 1.0, 10.0
 
 
 def _position_scale(size: Tensor | float, ref: float) -> Tensor | float:

@@ -25,6 +25,9 @@ def test_reference_tokens_sit_at_the_released_offset(style):
     assert torch.equal(r[..., 0] - REF_AUDIO_OFFSET, torch.arange(13.0).expand(2, -1) / 4)
     assert torch.equal(r[..., 1:], torch.zeros_like(r[..., 1:]))
     assert ref.splits == (plain.n_video, 9 + 13, 5)  # routed with the audio weights
+    from magitrain.model.flops import real_tokens
+
+    assert real_tokens(ref) - real_tokens(plain) == 13 + 8  # throughput counts the real reference tokens
 
 
 def _inputs(B=2, seed=0):

@@ -25,9 +25,10 @@ def _window_frames(frames: int, window: int) -> int:
 
 def _text(layout: SequenceLayout) -> Tensor:
     """[B] real text + reference-audio tokens, float64, where the lengths live (no host sync)."""
-    device = layout.text_len.device if layout.text_len is not None else None
-    ref = layout.ref_lengths(device).to(torch.float64)
-    return layout.text_lengths(device).to(torch.float64) + ref
+    given = layout.text_len if layout.text_len is not None else layout.ref_len
+    device = given.device if given is not None else None
+    text, ref = layout.text_lengths(device), layout.ref_lengths(device)
+    return text.to(torch.float64) + ref.to(torch.float64)
 
 
 def attended_pairs(config: MagiHumanConfig, layout: SequenceLayout) -> tuple[Tensor, Tensor]:

@@ -117,6 +117,15 @@ def test_references_are_the_same_clip_outside_the_target_span(long_shards):
     assert len(set(lengths)) > 1  # lengths are drawn
     dropped = _batches(long_shards, p=1.0, p_drop=1.0)
     assert all(int(b["ref_audio_len"].sum()) == 0 for b in dropped)
+    # the recipe's loss: references off, or every one dropped, is the loss of the plain batch, bit
+    # for bit (and a batch with references another)
+    from magitrain.recipes import FlowMatchingModule
+
+    torch.manual_seed(0)
+    module = FlowMatchingModule(tiny())
+    module.configure_model()
+    losses = [module.flow_loss(b[0])["loss"] for b in (off, dropped, on)]
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
 
 
 def test_same_speaker_references_come_from_another_clip_of_the_speaker(tmp_path, long_shards):

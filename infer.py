@@ -57,6 +57,10 @@ class InferConfig:
     audio: str | None = arg(None, "audio-driven video: this speech (wav/mp3/flac/m4a) kept clean, video made")
     video: str | None = arg(None, "video-to-audio: this clip's pictures kept clean, its audio made")
     audio_out: str = arg("given", "mp4 track of audio=: given (its samples) | decoded (the VAE round trip)")
+    voice: str | None = arg(
+        None, "voice reference: the speech takes this speaker's voice (any audio file, 1-10 s)"
+    )
+    voice_scale: float = arg(1.0, "voice= guidance: CFG against no reference (1: the reference alone)")
     seconds: float | None = arg(None, "clip length (default 5; with audio=, video=: theirs, cut to this)")
     resolution: str = arg("256p", "base stage size: 256p | 540p | 1080p | WIDTHxHEIGHT")
     sr: str = arg("none", "super-resolution target: none | 540p | 1080p | WIDTHxHEIGHT")
@@ -276,8 +280,8 @@ def numbered(path: str, i: int, suffix: str) -> str:
 
 
 def jobs(cfg: InferConfig) -> list[dict]:
-    """(prompt, seed, image, audio, video, negative_prompt, out, latents) of every clip to generate."""
-    base = {"seed": cfg.seed, "image": cfg.image, "audio": cfg.audio, "video": cfg.video}
+    """(prompt, seed, image, audio, video, voice, negative_prompt, out, latents) of every clip."""
+    base = {"seed": cfg.seed, "image": cfg.image, "audio": cfg.audio, "video": cfg.video, "voice": cfg.voice}
     base["negative_prompt"] = negative_prompt(cfg)
     if cfg.prompts is None:
         return [{**base, "prompt": cfg.prompt, "out": cfg.out, "latents": cfg.latents_out}]
@@ -383,7 +387,7 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
     if cfg.audio_out not in AUDIO_OUTS:
         raise UserError(f"audio_out={cfg.audio_out}: expected one of {', '.join(AUDIO_OUTS)}")
     for job in todo:  # before any network loads
-        check_given(job["audio"], job["video"], job["image"], sr)
+        check_given(job["audio"], job["video"], job["image"], sr, job["voice"])
     if sr and not cfg.sr_ckpt:
         raise UserError(f"sr={sr} needs sr_ckpt=PATH (the SR network)")
     if cfg.sr_lora and not sr:
@@ -412,6 +416,7 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
             sampler=sampler, seed=job["seed"], image=job["image"], audio=job["audio"], video=job["video"],
             negative_prompt=job["negative_prompt"], output_size=cfg.output_size,
             upsample_mode=cfg.upsample_mode, decode=cfg.decode, audio_out=cfg.audio_out,
+            voice=job["voice"], voice_scale=cfg.voice_scale,
         )  # fmt: skip
         if result is None:  # a CP rank other than 0: rank 0 writes
             continue

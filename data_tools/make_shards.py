@@ -4,8 +4,10 @@
 Input is either a folder of clips with sidecar captions
     clips/NAME.mp4  clips/NAME.json ({"caption": ..., "language": ...}) or clips/NAME.txt,
     optional clips/NAME.wav|flac|m4a (audio) and clips/NAME.jpg (reference image),
-or a CSV / JSONL manifest with columns path, caption, language, and optional audio, image
-(relative paths are relative to the manifest; video_path, text, audio_path, image_path are
+or a CSV / JSONL manifest with columns path, caption, language, and optional audio, image, speaker
+(a speaker id: data.voice_reference.source=same_speaker draws references among a speaker's clips;
+in a folder, NAME.json's "speaker") (relative paths are relative to the manifest; video_path, text,
+audio_path, image_path are
 accepted for them, and any other column is reported and kept in KEY.json as metadata). Every
 clip (and its separate audio) is probed first; an unreadable one is reported and skipped, and if
 no clip is left the command fails. Shards are cut by --max-count samples and --max-bytes and
@@ -51,7 +53,7 @@ def entries_from_folder(folder: Path) -> list[dict]:
     return entries
 
 
-COLUMNS = ("path", "caption", "language", "audio", "image")
+COLUMNS = ("path", "caption", "language", "audio", "image", "speaker")
 ALIASES = {
     "video_path": "path", "video": "path", "file": "path", "text": "caption", "prompt": "caption",
     "audio_path": "audio", "wav": "audio", "image_path": "image", "lang": "language",
@@ -149,6 +151,7 @@ def shard_members(number: int, entries: list[dict], key_digits: int):
                 **{k: meta[k] for k in ("duration", "width", "height", "fps", "has_audio")},
                 **{k: meta[k] for k in ("audio_start", "audio_duration") if k in meta},
                 "language": str(meta.get("language", "")),
+                **({"speaker": str(meta["speaker"])} if "speaker" in meta else {}),
             },
         )
 

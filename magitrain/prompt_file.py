@@ -1,7 +1,8 @@
 """The prompts file of `infer.py prompts=FILE`, which `python -m magitrain.eval ... prompts=FILE`
 reads too (to pair each clip with its text): one prompt per non-empty line, or the JSON objects of
-a .jsonl, `{"prompt": ..., "seed", "image", "audio", "video", "negative_prompt", "out", "speech",
-"language", "file"}` (`audio`: audio-driven video from that file, `video`: video-to-audio).
+a .jsonl, `{"prompt": ..., "seed", "image", "audio", "video", "voice", "negative_prompt", "out",
+"speech", "language", "file"}` (`audio`: audio-driven video from that file, `video`: video-to-audio,
+`voice`: the voice reference of that clip).
 `speech`, `language` and `file` are the evaluation's (the words a clip should say, their language,
 the clip's file name); infer.py reads them and leaves them be. A bad row is a UserError naming the
 file, the line and the key.
@@ -24,6 +25,7 @@ ROW_KEYS = {
     "image": str,
     "audio": str,
     "video": str,
+    "voice": str,
     "negative_prompt": str,
     "out": str,
 }

@@ -36,6 +36,22 @@ whose nearest video prototype is the given audio's class (chance 1/K). Rows: unt
 (p_a2v = 0: the usual joint training, driven by clean audio only at sampling); a2v (p_a2v = 1);
 a2v_unpaired (p_a2v = 1 on a toy whose audio is of a random class: the negative control). Goals:
 a2v >= 0.9; a2v_unpaired below 0.5 + 1/(2K).
+
+    python scripts/quality_toy.py --voice [--classes K] [--seed S] [--voice-steps N] [--json out.json]
+
+Voice references (issue 27): K speakers (`make_voice_latent_dataset`), ONE prompt, each clip's audio
+latents its speaker's voice (a per-channel pattern) plus per-token noise, clips of 12 latent frames
+so that `data.voice_reference` (source same_clip) finds the clip's own voice past the 3-frame cut.
+`train.py recipe=base_pretrain data.voice_reference.p=P` trains each row (exported `--ema`): voice
+(p = 1, p_drop 0.1); voice_unpaired (p = 1 on a toy whose clips change voice past the trained cut,
+so every reference names another speaker: the negative control); no_reference (p = 0: never shown
+a reference, sampled with one: what the base model makes of reference tokens unasked; no goal).
+Each generates audio for
+held-out references (`voice_references`: 1.2 s fresh samples of each voice, a stream of their own
+from S + 10000), the reference clean at every step of an in-script Euler sampler over the released
+32-step grid without CFG (`sample_voice`). voice_accuracy: the share of generated audio whose
+nearest voice is the reference's (chance 1/K). Goals: voice >= 0.9; untrained and voice_unpaired
+below 0.5 + 1/(2K).
 """
 
 from __future__ import annotations
@@ -254,6 +270,90 @@ def run_a2v(work: Path, classes: int, seed: int, steps: int, eval_seeds: int) ->
     return {"rows": scores, "goals": a2v_goals(scores, classes), "timings": timings}
 
 
+# ----- voices: one prompt for every speaker, the voice in the reference ----------------------------
+VOICE_PROMPT = "A person speaks"
+VOICE_CLIP = (12, 2, 4)  # clips of 12 latent frames (45 audio latents) under the 3-frame bucket
+VOICE_CONTENT = 0.5  # the per-token "what is said" noise around each voice
+VOICE_STEPS = 300
+# row: (data.voice_reference.p, references of the clip's own voice)
+VOICE_ROWS = {"voice": (1.0, True), "voice_unpaired": (1.0, False), "no_reference": (0.0, True)}
+# references of 1 to 1.44 s: the 36 latents of the clip's own voice past the 9 it trains on
+VOICE_DATA = ["data.voice_reference.p_drop=0.1", "data.voice_reference.max_seconds=1.44"]
+
+
+def voice_references(voices, speakers: int, eval_seeds: int, seed: int):
+    """(speakers [B], held-out references [B, 30, 64]): `eval_seeds` fresh 1.2 s references per
+    speaker, from a noise stream of their own (S + 10000)."""
+    from magitrain.data.synthetic import voice_sample
+
+    labels = torch.arange(speakers).repeat_interleave(eval_seeds)
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    return labels, torch.stack([voice_sample(voices, int(k), 30, VOICE_CONTENT, gen) for k in labels])
+
+
+def sample_voice(network, references, text, steps: int = 32):
+    """Audio latents [B, 9, 64] generated with the voice references [B, R, 64] (clean at every step):
+    Euler steps of the velocity over `flow_grid(steps)` from seeded noise, no CFG (voice_scale 1)."""
+    from magitrain.flow import flow_grid
+
+    B = references.shape[0]
+    gen = torch.Generator().manual_seed(1000)
+    video, audio = (
+        torch.randn(B, 48, *LATENT, generator=gen),
+        torch.randn(B, 4 * (LATENT[0] - 1) + 1, 64, generator=gen),
+    )
+    sigmas = flow_grid(steps)[1].tolist()
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            v_video, v_audio = network(video, audio, text.expand(B, -1, -1), ref_audio=references)
+            video, audio = video + (s_next - s) * v_video, audio + (s_next - s) * v_audio
+    return audio
+
+
+def run_voice(work: Path, speakers: int, seed: int, steps: int, eval_seeds: int, train_py=None) -> dict:
+    """The voice toy, a base run per VOICE_ROWS row (train.py, exported --ema), and every row's
+    voice_accuracy on held-out references (the untrained network's too). `train_py`: as `run`."""
+    from magitrain.checkpoint import load_official
+    from magitrain.data.synthetic import make_voice_latent_dataset
+    from magitrain.data.toy_scores import voice_accuracy
+    from magitrain.model import MagiHumanDiT, get_config
+
+    start = time.perf_counter()
+    encoder = tiny_text_encoder()
+    for data, paired in (("voice_data", True), ("voice_data_unpaired", False)):
+        voices = make_voice_latent_dataset(
+            work / data, VOICE_PROMPT, encoder, speakers, latent_shape=VOICE_CLIP, content=VOICE_CONTENT,
+            seed=seed, pair_reference=paired,
+        )  # fmt: skip
+    text = encoder.encode([VOICE_PROMPT])[0].bfloat16().float()  # (stored bf16 in the shards)
+    labels, references = voice_references(voices, speakers, eval_seeds, seed)
+    networks, timings = {"untrained": write_untrained(work, seed)}, {}
+    for row, (p, paired) in VOICE_ROWS.items():
+        data = f"{work}/{'voice_data' if paired else 'voice_data_unpaired'}/*.tar"
+        overrides = ["experiment=cpu_demo", f"data.shards={data}", f"seed={seed}",
+                     "recipe=base_pretrain", f"trainer.max_steps={steps}", f"data.voice_reference.p={p}",
+                     *VOICE_DATA, *BASE]  # fmt: skip
+        train_cmd = train_py or [sys.executable, str(REPO / "train.py")]
+        timings[f"{row}_s"] = train(work, row, overrides, ["--ema"], train_cmd)
+        networks[row] = work / row / "export"
+    scores = {}
+    for row, path in networks.items():
+        network = load_official(MagiHumanDiT(get_config("tiny")), path).eval()
+        audio = sample_voice(network, references, text)
+        scores[row] = {"voice_accuracy": voice_accuracy(audio, labels, voices)}
+    timings["total_s"] = time.perf_counter() - start
+    return {"rows": scores, "goals": voice_goals(scores, speakers), "timings": timings}
+
+
+def voice_goals(rows: dict, speakers: int) -> dict[str, bool]:
+    near_chance = 0.5 + 0.5 / speakers
+    return {
+        "voice voice_accuracy >= 0.9": rows["voice"]["voice_accuracy"] >= 0.9,
+        "untrained near chance": rows["untrained"]["voice_accuracy"] < near_chance,
+        "voice_unpaired near chance": rows["voice_unpaired"]["voice_accuracy"] < near_chance,
+    }
+
+
 def a2v_goals(rows: dict, classes: int) -> dict[str, bool]:
     return {
         "a2v a2v_accuracy >= 0.9": rows["a2v"]["a2v_accuracy"] >= 0.9,
@@ -301,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-seeds", type=int, default=EVAL_SEEDS, help="held-out noise seeds per class")
     parser.add_argument("--a2v", action="store_true", help="the audio-driven toy instead (one prompt)")
     parser.add_argument("--a2v-steps", type=int, default=A2V_STEPS, help="base steps of each a2v row")
+    parser.add_argument("--voice", action="store_true", help="the voice-reference toy instead (one prompt)")
+    parser.add_argument("--voice-steps", type=int, default=VOICE_STEPS, help="base steps of each voice row")
     args = parser.parse_args(argv)
     base = [f"trainer.max_steps={args.base_steps}", *BASE]
     dmd = [f"trainer.max_steps={args.dmd_steps}"]
@@ -310,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         if args.a2v:
             result = run_a2v(work, args.classes, args.seed, args.a2v_steps, args.eval_seeds)
+        elif args.voice:
+            result = run_voice(work, args.classes, args.seed, args.voice_steps, args.eval_seeds)
         else:
             result = run(work, args.classes, args.seed, base, dmd, args.eval_seeds, rows)
     result["command"] = " ".join(

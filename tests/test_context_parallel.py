@@ -1,6 +1,6 @@
 """Ulysses context parallelism on gloo CPU processes equals one process: the model's forward
-and backward (local mask, padded text, slices of unequal length, TREAD routing) with cp=2 and with
-dp=2 x cp=2, and SR training steps with dp=1 x cp=2."""
+and backward (local mask, padded text, slices of unequal length, a padded reference audio, TREAD
+routing, and both) with cp=2 and with dp=2 x cp=2, and SR training steps with dp=1 x cp=2."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ def _inputs(audio_tokens: int, seed: int = 0):
     return video, audio, text, text_len, weights
 
 
-def _forward_backward(model, inputs, route=None):
+def _forward_backward(model, inputs, **kwargs):
     video, audio, text, text_len, (w_video, w_audio) = inputs
-    v_video, v_audio = model(video, audio, text, text_len=text_len, route=route)
+    model.zero_grad(set_to_none=True)
+    v_video, v_audio = model(video, audio, text, text_len=text_len, **kwargs)
     ((v_video * w_video).sum() + (v_audio * w_audio).sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return (v_video.detach(), v_audio.detach()), grads
@@ -54,31 +55,23 @@ def _model_worker(rank: int, store: str, audio_tokens: int) -> None:
         reference = MagiHumanDiT(_config())
         reference.load_state_dict(model.state_dict())
         inputs = _inputs(audio_tokens)
-        expected, expected_grads = _forward_backward(reference, inputs)
-
+        g = torch.Generator().manual_seed(1)  # a voice reference, the second sample's padded
+        voice = {"ref_audio": torch.randn(2, 7, 64, generator=g), "ref_len": torch.tensor([7, 3])}
         enable_context_parallel(model, dist.group.WORLD)
-        outputs, _ = _forward_backward(model, inputs)
-        average_gradients(model, dist.group.WORLD)
-        for got, want in zip(outputs, expected, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
-
         # TREAD: half the video (and audio) tokens set aside in layers 1..2, the kept ones re-split
         from magitrain.flow.tread import TreadConfig
 
         tread = TreadConfig(rate=0.5, start_layer=1, end_layer=2, modalities=("video", "audio"))
         gens = [torch.Generator().manual_seed(b) for b in range(2)]
-        route = tread.draw(gens, {"video": 18, "audio": audio_tokens}, 4, "cpu")
-        reference.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)
-        expected, expected_grads = _forward_backward(reference, inputs, route)
-        outputs, _ = _forward_backward(model, inputs, route)
-        average_gradients(model, dist.group.WORLD)
-        for got, want in zip(outputs, expected, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+        route = {"route": tread.draw(gens, {"video": 18, "audio": audio_tokens}, 4, "cpu")}
+        for kwargs in ({}, voice, route, {**voice, **route}):
+            expected, expected_grads = _forward_backward(reference, inputs, **kwargs)
+            outputs, _ = _forward_backward(model, inputs, **kwargs)
+            average_gradients(model, dist.group.WORLD)
+            for got, want in zip(outputs, expected, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
     finally:
         dist.destroy_process_group()
 

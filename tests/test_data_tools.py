@@ -57,13 +57,17 @@ def test_manifest_aliases_and_unknown_columns(tmp_path, capsys):
     media = tmp_path / "media"
     make_demo_dataset(media, num_clips=1, seconds=1.0, size=(64, 128), separate_wav=True)
     (tmp_path / "list.csv").write_text(
-        "video_path,text,audio_path,speaker\nmedia/clip_0000.mp4,an aliased row,media/clip_0000.wav,ann\n"
+        "video_path,text,audio_path,speaker,mood\n"
+        "media/clip_0000.mp4,an aliased row,media/clip_0000.wav,ann,calm\n"
     )
     tool("make_shards.py", str(tmp_path / "list.csv"), str(tmp_path / "out"), "--workers", "1")
-    assert "['speaker'] are not among" in capsys.readouterr().err  # reported, kept as metadata
+    assert "['mood'] are not among" in capsys.readouterr().err  # reported, kept as metadata
     (sample,) = list(iter_tar(str(tmp_path / "out" / "000000.tar")))
     meta = json.loads(sample["json"])
-    assert meta["caption"] == "an aliased row" and meta["speaker"] == "ann" and "wav" in sample
+    assert meta["caption"] == "an aliased row" and meta["mood"] == "calm" and "wav" in sample
+    # a speaker id (data.voice_reference.source=same_speaker) is kept in KEY.json and the index row
+    index = json.loads((tmp_path / "out" / "000000.index.json").read_text())
+    assert meta["speaker"] == index["samples"][0]["speaker"] == "ann"
     assert meta["audio_duration"] == pytest.approx(1.0, abs=0.01)  # the separate wav was probed
     (tmp_path / "both.csv").write_text("path,video_path,caption\na.mp4,b.mp4,c\n")
     with pytest.raises(SystemExit, match="'path' and 'video_path' both give 'path'"):

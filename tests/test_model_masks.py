@@ -20,6 +20,10 @@ LAYOUTS = [  # (batch, frames, grid_h, grid_w, audio, text slots, text_len)
     (3, 7, 6, 10, 29, 40, [40, 0, 13]),  # a dropped prompt (no text at all)
     (1, 9, 8, 8, 33, 20, None),
     (1, 16, 4, 8, 61, 30, [30]),  # frames of 32 tokens: blocks of 4 frames, S not a block multiple
+    # with reference audio: (..., text_len, reference slots, reference lengths)
+    (3, 7, 6, 10, 29, 40, [40, 0, 13], 250, [250, 0, 30]),  # a dropped reference: a hole of 2 blocks
+    (2, 5, 4, 6, 17, 9, None, 26, [26, 25]),
+    (1, 9, 8, 8, 33, 20, None, 100, None),
 ]
 
 
@@ -46,8 +50,10 @@ def dense_from_block_mask(block_mask, seq_len: int) -> torch.Tensor:
 @pytest.mark.parametrize("window", [None, 1, 2])
 @pytest.mark.parametrize("shape", LAYOUTS)
 def test_block_mask_equals_the_dense_mask(shape, window):
-    *dims, text_len = shape
-    layout = SequenceLayout(*dims, None if text_len is None else torch.tensor(text_len))
+    *dims, text_len = shape[:7]
+    n_ref, ref_len = shape[7:] or (0, None)
+    tensor = lambda v: None if v is None else torch.tensor(v)  # noqa: E731
+    layout = SequenceLayout(*dims, tensor(text_len), n_ref, tensor(ref_len))
     block_mask, dense = layout.block_mask(window), layout.dense_mask(window)
     if dense is None:
         assert block_mask is None

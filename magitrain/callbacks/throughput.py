@@ -23,11 +23,14 @@ from magitrain.model.flops import real_tokens, set_aside_tokens, training_flops
 
 
 def batch_layout(batch: dict, patch: tuple[int, int, int]) -> SequenceLayout:
-    """The token layout of a latent or prompt batch (text lengths as they come, on their device)."""
+    """The token layout of a latent or prompt batch (text and voice-reference lengths as they come,
+    on their device)."""
     (_, T, H, W), (N, _) = latent_geometry(batch)
     pt, ph, pw = patch
     B, L = batch["text_emb"].shape[:2]
-    return SequenceLayout(B, T // pt, H // ph, W // pw, N, L, batch.get("text_len"))
+    R = batch["ref_audio_latent"].shape[1] if "ref_audio_latent" in batch else 0
+    grid = (T // pt, H // ph, W // pw)
+    return SequenceLayout(B, *grid, N, L, batch.get("text_len"), R, batch.get("ref_audio_len"))
 
 
 class Throughput(Callback):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 LIST_FIELDS = ("key", "caption", "language")
+PADDED = ("text_emb", "ref_audio_latent")  # rows zero-padded to the batch's longest
 ALIGN = 64
 
 
@@ -73,10 +74,10 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def _stack(fields: dict[str, list[Tensor]], ring: SharedRing | None) -> dict[str, Tensor]:
-    """Stack each field's tensors; `text_emb` rows are zero-padded to the longest."""
+    """Stack each field's tensors; `PADDED` fields' rows are zero-padded to the longest."""
     shapes = {}
     for name, tensors in fields.items():
-        rows = max(t.shape[0] for t in tensors) if name == "text_emb" else tensors[0].shape[0]
+        rows = max(t.shape[0] for t in tensors) if name in PADDED else tensors[0].shape[0]
         shapes[name] = (len(tensors), rows, *tensors[0].shape[1:])
     if ring is not None:
         ring.begin(sum(-(-_nbytes(s, fields[k][0].dtype) // ALIGN) * ALIGN for k, s in shapes.items()))
@@ -86,7 +87,7 @@ def _stack(fields: dict[str, list[Tensor]], ring: SharedRing | None) -> dict[str
         target = (
             ring.take(shapes[name], dtype) if ring is not None else torch.empty(shapes[name], dtype=dtype)
         )
-        if name == "text_emb":
+        if name in PADDED:
             for row, t in zip(target, tensors, strict=True):
                 row[: t.shape[0]].copy_(t)
                 row[t.shape[0] :].zero_()
@@ -121,14 +122,18 @@ def collate_raw(samples: list[dict], sample_rate: int, ring: SharedRing | None =
 def collate_latent(samples: list[dict], ring: SharedRing | None = None) -> dict:
     """video_latent [B, 48, T, H, W], audio_latent [B, N, 64], audio_mask [B], text_emb [B, L, C]
     zero-padded to the longest caption of the batch + text_len [B]; ref/lr latents only if every
-    sample has them. A batch with a prompt sample (no video) is a prompt batch: latent_shape [B, 3]
-    instead of the video and audio latents."""
+    sample has them; a voice reference (data.voice_reference) as ref_audio_latent [B, R, 64] padded
+    to the longest + ref_audio_len [B] (0: the sample has none). A batch with a prompt sample (no
+    video) is a prompt batch: latent_shape [B, 3] instead of the video and audio latents."""
     names = [n for n in ("video_latent", "audio_latent") if all(n in s for s in samples)]
     if not names:  # prompt samples (data/prompts.py): the geometry to generate instead
         names = ["latent_shape"]
-    names += ["text_emb"] + [n for n in ("ref_latent", "lr_video_latent") if all(n in s for s in samples)]
+    optional = ("ref_latent", "lr_video_latent", "ref_audio_latent")
+    names += ["text_emb"] + [n for n in optional if all(n in s for s in samples)]
     batch = {name: [s[name] for s in samples] for name in LIST_FIELDS}
     batch |= _stack({name: [_field(s, name) for s in samples] for name in names}, ring)
     batch["text_len"] = torch.tensor([s["text_emb"].shape[0] for s in samples], dtype=torch.long)
+    if "ref_audio_latent" in batch:
+        batch["ref_audio_len"] = torch.tensor([s["ref_audio_latent"].shape[0] for s in samples])
     batch["audio_mask"] = audio_mask(samples)
     return batch

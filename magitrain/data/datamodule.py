@@ -9,6 +9,8 @@ loop takes (not for batches merely prefetched), which is where consumption is co
 import logging
 import signal
 from collections.abc import Mapping
+from dataclasses import asdict
+from types import MappingProxyType
 
 import lightning as L
 import torch
@@ -22,9 +24,11 @@ from magitrain.data.position import DataPosition
 from magitrain.data.quality import BadInputTracker
 from magitrain.data.shards import parse_datasets
 from magitrain.data.span import AVPolicy
+from magitrain.data.voice import VoiceReference
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+VOICE_OFF = MappingProxyType(asdict(VoiceReference()))  # data.voice_reference's defaults (off)
 
 
 class EpochLoader(DataLoader):
@@ -79,6 +83,7 @@ class MagiDataModule(L.LightningDataModule):
     buckets: [{height, width, seconds | frames, batch_size}].
     missing_audio, av_mismatch, av_tolerance: the audio policies (magitrain.data.span.AVPolicy).
     max_pixels: raw videos and reference images with more pixels (from their headers) are bad samples.
+    voice_reference: {p, p_drop, source, min_seconds, max_seconds} (magitrain.data.voice).
     pin_memory: None pins batches when CUDA is available.
     rank / world_size: taken from the Trainer when attached, else torch.distributed, else these.
     The defaults are conf/data/latent.yaml's (a test keeps them equal).
@@ -107,6 +112,7 @@ class MagiDataModule(L.LightningDataModule):
         prefetch_factor: int = 2,
         pin_memory: bool | None = None,
         strict_resume: bool = True,
+        voice_reference: Mapping = VOICE_OFF,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -127,6 +133,7 @@ class MagiDataModule(L.LightningDataModule):
             "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
         }
         self.rank, self.world_size, self.strict_resume = rank, world_size, strict_resume
+        self.voice = VoiceReference(**voice_reference)
         self.position = DataPosition()
         self.quality = BadInputTracker(max_bad_fraction, bad_check_after)
         self.dataset: ShardDataset | None = None
@@ -160,6 +167,7 @@ class MagiDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             raw=self.raw,
             prefetch_factor=self.loader_options["prefetch_factor"] or 2,
+            voice=self.voice,
             **self.plan_options,
         )
         self.quality.unplanned = self.dataset.unplanned_summary()

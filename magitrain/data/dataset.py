@@ -22,18 +22,20 @@ import tempfile
 import weakref
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load as load_safetensors
 from torch.utils.data import IterableDataset, get_worker_info
 
 from magitrain.data.buckets import Bucket, assign_latent, assign_raw
-from magitrain.data.collate import SharedRing, collate_latent, collate_raw, release_when_dropped
+from magitrain.data.collate import PADDED, SharedRing, collate_latent, collate_raw, release_when_dropped
 from magitrain.data.decode import BadSample, RawOptions, decode_latent, decode_raw
 from magitrain.data.index import ShardIndex, build_index, read_index
 from magitrain.data.plan import Batch, EpochPlanner, Item, seeded_rng
 from magitrain.data.shards import DatasetSpec, index_url, iter_tar
 from magitrain.data.span import Unplanned, clip_span
+from magitrain.data.voice import VoiceReference
 from magitrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class WorkerPart:
     batches: list[Batch]
     rows: dict[Item, dict]
     urls: dict[int, str]
+    partners: dict[Item, Item] = field(default_factory=dict)  # same_speaker: the reference's clip
 
 
 class ShardDataset(IterableDataset):
@@ -91,17 +94,22 @@ class ShardDataset(IterableDataset):
         raw: RawOptions | None = None,
         text_max_len: int = 640,
         prefetch_factor: int = 2,
+        voice: VoiceReference | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.buckets, self.text_max_len = mode, list(buckets), text_max_len
         self.raw = raw or RawOptions()
+        self.voice = voice or VoiceReference()
+        if self.voice.enabled and mode != "latent":
+            raise ValueError("data.voice_reference needs data.mode=latent (latent shards, encode_shards.py)")
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
         self.epoch, self.start_batch = 0, 0
         self._lengths: dict[int, int] = {}
         self.datasets = list(datasets)
         self.urls = [url for d in datasets for url in d.urls]
         self.indexes = load_indexes(self.urls)
+        self.speakers = self._speakers() if self.voice.enabled and self.voice.source == "same_speaker" else {}
         for index in self.indexes:
             if index.kind != mode:
                 raise ValueError(f"shard {index.url} holds {index.kind} samples but data.mode={mode!r}")
@@ -156,6 +164,28 @@ class ShardDataset(IterableDataset):
                 examples.append(f"{url}:{row['key']}")
             return -1
 
+    def _speakers(self) -> dict[str, list[Item]]:
+        """Speaker id -> the clips (with audio) of the indexes that carry it."""
+        speakers: dict[str, list[Item]] = {}
+        for s, index in enumerate(self.indexes):
+            for r, row in enumerate(index.rows):
+                if "speaker" in row and row.get("has_audio", True):
+                    speakers.setdefault(row["speaker"], []).append((s, r))
+        if not speakers:
+            raise ValueError(
+                "data.voice_reference.source=same_speaker needs speaker ids in the shard indexes: give "
+                "make_shards.py a speaker column (or NAME.json 'speaker') and encode the shards again"
+            )
+        return speakers
+
+    def partner(self, epoch: int, item: Item) -> Item | None:
+        """Another clip of the item's speaker (seeded by epoch and key), or None when it has none."""
+        row = self.indexes[item[0]].rows[item[1]]
+        others = [i for i in self.speakers.get(row.get("speaker"), ()) if i != item]
+        if not others:
+            return None
+        return others[seeded_rng(self.seed, epoch, "speaker", row["key"]).randrange(len(others))]
+
     def unplanned_summary(self) -> str:
         return "; ".join(
             f"{reason}: {n} (e.g. {', '.join(self.unplanned_examples[reason])})"
@@ -208,8 +238,12 @@ class ShardDataset(IterableDataset):
         items, batches = self.planner.slot_batches(self.epoch, slot, self.world_size * workers)
         first = (self.start_batch - local + workers - 1) // workers
         needed = {item for _, batch in batches[first:] for item in batch}
-        rows = {(s, r): self.indexes[s].rows[r] for s, r in needed}
-        return WorkerPart(self.epoch, slot, first, items, batches, rows, {s: self.urls[s] for s, _ in needed})
+        partners = {item: self.partner(self.epoch, item) for item in needed} if self.speakers else {}
+        partners = {item: other for item, other in partners.items() if other is not None}
+        every = needed | set(partners.values())
+        rows = {(s, r): self.indexes[s].rows[r] for s, r in every}
+        urls = {s: self.urls[s] for s, _ in every}
+        return WorkerPart(self.epoch, slot, first, items, batches, rows, urls, partners)
 
     def prepare_epoch(self, epoch: int, start_batch: int) -> None:
         """Set the epoch and first batch; with workers, write each worker's part for it to pick up."""
@@ -238,7 +272,9 @@ class ShardDataset(IterableDataset):
     def __getstate__(self) -> dict:
         # what a worker started with spawn receives: not the indexes, nor the planner (its part
         # comes through prepare_epoch's file)
-        return {k: v for k, v in self.__dict__.items() if k not in ("indexes", "planner", "_lengths")}
+        return {
+            k: v for k, v in self.__dict__.items() if k not in ("indexes", "planner", "_lengths", "speakers")
+        }
 
     # ----- running a part (worker or main process) ------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -364,11 +400,27 @@ class ShardDataset(IterableDataset):
         if isinstance(sample, BadSample):
             raise sample
         if self.mode == "latent":
-            return decode_latent(
-                sample, self.buckets[bucket], self.text_max_len, self.text_dim, self.raw.policy
-            )
+            rng = seeded_rng(self.seed, part.epoch, "voice", sample["__key__"])
+            bucket_ = self.buckets[bucket]
+            args = (self.text_max_len, self.text_dim, self.raw.policy, self.voice, rng)
+            partner = part.partners.get(item)
+            return decode_latent(sample, bucket_, *args, partner and self._speaker_audio(part, partner))
         rng = seeded_rng(self.seed, part.epoch, "offset", sample["__key__"])
         return decode_raw(sample, part.rows[item], self.buckets[bucket], self.raw, rng)
+
+    def _speaker_audio(self, part: WorkerPart, item: Item) -> torch.Tensor | None:
+        """The audio latents of another clip of a speaker (same_speaker), read from its shard on its
+        own; None (that sample then trains without a reference) when it cannot be read."""
+        row, url = part.rows[item], part.urls[item[0]]
+        for sample in iter_tar(url, row.get("offset") or 0, {row["key"]}):
+            if sample.get("__key__") == row["key"] and "latents.safetensors" in sample:
+                try:
+                    return load_safetensors(sample["latents.safetensors"])["audio_latent"]
+                except Exception as exn:  # noqa: BLE001  a bad partner costs a reference, not the sample
+                    log.warning("voice reference %s in %s unreadable: %s", row["key"], url, exn)
+                    return None
+        log.warning("voice reference %s not found in %s", row["key"], url)
+        return None
 
     def track(self, batch: dict) -> dict:
         """Main process, every batch a worker yields: return its buffer slot once it is dropped."""
@@ -384,10 +436,9 @@ class ShardDataset(IterableDataset):
 
 
 def _shapes(sample: dict) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes that must agree within a batch (a text embedding's length may differ)."""
-    return {
-        k: tuple(v.shape[1:] if k == "text_emb" else v.shape) for k, v in sample.items() if torch.is_tensor(v)
-    }
+    """Tensor shapes that must agree within a batch (text's and voice references' lengths may differ)."""
+    tensors = {k: v for k, v in sample.items() if torch.is_tensor(v)}
+    return {k: tuple(v.shape[1:] if k in PADDED else v.shape) for k, v in tensors.items()}
 
 
 def _remove_dir(path: str, owner: int) -> None:

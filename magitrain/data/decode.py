@@ -28,6 +28,7 @@ from magitrain.codecs.media import nearest_frames, read_audio, reference_image, 
 from magitrain.data.buckets import AUDIO_CHANNELS, FPS, VAE_TIME_STRIDE, VIDEO_CHANNELS, Bucket
 from magitrain.data.index import AUDIO_EXTS, is_prompt_payload
 from magitrain.data.span import AVPolicy, Unplanned, clip_span
+from magitrain.data.voice import VoiceReference
 
 
 class BadSample(Exception):
@@ -236,9 +237,15 @@ def decode_latent(
     text_max_len: int,
     text_dim: int | None = None,
     policy: AVPolicy = DEFAULT_POLICY,
+    voice: VoiceReference | None = None,
+    rng: random.Random | None = None,
+    speaker_audio: torch.Tensor | None = None,
 ) -> dict:
     """Latent sample cut to the bucket: video [48, T, H, W], audio [4(T-1)+1, 64], text [L, C],
-    audio_mask from the sample's `has_audio` under `policy.missing_audio`.
+    audio_mask from the sample's `has_audio` under `policy.missing_audio`; with `voice` on
+    (`data.voice_reference`) `ref_audio_latent` [R, 64] from `rng`'s draws: a span of the clip's
+    audio outside the cut (same_clip) or of `speaker_audio`, the audio latents of another clip of the
+    speaker (same_speaker; None: it has none); R = 0: no reference.
 
     Shapes are checked against the data contract, the bucket and `text_dim` (the dataset's text
     width) before anything is stacked (bad_shape), and every value must be finite (non_finite)."""
@@ -270,6 +277,11 @@ def decode_latent(
         out["ref_latent"] = tensors["ref_latent"]
     if "lr_video_latent" in tensors:
         out["lr_video_latent"] = tensors["lr_video_latent"][:, :t]
+    if voice is not None and voice.enabled:
+        audio = tensors["audio_latent"]
+        source, target = (audio, (0, n)) if voice.source == "same_clip" else (speaker_audio, (0, 0))
+        take = voice.wants(rng) and has_audio and source is not None
+        out["ref_audio_latent"] = voice.cut(source, target, rng).to(audio.dtype) if take else audio[:0]
     for name, tensor in out.items():
         # a sum is finite iff every value is (short of an overflow only absurd latents reach);
         # 25x cheaper than isfinite() over a bf16 tensor, which counts only when something is wrong

@@ -139,6 +139,8 @@ def sample_row(sample: dict) -> dict:
         "bytes": sum(len(v) for k, v in sample.items() if not k.startswith("__")),
         "language": str(meta.get("language", "")),
     }
+    if "speaker" in meta:  # the voice of data.voice_reference's source=same_speaker
+        row["speaker"] = str(meta["speaker"])
     if "latents.safetensors" in sample:
         row.update(latent_row(sample["latents.safetensors"]))
         row.update({k: meta[k] for k in ("duration", "width", "height", "fps", "has_audio") if k in meta})

@@ -319,6 +319,59 @@ def make_class_latent_dataset(
     return protos
 
 
+def voice_sample(voices: torch.Tensor, k: int, tokens: int, content: float, gen: torch.Generator):
+    """Audio latents [tokens, 64] of speaker k of the voice toy: its voice (a per-channel pattern,
+    `voices[k]`, the same at every token) plus `content` Gaussian noise (what is said)."""
+    return voices[k] + content * torch.randn(tokens, voices.shape[1], generator=gen)
+
+
+def make_voice_latent_dataset(
+    out_dir: str | Path,
+    prompt: str,
+    text_encoder,
+    speakers: int = 4,
+    clips_per_speaker: int = 16,
+    per_shard: int = 8,
+    latent_shape: tuple[int, int, int] = (12, 2, 4),
+    content: float = 0.5,
+    seed: int = 0,
+    pair_reference: bool = True,
+    bucket_tokens: int = 9,
+) -> torch.Tensor:
+    """The voice toy in latent shards: every clip has the one `prompt`, a video of one shared
+    prototype plus 0.1 noise, and the audio of one of `speakers` speakers (`voice_sample`), with its
+    `speaker` id in KEY.json. Clips are `latent_shape` (T latent frames: longer than a training
+    bucket, so that `data.voice_reference` finds the clip's own voice past the cut). Only a model
+    that listens to the reference can say which voice a clip has. `pair_reference=False` (a negative
+    control): past the first `bucket_tokens` audio latents a clip speaks in another speaker's voice,
+    so its own-clip references name the wrong voice. Returns the voices [K, 64]."""
+    t, h, w = latent_shape
+    gen = torch.Generator().manual_seed(seed)
+    voices = torch.randn(speakers, 64, generator=gen)
+    video = torch.randn(48, t, h, w, generator=gen)
+    emb, lengths = text_encoder.encode([prompt])
+    total = speakers * clips_per_speaker
+    for number, first in enumerate(range(0, total, per_shard)):
+        samples = []
+        for i in range(first, min(first + per_shard, total)):
+            k = i % speakers
+            audio = voice_sample(voices, k, 4 * (t - 1) + 1, content, gen)
+            if not pair_reference:  # (drawn after the pair: a paired toy's numbers stay as they were)
+                other = (k + int(torch.randint(1, speakers, (), generator=gen))) % speakers
+                audio[bucket_tokens:] = voice_sample(voices, other, len(audio) - bucket_tokens, content, gen)
+            tensors = {
+                "video_latent": video + 0.1 * torch.randn(video.shape, generator=gen),
+                "audio_latent": audio,
+                "text_emb": emb[0, : int(lengths[0])].to(torch.bfloat16),
+            }
+            meta = {"caption": prompt, "speaker": f"speaker{k}", "duration": 4 * (t - 1) / 25,
+                    "width": 16 * w, "height": 16 * h}  # fmt: skip
+            samples.append(latent_sample(f"{number:06d}{i - first:04d}", meta, tensors))
+        write_shard(out_dir, number, "latent", samples)
+    write_negative(out_dir, text_encoder)
+    return voices
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -6,6 +6,8 @@ in latent space, against the toy's prototypes and held-out data; `scripts/dmd_to
   class their prompt names;
 - `pairing_accuracy`: the share whose nearest audio prototype is the class of their video;
 - `video_distance`, `audio_distance`: the mean per-element RMS distance to the prompt's prototypes;
+- `voice_accuracy` (the voice toy, `synthetic.make_voice_latent_dataset`): the share of generated
+  audio whose nearest voice (over the time-mean of its latents) is the reference's speaker;
 - `sw_distance`: the sliced Wasserstein-2 distance between the generated samples of a class and as
   many held-out samples of it (video and audio flattened into one vector), averaged over classes.
 """
@@ -35,6 +37,12 @@ def class_scores(video: Tensor, audio: Tensor, classes: Tensor, prototypes: dict
         "video_distance": video_rms[rows, classes].mean().item(),
         "audio_distance": audio_rms[rows, classes].mean().item(),
     }
+
+
+def voice_accuracy(audio: Tensor, speakers: Tensor, voices: Tensor) -> float:
+    """The share of generated audio latents [B, N, 64] whose time-mean's nearest voice of `voices`
+    [K, 64] is the reference's speaker `speakers` [B]."""
+    return (nearest(voices, audio.float().mean(1))[0] == speakers).float().mean().item()
 
 
 def projections(dim: int, count: int, seed: int) -> Tensor:

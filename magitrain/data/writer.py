@@ -55,5 +55,6 @@ def latent_sample(key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> tup
         **latent_row(payload),
         "language": str(meta.get("language", "")),
         **{k: meta[k] for k in ("duration", "width", "height", "has_audio") if k in meta},
+        **({"speaker": str(meta["speaker"])} if "speaker" in meta else {}),
     }
     return members, row

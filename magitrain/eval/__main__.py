@@ -38,6 +38,7 @@ KEYS = {
     "eval.asr_path": "a Whisper model folder (transformers): wer, cer",
     "eval.clip_path": "a CLIP model folder (transformers): clip_score",
     "eval.syncnet_path": "a SyncNet weight file: lse_c, lse_d",
+    "eval.speaker_path": "a speaker-verification model folder (transformers x-vector): speaker_similarity",
     "eval.max_lag": "av_offset_frames searches lags -N..N frames (default 10)",
     "eval.device": "auto (cuda if available) | cpu | cuda | cuda:N, for the model-based metrics",
 }

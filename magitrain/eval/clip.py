@@ -45,11 +45,13 @@ class Clip:
 @dataclass
 class Reference:
     """What a clip should show and say: `prompt` (its text), `speech` (the words it should speak;
-    None: the quoted text of the prompt, see `expected_speech`), `language` (ISO code; zh/ja: CER)."""
+    None: the quoted text of the prompt, see `expected_speech`), `language` (ISO code; zh/ja: CER),
+    `voice` (the audio file of the voice it should speak in: infer.py's `voice=`)."""
 
     prompt: str = ""
     speech: str | None = None
     language: str | None = None
+    voice: str | None = None
 
     @property
     def expected_speech(self) -> str | None:

@@ -25,7 +25,14 @@ MODEL_METRICS = {
     "asr_path": ("magitrain.eval.asr", "WhisperASR"),
     "clip_path": ("magitrain.eval.clip_score", "ClipScore"),
     "syncnet_path": ("magitrain.eval.syncnet", "SyncNetScore"),
+    "speaker_path": ("magitrain.eval.speaker", "SpeakerSimilarity"),
 }
+
+
+def _skip(row: dict, why: str) -> dict:
+    """A metric left out of a clip's row, said under "skipped" (beside any other): no values."""
+    row["skipped"] = "; ".join(filter(None, (row.get("skipped"), why)))
+    return {}
 
 
 class ModelUnavailable(Exception):
@@ -39,6 +46,7 @@ class EvalOptions:
     asr_path: str | None = None
     clip_path: str | None = None
     syncnet_path: str | None = None
+    speaker_path: str | None = None
     max_lag: int = 10
     device: str = "auto"
 
@@ -91,8 +99,11 @@ class Evaluator:
         model = self._model(key)  # missing weights are an error even where the metric is skipped
         if key == "asr_path" and reference.expected_speech is None:
             # a clip that should say nothing has no WER: not a failure, but said (the JSON's "skipped")
-            row["skipped"] = "wer/cer: no reference speech (no 'speech' field, no quoted text in the prompt)"
-            return {}
+            return _skip(
+                row, "wer/cer: no reference speech (no 'speech' field, no quoted text in the prompt)"
+            )
+        if key == "speaker_path" and reference.voice is None:
+            return _skip(row, "speaker_similarity: no reference voice (no 'voice' field)")
         return model.metric(clip, reference)
 
     def _model(self, key: str):

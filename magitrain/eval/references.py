@@ -6,7 +6,8 @@ writes dir/clip_000.mp4, dir/clip_001.mp4, ...), so its rows pair with those cli
 a row's `file` (or infer.py's `out`) names its clip; otherwise row i pairs with the clip whose
 name ends in `_NNN` (i, three digits: infer.py's numbering), else with the i-th clip in sorted
 order. Rows are JSON objects (.jsonl) with `prompt` and optional `speech`, `language`, `file`,
-and infer.py's `seed`, `image`, `negative_prompt`, `out` (read, not used); any other file holds
+`voice` (the reference voice of speaker_similarity), and infer.py's `seed`, `image`,
+`negative_prompt`, `out` (read, not used); any other file holds
 one prompt per non-empty line, as infer.py reads it.
 """
 
@@ -32,7 +33,9 @@ def pair(rows: list[dict], clip_names: list[str]) -> tuple[dict[str, Reference],
         elif name in references:
             notes.append(f"prompts row {i + 1}: clip {name} already has a row; this one is ignored")
         else:
-            references[name] = Reference(row["prompt"], row.get("speech"), row.get("language"))
+            references[name] = Reference(
+                row["prompt"], row.get("speech"), row.get("language"), row.get("voice")
+            )
     return references, notes
 
 

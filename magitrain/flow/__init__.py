@@ -4,7 +4,7 @@ and the training-side interpolant, noise-level sampling and velocity loss."""
 from .base import sample_base
 from .conditioning import condition_on_image, hold_clean
 from .distill import distill_step, sample_distilled
-from .guidance import Guidance, cfg, sr_guidance_scales
+from .guidance import Guidance, cfg, sr_guidance_scales, voice_guided
 from .noise import gaussian, initial_latents
 from .schedules import (
     DEFAULT_SHIFT,
@@ -54,6 +54,7 @@ __all__ = [
     "shift_sigmas",
     "sigma_bucket_stats",
     "sr_guidance_scales",
+    "voice_guided",
     "sr_renoise_coefficient",
     "unipc_scheduler",
     "unshifted_sigmas",

@@ -13,6 +13,23 @@ def cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return uncond + scale * (cond - uncond)
 
 
+def voice_guided(velocity_fn, ref_audio: Tensor, scale: float = 1.0):
+    """`velocity_fn` (a VelocityFn: video, audio, text, text_len, **kw) conditioned on the voice
+    reference `ref_audio` [B, R, 64], with guidance `u + g (c - u)` against the same call without a
+    reference (`scale` = 1: the conditioned prediction alone, one forward). The reference is a clean
+    input, the same tensor at every step; it stands beside the prompt's CFG, which calls this once
+    with the prompt and once with the negative prompt."""
+
+    def velocity(video: Tensor, audio: Tensor, text: Tensor, text_len, **kwargs):
+        cond = velocity_fn(video, audio, text, text_len, ref_audio=ref_audio, **kwargs)
+        if scale == 1.0:
+            return cond
+        uncond = velocity_fn(video, audio, text, text_len, **kwargs)
+        return tuple(cfg(c, u, scale) for c, u in zip(cond, uncond, strict=True))
+
+    return velocity
+
+
 @dataclass(frozen=True)
 class Guidance:
     """Guidance scales: video `video_high` while t > `switch_t`, then `video_low`; audio constant."""

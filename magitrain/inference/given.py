@@ -1,5 +1,5 @@
 """The given modality of audio-driven video (`audio=FILE`) and video-to-audio (`video=FILE`): the
-files read, checked and cut to the clip they set.
+files read, checked and cut to the clip they set; and the voice reference of `voice=FILE`.
 
 Audio is read as the release's `load_audio_and_encode` reads it: mono at the audio codec's rate
 (51.2 kHz; `AudioCodec.encode` duplicates it to stereo and encodes audio longer than its 29 s
@@ -25,6 +25,7 @@ from torch import Tensor
 from magitrain.codecs.audio import LATENT_RATE
 from magitrain.codecs.media import nearest_frames, read_audio, resize_cover_crop
 from magitrain.errors import UserError
+from magitrain.model.layout import REF_AUDIO_MAX_SECONDS, REF_AUDIO_MIN_SECONDS
 
 from .shapes import FPS, ClipShape
 
@@ -33,7 +34,9 @@ log = logging.getLogger("magitrain")
 SILENT_PEAK = 1e-4  # -80 dBFS: a track whose every sample stays below this holds nothing to follow
 
 
-def check_given(audio: str | None, video: str | None, image: str | None, sr: str | None) -> None:
+def check_given(
+    audio: str | None, video: str | None, image: str | None, sr: str | None, voice: str | None = None
+) -> None:
     """The combinations that make no clip, and missing files: before any network loads."""
     if audio and video:
         raise UserError("give audio=FILE (audio-driven video) or video=FILE (video-to-audio), not both")
@@ -41,17 +44,19 @@ def check_given(audio: str | None, video: str | None, image: str | None, sr: str
         raise UserError(f"video={video} gives every frame: image= has no frame left to set")
     if video and sr:
         raise UserError(f"video={video} keeps the given pictures: sr={sr} has no video to refine")
-    for key, path in (("audio", audio), ("video", video)):
+    if voice and audio:
+        raise UserError(f"audio={audio} gives the clip's sound: voice={voice} has no speech left to shape")
+    for key, path in (("audio", audio), ("video", video), ("voice", voice)):
         if path and not Path(path).is_file():
             raise UserError(f"{key}={path}: no such file")
 
 
-def read_audio_file(path: str | Path, rate: int, seconds: float | None = None) -> Tensor:
+def read_audio_file(path: str | Path, rate: int, seconds: float | None = None, key: str = "audio") -> Tensor:
     """[1, S] mono float at `rate`: the file's audio (any format FFmpeg reads), its first `seconds`.
 
     S spans the container's duration, the samples placed by their timestamps (an mp3's encoder
-    delay stays a delay; a file shorter than it claims ends in zeros)."""
-    data = _read_bytes(path)
+    delay stays a delay; a file shorter than it claims ends in zeros). Errors name `key`=path."""
+    data = _read_bytes(path, key)
     try:
         with av.open(io.BytesIO(data)) as container:
             duration = container.duration
@@ -62,14 +67,30 @@ def read_audio_file(path: str | Path, rate: int, seconds: float | None = None) -
             length = min(length, round(seconds * rate))
         wave, covered = read_audio(data, False, 0.0, length, rate)
     except (av.error.FFmpegError, ValueError) as err:
-        raise UserError(f"audio={path}: not a readable audio file ({err})") from None
+        raise UserError(f"{key}={path}: not a readable audio file ({err})") from None
     if covered < rate / LATENT_RATE:
         raise UserError(
-            f"audio={path}: {covered / rate:.3f} s of audio, shorter than one latent frame "
+            f"{key}={path}: {covered / rate:.3f} s of audio, shorter than one latent frame "
             f"({1 / LATENT_RATE} s)"
         )
     if wave.abs().max() < SILENT_PEAK:
-        raise UserError(f"audio={path} is silent: there is no sound to follow")
+        raise UserError(f"{key}={path} is silent: there is no sound to follow")
+    return wave
+
+
+def read_voice_file(path: str | Path, rate: int) -> Tensor:
+    """[1, S] mono float at `rate`: the voice reference of `voice=` (any format FFmpeg reads), 1 to
+    10 s as the model is trained on (`magitrain.model.layout`'s reference lengths); a longer one is
+    clipped to its first 10 s with a log line, a shorter or silent one is a UserError."""
+    wave = read_audio_file(path, rate, None, "voice")
+    seconds, shortest, longest = wave.shape[-1] / rate, REF_AUDIO_MIN_SECONDS, REF_AUDIO_MAX_SECONDS
+    if seconds < shortest:
+        raise UserError(f"voice={path}: {seconds:.2f} s of audio, under the {shortest:g} s a voice needs")
+    if seconds > longest:
+        log.info("voice=%s is %.1f s long: its first %g s are the reference", path, seconds, longest)
+        wave = wave[:, : round(longest * rate)]
+    if wave.abs().max() < SILENT_PEAK:
+        raise UserError(f"voice={path} is silent in its first {longest:g} s: there is no voice to follow")
     return wave
 
 
@@ -120,8 +141,8 @@ def output_track(path: str | Path, seconds: float, rate: int, length: int) -> Te
     return torch.nn.functional.pad(wave, (0, length - wave.shape[-1])).expand(2, -1)
 
 
-def _read_bytes(path: str | Path) -> bytes:
+def _read_bytes(path: str | Path, key: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as err:
-        raise UserError(f"audio={path}: {err.strerror or err}") from None
+        raise UserError(f"{key}={path}: {err.strerror or err}") from None

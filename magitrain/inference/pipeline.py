@@ -39,11 +39,19 @@ from magitrain.flow import (
     sample_distilled,
     sample_super_resolution,
     sr_guidance_scales,
+    voice_guided,
 )
 from magitrain.model import MagiHumanDiT
 
 from .distributed import Ranks
-from .given import check_given, clip_frames, output_track, read_audio_file, read_video_file
+from .given import (
+    check_given,
+    clip_frames,
+    output_track,
+    read_audio_file,
+    read_video_file,
+    read_voice_file,
+)
 from .residency import StageResidency
 from .shapes import FPS, ClipShape, parse_output_size
 from .steps import build_steps
@@ -251,6 +259,16 @@ class MagiHumanPipeline:
                     latents[1] = self.codecs.video.encode(pixels[None].to(self.device)).to(self.device)
         return self.ranks.broadcast(latents, self.device)
 
+    def encode_voice(self, wave: Tensor) -> Tensor:
+        """The voice reference's clean latents [1, R, 64] (R = 25 per second) of a mono waveform [1, S]
+        at the audio codec's rate, encoded as `audio=` is; under CP rank 0's, on every rank."""
+        latent = None
+        if self.ranks.writer:
+            with self._stage("given"):
+                codec = self.codecs.audio
+                latent = codec.encode(wave[None], codec.model_rate).to(self.device)
+        return self.ranks.broadcast([latent], self.device)[0]
+
     def sample(
         self,
         text: TextInputs,
@@ -264,10 +282,15 @@ class MagiHumanPipeline:
         image_latents: tuple[Tensor, Tensor | None] | None = None,
         clean_video: Tensor | None = None,
         clean_audio: Tensor | None = None,
+        voice: Tensor | None = None,
+        voice_scale: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """Base stage, then the SR stage when `sr_clip` is given: (video latent, audio latent).
         A clean latent (audio-driven video: `clean_audio`; video-to-audio: `clean_video`) is held
-        fixed by the samplers; the SR stage gets the base stage's audio, so the given one in a2v."""
+        fixed by the samplers; the SR stage gets the base stage's audio, so the given one in a2v.
+        `voice` [1, R, 64]: the base network sees this reference at every step, guided with
+        `voice_scale` against no reference (`voice_guided`); its steps run eager (a compiled step
+        holds the plain network). The SR stage sees none: it keeps the base stage's audio."""
         if clean_video is not None and sr_clip is not None:
             raise ValueError("a given video (clean_video) has nothing for an SR stage to refine")
         generator = torch.Generator(self.generator_device).manual_seed(seed)
@@ -275,21 +298,24 @@ class MagiHumanPipeline:
         text = trim_text(text)
         for step in self.steps.values():
             step.timer = timer
+        network, steps_fns = self.model, self.steps
+        if voice is not None:
+            network, steps_fns = voice_guided(self.model, voice, voice_scale), {}
         with timer("base"), self._stage("base"), self._autocast():
             video, audio = initial_latents(
                 clip.video_latent_shape(), clip.audio_latent_shape(), generator, self.device
             )
             if sampler == "distilled":
                 video, audio = sample_distilled(
-                    self.model, video, audio, text.emb, text.length,
+                    network, video, audio, text.emb, text.length,
                     generator=generator, steps=steps, image_latent=base_image, clean_video=clean_video,
-                    clean_audio=clean_audio, step_fn=self.steps.get("distilled"),
+                    clean_audio=clean_audio, step_fn=steps_fns.get("distilled"),
                 )  # fmt: skip
             else:
                 video, audio = sample_base(
-                    self.model, video, audio, text.emb, text.length, text.negative, text.negative_length,
+                    network, video, audio, text.emb, text.length, text.negative, text.negative_length,
                     steps=steps, guidance=self.sampling.guidance, image_latent=base_image,
-                    clean_video=clean_video, clean_audio=clean_audio, step_fn=self.steps.get("base"),
+                    clean_video=clean_video, clean_audio=clean_audio, step_fn=steps_fns.get("base"),
                 )  # fmt: skip
         if sr_clip is None:
             return video, audio
@@ -399,6 +425,8 @@ class MagiHumanPipeline:
         video: str | Path | None = None,
         negative_prompt: str | None = None,
         plan_decode: bool = True,
+        voice: str | Path | None = None,
+        voice_scale: float = 1.0,
     ) -> tuple[tuple[Tensor, Tensor], StageTimer, dict]:
         """Text, image, given media, base and SR stages: ((video latent, audio latent), their timer,
         the settings).
@@ -408,14 +436,17 @@ class MagiHumanPipeline:
         video) or `video` (video-to-audio) is kept clean and sets the clip's length, which `seconds`
         trims (default without them: 5 s); the returned latent of that modality is its clean one.
         `plan_decode=False`: no decode stage follows (offloading prefetches nothing for it).
+        `voice` (a file, 1 to 10 s; longer ones are clipped): the speaker whose voice the clip's
+        speech takes, at `voice_scale` (`sample`).
         """
         sampler = sampler or DEFAULT_SAMPLER.get(steps)
         if sampler not in SAMPLERS:
             raise ValueError(f"steps={steps} has no default sampler: pass sampler= one of {SAMPLERS}")
-        check_given(audio, video, image, sr)
+        check_given(audio, video, image, sr, voice)
         wave, frames, seconds = self.read_given(audio, video, seconds)
+        voice_wave = read_voice_file(voice, self.codecs.audio.model_rate) if voice is not None else None
         clip, sr_clip = ClipShape.stages(seconds, resolution, sr)
-        given = wave is not None or frames is not None
+        given = wave is not None or frames is not None or voice is not None
         self._plan = [
             "text",
             *(["image"] if image is not None else []),
@@ -429,6 +460,9 @@ class MagiHumanPipeline:
             guided = sampler == "base" or bool(sr and self.sampling.sr_cfg)
             text = self.encode_prompt(prompt, guidance=guided, negative_prompt=negative_prompt)
         conditions = self._conditions(timer, clip, sr_clip, image, wave, frames)
+        if voice_wave is not None:
+            with timer("given"):
+                conditions.update(voice=self.encode_voice(voice_wave), voice_scale=voice_scale)
         latents = self.sample(
             text, clip, timer, steps=steps, sampler=sampler, seed=seed, sr_clip=sr_clip, **conditions
         )
@@ -436,7 +470,10 @@ class MagiHumanPipeline:
                     resolution=resolution, sr=sr, frames=clip.frames, device=str(self.device),
                     precision="bf16" if self.bf16 else "fp32", video_decoder=self.codecs.video_decoder_name,
                     offload=self.offload, cp=self.ranks.size, compile=self.compile)  # fmt: skip
-        meta.update({k: str(path) for k, path in (("audio", audio), ("video", video)) if path is not None})
+        given_files = (("audio", audio), ("video", video), ("voice", voice))
+        meta.update({k: str(path) for k, path in given_files if path is not None})
+        if voice is not None:
+            meta.update(voice_scale=voice_scale)
         return latents, timer, meta
 
     def _conditions(self, timer: StageTimer, clip, sr_clip, image, wave, frames) -> dict:

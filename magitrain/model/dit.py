@@ -107,6 +107,8 @@ class MagiHumanDiT(nn.Module):
         text: Tensor,
         text_len: Tensor | None = None,
         coords_style: str | None = None,
+        ref_audio: Tensor | None = None,
+        ref_len: Tensor | None = None,
         route: TokenRoute | None = None,
     ) -> tuple[Tensor, Tensor]:
         """video [B, 48, T, H, W], audio [B, N, 64], text [B, L, C_text] -> (v_video, v_audio), same shapes.
@@ -117,25 +119,32 @@ class MagiHumanDiT(nn.Module):
         CPU `text_len`, or outside autograd (sampling, where one sync per forward of the network is
         nothing). A training step on a GPU keeps the batch's padding and masks it.
 
+        `ref_audio` [B, R, 64] (optional): clean audio latents of the wanted voice, placed after the
+        audio at the release's reference-audio RoPE slot (`layout.REF_AUDIO_OFFSET`), never an
+        output; `ref_len` [B] its real tokens per sample (0: no reference), padding as `text_len`.
+
         `route` (TREAD, training only): layers `route.start..route.end` run on its kept tokens
-        alone; the others skip them unchanged (magitrain.model.routing).
+        alone; the others skip them unchanged (magitrain.model.routing). Reference audio and text
+        are never routed.
         """
         cfg = self.config
         self._check_inputs(video, audio, text, text_len)
-        if text_len is not None and (text_len.device.type == "cpu" or not torch.is_grad_enabled()):
-            text = text[:, : int(text_len.max())]
-            if bool((text_len == text.shape[1]).all()):
-                text_len = None
+        text, text_len = _drop_padding(text, text_len)
+        ref_audio, ref_len = _drop_padding(*_reference(audio, ref_audio, ref_len))
         B, _, T, H, W = video.shape
         pt, ph, pw = cfg.patch_size
         grid = (T // pt, H // ph, W // pw)
-        layout = SequenceLayout(B, *grid, audio.shape[1], text.shape[1], text_len)
+        layout = SequenceLayout(
+            B, *grid, audio.shape[1], text.shape[1], text_len, ref_audio.shape[1], ref_len
+        )
 
         with torch.autocast(video.device.type, enabled=False):  # embedders and RoPE in float32
             x = torch.cat(
                 [
                     self.adapter.video_embedder(patchify(video.float(), cfg.patch_size)),
-                    self.adapter.audio_embedder(audio.float()),
+                    self.adapter.audio_embedder(
+                        (torch.cat([audio, ref_audio], 1) if ref_audio.shape[1] else audio).float()
+                    ),
                     self.adapter.text_embedder(text.float()),
                 ],
                 dim=1,
@@ -196,6 +205,28 @@ class MagiHumanDiT(nn.Module):
         global_mask = build(None, device)
         local_mask = build(window, device) if window is not None else None
         return global_mask, local_mask
+
+
+def _reference(audio: Tensor, ref_audio: Tensor | None, ref_len: Tensor | None):
+    """(reference [B, R, 64], lengths): checked, or an empty reference when there is none."""
+    B, _, C = audio.shape
+    if ref_audio is None:
+        return audio.new_zeros(B, 0, C), None
+    if ref_audio.ndim != 3 or ref_audio.shape[0] != B or ref_audio.shape[2] != C:
+        raise ValueError(f"ref_audio must be [{B}, R, {C}], got {tuple(ref_audio.shape)}")
+    if ref_len is not None and tuple(ref_len.shape) != (B,):
+        raise ValueError(f"ref_len must be [{B}], got {tuple(ref_len.shape)}")
+    return ref_audio, ref_len
+
+
+def _drop_padding(tokens: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Padding no sample uses dropped, and the lengths too when nothing is left padded, where that
+    costs no wait for the device (CPU lengths, or outside autograd)."""
+    if lengths is not None and (lengths.device.type == "cpu" or not torch.is_grad_enabled()):
+        tokens = tokens[:, : int(lengths.max())]
+        if bool((lengths == tokens.shape[1]).all()):
+            lengths = None
+    return tokens, lengths
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,9 +21,11 @@ from .routing import TokenRoute
 
 
 def _text(layout: SequenceLayout) -> Tensor:
-    """[B] real text tokens, float64, where the lengths live (no host sync)."""
-    device = layout.text_len.device if layout.text_len is not None else None
-    return layout.text_lengths(device).to(torch.float64)
+    """[B] real text + reference-audio tokens, float64, where the lengths live (no host sync)."""
+    given = layout.text_len if layout.text_len is not None else layout.ref_len
+    device = given.device if given is not None else None
+    text, ref = layout.text_lengths(device), layout.ref_lengths(device)
+    return text.to(torch.float64) + ref.to(torch.float64)
 
 
 def attended_pairs(config: MagiHumanConfig, layout: SequenceLayout) -> tuple[Tensor, Tensor]:
@@ -35,7 +37,8 @@ def attended_pairs(config: MagiHumanConfig, layout: SequenceLayout) -> tuple[Ten
 
 def _pairs(config: MagiHumanConfig, frame_counts: Tensor, others: Tensor) -> tuple[Tensor, Tensor]:
     """(global, local) attended pairs [B] of samples with `frame_counts` [B, T] video tokens per
-    latent frame and `others` [B] real audio + text tokens (they see, and are seen by, everyone)."""
+    latent frame and `others` [B] real audio + reference + text tokens (they see, and are seen by,
+    everyone)."""
     frames = torch.arange(frame_counts.shape[1], device=frame_counts.device)
     band = ((frames[:, None] - frames[None, :]).abs() <= config.frame_window).to(frame_counts)
     video_video = ((frame_counts @ band) * frame_counts).sum(1)
@@ -45,7 +48,8 @@ def _pairs(config: MagiHumanConfig, frame_counts: Tensor, others: Tensor) -> tup
 
 
 def _kept_counts(layout: SequenceLayout, route: TokenRoute, like: Tensor) -> tuple[Tensor, Tensor]:
-    """([B, T] kept video tokens per latent frame, [B] kept audio + real text tokens) of a route."""
+    """([B, T] kept video tokens per latent frame, [B] kept audio + real reference and text tokens)
+    of a route."""
     per_frame = layout.grid_h * layout.grid_w
     counts = torch.full((layout.batch, layout.frames), float(per_frame), dtype=like.dtype, device=like.device)
     if route.video is not None:

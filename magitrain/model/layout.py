@@ -1,8 +1,12 @@
 """The packed token sequence of a batch: where each modality sits, RoPE positions and attention masks.
 
-One sample is the sequence `[video | audio | text]`; a batch stacks samples that share the video
-grid and audio length, with text padded to the longest prompt. Positions and masks are functions
-of this layout alone, so a dense boolean mask (CPU, tests) and a flex-attention block mask (GPU)
+One sample is the sequence `[video | audio | reference audio | text]`; a batch stacks samples that
+share the video grid and audio length, with text padded to the longest prompt and the optional
+reference audio (the wanted voice, clean latents; none by default) to the longest reference.
+Reference tokens are audio-modality tokens (the audio weights route them) at RoPE time coordinates
+from `REF_AUDIO_OFFSET` on, the slot the release reserves (`ref_audio_offset = 1000`), and like
+text they are global tokens of the frame-local attention. Positions and masks are functions of
+this layout alone, so a dense boolean mask (CPU, tests) and a flex-attention block mask (GPU)
 describe the same attention pattern.
 """
 
@@ -15,6 +19,13 @@ import torch
 from torch import Tensor
 
 VIDEO, AUDIO, TEXT = 0, 1, 2
+# The release's DataProxyConfig.ref_audio_offset: reference audio's first RoPE time coordinate.
+# Which coordinates inside the slot is ours (the release uses none): the clip audio's own spacing
+# (4 audio latents per latent frame), h = w = 0, starting at the offset.
+REF_AUDIO_OFFSET = 1000.0
+# The reference lengths magitrain trains (data.voice_reference) and infer.py's voice= accepts: a
+# shorter one carries too little of a voice; a longer one is clipped (the release says nothing).
+REF_AUDIO_MIN_SECONDS, REF_AUDIO_MAX_SECONDS = 1.0, 10.0
 
 
 def _position_scale(size: Tensor | float, ref: float) -> Tensor | float:
@@ -22,6 +33,15 @@ def _position_scale(size: Tensor | float, ref: float) -> Tensor | float:
     if isinstance(size, Tensor):
         return torch.where(size > 1, (ref - 1) / (size - 1).clamp(min=1), torch.ones_like(size))
     return (ref - 1) / (size - 1) if size > 1 else 1.0
+
+
+def _audio_positions(batch: int, n: int, start: float, **f32) -> Tensor:
+    """[batch, n, 3] positions of n audio latents from time `start`: t on the video latent-frame axis
+    (the released audio scaling, (n - 1) // 4 + 1 frames), h = w = 0."""
+    frames = (n - 1) // 4 + 1
+    out = torch.zeros(batch, n, 3, **f32)
+    out[..., 0] = start + torch.arange(n, **f32) * _position_scale(n, frames)
+    return out
 
 
 @dataclass(frozen=True)
@@ -33,6 +53,8 @@ class SequenceLayout:
     n_audio: int
     n_text: int  # text slots in the sequence (the longest prompt of the batch)
     text_len: Tensor | None = None  # [B] real text tokens per sample; None when all n_text are real
+    n_ref: int = 0  # reference-audio slots (the longest reference of the batch); 0: no reference
+    ref_len: Tensor | None = None  # [B] real reference tokens per sample; None when all n_ref are real
 
     @property
     def n_video(self) -> int:
@@ -40,11 +62,25 @@ class SequenceLayout:
 
     @property
     def splits(self) -> tuple[int, int, int]:
-        return (self.n_video, self.n_audio, self.n_text)
+        """Tokens per modality routing: reference audio is audio (it follows the clip's audio)."""
+        return (self.n_video, self.n_audio + self.n_ref, self.n_text)
+
+    @property
+    def ref_start(self) -> int:
+        return self.n_video + self.n_audio
+
+    @property
+    def text_start(self) -> int:
+        return self.n_video + self.n_audio + self.n_ref
 
     @property
     def seq_len(self) -> int:
-        return self.n_video + self.n_audio + self.n_text
+        return self.text_start + self.n_text
+
+    def ref_lengths(self, device) -> Tensor:
+        if self.ref_len is None:
+            return torch.full((self.batch,), self.n_ref, device=device, dtype=torch.float32)
+        return self.ref_len.to(device=device, dtype=torch.float32)
 
     def text_lengths(self, device) -> Tensor:
         if self.text_len is None:
@@ -60,10 +96,8 @@ class SequenceLayout:
         video = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1).reshape(1, -1, 3)
         video = video.expand(self.batch, -1, -1)
 
-        audio_ref = (self.n_audio - 1) // 4 + 1  # audio t lives on the video latent-frame axis
-        audio_t = torch.arange(self.n_audio, **f32) * _position_scale(self.n_audio, audio_ref)
-        audio = torch.zeros(self.batch, self.n_audio, 3, **f32)
-        audio[..., 0] = audio_t
+        audio = _audio_positions(self.batch, self.n_audio, 0.0, **f32)
+        reference = _audio_positions(self.batch, self.n_ref, REF_AUDIO_OFFSET, **f32)
 
         lengths = self.text_lengths(device)[:, None]  # [B, 1]
         slot = torch.arange(self.n_text, **f32)[None]  # [1, L]
@@ -75,15 +109,17 @@ class SequenceLayout:
             raise ValueError(f"coords_style must be 'v1' or 'v2', got {coords_style!r}")
         text = torch.zeros(self.batch, self.n_text, 3, **f32)
         text[..., 0] = text_t
-        return torch.cat([video, audio, text], dim=1)
+        return torch.cat([video, audio, reference, text], dim=1)
 
     def key_is_real(self, device=None) -> Tensor | None:
-        """[B, S] True for tokens that exist (False for text padding); None when nothing is padded."""
-        if self.text_len is None:
+        """[B, S] True for tokens that exist (False for text and reference padding); None when
+        nothing is padded."""
+        if self.text_len is None and self.ref_len is None:
             return None
-        idx = torch.arange(self.seq_len, device=device)
-        limit = self.n_video + self.n_audio + self.text_len.to(device)
-        return idx[None, :] < limit[:, None]
+        idx = torch.arange(self.seq_len, device=device)[None, :]
+        text_ok = idx < self.text_start + self.text_lengths(device)[:, None]
+        ref_ok = idx < self.ref_start + self.ref_lengths(device)[:, None]
+        return torch.where(idx < self.ref_start, True, torch.where(idx < self.text_start, ref_ok, text_ok))
 
     def video_frame_of_token(self, device=None) -> Tensor:
         """[S] latent frame index of each video token, -1 for audio and text tokens."""
@@ -120,18 +156,28 @@ class SequenceLayout:
         """
         from torch.nn.attention.flex_attention import BlockMask
 
-        if frame_window is None and self.text_len is None:
+        if frame_window is None and self.text_len is None and self.ref_len is None:
             return None
         device = torch.device(device) if device is not None else torch.device("cpu")
-        stats = _block_stats(self.frames, self.grid_h * self.grid_w, self.n_audio, self.n_text, device)
-        limit = self.n_video + self.n_audio + self.text_lengths(device).long()  # [B] keys that exist
+        n_other = self.n_audio + self.n_ref
+        stats = _block_stats(self.frames, self.grid_h * self.grid_w, n_other, self.n_text, device)
+        limit = self.text_start + self.text_lengths(device).long()  # [B] keys up to the text padding
+        # reference padding: keys [hole, ref_end) of each sample do not exist (hole = ref_end: none)
+        ref_end = self.text_start
+        hole = self.ref_start + self.ref_lengths(device).long()  # [B]
         q, k = stats, stats
+
         # kv blocks with any / only existing keys, and ones overlapping the existing audio + text
-        k_any_real = k["start"][None] < limit[:, None]  # [B, n]
+        def real_in(lo: Tensor, hi: Tensor) -> Tensor:  # [B, n]: keys [lo, hi) hold a real one
+            hi = torch.minimum(hi[None], limit[:, None])
+            lo = lo[None].expand_as(hi)
+            return (lo < hi) & ~((lo >= hole[:, None]) & (hi <= ref_end))
+
+        k_any_real = real_in(k["start"], k["end"])
         k_all_real = k["end_padded"][None] <= limit[:, None]
-        k_real_nonvideo = torch.maximum(k["start"], k["video_end"])[None] < torch.minimum(
-            k["end"][None], limit[:, None]
-        )
+        outside_hole = (k["end_padded"][None] <= hole[:, None]) | (k["start"][None] >= ref_end)
+        k_all_real &= outside_hole | (hole[:, None] >= ref_end)
+        k_real_nonvideo = real_in(torch.maximum(k["start"], k["video_end"]), k["end"])
         any_ = k_any_real[:, None, :].expand(-1, stats["n"], -1)  # [B, nq, nk]
         all_ = (k_all_real[:, None, :] & q["in_range"][None, :, None]).expand(-1, stats["n"], -1)
         if frame_window is not None:
@@ -152,10 +198,12 @@ class SequenceLayout:
             all_ = all_ & (~both_video | near_all)[None]
         partial = (any_ & ~all_)[:, None]  # [B, 1, nq, nk]: one pattern for every head
         full = all_[:, None]
-        frame, window = stats["frame"], frame_window
+        frame, window, ref_padded = stats["frame"], frame_window, self.ref_len is not None
 
         def mask_mod(b, h, q_idx, kv_idx):
             allowed = kv_idx < limit[b]
+            if ref_padded:
+                allowed = allowed & ((kv_idx < hole[b]) | (kv_idx >= ref_end))
             if window is not None:
                 fq, fk = frame[q_idx], frame[kv_idx]
                 allowed = allowed & ((fq < 0) | (fk < 0) | ((fq - fk).abs() <= window))

@@ -4,9 +4,10 @@ The tokens set aside after layer `start - 1` wait unchanged and are put back in 
 layer `end + 1` (Krause et al., "TREAD", 2025; the released config's `tread_config`). The kept
 tokens are gathered out of the whole sequence, so each keeps what it had there: its RoPE
 coordinates (the table is computed for the whole sequence, then gathered), its modality (the kept
-indices are ascending, so the kept sequence is still `[video | audio | text]` with smaller
-splits), its text padding flag and its video frame for the 1080p local window. The masks of the
-kept tokens are built here from those per-token facts of the one `SequenceLayout`.
+indices are ascending, so the kept sequence is still `[video | audio | reference | text]` with
+smaller splits; reference audio and text are never routed), its padding flag and its video frame
+for the 1080p local window. The masks of the kept tokens are built here from those per-token facts
+of the one `SequenceLayout`.
 
 The model draws nothing: which tokens stay is a `TokenRoute` the training side passes in.
 """
@@ -50,11 +51,12 @@ class TokenRoute:
         """([B, K] ascending sequence indices of the kept tokens, their (video, audio, text) counts)."""
         B, nv, na = layout.batch, layout.n_video, layout.n_audio
         parts, offset = [], 0
-        for idx, n in ((self.video, nv), (self.audio, na), (None, layout.n_text)):
+        for idx, n in ((self.video, nv), (self.audio, na), (None, layout.n_ref), (None, layout.n_text)):
             idx = torch.arange(n, device=device).expand(B, n) if idx is None else idx.to(device)
             parts.append(idx + offset)
             offset += n
-        return torch.cat(parts, dim=1), tuple(p.shape[1] for p in parts)
+        video, audio, ref, text = (p.shape[1] for p in parts)
+        return torch.cat(parts, dim=1), (video, audio + ref, text)  # reference audio is audio
 
 
 def gather_tokens(x: Tensor, kept: Tensor) -> Tensor:

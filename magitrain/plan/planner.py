@@ -154,6 +154,15 @@ def per_gpu_rows(mem: StepMemory, lay: Layout, phase: str) -> tuple[dict, int]:
     return rows, host
 
 
+def voice_tokens(cfg: DictConfig) -> int:
+    """The longest voice reference a sample may carry (data.voice_reference on), what the step is
+    planned with; 0 when references are off."""
+    from magitrain.data.voice import VoiceReference
+
+    voice = VoiceReference(**cfg.data.get("voice_reference", {}))
+    return voice.token_range[1] if voice.enabled else 0
+
+
 def plan(
     overrides: list[str], gpus: int, gpu_memory: int, bucket: dict | None = None, fake: bool = True
 ) -> Plan:
@@ -175,6 +184,7 @@ def plan(
             fake=fake,
             autocast_cache=not (lay.sharded or fsdp2),
             mesh=mesh,
+            ref_len=voice_tokens(cfg),
         )
     p = Plan(
         recipe=str(cfg.recipe_name),

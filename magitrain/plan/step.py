@@ -51,14 +51,19 @@ def synthetic_batch(
     latent_shape: tuple[int, int, int],
     text_len: int,
     lr_latent_hw: tuple[int, int] | None = None,
+    ref_len: int = 0,
 ) -> dict:
     """A latent batch of the shapes the DataModule yields for one bucket (values are irrelevant);
-    with `lr_latent_hw` (SR) the low-resolution latent of the same frames, as `encode_shards.py --sr`."""
+    with `lr_latent_hw` (SR) the low-resolution latent of the same frames, as `encode_shards.py --sr`;
+    with `ref_len` a voice reference of that many latents for every sample (data.voice_reference)."""
     T, H, W = latent_shape
     frames = 4 * (T - 1) + 1  # one audio latent step per video frame (data/buckets.py)
     lr = {}
     if lr_latent_hw:
         lr["lr_video_latent"] = torch.randn(batch_size, model_config.latent_channels, T, *lr_latent_hw)
+    if ref_len:
+        lr["ref_audio_latent"] = torch.randn(batch_size, ref_len, model_config.audio_in_channels)
+        lr["ref_audio_len"] = torch.full((batch_size,), ref_len, dtype=torch.long)
     return {
         **lr,
         "video_latent": torch.randn(batch_size, model_config.latent_channels, T, H, W),
@@ -139,7 +144,8 @@ def _autocast(precision: str, cache: bool):
 
 
 def _full_text(module, args, kwargs):
-    return args, {**kwargs, "text_len": None}
+    full_reference = {"ref_len": None} if "ref_len" in kwargs else {}  # (every planned one is whole)
+    return args, {**kwargs, "text_len": None, **full_reference}
 
 
 def networks(module) -> dict[str, nn.Module]:
@@ -413,6 +419,7 @@ def measure_step(
     fake: bool,
     autocast_cache: bool = True,
     mesh=None,
+    ref_len: int = 0,
 ) -> StepMemory:
     """Build the module's networks (with the EMA shadow the default callbacks keep) and optimisers,
     then run the recipe's step, optimiser steps and EMA update under MemTracker.
@@ -428,9 +435,8 @@ def measure_step(
             module.configure_model()
         with _eight_bit_as_float32(module, fake) as eight_bit:
             optimizers = _optimizers(module)
-        batch = synthetic_batch(
-            module.model_config, batch_size, latent_shape, text_len, _lr_latent_hw(module, latent_shape)
-        )
+        lr_hw = _lr_latent_hw(module, latent_shape)
+        batch = synthetic_batch(module.model_config, batch_size, latent_shape, text_len, lr_hw, ref_len)
         nets = networks(module)
         # Every planned sample uses its whole prompt: text_len=None is the same computation without
         # the per-sample length the model would read back from the device (data-dependent on fakes).

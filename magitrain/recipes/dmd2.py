@@ -43,7 +43,7 @@ from magitrain.flow import training as fm
 from magitrain.model import MagiHumanDiT
 
 from .dmd_gan import DMDGAN, GANConfig
-from .module import MagiHumanModule
+from .module import MagiHumanModule, voice_kwargs
 from .optim import OptimConfig, build_adamw, lr_lambda
 
 log = logging.getLogger("magitrain")
@@ -67,6 +67,9 @@ class DMDConfig:
     # share of samples whose student learns audio-driven sampling: the clip's clean audio is every
     # network's audio input (student, teacher, critic) and out of both losses
     p_a2v: float = 0.0
+    # the batch's voice references (data.voice_reference on latent shards) given to the student,
+    # the teacher and the critic alike: the student learns to keep the teacher's reference voice
+    voice_reference: bool = False
     student_clip: float = 10.0  # per-optimiser gradient clipping (total norm)
     critic_clip: float = 10.0
     max_nonfinite_steps: int = 10  # consecutive skipped non-finite updates before the run stops
@@ -343,7 +346,9 @@ class DMD2Module(MagiHumanModule):
             )
             routed = route if torch.is_grad_enabled() else None
             with autocast:
-                v_video, v_audio = network(video, audio, text, text_len=text_len, route=routed)
+                v_video, v_audio = network(
+                    video, audio, text, text_len=text_len, route=routed, **ctx["voice"]
+                )
             exact = (x["video"] - reference) / s.reshape(-1, 1, 1, 1, 1)
             return {"video": torch.where(frame_mask == 0, exact, v_video.float()), "audio": v_audio.float()}
 
@@ -431,7 +436,20 @@ class DMD2Module(MagiHumanModule):
             "a2v": a2v,  # [B] bool or None (p_a2v = 0): the samples given their clean audio ...
             "audio": None if a2v is None else batch["audio_latent"].float().to(self.device),
             "scored": None if a2v is None else {"audio": ~a2v},  # ... which leaves both losses
+            "voice": self._voice(batch),  # every network's reference audio (none: {})
         }
+
+    def _voice(self, batch: dict) -> dict:
+        given = "ref_audio_latent" in batch
+        if given != self.dmd_config.voice_reference:
+            raise UserError(
+                "module.dmd.voice_reference=true needs voice references in the batches: set "
+                "data.voice_reference.p > 0 (latent shards)"
+                if self.dmd_config.voice_reference
+                else "the batches carry voice references (data.voice_reference.p > 0): set "
+                "module.dmd.voice_reference=true to give them to the networks"
+            )
+        return voice_kwargs(batch)
 
     def _audio_driven(self, batch: dict) -> Tensor | None:
         """The audio-driven samples [B] (never a clip without audio), from coins of a stream of their

@@ -1,7 +1,8 @@
 """Flow-matching training of MagiHuman on video + audio given text (base pretraining and fine-tuning).
 
 Per sample: one noise level s shared by video and audio, `x_t = (1 - s) x0 + s eps`, and the
-model regresses the velocity `eps - x0` of each modality. The text is dropped (empty prompt)
+model regresses the velocity `eps - x0` of each modality. A batch with voice references
+(`data.voice_reference`) gives them to the model, clean, never in the loss. The text is dropped (empty prompt)
 with `p_drop_text` so classifier-free guidance works at inference; with `p_image` the clean
 frame-0 latent replaces the noisy one (image-to-video) and frame 0 leaves the loss. With
 `conditioning` one modality of a sample enters clean (s = 0) and leaves the loss: audio-driven video
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from magitrain.flow import training as fm
 
-from .module import MagiHumanModule
+from .module import MagiHumanModule, voice_kwargs
 
 
 @dataclass
@@ -147,7 +148,13 @@ class FlowMatchingModule(MagiHumanModule):
 
         route = self.token_route(batch)  # TREAD (module.tread): None when off
         v_video, v_audio = self.model(
-            x_video, x_audio, batch["text_emb"], text_len=text_len, route=route, **self.model_kwargs()
+            x_video,
+            x_audio,
+            batch["text_emb"],
+            text_len=text_len,
+            route=route,
+            **self.model_kwargs(),
+            **voice_kwargs(batch),
         )
         seen = (~d["v2a"]).to(x0_video)  # the samples whose video is trained (v2a: given clean)
         loss_video = fm.velocity_mse(v_video, fm.velocity_target(x0_video, x1_video), frame_mask) * seen

@@ -219,3 +219,11 @@ def _load_official_sharded(network: MagiHumanDiT, path: str) -> None:
         full = load_official(reader, path).state_dict()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     set_model_state_dict(network, full, options=options)
+
+
+def voice_kwargs(batch: dict) -> dict:
+    """The batch's voice references (`data.voice_reference`) as the network's keyword arguments;
+    none when the data gives none, so a run without them calls the network as before."""
+    if "ref_audio_latent" not in batch:
+        return {}
+    return {"ref_audio": batch["ref_audio_latent"], "ref_len": batch["ref_audio_len"]}

@@ -1,5 +1,6 @@
 """TREAD in the recipes: a real Lightning run routes, logs the routed share and resumes exactly;
-routing leaves every other draw of a step as it was."""
+routing leaves every other draw of a step as it was; the planner plans the routed step; DMD-2
+routes only its training forwards with grad (student, critic), never the teacher."""
 
 from __future__ import annotations
 

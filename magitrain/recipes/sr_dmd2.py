@@ -18,8 +18,8 @@ module changes only what the SR stage changes (REFERENCE §3):
 - the teacher runs as the released SR stage does, without CFG (`dmd.guidance: null`, one pass);
 - text positions are v1 (the SR checkpoints'); image-to-video keeps the clean HR frame 0.
 
-The student's sampler (`sampler=distilled`, `steps`) is recorded as `sampling.sr_sampler` /
-`sr_steps`: export's config.json says it and `infer.py sr_ckpt=` samples so by default.
+The student's sampler is recorded as `sampling: {sampler: distilled, steps, stage: sr}`: export's
+config.json says it and `infer.py sr_ckpt=` samples the SR stage so by default.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class SRDMD2Module(LowResolutionPairs, DMD2Module):
         self.hparams.update(
             sr=asdict(self.sr_config),
             # no base-stage default; the SR stage's (export's config.json, infer.py sr_ckpt=)
-            sampling={"sr_sampler": "distilled", "sr_steps": dmd.student_steps},
+            sampling={"sampler": "distilled", "steps": dmd.student_steps, "stage": "sr"},
         )
         self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
 

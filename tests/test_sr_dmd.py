@@ -20,7 +20,7 @@ from magitrain.flow.sr import sample_super_resolution, upsample_latent, vp_renoi
 from magitrain.model import MagiHumanDiT, tiny
 
 # each recipe with its tiny model: the 1080p one with frame-local attention (tiny_sr1080), as released
-RECIPES = {"sr_dmd2_540p": "tiny", "sr_dmd2_1080p": "tiny_sr1080"}
+RECIPES = {"sr_dmd2_540p": "tiny", "sr_dmd2_1080p": "tiny_sr1080", "lora_sr_dmd2_1080p": "tiny_sr1080"}
 A = float(sr_renoise_coefficient(220))
 
 
@@ -149,12 +149,19 @@ def pairs(tmp_path_factory):
     return out
 
 
-def test_the_1080p_recipe_trains_a_one_step_student_with_local_attention(pairs, sr_teacher, tmp_path):
+# the LoRA variant: LoRA-DMD's adapters over one frozen SR base, the SR module's source and audio
+@pytest.mark.parametrize("recipe", ["sr_dmd2_1080p", "lora_sr_dmd2_1080p"])
+def test_the_1080p_recipe_trains_a_one_step_student_with_local_attention(recipe, pairs, sr_teacher, tmp_path):
     from magitrain.launch import train
+    from magitrain.recipes import SRDMD2Module
 
-    overrides = sr_dmd_run(pairs, sr_teacher, "sr_dmd2_1080p", "module.dmd.student_steps=1")
+    overrides = sr_dmd_run(pairs, sr_teacher, recipe, "module.dmd.student_steps=1")
     trainer = train(compose_train(overrides, tmp_path / "run"))
     module = trainer.lightning_module
+    assert isinstance(module, SRDMD2Module)
+    if recipe.startswith("lora"):  # only the adapters train; the teacher is the frozen base itself
+        trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+        assert trained and all("lora" in n for n in trained)
     assert trainer.global_step == 3 and module._critic_steps == 6
     assert module.model_config.local_attn_layers == (0, 1, 2)
     assert module.hparams["sampling"] == {"sampler": "distilled", "steps": 1, "stage": "sr"}

@@ -9,7 +9,9 @@ direction and size of travel, which a broken core or a wrong SR source does not 
   - a flipped DMD gradient, 20 steps: below where it started (it walks away from the data);
   - a frozen critic (= the teacher): g = 0, so the student stays where it started (within 0.02).
 Measured 2026-12-07 on the shared 2-core VM (seed 0): 5-step teacher 0.671, 2 UniPC steps 0.338,
-start 0.200; student 0.440; flipped 0.000; ~20 s.
+start 0.200; student 0.440; flipped 0.000; frozen critic 0.201; ~20-25 s. A core whose backward
+simulation re-noises towards Gaussian noise instead of the SR source (`simulate` without
+`source=`) leaves the student at 0.094 after the same 100 steps: this test fails it.
 """
 
 from __future__ import annotations

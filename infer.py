@@ -80,7 +80,10 @@ class InferConfig:
     guidance_video_low: float = arg(2.0, "base CFG: video scale from guidance_switch_t on")
     guidance_switch_t: int = arg(500, "base CFG: the timestep (of 1000) where the video scale switches")
     guidance_audio: float = arg(5.0, "base CFG: audio scale")
-    sr_steps: int = arg(5, "SR stage: UniPC steps")
+    sr_steps: int | None = arg(None, "SR stage: steps (default: what sr_ckpt was trained for, else 5)")
+    sr_sampler: str | None = arg(
+        None, "SR stage: unipc (released) | distilled (recipe=sr_dmd2_*; default: sr_ckpt's, else unipc)"
+    )
     sr_noise_value: int = arg(220, "SR stage: re-noise at this DDPM step (220: signal 0.8389; 0: none)")
     sr_cfg: bool = arg(
         False, "SR stage with CFG against the negative prompt (the release can; off as shipped)"
@@ -226,16 +229,37 @@ def optional(value: str | None) -> str | None:
     return None if value in (None, "", "none", "None") else value
 
 
-def sampling(cfg: InferConfig):
-    """The pipeline's `Sampling` of the guidance and SR keys (the release's values by default)."""
+def sampling(cfg: InferConfig, sr: tuple[int, str] = (5, "unipc")):
+    """The pipeline's `Sampling` of the guidance and SR keys (the release's values by default);
+    `sr`: the SR stage's (steps, sampler), `sr_sampling_for`'s."""
     from magitrain.flow import Guidance
     from magitrain.inference import Sampling
 
     guidance = Guidance(cfg.guidance_video, cfg.guidance_video_low, cfg.guidance_switch_t, cfg.guidance_audio)
     trick = Sampling.sr_cfg_trick_value if cfg.sr_cfg_trick else None
+    steps, sampler = sr
     return Sampling(
-        guidance, cfg.sr_steps, cfg.sr_noise_value, cfg.sr_cfg, cfg.sr_guidance, sr_cfg_trick_value=trick
-    )
+        guidance, steps, cfg.sr_noise_value, cfg.sr_cfg, cfg.sr_guidance, sr_cfg_trick_value=trick,
+        sr_sampler=sampler,
+    )  # fmt: skip
+
+
+def sr_sampling_for(cfg: InferConfig) -> tuple[int, str]:
+    """The SR stage's (steps, sampler): the ones given, else those sr_ckpt was trained for (an SR
+    student's config.json: distilled, 2 steps), else the release's 5 UniPC steps."""
+    from magitrain.flow.sr import SR_SAMPLERS
+    from magitrain.inference.networks import recorded_sampling
+
+    recorded = (recorded_sampling(cfg.sr_ckpt, "sr") if cfg.sr_ckpt else None) or {}
+    sampler = cfg.sr_sampler or recorded.get("sampler", "unipc")
+    if sampler not in SR_SAMPLERS:
+        raise UserError(f"sr_sampler={sampler}: expected one of {', '.join(SR_SAMPLERS)}")
+    if sampler == "distilled" and cfg.sr_cfg:
+        raise UserError("sr_cfg=true: a distilled SR student samples without CFG (sr_sampler=distilled)")
+    steps = cfg.sr_steps or (recorded["steps"] if recorded.get("sampler") == sampler else 5)
+    if steps < 1:
+        raise UserError(f"sr_steps={steps}: must be >= 1")
+    return steps, sampler
 
 
 def negative_prompt(cfg: InferConfig) -> str | None:
@@ -407,7 +431,8 @@ def generate(cfg: InferConfig, device: torch.device, group) -> None:
         check_cp(cfg.cp, network, key)
     pipe = MagiHumanPipeline(
         model, codecs, sr_model, device=device, precision=cfg.precision, offload=cfg.offload,
-        group=group, compile=cfg.compile, generator_device=cfg.generator_device, sampling=sampling(cfg),
+        group=group, compile=cfg.compile, generator_device=cfg.generator_device,
+        sampling=sampling(cfg, sr_sampling_for(cfg)),
     )  # fmt: skip
     rows = []
     for job in todo:

@@ -33,10 +33,10 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     return save_official(MagiHumanDiT(tiny()), tmp_path_factory.mktemp("teacher") / "base")
 
 
-def dmd_run(shards: Path, teacher: Path, *extra: str) -> list[str]:
+def dmd_run(shards: Path, teacher: Path, *extra: str, recipe: str = "dmd2_distill") -> list[str]:
     return tiny_run(
         shards,
-        "recipe=dmd2_distill",
+        f"recipe={recipe}",
         f"teacher={teacher}",
         "module.dmd.ttur=2",
         "module.optim.lr=1e-3",  # large enough to see every network move in a few steps
@@ -377,16 +377,29 @@ def test_a_skipped_student_update_still_ends_the_generator_step(latent_shards, t
     assert names == ["step00000002.ckpt", "step00000004.ckpt"]
 
 
-def test_a_killed_run_resumes_exactly(latent_shards, teacher_ckpt, tmp_path):
+@pytest.fixture(scope="module")
+def sr_pairs(tmp_path_factory) -> Path:
+    """LR/HR latent pairs for the tiny model (SR grid 3x4x6, LR 3x2x3)."""
+    from magitrain.data.synthetic import make_latent_dataset
+
+    out = tmp_path_factory.mktemp("sr_pairs")
+    make_latent_dataset(out, num_samples=8, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2)
+    return out
+
+
+# recipe=sr_dmd2_540p (SR distillation, tests/test_sr_dmd.py) on LR/HR pairs, the teacher a tiny SR checkpoint
+@pytest.mark.parametrize("recipe", ["dmd2_distill", "sr_dmd2_540p"])
+def test_a_killed_run_resumes_exactly(recipe, latent_shards, teacher_ckpt, tmp_path, request):
     """8 generator steps straight == a `train.py` SIGKILLed after its step-2 checkpoint + a resume."""
     overrides = dmd_run(
-        latent_shards,
+        latent_shards if recipe == "dmd2_distill" else request.getfixturevalue("sr_pairs"),
         teacher_ckpt,
         "trainer.max_steps=8",
         "trainer.log_every_n_steps=1",
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.ema.start_step=1",
         "module.dmd.p_image=0.5",
+        recipe=recipe,
     )
     straight, resumed, step2 = straight_and_resumed(overrides, tmp_path)
 

@@ -152,7 +152,10 @@ def test_gpu_checks_dry_run_covers_every_section_in_priority_order(tmp_path):
     assert results["training"]["result"]["fsdp2"]["perf/tokens_per_s"] > 0
     assert results["tread"]["result"]["computed_flops_ratio"] < 1  # the routed step computes less
     table2 = results["table2"]["result"]
-    assert [(r["output"], r["decoder"]) for r in table2["rows"]] == [("64x64", "wan"), ("128x128", "wan")]
+    assert [(r["output"], r["decoder"]) for r in table2["rows"]] == [
+        ("64x64", "wan"), ("128x128", "wan"), ("128x128:2", "wan")
+    ]  # fmt: skip
+    assert [r.get("sr_steps") for r in table2["rows"]] == [None, 5, 2]  # the 2-step distilled SR row
     assert {r["decoder"] for r in results["table2_540p"]["result"]["rows"]} == {"wan"}
     assert table2["sr1080_masks"]["seq_len"] == 65280 + 126 + 100
     report = (tmp_path / "gpu_checks.md").read_text()

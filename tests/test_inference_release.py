@@ -131,9 +131,9 @@ def test_infer_py_release_options(tmp_path, monkeypatch, capsys):
 
     help_text = infer.help_text()
     for key in ("negative_prompt_file=None", "guidance_video=5.0", "guidance_video_low=2.0",
-                "guidance_switch_t=500", "guidance_audio=5.0", "sr_steps=5", "sr_noise_value=220",
-                "sr_cfg=False", "sr_guidance=3.5", "sr_cfg_trick=True", "generator_device=cpu",
-                "output_size=None", "upsample_mode=bilinear"):  # fmt: skip
+                "guidance_switch_t=500", "guidance_audio=5.0", "sr_steps=None", "sr_sampler=None",
+                "sr_noise_value=220", "sr_cfg=False", "sr_guidance=3.5", "sr_cfg_trick=True",
+                "generator_device=cpu", "output_size=None", "upsample_mode=bilinear"):  # fmt: skip
         assert key in help_text, key
     assert infer.sampling(infer.parse([])) == Sampling()
     cfg = infer.parse(["guidance_video=4", "guidance_switch_t=600", "sr_cfg=true", "sr_cfg_trick=false"])

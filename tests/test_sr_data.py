@@ -67,7 +67,7 @@ def test_the_on_the_fly_lr_clip_is_the_base_grid_the_sampler_upsamples(recipe, t
     SR sampler upsamples, whatever the HR/LR ratio (1920/448 is not a whole number)."""
     cfg = compose_train([f"recipe={recipe}", "model=tiny"], tmp_path)
     module = SRFineTuneModule(tiny(), flow=instantiate(cfg.module.flow))
-    assert module._lr_size == RESOLUTIONS["256p"]
+    assert module.lr_size == RESOLUTIONS["256p"]
     with pytest.raises(ValueError, match="flow.lr_size"):
         SRFineTuneModule(tiny(), flow=SRConfig(lr_size="480x20"))  # under 32 pixels (480x270 floors)
 

@@ -8,7 +8,8 @@ mismatches, which silently trains a half-initialised model; ours fails loudly in
 embedders, heads and the RoPE buffer in float32) and, as diffusers and the release's folders do, a
 `config.json` with the architecture (`MagiHumanConfig` fields) that `read_config` reads back, and
 the sampler the network was trained for (`"sampling": {"sampler": ..., "steps": ...}`, a DMD-2
-student's `distilled` 8 steps) that `read_sampling` reads back for infer.py's defaults.
+student's `distilled` 8 steps; an SR student's with `"stage": "sr"`) that `read_sampling` reads
+back for infer.py's defaults.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ def write_config(config, path: str | Path, sampling: dict | None = None) -> Path
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in TRAINING_ONLY}
     if sampling:
         fields[SAMPLING] = {"sampler": sampling["sampler"], "steps": int(sampling["steps"])}
+        if sampling.get("stage", "base") != "base":  # an SR stage's sampler (recipe=sr_dmd2_*)
+            fields[SAMPLING]["stage"] = sampling["stage"]
     out = Path(path) / CONFIG_NAME
     out.write_text(json.dumps({"_class_name": CONFIG_CLASS, **fields}, indent=2, sort_keys=True))
     return out

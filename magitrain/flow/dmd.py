@@ -9,7 +9,11 @@ code distils MagiHumanDiT (`{"video", "audio"}`) and a toy MLP (`{"x"}`). No Lig
 A modality some samples are given clean (audio-driven video) is the caller's to feed every network
 call; the losses take `scored` per modality, the samples whose modality they score.
 
-Interpolant `x_s = (1 - s) x0 + s eps`, so `x0 = x_s - s v` (REFERENCE §2, §5).
+Interpolant `x_s = (1 - s) x0 + s eps`, so `x0 = x_s - s v` (REFERENCE §2, §5). The s = 1 end
+need not be a standard Gaussian: SR distillation's is the released SR source
+`a up(lr) + sqrt(1 - a^2) eps` (REFERENCE §3). The losses take it as their `eps`; `simulate` makes
+it from its fresh draws through `source`. The score levels' range (`score_sigmas`' lo, hi) is the
+caller's: the base stage's [0.02, 0.98], or the range of the stage distilled.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from .schedules import shift_sigmas
 from .training import interpolate
 
 Velocity = Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]]
+# (modality, N(0, 1) draw) -> the flow's s = 1 end made of it, e.g. the SR source
+Source = Callable[[str, Tensor], Tensor]
 
 
 def _working(*tensors: Tensor) -> torch.dtype:
@@ -75,6 +81,10 @@ def _fresh(like: Tensor, generator: torch.Generator | Sequence[torch.Generator] 
     return torch.stack([gaussian(tuple(like.shape[1:]), g, like.device) for g in generator])
 
 
+def _end(modality: str, draw: Tensor, source: Source | None) -> Tensor:
+    return draw if source is None else source(modality, draw)
+
+
 def score_sigmas(
     n: int,
     *,
@@ -100,6 +110,7 @@ def simulate(
     exit_index: int,
     *,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    source: Source | None = None,
 ) -> dict[str, Tensor]:
     """Backward simulation: the student's own few-step sampler from `noise` at `sigmas[0]`, stopped
     at step `exit_index`, whose x0 prediction is returned.
@@ -112,6 +123,8 @@ def simulate(
 
     `generator` may also be one generator per sample: each sample's noise then comes from its own
     (so a sample's draws do not depend on which other samples share its batch or rank).
+    `source` turns each fresh draw into the flow's s = 1 end (default: the draw itself, a Gaussian);
+    `noise` is then that end already (e.g. the SR source made of the first draw).
     """
     if not 0 <= exit_index < len(sigmas):
         raise ValueError(f"exit_index must be in [0, {len(sigmas)}), got {exit_index}")
@@ -126,7 +139,10 @@ def simulate(
         for i in range(exit_index):
             s, s_next = level(i), float(sigmas[i + 1])
             v = student(x, s)
-            x = {m: s_next * _fresh(x[m], generator) + (1 - s_next) * _x0(x[m], s, v[m]) for m in x}
+            x = {
+                m: s_next * _end(m, _fresh(x[m], generator), source) + (1 - s_next) * _x0(x[m], s, v[m])
+                for m in x
+            }
     s = level(exit_index)
     v = student(x, s)
     return {m: _x0(x[m], s, v[m]) for m in x}

@@ -1,4 +1,5 @@
-"""Latent-space super-resolution (REFERENCE §3): upsample, re-noise, a few UniPC steps of the SR model."""
+"""Latent-space super-resolution (REFERENCE §3): upsample, re-noise, a few UniPC steps of the SR model
+(or a distilled SR student's few x0-and-re-noise steps)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from torch import Tensor
 
 from .base import guided_velocity
 from .conditioning import condition_on_image
+from .dmd import simulate
 from .noise import gaussian
-from .schedules import DEFAULT_SHIFT, sr_renoise_coefficient
+from .schedules import DEFAULT_SHIFT, flow_grid, sr_renoise_coefficient
 from .unipc import unipc_scheduler
 from .velocity import VelocityFn
+
+SR_SAMPLERS = ("unipc", "distilled")  # the released solver | a DMD-2 student's (recipe=sr_dmd2_*)
 
 
 def upsample_latent(video: Tensor, size: tuple[int, int, int]) -> Tensor:
@@ -59,6 +63,7 @@ def sample_super_resolution(
     negative_text_len: Tensor | None = None,
     guidance_scale: Tensor | None = None,
     step_fn=None,
+    sampler: str = "unipc",
 ) -> Tensor:
     """Refine the clean base video latent [B,48,T,H,W] at the SR grid `size`; returns the SR video latent.
 
@@ -70,17 +75,35 @@ def sample_super_resolution(
     frame, `sr_guidance_scales`) is given: then CFG against the negative prompt, as the release's
     `sr_cfg_number=2`. `step_fn` replaces `conditioned_velocity` (`guided_velocity` with guidance)
     over `velocity_fn` (e.g. a compiled one); UniPC updates stay outside.
+
+    `sampler="distilled"`: a DMD-2 SR student's sampler (`dmd.simulate`: predict x0, re-noise it
+    towards a fresh source) on the `steps`-step shifted grid, same source and audio; no guidance.
     """
     guided = guidance_scale is not None
+    if sampler not in SR_SAMPLERS:
+        raise ValueError(f"SR sampler must be one of {', '.join(SR_SAMPLERS)}, got {sampler!r}")
     if guided and negative_text is None:
         raise ValueError("SR guidance needs the negative prompt's embedding (negative_text)")
+    if guided and sampler == "distilled":
+        raise ValueError("a distilled SR student samples without guidance (its teacher ran without CFG)")
     step_fn = step_fn or functools.partial(guided_velocity if guided else conditioned_velocity, velocity_fn)
-    x = upsample_latent(video, size)
-    if noise_value:  # 0: no re-noise (and no draw), as released
-        a = sr_renoise_coefficient(noise_value).to(x.device)
-        x = vp_renoise(x, a, gaussian(x.shape, generator, x.device))
+    up = upsample_latent(video, size)
+    a = sr_renoise_coefficient(noise_value).to(up.device) if noise_value else None
+    # 0: no re-noise (and no draw), as released
+    x = up if a is None else vp_renoise(up, a, gaussian(up.shape, generator, up.device))
     eps_audio = gaussian(audio.shape, generator, audio.device)
     audio_in = audio_noise_scale * eps_audio + (1 - audio_noise_scale) * audio
+    if sampler == "distilled":
+
+        def student(x: dict[str, Tensor], s: Tensor) -> dict[str, Tensor]:
+            return {"video": step_fn(x["video"], audio_in, text, text_len, image_latent)[1]}
+
+        def source(modality: str, eps: Tensor) -> Tensor:
+            return up if a is None else vp_renoise(up, a, eps)
+
+        sigmas = flow_grid(steps, shift)[1][:-1].tolist()
+        x = simulate(student, {"video": x}, sigmas, steps - 1, generator=generator, source=source)["video"]
+        return condition_on_image(x.to(up.dtype), image_latent)
     solver = unipc_scheduler(steps, shift)
     if guided:
         scale, one = guidance_scale.to(x.device), torch.ones((), device=x.device)  # audio output unused

@@ -4,7 +4,9 @@ Every output runs the 8-step distilled base stage at the base resolution (256p),
 to the output size (none, 540p or 1080p; `a2v`: none, the base stage audio-driven by a given sound
 of the clip's length, whose encoding is timed as the `given` stage), then decodes video and audio
 from those latents with each video decoder the codecs hold (Turbo-VAED and the full Wan2.2 VAE),
-side by side: one row per (output, decoder), the base and SR figures shared. The timed runs follow
+side by side: one row per (output, decoder), the base and SR figures shared. An output `SIZE:N`
+(e.g. `1080p:2`) runs its SR stage as a distilled SR student's N steps (recipe=sr_dmd2_*), beside
+the released 5 UniPC steps of `SIZE`. The timed runs follow
 warm-up runs (one by default) per output (compilation, kernel autotuning, allocator growth); with
 `compile=step` the compilation of each step is timed apart, as `warmup`. Rows carry the peak device
 memory of each stage (CUDA), and under context parallelism (`group`) each rank's (`peak_gib_ranks`,
@@ -26,7 +28,7 @@ from magitrain.model import get_config
 from magitrain.model.config import sr1080_local_layers
 
 from .networks import random_network, sharing_weights
-from .pipeline import MagiHumanPipeline, TextInputs, uses_bf16
+from .pipeline import MagiHumanPipeline, Sampling, TextInputs, uses_bf16
 from .shapes import FPS, ClipShape
 from .timing import StageTimer
 
@@ -35,6 +37,17 @@ WAN22_WIDTHS = dict(base_dim=160, decoder_base_dim=256, num_res_blocks=2)
 OOBLECK_WIDTHS = dict(channel_multiples=[1, 2, 4, 8, 16], decoder_channels=128)
 SR_PRESETS = {"540p": "magihuman_15b_sr540", "1080p": "magihuman_15b_sr1080"}
 A2V = "a2v"  # the row of the audio-driven base stage
+
+
+def sr_row(output: str) -> tuple[str, Sampling]:
+    """(SR size, sampling) of a row: `SIZE` the released 5 UniPC steps, `SIZE:N` a distilled SR
+    student's N steps."""
+    size, _, steps = output.partition(":")
+    if not steps:
+        return size, Sampling()
+    if not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"benchmark row {output!r}: SIZE:N needs N >= 1 distilled SR steps")
+    return size, Sampling(sr_steps=int(steps), sr_sampler="distilled")
 
 
 def random_codecs(dtype: torch.dtype, decode_tile: int | None = None, video_decoder: str = "turbo") -> Codecs:
@@ -108,11 +121,12 @@ def run_benchmark(
         decoders["turbo"].model.decoder.compile()
     results = []
     for output in rows:
-        sr_clip = None if output in ("none", A2V) else clip.with_resolution(output)
-        sr_model = sharing_weights(model, sr_config(preset, output)) if sr_clip else None
+        size, sampling = sr_row(output)
+        sr_clip = None if output in ("none", A2V) else clip.with_resolution(size)
+        sr_model = sharing_weights(model, sr_config(preset, size)) if sr_clip else None
         pipe = MagiHumanPipeline(
             model, codecs, sr_model, device=device, precision=precision, generator_device=str(device),
-            group=group, compile=compile, compile_backend=compile_backend,
+            group=group, compile=compile, compile_backend=compile_backend, sampling=sampling,
         )  # fmt: skip
         timings = {name: [] for name in decoders}
         for _ in range(warmup + repeats):
@@ -128,6 +142,8 @@ def run_benchmark(
                 timer.warmup_seconds = dict(sampled.warmup_seconds)
                 pipe.decode(*latents, timer, video_decoder=decoder)
                 row = timer.row(f"{resolution} {A2V}" if given else resolution if sr_clip is None else output)
+                if sr_clip is not None:
+                    row.update(sr_steps=sampling.sr_steps, sr_sampler=sampling.sr_sampler)
                 if rank_peaks is not None:
                     row.update(cp=pipe.ranks.size, peak_gib_ranks=rank_peaks)
                 timings[name].append({**row, "decoder": name})

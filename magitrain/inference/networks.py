@@ -76,13 +76,16 @@ def load_network(
         raise type(err)(f"{field}: {err}") from err
 
 
-def recorded_sampling(ckpt: str | Path) -> dict | None:
-    """`{"sampler", "steps"}` the network of `ckpt` was trained for (an export's config.json, a
-    training checkpoint's hyper-parameters); None for released folders and SR networks."""
+def recorded_sampling(ckpt: str | Path, stage: str = "base") -> dict | None:
+    """`{"sampler", "steps"}` the network of `ckpt` was trained for as the `stage` (base | sr) (an
+    export's config.json, a training checkpoint's hyper-parameters); None for released folders, SR
+    fine-tuned networks, and a network recorded for the other stage."""
     path = Path(ckpt).expanduser()
     if is_training_checkpoint(path):
-        return checkpoint_meta(path).get("hyper_parameters", {}).get("sampling")
-    return read_sampling(path)
+        recorded = checkpoint_meta(path).get("hyper_parameters", {}).get("sampling")
+    else:
+        recorded = read_sampling(path)
+    return recorded if recorded and recorded.get("stage", "base") == stage else None
 
 
 def _meta_network(config: MagiHumanConfig, dtype: torch.dtype) -> MagiHumanDiT:

@@ -68,7 +68,8 @@ OFFLOADS = ("none", "codecs", "stages")
 @dataclass(frozen=True)
 class Sampling:
     """The release's sampling settings, its values as defaults: base CFG (`guidance`: video 5 while
-    t > 500, then 2; audio 5), SR steps and re-noise index (DDPM step 220: a = 0.8389), and SR
+    t > 500, then 2; audio 5), SR steps, sampler (`unipc`, the release's; `distilled`: an SR student of
+    recipe=sr_dmd2_*) and re-noise index (DDPM step 220: a = 0.8389), and SR
     CFG, off as in the shipped configs (`sr_cfg`: video scale 3.5, at most 2.0 on the first 13
     latent frames, the release's "CFG trick"; `sr_cfg_trick_value=None` turns the trick off)."""
 
@@ -79,6 +80,7 @@ class Sampling:
     sr_guidance: float = 3.5
     sr_cfg_trick_frames: int = 13
     sr_cfg_trick_value: float | None = 2.0
+    sr_sampler: str = "unipc"
 
 
 @dataclass
@@ -336,7 +338,7 @@ class MagiHumanPipeline:
                 size=sr_clip.latent_size, generator=generator, steps=options.sr_steps,
                 noise_value=options.sr_noise_value, image_latent=sr_image, negative_text=text.negative,
                 negative_text_len=text.negative_length, guidance_scale=scales,
-                step_fn=self.steps.get("sr_cfg" if options.sr_cfg else "sr"),
+                step_fn=self.steps.get("sr_cfg" if options.sr_cfg else "sr"), sampler=options.sr_sampler,
             )  # fmt: skip
         return video, audio
 
@@ -470,6 +472,8 @@ class MagiHumanPipeline:
                     resolution=resolution, sr=sr, frames=clip.frames, device=str(self.device),
                     precision="bf16" if self.bf16 else "fp32", video_decoder=self.codecs.video_decoder_name,
                     offload=self.offload, cp=self.ranks.size, compile=self.compile)  # fmt: skip
+        if sr:
+            meta.update(sr_steps=self.sampling.sr_steps, sr_sampler=self.sampling.sr_sampler)
         given_files = (("audio", audio), ("video", video), ("voice", voice))
         meta.update({k: str(path) for k, path in given_files if path is not None})
         if voice is not None:

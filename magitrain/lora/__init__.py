@@ -10,7 +10,7 @@ from .adapters import (
     save_adapter,
 )
 from .config import LoraConfig
-from .dmd import LoraDMD2Module
+from .dmd import LoraDMD2Module, LoraSRDMD2Module
 from .layer import ModalityLoraLinear
 from .recipe import LoraFlowMatchingModule, LoraMixin, LoraSRFineTuneModule
 
@@ -19,6 +19,7 @@ __all__ = [
     "LoraDMD2Module",
     "LoraFlowMatchingModule",
     "LoraMixin",
+    "LoraSRDMD2Module",
     "LoraSRFineTuneModule",
     "ModalityLoraLinear",
     "add_adapter",

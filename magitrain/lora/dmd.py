@@ -25,6 +25,7 @@ import torch
 from magitrain.errors import UserError
 from magitrain.parallel import parallelize
 from magitrain.recipes.dmd2 import DMD2Module
+from magitrain.recipes.sr_dmd2 import SRDMD2Module
 
 from .adapters import share_frozen
 from .recipe import LoraMixin
@@ -73,3 +74,9 @@ class LoraDMD2Module(LoraMixin, DMD2Module):
         # a bf16 / fp8 base computes its block matmuls in bf16 in every role, not only the teacher's;
         # an fp32 base in the step's precision in every role, as recipe=lora_base's does
         return super()._velocity(*args, **{**kwargs, "bf16": True if self._teacher_bf16 else None})
+
+
+class LoraSRDMD2Module(LoraDMD2Module, SRDMD2Module):
+    """SR distillation (recipe=lora_sr_dmd2_1080p): `SRDMD2Module`'s source, fixed audio and
+    unguided teacher, with LoRA-DMD's adapters on the student and the critic over one frozen SR
+    base (from `teacher=`)."""

@@ -275,7 +275,7 @@ def _from_config(module):
 def _lr_latent_hw(module, latent_shape) -> tuple[int, int] | None:
     """SR recipes: the latent (height, width) of their LR clip (`flow.lr_size` pixels, turned to the
     orientation of the clip's latent (T, H, W), as the recipe turns them)."""
-    size = getattr(module, "_lr_size", None)
+    size = getattr(module, "lr_size", None)
     if size is None:
         return None
     from magitrain.data.buckets import Bucket

@@ -59,7 +59,9 @@ class DMDConfig:
     score_hi: float = 0.98
     video_weight: float = 1.0
     audio_weight: float = 1.0
-    guidance: Guidance = field(default_factory=Guidance)  # teacher CFG, standard form u + g (c - u)
+    # teacher CFG, standard form u + g (c - u); None: the conditional teacher alone, one pass, no
+    # negative prompt (the released SR stage runs so)
+    guidance: Guidance | None = field(default_factory=Guidance)
     teacher_dtype: str = (
         "bfloat16"  # storage of the teacher's block linears (bfloat16: run under bf16 autocast)
     )
@@ -206,7 +208,8 @@ class DMD2Module(MagiHumanModule):
             strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_fit_start(self) -> None:
-        if self.codecs is None:  # a missing negative prompt file stops the run before its first step
+        # a missing negative prompt file stops the run before its first step
+        if self.codecs is None and self.dmd_config.guidance is not None:
             self.negative_prompt(1)
         if not self.dmd_config.teacher_offload:
             self.teacher.to(self.device)
@@ -334,11 +337,10 @@ class DMD2Module(MagiHumanModule):
         the generator loss never do."""
 
         text, text_len = prompt or (ctx["text"], ctx["text_len"])
-        frame_mask, reference, a2v = ctx["mask"], ctx["ref"], ctx["a2v"]
+        frame_mask, reference = ctx["mask"], ctx["ref"]
 
         def velocity(x: dict[str, Tensor], s: Tensor) -> dict[str, Tensor]:
             video = torch.where(frame_mask == 0, reference, x["video"])
-            audio = x["audio"] if a2v is None else torch.where(a2v[:, None, None], ctx["audio"], x["audio"])
             autocast = (
                 nullcontext()
                 if bf16 is None
@@ -347,10 +349,52 @@ class DMD2Module(MagiHumanModule):
             routed = route if torch.is_grad_enabled() else None
             with autocast:
                 v_video, v_audio = network(
-                    video, audio, text, text_len=text_len, route=routed, **ctx["voice"]
+                    video,
+                    self._audio_input(x, ctx),
+                    text,
+                    text_len=text_len,
+                    route=routed,
+                    **self.model_kwargs(),
+                    **ctx["voice"],
                 )
             exact = (x["video"] - reference) / s.reshape(-1, 1, 1, 1, 1)
-            return {"video": torch.where(frame_mask == 0, exact, v_video.float()), "audio": v_audio.float()}
+            out = {"video": torch.where(frame_mask == 0, exact, v_video.float()), "audio": v_audio.float()}
+            return {m: out[m] for m in x}  # a modality not sampled (SR's fixed audio) has no velocity
+
+        return velocity
+
+    def _audio_input(self, x: dict[str, Tensor], ctx: dict) -> Tensor:
+        """Every network's audio input: the sampled audio, or an audio-driven sample's clean audio."""
+        if ctx["a2v"] is None:
+            return x["audio"]
+        return torch.where(ctx["a2v"][:, None, None], ctx["audio"], x["audio"])
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of every network call (SR: v1 text coordinates)."""
+        return {}
+
+    def _guided_teacher(self, ctx: dict):
+        g = self.dmd_config.guidance
+        cond = self._velocity(self.teacher, ctx, bf16=self._teacher_bf16)
+        if g is None:
+
+            def conditional(x, s):
+                with self.resident(self.teacher):
+                    return cond(x, s)
+
+            return conditional
+        negative = self.negative_prompt(ctx["text"].shape[0])
+        uncond = self._velocity(self.teacher, ctx, negative, bf16=self._teacher_bf16)
+
+        def velocity(x, s):
+            with self.resident(self.teacher):
+                c, u = cond(x, s), uncond(x, s)
+            t = (s * 1000).reshape(-1, 1, 1, 1, 1)
+            video_scale = torch.where(t > g.switch_t, g.video_high, g.video_low)
+            return {
+                "video": u["video"] + video_scale * (c["video"] - u["video"]),
+                "audio": u["audio"] + g.audio * (c["audio"] - u["audio"]),
+            }
 
         return velocity
 
@@ -375,24 +419,6 @@ class DMD2Module(MagiHumanModule):
     @property
     def _teacher_bf16(self) -> bool:
         return self.dmd_config.teacher_dtype == "bfloat16"
-
-    def _guided_teacher(self, ctx: dict):
-        cond = self._velocity(self.teacher, ctx, bf16=self._teacher_bf16)
-        negative = self.negative_prompt(ctx["text"].shape[0])
-        uncond = self._velocity(self.teacher, ctx, negative, bf16=self._teacher_bf16)
-        g = self.dmd_config.guidance
-
-        def velocity(x, s):
-            with self.resident(self.teacher):
-                c, u = cond(x, s), uncond(x, s)
-            t = (s * 1000).reshape(-1, 1, 1, 1, 1)
-            video_scale = torch.where(t > g.switch_t, g.video_high, g.video_low)
-            return {
-                "video": u["video"] + video_scale * (c["video"] - u["video"]),
-                "audio": u["audio"] + g.audio * (c["audio"] - u["audio"]),
-            }
-
-        return velocity
 
     def _context(self, batch: dict) -> dict:
         """What a step's draws and velocity callables need. The data gives the text and the clip
@@ -481,12 +507,23 @@ class DMD2Module(MagiHumanModule):
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/exit/{self.global_step}/{phase}".encode()))
         return int(torch.randint(0, self.dmd_config.student_steps, (1,), generator=g))
 
+    def _source(self, ctx: dict) -> core.Source | None:
+        """The flow's s = 1 end made of a fresh N(0, 1) draw (None: the draw itself)."""
+        return None
+
+    def _ends(self, ctx: dict) -> dict[str, Tensor]:
+        """Fresh draws of the flow's s = 1 end: the student's start, the score losses' noise."""
+        draws, source = self._draw(ctx), self._source(ctx)
+        return draws if source is None else {m: source(m, d) for m, d in draws.items()}
+
     def _simulate(self, ctx: dict, phase: int, route=None) -> dict[str, Tensor]:
         student = self._velocity(self.model, ctx, route=route)
         sigmas = flow_grid(self.dmd_config.student_steps)[1][:-1].tolist()
-        noise = self._draw(ctx)
+        noise = self._ends(ctx)
         # re-noising from the per-sample generators: DDP draws what one process would
-        return core.simulate(student, noise, sigmas, self._exit_index(phase), generator=ctx["gens"])
+        return core.simulate(
+            student, noise, sigmas, self._exit_index(phase), generator=ctx["gens"], source=self._source(ctx)
+        )
 
     def _score_draw(self, ctx: dict) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.dmd_config
@@ -496,7 +533,7 @@ class DMD2Module(MagiHumanModule):
                 for g in ctx["gens"]
             ]
         )
-        return s.to(self.device), self._draw(ctx)
+        return s.to(self.device), self._ends(ctx)
 
     # ----- the step -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:

@@ -81,7 +81,51 @@ class SRConfig(FlowMatchingConfig):
     )
 
 
-class SRFineTuneModule(FlowMatchingModule):
+class LowResolutionPairs:
+    """A recipe mixin (before the LightningModule) for LR/HR pair batches: `lr_video_latent` from
+    the shards, or for raw media made from the HR pixels resized to `self.lr_size` (width, height;
+    turned to each clip's orientation), and every pair checked. SR fine-tuning and SR distillation."""
+
+    lr_size: tuple[int, int]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        raw = "video" in batch  # (raw media; a prompt batch has neither and the frame refuses it)
+        if not (raw and self.codecs is not None):
+            out = super().on_after_batch_transfer(batch, dataloader_idx)
+        else:
+            height, width = batch["video"].shape[-2:]
+            lr_width, lr_height = oriented_like(self.lr_size, (width, height))
+            batch = {**batch, "lr_pixels": resize_video(batch["video"], (lr_height, lr_width))}
+            with torch.no_grad(), self.codecs.on_device():  # (codecs.offload: one visit for both)
+                out = super().on_after_batch_transfer(batch, dataloader_idx)
+                out["lr_video_latent"] = self.codecs.video.encode(to_pixels(batch["lr_pixels"]))
+        if "lr_video_latent" not in out:
+            raise ValueError(
+                f"{type(self).__name__} needs lr_video_latent in every sample of a batch: make the "
+                "shards with data_tools/encode_shards.py --sr HxW, or train on raw shards (data=raw) "
+                "to encode it on the fly"
+            )
+        check_pair(out["lr_video_latent"], out["video_latent"])
+        return out
+
+
+def lr_size_of(value: str, key: str) -> tuple[int, int]:
+    """(width, height) of the on-the-fly LR clip; a bad size is refused now, not at step 1."""
+    try:
+        return parse_resolution(value)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+
+
+def sr_reference(batch: dict, hr: Tensor) -> Tensor:
+    """Frame 0 at the SR grid: a reference latent encoded at another size is not used."""
+    ref = batch.get("ref_latent")
+    if ref is not None and ref.shape[-2:] == hr.shape[-2:]:
+        return ref.float()
+    return hr[:, :, :1]
+
+
+class SRFineTuneModule(LowResolutionPairs, FlowMatchingModule):
     """Validation (the validation callback): the frozen base model at `validation_base` (released
     layout, e.g. /ckpt/distill) generates the base stage (`validation_sampler`, `validation_steps`),
     the SR network being trained refines it to `validation_size` (WxH, e.g. 896x512)."""
@@ -113,10 +157,7 @@ class SRFineTuneModule(FlowMatchingModule):
         self.hparams["flow"] = {**asdict(cfg), "source": repr(cfg.source)}
         self.hparams["model"]["coords_style"] = "v1"  # what it trains with: export's config.json
         self.hparams["sampling"] = None  # the SR stage has its own sampler: no base-stage default
-        try:  # (width, height) of the on-the-fly LR clip; a bad size is refused now, not at step 1
-            self._lr_size = parse_resolution(cfg.lr_size)
-        except ValueError as err:
-            raise ValueError(f"flow.lr_size: {err}") from None
+        self.lr_size = lr_size_of(cfg.lr_size, "flow.lr_size")
         self._grid = flow_grid(cfg.grid_steps, cfg.grid_shift)[1][:-1].tolist()  # s the sampler evaluates
 
     # ----- validation: the frozen base model, then this SR network -----------------------------
@@ -179,35 +220,10 @@ class SRFineTuneModule(FlowMatchingModule):
         return k * draws["eps_audio"] + (1 - k) * x0_audio, None
 
     def reference_frame(self, batch: dict, x0_video: Tensor) -> Tensor:
-        """Frame 0 at the SR grid: a reference latent encoded at another size is not used."""
-        ref = batch.get("ref_latent")
-        if ref is not None and ref.shape[-2:] == x0_video.shape[-2:]:
-            return ref.float()
-        return x0_video[:, :, :1]
+        return sr_reference(batch, x0_video)
 
     def model_kwargs(self) -> dict:
         return {"coords_style": "v1"}  # the SR checkpoints' text positions, whatever the preset
-
-    # ----- data: the LR latent from the shards or made from the HR pixels ----------------------
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        raw = "video" in batch  # (raw media; a prompt batch has neither and the frame refuses it)
-        if not (raw and self.codecs is not None):
-            out = super().on_after_batch_transfer(batch, dataloader_idx)
-        else:
-            height, width = batch["video"].shape[-2:]
-            lr_width, lr_height = oriented_like(self._lr_size, (width, height))
-            batch = {**batch, "lr_pixels": resize_video(batch["video"], (lr_height, lr_width))}
-            with torch.no_grad(), self.codecs.on_device():  # (codecs.offload: one visit for both)
-                out = super().on_after_batch_transfer(batch, dataloader_idx)
-                out["lr_video_latent"] = self.codecs.video.encode(to_pixels(batch["lr_pixels"]))
-        if "lr_video_latent" not in out:
-            raise ValueError(
-                "SR fine-tuning needs lr_video_latent in every sample of a batch: make the shards "
-                "with data_tools/encode_shards.py --sr HxW, or train on raw shards (data=raw) to "
-                "encode it on the fly"
-            )
-        check_pair(out["lr_video_latent"], out["video_latent"])
-        return out
 
 
 def check_pair(lr: Tensor, hr: Tensor) -> None:

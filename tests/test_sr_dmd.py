@@ -149,16 +149,24 @@ def pairs(tmp_path_factory):
     return out
 
 
-# the LoRA variant: LoRA-DMD's adapters over one frozen SR base, the SR module's source and audio
-@pytest.mark.parametrize("recipe", ["sr_dmd2_1080p", "lora_sr_dmd2_1080p"])
-def test_the_1080p_recipe_trains_a_one_step_student_with_local_attention(recipe, pairs, sr_teacher, tmp_path):
+# the LoRA variant: LoRA-DMD's adapters over one frozen SR base, the SR module's source and audio;
+# TREAD (issue 26): the student's and critic's training forwards route under the local window
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [("sr_dmd2_1080p", ()), ("lora_sr_dmd2_1080p", ()), ("sr_dmd2_1080p", ("module.tread.rate=0.5",))],
+    ids=["sr_dmd2_1080p", "lora_sr_dmd2_1080p", "sr_dmd2_1080p-tread"],
+)
+def test_the_1080p_recipe_trains_a_one_step_student_with_local_attention(
+    recipe, extra, pairs, sr_teacher, tmp_path
+):
     from magitrain.launch import train
     from magitrain.recipes import SRDMD2Module
 
-    overrides = sr_dmd_run(pairs, sr_teacher, recipe, "module.dmd.student_steps=1")
+    overrides = sr_dmd_run(pairs, sr_teacher, recipe, "module.dmd.student_steps=1", *extra)
     trainer = train(compose_train(overrides, tmp_path / "run"))
     module = trainer.lightning_module
     assert isinstance(module, SRDMD2Module)
+    assert (module.last_route is not None) == bool(extra)  # the last training forward's route
     if recipe.startswith("lora"):  # only the adapters train; the teacher is the frozen base itself
         trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
         assert trained and all("lora" in n for n in trained)

@@ -33,9 +33,17 @@ def four_samples(tmp_path_factory):
     return out
 
 
-def run_dmd(out_dir, shards, devices: int, strategy: str, batch_size: int, extra: tuple[str, ...] = ()):
+def run_dmd(
+    out_dir,
+    shards,
+    devices: int,
+    strategy: str,
+    batch_size: int,
+    extra: tuple[str, ...] = (),
+    recipe: str = "dmd2_distill",
+):
     overrides = [
-        "recipe=dmd2_distill",
+        f"recipe={recipe}",
         "model=tiny",
         "trainer=cpu",
         f"trainer.devices={devices}",
@@ -143,6 +151,53 @@ def assert_match(single, multi, four_samples, strategy, keys, roots, sign_flips:
         diff = (w_multi[k].float() - w_single[k].float()).abs()
         off = diff > 5e-5 + 1e-4 * w_single[k].float().abs()
         assert off.float().mean() <= sign_flips and diff.max() <= 2.1e-3, (k, int(off.sum()), diff.max())
+
+
+@pytest.fixture(scope="module")
+def four_pairs(tmp_path_factory):
+    """Four LR/HR latent pairs (SR x2) and a tiny SR teacher (the same seed as `four_samples`')."""
+    from magitrain.data.synthetic import make_latent_dataset
+
+    out = tmp_path_factory.mktemp("four_pairs")
+    make_latent_dataset(out, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2)
+    torch.manual_seed(5)
+    save_official(MagiHumanDiT(tiny()), out / "teacher")
+    return out
+
+
+SR_LOSSES = ("train/generator_loss", "train/critic_loss_video")  # (no audio is sampled in SR)
+
+
+@pytest.fixture(scope="module")
+def single_sr(four_pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_sr")
+    run_dmd(out, four_pairs, devices=1, strategy="auto", batch_size=4, recipe="sr_dmd2_540p")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("strategy", "batch_size", "extra"),
+    [
+        ("ddp", 2, ()),
+        ("fsdp2", 4, ("strategy.context_parallel=2", "module.parallel.param_dtype=float32")),
+    ],
+    ids=["ddp", "fsdp2-cp2"],
+)
+def test_sr_distillation_on_two_processes_matches_one_process(
+    strategy, batch_size, extra, four_pairs, tmp_path
+):
+    """Issue 25: `recipe=sr_dmd2_540p` under 2-process DDP (2 samples a rank) and FSDP2 with
+    dp=1 x cp=2 (both ranks the same 4 samples, half the sequence each): the source's and the
+    fixed audio input's draws are per sample, so losses and the three networks equal one process."""
+    single = tmp_path / "single"
+    run_dmd(single, four_pairs, devices=1, strategy="auto", batch_size=4, recipe="sr_dmd2_540p")
+    multi = tmp_path / "multi"
+    run_dmd(multi, four_pairs, 2, strategy, batch_size, extra=extra, recipe="sr_dmd2_540p")
+    if strategy == "fsdp2":
+        assert "Ulysses context parallelism: dp=1 x cp=2" in "".join(
+            p.read_text() for p in multi.glob("*.log")
+        )
+    assert_match(single, multi, four_pairs, strategy, SR_LOSSES, ("model", "critic", "ema"))
 
 
 @pytest.mark.parametrize(("devices", "strategy"), [(1, "auto"), (2, "ddp"), (2, "fsdp2")])

@@ -29,10 +29,15 @@ def shards_and_base(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("base_dtype", ["bf16", "fp8"])
+LORA_BASE = ("recipe=lora_base", "init={base}")
+LORA_DMD2 = ("recipe=lora_dmd2", "teacher={base}", "module.dmd.ttur=1")
+
+
+# both recipes with the fp8 base that crashed, and the bf16 base (one recipe: the same ignore list)
 @pytest.mark.parametrize(
-    "recipe",
-    [("recipe=lora_base", "init={base}"), ("recipe=lora_dmd2", "teacher={base}", "module.dmd.ttur=1")],
+    ("recipe", "base_dtype"),
+    [(LORA_BASE, "bf16"), (LORA_BASE, "fp8"), (LORA_DMD2, "fp8")],
+    ids=["lora_base-bf16", "lora_base-fp8", "lora_dmd2-fp8"],
 )
 def test_the_frozen_base_stays_out_of_ddp(recipe, base_dtype, shards_and_base, tmp_path):
     """DDP broadcast every parameter at start: an fp8 base crashed before step 0 (torchao's float8

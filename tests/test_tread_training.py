@@ -116,3 +116,53 @@ def test_dmd2_routes_the_student_and_critic_training_forwards_never_the_teacher(
     assert ("model", True, True) in calls and ("model", False, True) not in calls  # the exit step only
     assert ("critic", True, True) in calls  # its own loss
     assert ("critic", False, False) in calls  # its score inside the generator loss: unrouted
+
+
+@pytest.fixture(scope="module")
+def pairs_and_init(tmp_path_factory):
+    """LR/HR latent pairs (SR x2; the flow-matching recipes read their HR side) and a tiny init."""
+    from magitrain.checkpoint import save_official
+    from magitrain.data.synthetic import make_latent_dataset
+    from magitrain.model import MagiHumanDiT, tiny
+
+    out = tmp_path_factory.mktemp("tread_pairs")
+    make_latent_dataset(out, num_samples=4, per_shard=2, latent_shapes=((3, 4, 6),), text_dim=64, sr_factor=2)
+    torch.manual_seed(0)
+    return out, save_official(MagiHumanDiT(tiny()), out / "init")
+
+
+# the recipes whose routed training no other test runs (base, DMD-2 and SR distillation: above and
+# tests/test_sr_dmd.py): LoRA's adapters, LoRA-DMD's and SR fine-tuning's forwards
+@pytest.mark.parametrize(
+    ("recipe", "extra"),
+    [
+        ("lora_base", ("module.lora.rank=4",)),
+        ("lora_dmd2", ("module.lora.rank=4", "module.dmd.ttur=1")),
+        ("sr_finetune_540p", ()),
+    ],
+    ids=["lora_base", "lora_dmd2", "sr_finetune_540p"],
+)
+def test_every_recipe_trains_with_routing(recipe, extra, pairs_and_init, tmp_path, monkeypatch):
+    """Two steps of `module.tread.rate=0.5`: each forward with grad gets the route of its step, with
+    half of the 18 video tokens of each sample kept; the forwards without grad (DMD-2's teacher and
+    rollouts) none; the losses are finite."""
+    from magitrain.model import MagiHumanDiT
+
+    shards, init = pairs_and_init
+    routes = []
+    forward = MagiHumanDiT.forward
+
+    def spy(self, *args, **kwargs):
+        routes.append((torch.is_grad_enabled(), kwargs.get("route")))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MagiHumanDiT, "forward", spy)
+    weights = f"teacher={init}" if "dmd" in recipe else f"init={init}"
+    overrides = tiny_run(shards, f"recipe={recipe}", weights, *TREAD, *extra, "trainer.max_steps=2")
+    trainer = train(compose_train(overrides, tmp_path))
+    assert trainer.global_step == 2
+    with_grad = [r for grad, r in routes if grad]
+    assert with_grad and all(r is not None and tuple(r.video.shape) == (2, 9) for r in with_grad)
+    assert all(r is None for grad, r in routes if not grad)
+    losses = [float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and "loss" in k]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))

@@ -338,14 +338,15 @@ def dmd2_step(module, batch: dict, optimizers, phases: _Phases) -> None:
         module._velocity(module.model, ctx, route=module.token_route(batch, "tread/student")),
     )  # (TREAD: the routed forwards hold the smaller activations they hold in training)
     gan = getattr(module, "gan", None)
-    critic_for_loss = module._velocity(
-        module.critic, ctx, route=module.token_route(batch, "tread/critic0") if gan is None else None
+    critic_for_loss = module._critic_for_loss(
+        ctx, route=module.token_route(batch, "tread/critic0") if gan is None else None
     )
     with unset_fake_temporarily():  # the grid is a list of numbers (a fake tensor has no values)
         sigmas = flow_grid(cfg.student_steps)[1][:-1].tolist()
 
     def simulate():
-        return core.simulate(student, module._draw(ctx), sigmas, 0, generator=ctx["gens"])
+        ends, source = module._ends(ctx), module._source(ctx)  # (SR distillation: the SR source)
+        return core.simulate(student, ends, sigmas, 0, generator=ctx["gens"], source=source)
 
     with torch.no_grad():
         x0 = simulate()

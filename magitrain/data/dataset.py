@@ -400,11 +400,13 @@ class ShardDataset(IterableDataset):
         if isinstance(sample, BadSample):
             raise sample
         if self.mode == "latent":
+            partner = part.partners.get(item)  # same_speaker: the clip the reference comes from
+            speaker_audio = None if partner is None else self._speaker_audio(part, partner)
             rng = seeded_rng(self.seed, part.epoch, "voice", sample["__key__"])
-            bucket_ = self.buckets[bucket]
-            args = (self.text_max_len, self.text_dim, self.raw.policy, self.voice, rng)
-            partner = part.partners.get(item)
-            return decode_latent(sample, bucket_, *args, partner and self._speaker_audio(part, partner))
+            return decode_latent(
+                sample, self.buckets[bucket], self.text_max_len, self.text_dim, self.raw.policy,
+                self.voice, rng, speaker_audio,
+            )  # fmt: skip
         rng = seeded_rng(self.seed, part.epoch, "offset", sample["__key__"])
         return decode_raw(sample, part.rows[item], self.buckets[bucket], self.raw, rng)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import runpy
@@ -65,6 +66,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path):
+    """A script of the repo (scripts/*.py, data_tools/*.py) imported as a module named after its
+    file, registered in sys.modules (its dataclasses and its workers' pickles look it up there)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

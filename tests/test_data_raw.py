@@ -1,6 +1,5 @@
 """Round trip on real media: synthetic mp4s -> make_shards -> inspect_shards -> raw DataModule."""
 
-import importlib.util
 import json
 import random
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load
 
 from magitrain.codecs.media import to_pixels
@@ -32,11 +32,7 @@ BUCKETS = [
 def tool(name: str, *args: str):
     """Run a data tool's main() in this process (a fresh interpreter costs seconds of imports); it is
     registered in sys.modules so its multiprocessing workers can unpickle its functions."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "data_tools" / name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main(list(args))
+    return load_script(ROOT / "data_tools" / name).main(list(args))
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,11 @@ hence the README's 30). ~70 s of CPU time (measured on a 2-core VM).
 
 from __future__ import annotations
 
-import importlib.util
-
-from conftest import REPO
+from conftest import REPO, load_script
 
 
 def _toy_script():
-    spec = importlib.util.spec_from_file_location("dmd_toy", REPO / "scripts" / "dmd_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "dmd_toy.py")
 
 
 def test_the_readme_dmd2_demo_gives_a_student_as_close_to_the_data_as_its_teacher(tmp_path, monkeypatch):

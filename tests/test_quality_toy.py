@@ -22,20 +22,16 @@ margin: sampled with the released CFG the short-trained base is no nearer the da
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 
 BASE_STEPS, CLASSES, EVAL_SEEDS = 100, 3, 2
 
 
 def _toy_script():
-    spec = importlib.util.spec_from_file_location("quality_toy", REPO / "scripts" / "quality_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "quality_toy.py")
 
 
 @pytest.fixture

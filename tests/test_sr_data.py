@@ -3,15 +3,13 @@ from raw clips (pixels resized down, then encoded) for an SR run on raw shards."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_train
+from conftest import compose_train, load_script
 from hydra.utils import instantiate
 
 from magitrain.data.encode import resize_video
@@ -24,11 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tool(name: str, *args: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "data_tools" / name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main(list(args))
+    return load_script(ROOT / "data_tools" / name).main(list(args))
 
 
 def test_inspect_shards_reports_sr_pair_coverage(tmp_path, capsys):

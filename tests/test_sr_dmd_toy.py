@@ -16,19 +16,12 @@ simulation re-noises towards Gaussian noise instead of the SR source (`simulate`
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import torch
-from conftest import REPO
+from conftest import REPO, load_script
 
 
 def _toy():
-    spec = importlib.util.spec_from_file_location("sr_dmd_toy", REPO / "scripts" / "sr_dmd_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclass looks its module up there)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "sr_dmd_toy.py")
 
 
 def test_the_sr_student_distils_and_its_controls_do_not():

@@ -375,14 +375,9 @@ TOY_SPEAKERS, TOY_STEPS, TOY_EVAL = 3, 70, 4
 
 
 def _toy_script():
-    import importlib.util
+    from conftest import REPO, load_script
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("quality_toy", REPO / "scripts" / "quality_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "quality_toy.py")
 
 
 def _train_voice(data, steps: int):
